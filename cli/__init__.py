@@ -1,0 +1,1 @@
+"""The `adapterhub` command line (typer)."""

@@ -1,0 +1,12 @@
+"""`adapterhub`: the command-line front. Each module under cli/ registers its own commands."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="adapterhub",
+    help="Train LoRA/QLoRA adapters, pack them as verified bundles, publish them, serve them per tenant.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
