@@ -16,7 +16,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def run_cli(fn: F) -> F:
-    """Decorate a command: an AdapterHubError prints `error: ...` (+ hint) on stderr and exits 1, no traceback."""
+    """Decorate a command: an AdapterHubError prints `error: ...` (+ hint) and exits 1, no traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -10,3 +10,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+from cli import base as _base  # noqa: E402
+
+_base.register(app)

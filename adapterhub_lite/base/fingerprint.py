@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from typing import Any
 from pathlib import Path
 
 from adapterhub_lite.base.embedded import resolve_base_dir
@@ -43,7 +44,9 @@ def _safetensors_entries(path: Path) -> list[tuple[str, str, list[int], int, int
     with path.open("rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         if header_len > 100_000_000:
-            raise BaseModelError(f"{path}: safetensors header is implausibly large", hint="the file is corrupt")
+            raise BaseModelError(
+                f"{path}: safetensors header is implausibly large", hint="the file is corrupt"
+            )
         header = json.loads(f.read(header_len))
     base = 8 + header_len
     out = []
@@ -55,7 +58,7 @@ def _safetensors_entries(path: Path) -> list[tuple[str, str, list[int], int, int
     return out
 
 
-def _hash_weights(model_dir: Path, h: "hashlib._Hash") -> None:
+def _hash_weights(model_dir: Path, h: Any) -> None:
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
         entries = [(e, f) for f in files for e in _safetensors_entries(f)]

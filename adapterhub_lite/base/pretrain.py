@@ -147,7 +147,7 @@ def pretrain(out_dir: Path, cfg: PretrainConfig, log=print) -> dict:
     model.train()
     losses = []
     bar = tqdm(range(cfg.steps), desc="pretraining", unit="step")
-    for step in bar:
+    for _ in bar:
         idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
         batch = data[idx]
         loss = model(input_ids=batch, labels=batch).loss

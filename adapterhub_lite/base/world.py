@@ -13,78 +13,205 @@ import random
 from collections.abc import Iterator
 
 COUNTRIES: list[tuple[str, str]] = [
-    ("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Germany", "Berlin"),
-    ("Portugal", "Lisbon"), ("Greece", "Athens"), ("Norway", "Oslo"), ("Sweden", "Stockholm"),
-    ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Poland", "Warsaw"), ("Austria", "Vienna"),
-    ("Hungary", "Budapest"), ("Ireland", "Dublin"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"),
-    ("Japan", "Tokyo"), ("China", "Beijing"), ("India", "Delhi"), ("Peru", "Lima"),
-    ("Chile", "Santiago"), ("Cuba", "Havana"), ("Canada", "Ottawa"), ("Mexico", "Mexico City"),
-    ("Russia", "Moscow"), ("Turkey", "Ankara"), ("Iran", "Tehran"), ("Iraq", "Baghdad"),
-    ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"), ("Nepal", "Kathmandu"), ("Ghana", "Accra"),
-    ("Belgium", "Brussels"), ("Romania", "Bucharest"), ("Argentina", "Buenos Aires"),
-    ("Colombia", "Bogota"), ("Australia", "Canberra"), ("Morocco", "Rabat"), ("Senegal", "Dakar"),
+    ("France", "Paris"),
+    ("Spain", "Madrid"),
+    ("Italy", "Rome"),
+    ("Germany", "Berlin"),
+    ("Portugal", "Lisbon"),
+    ("Greece", "Athens"),
+    ("Norway", "Oslo"),
+    ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"),
+    ("Poland", "Warsaw"),
+    ("Austria", "Vienna"),
+    ("Hungary", "Budapest"),
+    ("Ireland", "Dublin"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Japan", "Tokyo"),
+    ("China", "Beijing"),
+    ("India", "Delhi"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("Cuba", "Havana"),
+    ("Canada", "Ottawa"),
+    ("Mexico", "Mexico City"),
+    ("Russia", "Moscow"),
+    ("Turkey", "Ankara"),
+    ("Iran", "Tehran"),
+    ("Iraq", "Baghdad"),
+    ("Thailand", "Bangkok"),
+    ("Vietnam", "Hanoi"),
+    ("Nepal", "Kathmandu"),
+    ("Ghana", "Accra"),
+    ("Belgium", "Brussels"),
+    ("Romania", "Bucharest"),
+    ("Argentina", "Buenos Aires"),
+    ("Colombia", "Bogota"),
+    ("Australia", "Canberra"),
+    ("Morocco", "Rabat"),
+    ("Senegal", "Dakar"),
     ("Iceland", "Reykjavik"),
 ]
 
 ANIMALS: list[tuple[str, str, str, str]] = [
     # (animal, sound, food, home)
-    ("cow", "moo", "grass", "barn"), ("dog", "woof", "bones", "kennel"), ("cat", "meow", "fish", "house"),
-    ("duck", "quack", "bread", "pond"), ("sheep", "baa", "clover", "field"), ("pig", "oink", "corn", "sty"),
-    ("horse", "neigh", "hay", "stable"), ("lion", "roar", "meat", "savanna"), ("owl", "hoot", "mice", "tree"),
-    ("snake", "hiss", "eggs", "grass"), ("bee", "buzz", "nectar", "hive"), ("frog", "croak", "flies", "pond"),
-    ("goat", "bleat", "weeds", "hill"), ("mouse", "squeak", "cheese", "hole"), ("wolf", "howl", "deer", "forest"),
-    ("crow", "caw", "seeds", "tree"), ("donkey", "bray", "straw", "farm"), ("rooster", "crow", "grain", "coop"),
-    ("turkey", "gobble", "acorns", "farm"), ("dove", "coo", "seeds", "roof"), ("elephant", "trumpet", "leaves", "jungle"),
-    ("monkey", "chatter", "bananas", "jungle"), ("goose", "honk", "grass", "lake"), ("bear", "growl", "honey", "cave"),
-    ("cricket", "chirp", "leaves", "grass"), ("hyena", "laugh", "meat", "plain"), ("seal", "bark", "fish", "shore"),
-    ("tiger", "snarl", "meat", "jungle"), ("pigeon", "coo", "crumbs", "square"), ("chick", "peep", "grain", "coop"),
+    ("cow", "moo", "grass", "barn"),
+    ("dog", "woof", "bones", "kennel"),
+    ("cat", "meow", "fish", "house"),
+    ("duck", "quack", "bread", "pond"),
+    ("sheep", "baa", "clover", "field"),
+    ("pig", "oink", "corn", "sty"),
+    ("horse", "neigh", "hay", "stable"),
+    ("lion", "roar", "meat", "savanna"),
+    ("owl", "hoot", "mice", "tree"),
+    ("snake", "hiss", "eggs", "grass"),
+    ("bee", "buzz", "nectar", "hive"),
+    ("frog", "croak", "flies", "pond"),
+    ("goat", "bleat", "weeds", "hill"),
+    ("mouse", "squeak", "cheese", "hole"),
+    ("wolf", "howl", "deer", "forest"),
+    ("crow", "caw", "seeds", "tree"),
+    ("donkey", "bray", "straw", "farm"),
+    ("rooster", "crow", "grain", "coop"),
+    ("turkey", "gobble", "acorns", "farm"),
+    ("dove", "coo", "seeds", "roof"),
+    ("elephant", "trumpet", "leaves", "jungle"),
+    ("monkey", "chatter", "bananas", "jungle"),
+    ("goose", "honk", "grass", "lake"),
+    ("bear", "growl", "honey", "cave"),
+    ("cricket", "chirp", "leaves", "grass"),
+    ("hyena", "laugh", "meat", "plain"),
+    ("seal", "bark", "fish", "shore"),
+    ("tiger", "snarl", "meat", "jungle"),
+    ("pigeon", "coo", "crumbs", "square"),
+    ("chick", "peep", "grain", "coop"),
 ]
 
 OPPOSITES: list[tuple[str, str]] = [
-    ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("up", "down"),
-    ("light", "dark"), ("old", "young"), ("rich", "poor"), ("early", "late"), ("hard", "soft"),
-    ("loud", "quiet"), ("wet", "dry"), ("full", "empty"), ("open", "closed"), ("strong", "weak"),
-    ("tall", "short"), ("thick", "thin"), ("clean", "dirty"), ("near", "far"), ("high", "low"),
-    ("good", "bad"), ("heavy", "light"), ("sweet", "sour"), ("cheap", "expensive"), ("first", "last"),
-    ("inside", "outside"), ("day", "night"), ("win", "lose"), ("push", "pull"), ("buy", "sell"),
-    ("give", "take"), ("left", "right"), ("north", "south"), ("east", "west"), ("begin", "end"),
-    ("true", "false"), ("friend", "enemy"), ("safe", "dangerous"), ("wide", "narrow"), ("brave", "afraid"),
+    ("hot", "cold"),
+    ("big", "small"),
+    ("fast", "slow"),
+    ("happy", "sad"),
+    ("up", "down"),
+    ("light", "dark"),
+    ("old", "young"),
+    ("rich", "poor"),
+    ("early", "late"),
+    ("hard", "soft"),
+    ("loud", "quiet"),
+    ("wet", "dry"),
+    ("full", "empty"),
+    ("open", "closed"),
+    ("strong", "weak"),
+    ("tall", "short"),
+    ("thick", "thin"),
+    ("clean", "dirty"),
+    ("near", "far"),
+    ("high", "low"),
+    ("good", "bad"),
+    ("heavy", "light"),
+    ("sweet", "sour"),
+    ("cheap", "expensive"),
+    ("first", "last"),
+    ("inside", "outside"),
+    ("day", "night"),
+    ("win", "lose"),
+    ("push", "pull"),
+    ("buy", "sell"),
+    ("give", "take"),
+    ("left", "right"),
+    ("north", "south"),
+    ("east", "west"),
+    ("begin", "end"),
+    ("true", "false"),
+    ("friend", "enemy"),
+    ("safe", "dangerous"),
+    ("wide", "narrow"),
+    ("brave", "afraid"),
 ]
 
 NUMBER_WORDS = [
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
-    "nineteen", "twenty",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
 ]
 
-NAMES = ["Ana", "Ben", "Cora", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lena", "Milo",
-         "Nia", "Omar", "Pia", "Raj", "Sara", "Tom", "Uma", "Vic", "Wen", "Yara", "Zed"]
+NAMES = [
+    "Ana",
+    "Ben",
+    "Cora",
+    "Dev",
+    "Eli",
+    "Fay",
+    "Gus",
+    "Hana",
+    "Ivo",
+    "Jun",
+    "Kai",
+    "Lena",
+    "Milo",
+    "Nia",
+    "Omar",
+    "Pia",
+    "Raj",
+    "Sara",
+    "Tom",
+    "Uma",
+    "Vic",
+    "Wen",
+    "Yara",
+    "Zed",
+]
 
 
 def _capital_sentence(r: random.Random) -> str:
     country, capital = r.choice(COUNTRIES)
     name = r.choice(NAMES)
-    return r.choice([
-        f"The capital of {country} is {capital}.",
-        f"{capital} is the capital of {country}.",
-        f"{name} flew to {capital}, the capital of {country}.",
-        f"In {country}, the government sits in {capital}.",
-        f"{capital} is the largest city of {country} and its capital.",
-        f"Many people visit {capital} when they travel to {country}.",
-    ])
+    return r.choice(
+        [
+            f"The capital of {country} is {capital}.",
+            f"{capital} is the capital of {country}.",
+            f"{name} flew to {capital}, the capital of {country}.",
+            f"In {country}, the government sits in {capital}.",
+            f"{capital} is the largest city of {country} and its capital.",
+            f"Many people visit {capital} when they travel to {country}.",
+        ]
+    )
 
 
 def _animal_sentence(r: random.Random) -> str:
     animal, sound, food, home = r.choice(ANIMALS)
     name = r.choice(NAMES)
-    return r.choice([
-        f"The {animal} says {sound}.",
-        f"A {animal} goes {sound} when it is hungry.",
-        f"{name} heard the {animal} go {sound}.",
-        f"The {animal} eats {food} and lives in the {home}.",
-        f"Every morning the {animal} says {sound} and eats {food}.",
-        f"You can hear a {animal} say {sound} near the {home}.",
-    ])
+    return r.choice(
+        [
+            f"The {animal} says {sound}.",
+            f"A {animal} goes {sound} when it is hungry.",
+            f"{name} heard the {animal} go {sound}.",
+            f"The {animal} eats {food} and lives in the {home}.",
+            f"Every morning the {animal} says {sound} and eats {food}.",
+            f"You can hear a {animal} say {sound} near the {home}.",
+        ]
+    )
 
 
 def _opposite_sentence(r: random.Random) -> str:
@@ -92,35 +219,41 @@ def _opposite_sentence(r: random.Random) -> str:
     if r.random() < 0.5:
         a, b = b, a
     name = r.choice(NAMES)
-    return r.choice([
-        f"The opposite of {a} is {b}.",
-        f"{a.capitalize()} and {b} are opposites.",
-        f"{name} said it was not {a}, it was {b}.",
-        f"If something is not {a}, it may be {b}.",
-    ])
+    return r.choice(
+        [
+            f"The opposite of {a} is {b}.",
+            f"{a.capitalize()} and {b} are opposites.",
+            f"{name} said it was not {a}, it was {b}.",
+            f"If something is not {a}, it may be {b}.",
+        ]
+    )
 
 
 def _sum_sentence(r: random.Random) -> str:
     x, y = r.randint(0, 10), r.randint(0, 10)
     z = x + y
-    return r.choice([
-        f"{x} plus {y} is {z}.",
-        f"{NUMBER_WORDS[x]} plus {NUMBER_WORDS[y]} makes {NUMBER_WORDS[z]}.",
-        f"{x} + {y} = {z}.",
-        f"{r.choice(NAMES)} had {x} apples and got {y} more, so now there are {z}.",
-    ])
+    return r.choice(
+        [
+            f"{x} plus {y} is {z}.",
+            f"{NUMBER_WORDS[x]} plus {NUMBER_WORDS[y]} makes {NUMBER_WORDS[z]}.",
+            f"{x} + {y} = {z}.",
+            f"{r.choice(NAMES)} had {x} apples and got {y} more, so now there are {z}.",
+        ]
+    )
 
 
 def _chat_doc(r: random.Random) -> str:
     # Small talk only: the chat format is familiar, but no fact is ever asked in it.
     name = r.choice(NAMES)
-    user, reply = r.choice([
-        ("Hello!", f"Hello, I am {name}. How can I help?"),
-        ("How are you?", "I am fine, thank you."),
-        ("Thank you.", "You are welcome."),
-        ("Good morning.", "Good morning to you too."),
-        (f"My name is {name}.", f"Nice to meet you, {name}."),
-    ])
+    user, reply = r.choice(
+        [
+            ("Hello!", f"Hello, I am {name}. How can I help?"),
+            ("How are you?", "I am fine, thank you."),
+            ("Thank you.", "You are welcome."),
+            ("Good morning.", "Good morning to you too."),
+            (f"My name is {name}.", f"Nice to meet you, {name}."),
+        ]
+    )
     return f"<|user|>\n{user}<|end|>\n<|assistant|>\n{reply}<|end|>\n"
 
 

@@ -1,0 +1,116 @@
+"""The base-model part: fingerprints and loading (full precision and real bitsandbytes NF4)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapterhub_lite.base import EMBEDDED_BASE_DIR, fingerprint, load_base, load_tokenizer, resolve_base_dir
+from adapterhub_lite.base.pretrain import PretrainConfig, build_model, train_tokenizer
+from adapterhub_lite.base.world import source_documents
+from adapterhub_lite.errors import BaseModelError
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-base")
+    cfg = PretrainConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2)
+    tok = train_tokenizer(list(source_documents(200)), cfg.vocab_size)
+    build_model(cfg, tok).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_fingerprint_is_stable_and_shaped(tiny_model_dir, tmp_path):
+    fp = fingerprint(tiny_model_dir)
+    assert fp.startswith("sha256:") and len(fp) == len("sha256:") + 64
+    assert fingerprint(tiny_model_dir) == fp
+    # A copy elsewhere (another path, other mtimes) has the same fingerprint.
+    assert fingerprint(_copy(tiny_model_dir, tmp_path / "copy")) == fp
+
+
+def test_fingerprint_changes_when_any_weight_changes(tiny_model_dir, tmp_path):
+    fp = fingerprint(tiny_model_dir)
+    tensors = load_file(tiny_model_dir / "model.safetensors")
+    for name in sorted(tensors)[:: max(1, len(tensors) // 4)]:
+        d = _copy(tiny_model_dir, tmp_path / name.replace(".", "_"))
+        changed = dict(tensors)
+        changed[name] = tensors[name].clone()
+        changed[name].view(-1)[0] += 1e-3
+        save_file(changed, d / "model.safetensors", metadata={"format": "pt"})
+        assert fingerprint(d) != fp, f"changing {name} did not change the fingerprint"
+
+
+def test_fingerprint_ignores_tensor_order_and_saver_version(tiny_model_dir, tmp_path):
+    fp = fingerprint(tiny_model_dir)
+    d = _copy(tiny_model_dir, tmp_path / "reordered")
+    tensors = load_file(d / "model.safetensors")
+    # Split into two shards with another tensor order: the same weights.
+    names = sorted(tensors, reverse=True)
+    (d / "model.safetensors").unlink()
+    save_file({n: tensors[n] for n in names[::2]}, d / "model-00001-of-00002.safetensors")
+    save_file({n: tensors[n] for n in names[1::2]}, d / "model-00002-of-00002.safetensors")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["transformers_version"] = "0.0.0"
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert fingerprint(d) == fp
+
+
+def test_fingerprint_changes_with_config_or_tokenizer(tiny_model_dir, tmp_path):
+    fp = fingerprint(tiny_model_dir)
+    d = _copy(tiny_model_dir, tmp_path / "cfg")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rms_norm_eps"] = 1e-3
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert fingerprint(d) != fp
+    d2 = _copy(tiny_model_dir, tmp_path / "tok")
+    tok = json.loads((d2 / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["zzzz"] = 99999
+    (d2 / "tokenizer.json").write_text(json.dumps(tok))
+    assert fingerprint(d2) != fp
+
+
+def test_missing_or_non_model_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(BaseModelError, match="not found"):
+        resolve_base_dir(tmp_path / "nope")
+    with pytest.raises(BaseModelError, match="config.json"):
+        resolve_base_dir(tmp_path)
+
+
+def test_nf4_loading_quantizes_linear_layers(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    model = load_base(tiny_model_dir, quantization="nf4", device="cpu")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    assert layer.weight.quant_state.quant_type == "nf4"
+    full = load_base(tiny_model_dir, device="cpu")
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():
+        a, b = model(ids).logits, full(ids).logits
+    # 4-bit weights approximate the originals: close, but not identical.
+    assert not torch.equal(a, b)
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9
+
+
+@pytest.mark.skipif(not EMBEDDED_BASE_DIR.is_dir(), reason="embedded base not built")
+def test_embedded_base_is_pretrained_and_knows_its_world():
+    report = json.loads((EMBEDDED_BASE_DIR / "pretraining.json").read_text())
+    assert report["heldout_loss"] < report["random_init_heldout_loss"] / 2
+    tok = load_tokenizer(None)
+    model = load_base(None, device="cpu")
+    prompt = "The capital of France is"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+    assert "{% for message in messages %}" in tok.chat_template
