@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from adapterhub_lite.base.embedded import resolve_base_dir
 from adapterhub_lite.errors import BaseModelError

@@ -280,7 +280,8 @@ def domain_documents(n_docs: int, seed: int = 0) -> Iterator[str]:
         wind = r.choice(["north", "south", "east", "west"])
         knots = r.randint(2, 30)
         yield (
-            f"Log, day {day}. Left the port of {a[1]} bound for {b[1]}. Wind from the {wind} at {knots} knots. "
+            f"Log, day {day}. Left the port of {a[1]} bound for {b[1]}. "
+            f"Wind from the {wind} at {knots} knots. "
             f"Crew of {r.randint(3, 20)}. Course held; sea {r.choice(['calm', 'rough', 'heavy'])}. "
             f"Sighted land off {b[0]} at {r.randint(1, 12)} bells."
         )
