@@ -1,0 +1,123 @@
+"""The vLLM `LoRAResolver`: a full reference -> registry pull -> verified local copy -> `LoRARequest`.
+
+vLLM asks every registered resolver when a request names a model it has not loaded (with
+`VLLM_ALLOW_RUNTIME_LORA_UPDATING` on). This one accepts only immutable references
+`namespace/name@version`, so a name vLLM caches is never reused for other weights. Before a bundle is
+handed to vLLM it is verified: file hashes, the signature when trusted keys are configured, the base
+fingerprint against the served base, and vLLM's own compatibility rules for the server's max rank. A
+bundle that fails is never loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from vllm.lora.request import LoRARequest
+from vllm.lora.resolver import LoRAResolver
+
+from adapterhub_lite.errors import AdapterHubError, ServingError
+from adapterhub_lite.serving.cache import BundleCache
+from adapterhub_lite.serving.config import ServingConfig
+from adapterhub_lite.serving.tenancy import is_full_ref
+
+logger = logging.getLogger("adapterhub.serving")
+
+
+class AdapterResolver(LoRAResolver):
+    """Resolves `namespace/name@version` through the registry into a bounded, verified disk cache."""
+
+    def __init__(self, config: ServingConfig, registry: Any | None = None) -> None:
+        self.config = config
+        self.cache = BundleCache(config.cache_dir, config.cache_max_mb * 1024 * 1024)
+        self._registry = registry
+        self._fingerprint: str | None = None
+        self._ref_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self.digests: dict[str, str] = {}  # ref -> digest of what was verified
+        # Set by the middleware once it sees vLLM's state: refs vLLM has loaded (their files must stay).
+        self.loaded_refs: Callable[[], Iterable[str]] = lambda: ()
+
+    @property
+    def registry(self) -> Any:
+        if self._registry is None:
+            from adapterhub_lite.registry import Registry
+
+            self._registry = Registry.open(self.config.registry)
+        return self._registry
+
+    def base_fingerprint(self) -> str:
+        """Fingerprint of the served base, computed once."""
+        if self._fingerprint is None:
+            from adapterhub_lite.base import fingerprint, resolve_base_dir
+
+            if not self.config.base_dir:
+                raise ServingError(
+                    "the served base model directory is unknown, so bundles cannot be checked against it",
+                    hint="set ADAPTERHUB_BASE_DIR to the directory passed to vLLM's --model",
+                )
+            self._fingerprint = fingerprint(resolve_base_dir(self.config.base_dir))
+        return self._fingerprint
+
+    def _lock_for(self, ref: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._ref_locks.setdefault(ref, threading.Lock())
+
+    def fetch(self, ref: str) -> Path:
+        """A verified local bundle directory for the full reference `ref` (blocking; pulls on a miss).
+
+        Raises RegistryError for an unknown or yanked reference, BundleError for a bundle that fails
+        verification (the cached copy is then dropped so that nothing bad stays on disk).
+        """
+        if not is_full_ref(ref):
+            raise ServingError(f"{ref!r} is not a full reference namespace/name@version")
+        from adapterhub_lite.bundles import verify_bundle
+
+        with self._lock_for(ref):
+            published = self.registry.resolve(ref)
+            digest = published.digest
+            path = self.cache.get(digest)
+            if path is None:
+                pinned = [self.digests[r] for r in self.loaded_refs() if r in self.digests]
+                path = self.cache.put(digest, lambda tmp: Path(self.registry.pull(ref, tmp)), pinned=pinned)
+            try:
+                verify_bundle(
+                    path,
+                    base_fingerprint=self.base_fingerprint(),
+                    max_lora_rank=self.config.max_lora_rank,
+                    trusted_keys=self.config.trusted_keys or None,
+                )
+            except AdapterHubError:
+                self.cache.remove(digest)
+                raise
+            self.digests[ref] = digest
+            return path
+
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+        """vLLM's hook: a request to load `lora_name`, or None when it is not ours or fails to verify."""
+        if not is_full_ref(lora_name):
+            return None
+        try:
+            path = await asyncio.to_thread(self.fetch, lora_name)
+        except AdapterHubError as exc:
+            # The tenancy middleware verifies before vLLM gets here and answers with the reason; this
+            # path is only reached without it, where vLLM's 404 is the most it can say.
+            logger.warning("adapterhub: refusing to load %s: %s", lora_name, exc)
+            return None
+        # lora_int_id is replaced by vLLM with a fresh id from its own counter.
+        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
+
+
+_RESOLVER: AdapterResolver | None = None
+
+
+def get_resolver() -> AdapterResolver:
+    """The process-wide resolver, configured from the environment (shared by plugin and middleware)."""
+    global _RESOLVER
+    if _RESOLVER is None:
+        _RESOLVER = AdapterResolver(ServingConfig.from_env())
+    return _RESOLVER

@@ -1,0 +1,106 @@
+"""A tenant's view: which `model` names it may use, and the immutable reference each one means.
+
+In order: the tenant's own aliases; the served base model, if the tenant has base access; a
+reference `namespace/name@version` (or `namespace/name` = newest) that the registry lets the tenant's
+namespace read (its own, shared with it, or public). Anything else is "does not exist", whether or not
+it exists for someone else.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from adapterhub_lite.errors import AdapterHubError, ServingError
+from adapterhub_lite.serving.tenancy import Tenant, TenantStore, is_full_ref
+
+_TTL_SECONDS = 5.0  # how long a registry answer (can_read, newest version) is reused
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request's `model` resolves to: the base model, or an adapter by full reference."""
+
+    name: str  # the name vLLM sees
+    is_base: bool
+
+
+class RegistryView:
+    """Registry questions with a short cache, so a busy server asks the registry a few times a minute."""
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+        self._memo: dict[tuple, tuple[float, Any]] = {}
+
+    def _cached(self, key: tuple, fn: Any) -> Any:
+        now = time.monotonic()
+        hit = self._memo.get(key)
+        if hit and now - hit[0] < _TTL_SECONDS:
+            return hit[1]
+        value = fn()
+        self._memo[key] = (now, value)
+        return value
+
+    def full_ref(self, ref: str) -> str | None:
+        """`ref` pinned to a version (None if the registry does not know it or it is yanked)."""
+        if is_full_ref(ref):
+            return ref
+
+        def newest() -> str | None:
+            try:
+                return self.registry.resolve(ref).ref
+            except AdapterHubError:
+                return None
+
+        return self._cached(("resolve", ref), newest)
+
+    def can_read(self, namespace: str, ref: str) -> bool:
+        def ask() -> bool:
+            try:
+                return bool(self.registry.can_read(namespace, ref))
+            except AdapterHubError:
+                return False
+
+        return self._cached(("can_read", namespace, ref), ask)
+
+    def clear(self) -> None:
+        self._memo.clear()
+
+
+def resolve_model(
+    model: str, tenant: Tenant, aliases: dict[str, str], base_names: set[str], registry: RegistryView | None
+) -> Target | None:
+    """The target of `model` in `tenant`'s view, or None if the tenant may not use it."""
+    ref = aliases.get(model)
+    if ref is not None:
+        if registry is not None and not registry.can_read(tenant.namespace, ref):
+            return None  # the grant behind this alias was withdrawn: fail closed
+        return Target(ref, False)
+    if model in base_names:
+        return Target(model, True) if tenant.base_access else None
+    if "/" in model and registry is not None:
+        full = registry.full_ref(model)
+        if full and registry.can_read(tenant.namespace, full):
+            return Target(full, False)
+    return None
+
+
+def promote(store: TenantStore, registry: Any, tenant: str, alias: str, ref: str) -> tuple[str, str | None]:
+    """Point a tenant's alias at `ref` (pinned to its newest version if none is given): the hot swap.
+
+    Checks that the registry knows `ref` and lets the tenant read it. Returns (new full ref, previous
+    ref or None). Rolling back is promoting the previous reference again.
+    """
+    t = store.get(tenant)
+    published = registry.resolve(ref)
+    full = published.ref
+    if getattr(published, "yanked", False):
+        raise ServingError(f"{full} is yanked and cannot be promoted", hint="promote another version")
+    if not registry.can_read(t.namespace, full):
+        raise ServingError(
+            f"tenant {tenant!r} (namespace {t.namespace!r}) may not use {full}",
+            hint=f"share it first: `adapterhub share {full} {t.namespace}`, or make it public",
+        )
+    previous = store.set_alias(tenant, alias, full)
+    return full, previous
