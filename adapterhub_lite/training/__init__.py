@@ -1,0 +1,14 @@
+"""Training LoRA/QLoRA adapters from a recipe: `load_recipe(path, overrides)` then `train(recipe)`."""
+
+from adapterhub_lite.training.recipe import Recipe, load_recipe, recipe_from_dict
+from adapterhub_lite.training.trainer import NegativeTransferWarning, TrainResult, total_steps, train
+
+__all__ = [
+    "NegativeTransferWarning",
+    "Recipe",
+    "TrainResult",
+    "load_recipe",
+    "recipe_from_dict",
+    "total_steps",
+    "train",
+]

@@ -1,0 +1,73 @@
+"""The model a recipe trains: the base (full precision, or 4-bit NF4 for QLoRA) wrapped in a peft LoRA."""
+
+from __future__ import annotations
+
+import torch
+
+from adapterhub_lite.base import load_base
+from adapterhub_lite.errors import RecipeError
+from adapterhub_lite.training.recipe import Recipe
+
+
+def resolve_device(recipe: Recipe) -> str:
+    """``auto`` is CUDA where there is one; asking for CUDA without one is a recipe error."""
+    if recipe.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if recipe.device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("device: cuda was asked for but no CUDA GPU is visible", hint="use device: cpu")
+    return recipe.device
+
+
+def resolve_dtype(recipe: Recipe, device: str) -> torch.dtype:
+    """The weight dtype (LoRA) or compute dtype (QLoRA): bf16 on a GPU that has it, float32 otherwise."""
+    if recipe.precision == "fp32":
+        return torch.float32
+    if recipe.precision == "bf16" or (device == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def lora_config(recipe: Recipe):
+    """The peft LoraConfig of a recipe (``target_modules="all-linear"``: every linear layer but the head)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=recipe.rank,
+        lora_alpha=recipe.alpha,
+        lora_dropout=recipe.dropout,
+        target_modules=recipe.target_modules,
+        layers_to_transform=recipe.layers_to_transform,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _check_layers(recipe: Recipe, model) -> None:
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    if recipe.layers_to_transform and n_layers is not None and max(recipe.layers_to_transform) >= n_layers:
+        raise RecipeError(
+            f"layers_to_transform: {recipe.layers_to_transform} but the base has {n_layers} layers "
+            f"(indices 0..{n_layers - 1})"
+        )
+
+
+def build_model(recipe: Recipe, base_dir, device: str, dtype: torch.dtype):
+    """Load the base as the method asks and add a fresh, trainable LoRA adapter (full-precision weights)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    quantization = "nf4" if recipe.method == "qlora" else "none"
+    model = load_base(base_dir, quantization=quantization, dtype=dtype, device=device)
+    _check_layers(recipe, model)
+    if recipe.method == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=recipe.gradient_checkpointing
+        )
+    elif recipe.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    try:
+        # autocast_adapter_dtype keeps the LoRA weights in float32 even over a bf16 or 4-bit base.
+        model = get_peft_model(model, lora_config(recipe), autocast_adapter_dtype=True)
+    except ValueError as exc:  # peft: target modules not found in the base
+        raise RecipeError(f"target_modules: {exc}") from exc
+    return model

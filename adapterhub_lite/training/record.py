@@ -1,0 +1,61 @@
+"""What a training run leaves next to its adapter: ``training_record.json`` and ``loss_curve.png``."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+RECORD_SCHEMA = 1
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def plot_loss_curve(
+    path: Path, losses: list[tuple[int, float]], *, title: str, eval_losses: dict[str, float] | None = None
+) -> None:
+    """Training loss per step (and a moving average), with the final eval losses as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if losses:
+        steps, values = zip(*losses, strict=True)
+        ax.plot(steps, values, lw=0.8, alpha=0.5, label="train loss")
+        window = max(1, len(values) // 20)
+        if window > 1:
+            smooth = [
+                sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+                for i in range(len(values))
+            ]
+            ax.plot(steps, smooth, lw=1.5, label=f"train loss (mean of {window})")
+    styles = {"base": ("tab:red", "--"), "adapter": ("tab:green", ":")}
+    for who, value in (eval_losses or {}).items():
+        color, ls = styles.get(who, ("gray", "-."))
+        ax.axhline(value, color=color, ls=ls, label=f"eval loss, {who}: {value:.3f}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
