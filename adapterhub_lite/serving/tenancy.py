@@ -30,7 +30,7 @@ TENANTS_DB_ENV = "ADAPTERHUB_TENANTS_DB"
 KEY_PREFIX = "ahk_"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_FULL_REF_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*/[A-Za-z0-9][A-Za-z0-9._-]*@[0-9A-Za-z.+-]+$")
+_FULL_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*@[0-9A-Za-z.+-]+$")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (
