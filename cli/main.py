@@ -14,3 +14,9 @@ app = typer.Typer(
 from cli import base as _base  # noqa: E402
 
 _base.register(app)
+
+from cli import serve as _serve  # noqa: E402
+from cli import tenant as _tenant  # noqa: E402
+
+_serve.register(app)
+_tenant.register(app)
