@@ -15,6 +15,10 @@ from cli import base as _base  # noqa: E402
 
 _base.register(app)
 
+from cli import train as _train  # noqa: E402
+
+_train.register(app)
+
 from cli import serve as _serve  # noqa: E402
 from cli import tenant as _tenant  # noqa: E402
 

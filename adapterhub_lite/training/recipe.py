@@ -7,6 +7,7 @@ typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -129,7 +130,8 @@ def _format_errors(exc: ValidationError, source: str) -> RecipeError:
         where = ".".join(str(p) for p in err["loc"]) or "recipe"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown field"
+            close = difflib.get_close_matches(str(err["loc"][-1]), Recipe.model_fields, n=1)
+            msg = "unknown field" + (f" (did you mean {close[0]!r}?)" if close else "")
         elif err["type"] == "missing":
             msg = "required field is missing"
         got = err.get("input")
