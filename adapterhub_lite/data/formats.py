@@ -117,6 +117,10 @@ def parse_line(raw: str, where: str, fmt: Format | None) -> Example | None:
     if not isinstance(obj, dict):
         raise _fail(where, f"expected a JSON object, got {type(obj).__name__}")
     found = detect_format(obj)
+    for fmt_, keys in _FORMAT_KEYS.items():
+        if found is None and any(k in obj for k in keys):
+            missing = " and ".join(repr(k) for k in keys if k not in obj)
+            raise _fail(where, f"a {fmt_} record without {missing}")
     if found is None:
         keys = ", ".join(sorted(obj)) or "none"
         raise _fail(
