@@ -80,7 +80,7 @@ class TenancyMiddleware:
     @property
     def registry_view(self) -> RegistryView:
         if self._registry_view is None:
-            self._registry_view = RegistryView(self.resolver.registry)
+            self._registry_view = RegistryView(lambda: self.resolver.registry)
         return self._registry_view
 
     def _refresh(self) -> None:
@@ -217,7 +217,9 @@ class TenancyMiddleware:
             if not target.is_base and not await self._ensure_loadable(scope, send, target, label):
                 return
             payload["model"] = target.name
-            await self._forward(scope, send, json.dumps(payload).encode(), label, adapter_label, tenant)
+            await self._forward(
+                scope, receive, send, json.dumps(payload).encode(), label, adapter_label, tenant
+            )
         finally:
             if not target.is_base:
                 self.evictor.end(target.name)
@@ -267,7 +269,14 @@ class TenancyMiddleware:
         return True
 
     async def _forward(
-        self, scope: Scope, send: Send, body: bytes, label: str, adapter: str, tenant: Tenant | None
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        body: bytes,
+        label: str,
+        adapter: str,
+        tenant: Tenant | None,
     ) -> None:
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"authorization")]
         headers.append((b"content-length", str(len(body)).encode()))
@@ -279,7 +288,8 @@ class TenancyMiddleware:
             if not sent:
                 sent = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return {"type": "http.disconnect"}
+            # vLLM watches for the client going away to cancel generation: pass the real signal on.
+            return await receive()
 
         usage = _UsageMeter()
 
@@ -410,7 +420,9 @@ class _UsageMeter:
                 continue
             if chunk.get("usage"):
                 self._take_usage(chunk["usage"])
-            elif chunk.get("choices"):
+            elif any(
+                c.get("text") or (c.get("delta") or {}).get("content") for c in chunk.get("choices") or []
+            ):
                 self._chunks += 1
 
     def _take_usage(self, usage: dict) -> None:

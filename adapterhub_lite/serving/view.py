@@ -30,8 +30,16 @@ class RegistryView:
     """Registry questions with a short cache, so a busy server asks the registry a few times a minute."""
 
     def __init__(self, registry: Any) -> None:
-        self.registry = registry
+        # A zero-argument callable is called on first use, so a server that only serves the base model
+        # never opens the registry.
+        self._registry = registry
         self._memo: dict[tuple, tuple[float, Any]] = {}
+
+    @property
+    def registry(self) -> Any:
+        if callable(self._registry) and not hasattr(self._registry, "resolve"):
+            self._registry = self._registry()
+        return self._registry
 
     def _cached(self, key: tuple, fn: Any) -> Any:
         now = time.monotonic()
