@@ -1,0 +1,284 @@
+"""Packing a PEFT LoRA adapter directory into a bundle (directory or reproducible archive).
+
+Accepts the output of `adapterhub train` (with its `training_record.json`) and any PEFT LoRA directory
+written by other tools (then the base comes from `base_dir`, default the embedded base). The bundle is
+assembled in a temporary directory next to the destination and renamed into place, so a failure never
+leaves a half-written bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from adapterhub_lite import __version__
+from adapterhub_lite.bundles.archive import write_archive
+from adapterhub_lite.bundles.card import CARD_FILE, render_card
+from adapterhub_lite.bundles.compat import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    base_weight_shapes,
+    check_adapter,
+    parse_config,
+    pickle_files,
+    refuse_pickles,
+)
+from adapterhub_lite.bundles.manifest import (
+    MANIFEST_FILE,
+    AdapterInfo,
+    BaseRef,
+    FileEntry,
+    Manifest,
+    load_json_bounded,
+    parse_manifest,
+)
+from adapterhub_lite.bundles.naming import check_name, check_tag, check_version
+from adapterhub_lite.bundles.signing import SIGNATURES_FILE, SigningKeyLike, load_signing_key, sign_digest
+from adapterhub_lite.bundles.signing import signatures_bytes as _signatures_bytes
+from adapterhub_lite.bundles.tensors import read_header
+from adapterhub_lite.errors import BaseModelError, BundleError
+
+RECORD_FILE = "training_record.json"
+MAX_RECORD_BYTES = 512 * 1024
+_CHUNK = 1 << 22
+_LICENSE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]{0,63}$")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _created(record: dict[str, Any] | None) -> str:
+    """Creation time: the training record's, else SOURCE_DATE_EPOCH (reproducible builds), else now."""
+    if record and isinstance(record.get("created"), str):
+        try:
+            dt = datetime.fromisoformat(record["created"].replace("Z", "+00:00"))
+            return _iso((dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp())
+        except ValueError:
+            pass
+    if os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
+        return _iso(int(os.environ["SOURCE_DATE_EPOCH"]))
+    return _iso(time.time())
+
+
+def _copy_hashed(src: Path, dst: Path, bar) -> FileEntry:
+    h = hashlib.sha256()
+    size = 0
+    with src.open("rb") as fin, dst.open("wb") as fout:
+        while chunk := fin.read(_CHUNK):
+            h.update(chunk)
+            fout.write(chunk)
+            size += len(chunk)
+            bar.update(len(chunk))
+    return FileEntry(path=dst.name, size=size, sha256=h.hexdigest())
+
+
+def _entry_for(path: Path, data: bytes) -> FileEntry:
+    return FileEntry(path=path.name, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def _base_for(base_dir: str | Path | None, record: dict[str, Any] | None, adapter_dir: Path):
+    from adapterhub_lite.base import EMBEDDED_BASE_NAME, fingerprint, resolve_base_dir
+
+    rec_base = record.get("base") if record and isinstance(record.get("base"), dict) else {}
+    if base_dir is None and isinstance(rec_base.get("path"), str) and Path(rec_base["path"]).is_dir():
+        base_dir = rec_base["path"]
+    try:
+        path = resolve_base_dir(base_dir)
+    except BaseModelError as exc:
+        raise BundleError(
+            f"cannot pack {adapter_dir}: {exc.message}",
+            hint="pass --base DIR, the base model the adapter was trained on",
+        ) from None
+    fp = fingerprint(path)
+    want = rec_base.get("fingerprint")
+    if isinstance(want, str) and want != fp:
+        raise BundleError(
+            f"{adapter_dir / RECORD_FILE}: the adapter was trained on base {rec_base.get('name')!r} "
+            f"({want}), but the base given ({path}) has fingerprint {fp}",
+            hint="pass --base DIR pointing at the base model it was trained on",
+        )
+    from adapterhub_lite.base.embedded import EMBEDDED_BASE_DIR
+
+    if path == EMBEDDED_BASE_DIR.resolve():
+        name = EMBEDDED_BASE_NAME
+    elif isinstance(rec_base.get("name"), str) and rec_base["name"]:
+        name = rec_base["name"]
+    else:
+        name = path.name
+    return path, name, fp
+
+
+def pack_bundle(
+    adapter_dir: str | Path,
+    out_path: str | Path,
+    *,
+    namespace: str,
+    name: str,
+    version: str,
+    base_dir: str | Path | None = None,
+    license: str = "apache-2.0",
+    signing_key: SigningKeyLike | None = None,
+    max_lora_rank: int | None = None,
+    archive: bool = False,
+    description: str = "",
+    tags: Iterable[str] = (),
+    vllm_check: bool | None = None,
+    progress: bool = False,
+) -> Path:
+    """Pack a PEFT LoRA adapter directory into a bundle at `out_path`; return `out_path`.
+
+    Refuses (BundleError, nothing written) pickled weights, adapters vLLM cannot serve (see
+    `compat.check_adapter`), a training record for another base, invalid names, and an existing
+    `out_path`. With `archive=True` the bundle is one reproducible tar file.
+    """
+    from tqdm import tqdm
+
+    adapter_dir, out_path = Path(adapter_dir), Path(out_path)
+    check_name(namespace, "namespace")
+    check_name(name, "name")
+    check_version(version)
+    tags = [check_tag(t) for t in tags]
+    if not _LICENSE_RE.match(license):
+        raise BundleError(
+            f"invalid license {license!r}", hint="use an SPDX-style id such as apache-2.0 or mit"
+        )
+    if not adapter_dir.is_dir():
+        raise BundleError(
+            f"adapter directory not found: {adapter_dir}",
+            hint="pass the directory that holds adapter_config.json",
+        )
+    names = [p.name for p in adapter_dir.iterdir() if p.is_file()]
+    if WEIGHTS_FILE not in names:
+        weights = [n for n in pickle_files(names) if n.startswith("adapter_model")]
+        refuse_pickles(weights, str(adapter_dir))
+        raise BundleError(
+            f"{adapter_dir}: no {WEIGHTS_FILE}",
+            hint="save the adapter with `model.save_pretrained(dir)` (PEFT)",
+        )
+    if CONFIG_FILE not in names:
+        raise BundleError(f"{adapter_dir}: no {CONFIG_FILE}", hint="is this a PEFT adapter directory?")
+    if out_path.exists():
+        raise BundleError(f"{out_path} already exists", hint="remove it or choose another output path")
+
+    config_bytes = (adapter_dir / CONFIG_FILE).read_bytes()
+    config = parse_config(config_bytes, str(adapter_dir / CONFIG_FILE))
+    tensors, _ = read_header(adapter_dir / WEIGHTS_FILE)
+    record = None
+    if (adapter_dir / RECORD_FILE).is_file():
+        record = load_json_bounded(
+            (adapter_dir / RECORD_FILE).read_bytes(),
+            str(adapter_dir / RECORD_FILE),
+            max_bytes=MAX_RECORD_BYTES,
+            max_depth=16,
+        )
+        if not isinstance(record, dict):
+            raise BundleError(
+                f"{adapter_dir / RECORD_FILE}: not a JSON object",
+                hint="remove it, or train again with `adapterhub train`",
+            )
+    base_path, base_name, base_fp = _base_for(base_dir, record, adapter_dir)
+    shape = check_adapter(
+        config,
+        tensors,
+        base_shapes=base_weight_shapes(base_path),
+        base_label=f"base {base_name!r}",
+        max_lora_rank=max_lora_rank,
+        vllm_check=vllm_check,
+        config_label=str(adapter_dir / CONFIG_FILE),
+        weights_label=str(adapter_dir / WEIGHTS_FILE),
+    )
+    signer = load_signing_key(signing_key) if signing_key is not None else None
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp"))
+    total = (adapter_dir / WEIGHTS_FILE).stat().st_size
+    try:
+        with tqdm(
+            total=total * (2 if archive else 1),
+            unit="B",
+            unit_scale=True,
+            desc=f"pack {name}",
+            disable=not progress,
+        ) as bar:
+            (staging / CONFIG_FILE).write_bytes(config_bytes)
+            entries = [_entry_for(staging / CONFIG_FILE, config_bytes)]
+            weights = _copy_hashed(adapter_dir / WEIGHTS_FILE, staging / WEIGHTS_FILE, bar)
+            if weights.size != total:
+                raise BundleError(
+                    f"{adapter_dir / WEIGHTS_FILE}: changed while being packed", hint="pack again"
+                )
+            entries.append(weights)
+            fields: dict[str, Any] = dict(
+                namespace=namespace,
+                name=name,
+                version=version,
+                description=description,
+                tags=tags,
+                license=license,
+                base=BaseRef(name=base_name, fingerprint=base_fp),
+                adapter=AdapterInfo(**shape),
+                training=record,
+                tool_version=__version__,
+                created=_created(record),
+            )
+            # The card depends on every field but `files`; render it from a draft, then list it.
+            placeholder = FileEntry(path=CARD_FILE, size=0, sha256="0" * 64)
+            draft = Manifest(files=sorted([*entries, placeholder], key=lambda e: e.path), **fields)
+            card = render_card(draft)
+            (staging / CARD_FILE).write_bytes(card)
+            entries.append(_entry_for(staging / CARD_FILE, card))
+            manifest = Manifest(files=sorted(entries, key=lambda e: e.path), **fields)
+            data = manifest.to_json()
+            parse_manifest(data)  # round-trip: what we write must be what verify accepts
+            (staging / MANIFEST_FILE).write_bytes(data)
+            if signer is not None:
+                (staging / SIGNATURES_FILE).write_bytes(
+                    _signatures_bytes([sign_digest(signer, manifest.digest)])
+                )
+            if archive:
+                write_archive(
+                    staging, sorted(p.name for p in staging.iterdir()), out_path, progress=bar.update
+                )
+                shutil.rmtree(staging)
+            else:
+                os.chmod(staging, 0o755)  # mkdtemp makes it 0700
+                os.rename(staging, out_path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_path
+
+
+def sign_bundle(bundle_dir: str | Path, signing_key: SigningKeyLike) -> list[str]:
+    """Add a signature to a bundle directory (its digest does not change); return the signers' key ids."""
+    from adapterhub_lite.bundles.signing import check_signatures
+    from adapterhub_lite.bundles.verify import check_bundle
+
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleError(
+            f"{bundle_dir}: only a bundle directory can be signed in place",
+            hint="pack it with --sign KEY instead",
+        )
+    result = check_bundle(bundle_dir, vllm_check=False)
+    path = bundle_dir / SIGNATURES_FILE
+    existing = json.loads(path.read_bytes())["signatures"] if path.exists() else []
+    new = sign_digest(load_signing_key(signing_key), result.manifest.digest)
+    sigs = [s for s in existing if s["key_id"] != new["key_id"]] + [new]
+    data = _signatures_bytes(sigs)
+    check_signatures(data, result.manifest.digest, [])
+    # The temp file sits beside the bundle, not in it: a stray file inside would fail verification.
+    tmp = bundle_dir.parent / f".{bundle_dir.name}.{SIGNATURES_FILE}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return sorted(s["key_id"] for s in sigs)

@@ -1,0 +1,261 @@
+"""Verifying a bundle (directory or archive): schema, sizes, hashes, card, base, vLLM support, signatures.
+
+Checks run cheapest first, so a bundle for another base or with a wrong size is refused before hundreds of
+megabytes are hashed. Nothing is written, and every failure is a `BundleError` naming the file or tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapterhub_lite.bundles import archive as _archive
+from adapterhub_lite.bundles.card import CARD_FILE, render_card
+from adapterhub_lite.bundles.compat import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    base_weight_shapes,
+    check_adapter,
+    parse_config,
+    refuse_pickles,
+)
+from adapterhub_lite.bundles.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
+from adapterhub_lite.bundles.signing import SIGNATURES_FILE, PublicKeyLike, check_signatures, load_public_keys
+from adapterhub_lite.bundles.tensors import header_length, parse_header
+from adapterhub_lite.errors import BundleError
+
+_CHUNK = 1 << 22
+_SMALL = 8 * 1024 * 1024
+_REPACK = "get the bundle again from its source, or pack it again with `adapterhub pack`"
+
+
+class _Source:
+    """Uniform read access to a bundle's files, whether a directory or an archive."""
+
+    label: str
+
+    def names(self) -> list[str]: ...
+    def size(self, name: str) -> int: ...
+    def chunks(self, name: str) -> Iterator[bytes]: ...
+
+    def read(self, name: str, limit: int = _SMALL) -> bytes:
+        if self.size(name) > limit:
+            raise BundleError(
+                f"{self.where(name)}: {self.size(name)} bytes is over the {limit}-byte limit", hint=_REPACK
+            )
+        return b"".join(self.chunks(name))
+
+    def prefix(self, name: str, n: int) -> bytes:
+        out = bytearray()
+        for chunk in self.chunks(name):
+            out += chunk
+            if len(out) >= n:
+                break
+        return bytes(out[:n])
+
+    def where(self, name: str) -> str:
+        return f"{self.label}/{name}"
+
+
+class _DirSource(_Source):
+    def __init__(self, path: Path) -> None:
+        self.path, self.label = path, str(path)
+        self._names = []
+        for child in sorted(path.iterdir(), key=lambda p: p.name):
+            mode = child.lstat().st_mode
+            if stat.S_ISLNK(mode):
+                raise BundleError(f"{child}: a bundle may not contain symlinks", hint=_REPACK)
+            if not stat.S_ISREG(mode):
+                raise BundleError(
+                    f"{child}: a bundle holds plain files only (found a directory or device)", hint=_REPACK
+                )
+            self._names.append(child.name)
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def size(self, name: str) -> int:
+        return (self.path / name).stat().st_size
+
+    def chunks(self, name: str) -> Iterator[bytes]:
+        with (self.path / name).open("rb", buffering=0) as f:
+            buf = bytearray(_CHUNK)
+            view = memoryview(buf)
+            while n := f.readinto(buf):
+                yield view[:n]
+
+
+class _ArchiveSource(_Source):
+    def __init__(self, path: Path) -> None:
+        self.path, self.label = path, str(path)
+        self.entries = {e.name: e for e in _archive.scan_archive(path)}
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def size(self, name: str) -> int:
+        return self.entries[name].size
+
+    def chunks(self, name: str) -> Iterator[bytes]:
+        return _archive.iter_entry(self.path, self.entries[name])
+
+    def where(self, name: str) -> str:
+        return f"{self.label}:{name}"
+
+
+@dataclass
+class Verification:
+    """What verifying a bundle established."""
+
+    manifest: Manifest
+    signers: list[str] = field(default_factory=list)
+    form: str = "directory"
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+
+def open_source(path: str | Path) -> _Source:
+    path = Path(path)
+    if path.is_dir():
+        return _DirSource(path)
+    if path.is_file():
+        return _ArchiveSource(path)
+    raise BundleError(f"bundle not found: {path}", hint="pass a bundle directory or a bundle archive (.tar)")
+
+
+def check_bundle(
+    path: str | Path,
+    *,
+    base_dir: str | Path | None = None,
+    base_fingerprint: str | None = None,
+    max_lora_rank: int | None = None,
+    trusted_keys: Iterable[PublicKeyLike] | None = None,
+    vllm_check: bool | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> Verification:
+    """Verify a bundle and report its manifest, signers and form (see `verify_bundle`)."""
+    trusted = load_public_keys(trusted_keys)
+    src = open_source(path)
+    names = src.names()
+    refuse_pickles(names, src.label)
+    if MANIFEST_FILE not in names:
+        raise BundleError(
+            f"{src.label}: not a bundle (no {MANIFEST_FILE})",
+            hint="make a bundle from an adapter directory with `adapterhub pack DIR`",
+        )
+    manifest = parse_manifest(src.read(MANIFEST_FILE, MAX_MANIFEST_BYTES), src.where(MANIFEST_FILE))
+
+    # The base first: an adapter for another base is refused with the name of the base it needs.
+    if base_dir is not None and base_fingerprint is None:
+        from adapterhub_lite.base import fingerprint, resolve_base_dir
+
+        base_dir = resolve_base_dir(base_dir)
+        base_fingerprint = fingerprint(base_dir)
+    if base_fingerprint is not None and base_fingerprint != manifest.base.fingerprint:
+        raise BundleError(
+            f"{manifest.ref} was trained on base model {manifest.base.name!r} "
+            f"({manifest.base.fingerprint}), not on this base ({base_fingerprint})",
+            hint=f"load it on {manifest.base.name!r} (`adapterhub base info DIR` shows its fingerprint), "
+            "or train an adapter for this base",
+        )
+
+    listed = {f.path for f in manifest.files}
+    extra = sorted(set(names) - listed - {MANIFEST_FILE, SIGNATURES_FILE})
+    if extra:
+        raise BundleError(
+            f"{src.where(extra[0])}: file not listed in {MANIFEST_FILE} (added after packing?)", hint=_REPACK
+        )
+    for entry in manifest.files:
+        if entry.path not in names:
+            raise BundleError(f"{src.where(entry.path)}: missing (listed in {MANIFEST_FILE})", hint=_REPACK)
+        actual = src.size(entry.path)
+        if actual != entry.size:
+            raise BundleError(
+                f"{src.where(entry.path)}: {actual} bytes, but {MANIFEST_FILE} says {entry.size} "
+                "(truncated or tampered)",
+                hint=_REPACK,
+            )
+
+    small: dict[str, bytes] = {}
+    for entry in manifest.files:
+        h = hashlib.sha256()
+        keep = entry.path != WEIGHTS_FILE
+        parts = []
+        for chunk in src.chunks(entry.path):
+            h.update(chunk)
+            if keep:
+                parts.append(bytes(chunk))
+            if progress:
+                progress(len(chunk))
+        if h.hexdigest() != entry.sha256:
+            raise BundleError(
+                f"{src.where(entry.path)}: sha256 does not match {MANIFEST_FILE} (tampered or corrupt)",
+                hint=_REPACK,
+            )
+        if keep:
+            small[entry.path] = b"".join(parts)
+
+    if small[CARD_FILE] != render_card(manifest):
+        raise BundleError(
+            f"{src.where(CARD_FILE)}: the card does not match {MANIFEST_FILE} (one of them was edited)",
+            hint=_REPACK,
+        )
+
+    config = parse_config(small[CONFIG_FILE], src.where(CONFIG_FILE))
+    weights_size = src.size(WEIGHTS_FILE)
+    header_len = header_length(src.prefix(WEIGHTS_FILE, 8), weights_size, src.where(WEIGHTS_FILE))
+    tensors, _ = parse_header(src.prefix(WEIGHTS_FILE, 8 + header_len), weights_size, src.where(WEIGHTS_FILE))
+    base_shapes = base_weight_shapes(Path(base_dir)) if base_dir is not None else None
+    shape = check_adapter(
+        config,
+        tensors,
+        base_shapes=base_shapes,
+        base_label=f"base {manifest.base.name!r}",
+        max_lora_rank=max_lora_rank,
+        vllm_check=vllm_check,
+        config_label=src.where(CONFIG_FILE),
+        weights_label=src.where(WEIGHTS_FILE),
+    )
+    recorded = manifest.adapter.model_dump()
+    for key, value in shape.items():
+        if recorded[key] != value:
+            raise BundleError(
+                f"{src.where(MANIFEST_FILE)}: adapter.{key} says {recorded[key]!r}, but the "
+                f"weights and config say {value!r}",
+                hint=_REPACK,
+            )
+
+    sig_data = src.read(SIGNATURES_FILE, 64 * 1024) if SIGNATURES_FILE in names else None
+    signers = check_signatures(sig_data, manifest.digest, trusted, src.where(SIGNATURES_FILE))
+    return Verification(manifest, signers, "directory" if isinstance(src, _DirSource) else "archive")
+
+
+def verify_bundle(
+    path: str | Path,
+    *,
+    base_dir: str | Path | None = None,
+    base_fingerprint: str | None = None,
+    max_lora_rank: int | None = None,
+    trusted_keys: Iterable[PublicKeyLike] | None = None,
+    vllm_check: bool | None = None,
+) -> Manifest:
+    """Verify a bundle directory or archive and return its manifest; raise BundleError naming the problem.
+
+    `base_dir`/`base_fingerprint` refuse a bundle made for another base (`base_dir` also checks that every
+    targeted module exists with the right shape). `max_lora_rank` is the server's limit. With
+    `trusted_keys`, a valid signature by one of them is required. `vllm_check` (default: when vLLM is
+    importable) also asks vLLM's own PEFTHelper.
+    """
+    return check_bundle(
+        path,
+        base_dir=base_dir,
+        base_fingerprint=base_fingerprint,
+        max_lora_rank=max_lora_rank,
+        trusted_keys=trusted_keys,
+        vllm_check=vllm_check,
+    ).manifest
