@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from adapterhub_lite.base import load_base
@@ -42,8 +45,10 @@ def lora_config(recipe: Recipe):
     )
 
 
-def _check_layers(recipe: Recipe, model) -> None:
-    n_layers = getattr(model.config, "num_hidden_layers", None)
+def check_layers(recipe: Recipe, base_dir: Path) -> None:
+    """``layers_to_transform`` must name layers the base has (read from its config, before any loading)."""
+    config = json.loads((Path(base_dir) / "config.json").read_text())
+    n_layers = config.get("num_hidden_layers")
     if recipe.layers_to_transform and n_layers is not None and max(recipe.layers_to_transform) >= n_layers:
         raise RecipeError(
             f"layers_to_transform: {recipe.layers_to_transform} but the base has {n_layers} layers "
@@ -57,7 +62,6 @@ def build_model(recipe: Recipe, base_dir, device: str, dtype: torch.dtype):
 
     quantization = "nf4" if recipe.method == "qlora" else "none"
     model = load_base(base_dir, quantization=quantization, dtype=dtype, device=device)
-    _check_layers(recipe, model)
     if recipe.method == "qlora":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=recipe.gradient_checkpointing

@@ -28,7 +28,7 @@ from adapterhub_lite.data import Dataset, Features, collate, load_dataset, token
 from adapterhub_lite.errors import TrainingError
 from adapterhub_lite.evaluation import evaluate, negative_transfer, transfer_gain
 from adapterhub_lite.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from adapterhub_lite.training.model import build_model, resolve_device, resolve_dtype
+from adapterhub_lite.training.model import build_model, check_layers, resolve_device, resolve_dtype
 from adapterhub_lite.training.recipe import Recipe
 from adapterhub_lite.training.record import RECORD_SCHEMA, peak_rss_mb, plot_loss_curve, write_json_atomic
 
@@ -169,6 +169,7 @@ def train(
     dtype = resolve_dtype(recipe, device)
     tokenizer = load_tokenizer(base_dir)
     data = _prepare_data(recipe, tokenizer)  # dataset errors surface before any model is loaded
+    check_layers(recipe, base_dir)
     _prepare_output(out, resume, overwrite)
     ckpt_dir = out / "checkpoints"
 
