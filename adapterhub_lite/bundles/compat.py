@@ -251,7 +251,7 @@ def check_adapter(
     if vllm_check is None:
         vllm_check = vllm_available()
     if vllm_check and not problems:
-        vllm_problem = vllm_refusal(config, max(ranks, default=1), max_lora_rank)
+        vllm_problem = vllm_refusal(config, max_lora_rank)
         if vllm_problem:
             problems.append(f"{config_label}: vLLM's own check refuses this adapter: {vllm_problem}")
     if problems:
@@ -279,13 +279,13 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def vllm_refusal(config: dict[str, Any], rank: int, max_lora_rank: int | None) -> str | None:
+def vllm_refusal(config: dict[str, Any], max_lora_rank: int | None) -> str | None:
     """vLLM's own verdict on the adapter config: None if it accepts it, else its message."""
     from vllm.config.lora import LoRAConfig
     from vllm.lora.peft_helper import PEFTHelper
 
-    # vLLM only takes listed ranks: use the smallest one that allows what our own rank rule allowed.
-    limit = max(max_lora_rank or VLLM_MAX_LORA_RANKS[-1], rank)
+    # vLLM only takes listed ranks: ask as a server started with the smallest one that allows our limit.
+    limit = max_lora_rank or VLLM_MAX_LORA_RANKS[-1]
     server_rank = next((r for r in VLLM_MAX_LORA_RANKS if r >= limit), VLLM_MAX_LORA_RANKS[-1])
     try:
         helper = PEFTHelper.from_dict(dict(config))
