@@ -24,3 +24,9 @@ from cli import tenant as _tenant  # noqa: E402
 
 _serve.register(app)
 _tenant.register(app)
+
+from cli import bundle as _bundle  # noqa: E402
+from cli import registry as _registry  # noqa: E402
+
+_bundle.register(app)
+_registry.register(app)
