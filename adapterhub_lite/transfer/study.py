@@ -1,0 +1,343 @@
+"""The transfer-learning study: its configuration, the runs it plans, and the runner.
+
+    config = StudyConfig.full()          # or StudyConfig.smoke() for the test suite
+    results = run_study(config, out_dir)  # results.json, then report.write_report() for REPORT.md + PNGs
+
+Every run is planned up front from the config (a run shared by two experiments, e.g. the rank-8 LoRA of
+the strategy table and of the rank sweep, is trained once), then carried out in order under one progress
+bar. A run that fails is recorded with its error and the study goes on; the report lists failures.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from adapterhub_lite import __version__
+from adapterhub_lite.base import fingerprint, load_base, load_tokenizer, resolve_base_dir
+from adapterhub_lite.errors import AdapterHubError, RecipeError
+from adapterhub_lite.transfer.forgetting import source_blocks, source_loss
+from adapterhub_lite.transfer.random_init import build_random_init
+from adapterhub_lite.transfer.strategies import (
+    RANDOM_INIT,
+    STRATEGIES,
+    RunContext,
+    RunSpec,
+    linear_module_names,
+    run_spec,
+)
+from adapterhub_lite.transfer.tasks import (
+    CIPHER,
+    SOURCE_TEXT,
+    Task,
+    cipher_task,
+    example_task,
+    source_text_task,
+)
+
+RESULTS_SCHEMA = 1
+ADAPTER_STRATEGIES = ("lora", "qlora", "lora-random-init")
+
+
+class StudyConfig(BaseModel):
+    """The size of the study. `full()` is what the committed report ran; `smoke()` what the tests run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Literal["full", "smoke"] = "full"  # which size it started from (the report's rerun command)
+    base: str = "embedded"
+    seeds: int = Field(default=3, ge=1, le=20)
+    # Strategies side by side, on each target task.
+    tasks: list[str] = ["capitals", "antonyms", "animal-sounds"]
+    strategies: list[str] = list(STRATEGIES)
+    # The sweeps run on one task.
+    sweep_task: str = "capitals"
+    rank: int = Field(default=8, ge=1)
+    ranks: list[int] = [1, 2, 4, 8, 16, 64]
+    layers: bool = True
+    budgets: list[int] = [4, 8, 16]  # the whole train pool is always added
+    budget_strategies: list[str] = ["lora", "lora-random-init", "full-random-init"]
+    # Negative transfer: the far-from-source task, and the warning's positive control.
+    cipher_examples: int = Field(default=200, ge=10)
+    cipher_budgets: list[int] = [16, 160]
+    cipher_strategies: list[str] = ["zero-shot", "lora", "lora-random-init", "full", "full-random-init"]
+    warning_control: bool = True
+    control_docs: int = Field(default=40, ge=4)
+    control_learning_rate: float = Field(default=2e-2, gt=0)
+    # The fixed training budget and the learning rate of each training method.
+    steps: int = Field(default=60, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    learning_rates: dict[str, float] = {"lora": 3e-3, "qlora": 3e-3, "head-only": 3e-3, "full": 1e-3}
+    max_new_tokens: int = Field(default=16, ge=1)
+    source_docs: int = Field(default=200, ge=4)  # held-out source documents for the forgetting score
+    threads: int = Field(default=1, ge=1)
+
+    @field_validator("strategies", "budget_strategies", "cipher_strategies")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = [s for s in v if s not in STRATEGIES]
+        if unknown:
+            raise ValueError(f"unknown strategies {unknown}; known: {', '.join(STRATEGIES)}")
+        return v
+
+    @field_validator("ranks", "budgets", "cipher_budgets")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(x < 1 for x in v):
+            raise ValueError("every value must be at least 1")
+        return sorted(set(v))
+
+    @field_validator("learning_rates")
+    @classmethod
+    def _rates(cls, v: dict[str, float]) -> dict[str, float]:
+        missing = {"lora", "qlora", "head-only", "full"} - set(v)
+        if missing or any(x <= 0 for x in v.values()):
+            raise ValueError(
+                f"needs a positive rate for each of lora, qlora, head-only, full (missing {missing})"
+            )
+        return v
+
+    @classmethod
+    def full(cls, **overrides) -> StudyConfig:
+        """The committed study: 3 seeds, every experiment at its full size."""
+        return cls.make(**overrides)
+
+    @classmethod
+    def smoke(cls, **overrides) -> StudyConfig:
+        """Every experiment and every strategy, at the smallest size that still runs each code path."""
+        values = dict(
+            preset="smoke",
+            seeds=1,
+            tasks=["capitals"],
+            ranks=[1, 8],
+            budgets=[4],
+            cipher_examples=40,
+            cipher_budgets=[8],
+            cipher_strategies=["zero-shot", "lora", "lora-random-init"],
+            control_docs=8,
+            steps=4,
+            max_new_tokens=8,
+            source_docs=12,
+        )
+        values.update(overrides)
+        return cls.make(**values)
+
+    @classmethod
+    def make(cls, **values) -> StudyConfig:
+        """Validate a configuration; every bad field is named in one RecipeError."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            lines = [
+                f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors()
+            ]
+            raise RecipeError("invalid transfer-study configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_tasks(config: StudyConfig, adapters_dir: Path | None = None) -> dict[str, Task]:
+    """The tasks the configuration names, plus the cipher and the control when those experiments run."""
+    names = list(dict.fromkeys([*config.tasks, config.sweep_task]))
+    tasks = {name: example_task(name, adapters_dir) for name in names}
+    if config.cipher_budgets and config.cipher_strategies:
+        tasks[CIPHER] = cipher_task(config.cipher_examples)
+    if config.warning_control:
+        tasks[SOURCE_TEXT] = source_text_task(config.control_docs, eval_fraction=0.5)
+    return tasks
+
+
+def pool_size(task: Task) -> int:
+    """Training examples left once the eval set is held out (as `train_eval_split` computes it)."""
+    return len(task.rows) - math.ceil(task.eval_fraction * len(task.rows))
+
+
+def plan(config: StudyConfig, tasks: dict[str, Task], n_layers: int) -> list[tuple[RunSpec, list[str]]]:
+    """Every run of the study with the experiments it serves; shared runs appear once."""
+    planned: dict[RunSpec, tuple[RunSpec, list[str]]] = {}
+
+    def add(spec: RunSpec, experiment: str) -> None:
+        key = replace(spec, check_warning=False)
+        if key in planned:
+            old, tags = planned[key]
+            planned[key] = (replace(old, check_warning=old.check_warning or spec.check_warning), tags)
+            if experiment not in tags:
+                tags.append(experiment)
+        else:
+            planned[key] = (spec, [experiment])
+
+    def spec(task: str, strategy: str, seed: int, **kw) -> RunSpec:
+        if strategy in ADAPTER_STRATEGIES:
+            kw.setdefault("rank", config.rank)
+        n = kw.get("n_train")
+        if n is not None and (strategy == "zero-shot" or n >= pool_size(tasks[task])):
+            kw["n_train"] = None  # the whole pool, shared with the runs that use it
+        return RunSpec(task, strategy, seed, **kw)
+
+    sweep = config.sweep_task
+    half = n_layers // 2
+    for seed in range(config.seeds):
+        for task in config.tasks:
+            for strategy in config.strategies:
+                add(spec(task, strategy, seed, check_warning=strategy == "lora"), "strategies")
+        for rank in config.ranks:
+            add(spec(sweep, "lora", seed, rank=rank), "rank")
+        if config.layers and n_layers >= 2:
+            for layers in (tuple(range(half)), tuple(range(half, n_layers)), None):
+                add(spec(sweep, "lora", seed, layers=layers), "layers")
+        for n in [*config.budgets, pool_size(tasks[sweep])]:
+            for strategy in config.budget_strategies:
+                add(spec(sweep, strategy, seed, n_train=n), "data_budget")
+        if CIPHER in tasks:
+            for n in config.cipher_budgets:
+                for strategy in config.cipher_strategies:
+                    add(spec(CIPHER, strategy, seed, n_train=n, check_warning=True), "negative_transfer")
+        if SOURCE_TEXT in tasks:
+            add(spec(SOURCE_TEXT, "lora", seed, check_warning=True), "warning_control")
+    return list(planned.values())
+
+
+def _environment(config: StudyConfig) -> dict:
+    return {
+        "tool_version": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": config.threads,
+        "device": "cpu",
+    }
+
+
+def run_study(
+    config: StudyConfig,
+    out_dir: Path,
+    *,
+    work_dir: Path | None = None,
+    adapters_dir: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run every planned run and write ``out_dir/results.json`` (atomically); return the results.
+
+    ``work_dir`` keeps the generated datasets, random-init models and adapters (default: a temporary
+    directory that is removed afterwards).
+    """
+    from tqdm.auto import tqdm
+
+    from adapterhub_lite.transfer.report import summarize
+
+    t_start = time.time()
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    torch.set_num_threads(config.threads)
+    base_dir = resolve_base_dir(config.base)
+    tasks = load_tasks(config, adapters_dir)
+    tokenizer = load_tokenizer(base_dir)
+    base_model = load_base(base_dir, dtype=torch.float32, device="cpu")
+    n_layers = int(getattr(base_model.config, "num_hidden_layers", 0))
+    runs = plan(config, tasks, n_layers)
+    if not runs:
+        raise RecipeError(
+            "the transfer-study configuration plans no runs", hint="name some tasks or strategies"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = None if work_dir is not None else tempfile.TemporaryDirectory(prefix="ahl-transfer-")
+    work = Path(work_dir or tmp.name)  # type: ignore[union-attr]
+    try:
+        blocks = source_blocks(tokenizer, config.source_docs)
+        base_parameters = sum(p.numel() for p in base_model.parameters())
+        ctx = RunContext(
+            base_dir=base_dir,
+            random_dirs={},
+            work_dir=work,
+            tasks=tasks,
+            blocks=blocks,
+            base_source_loss=source_loss(base_model, blocks),
+            base_parameters=base_parameters,
+            linear_modules=linear_module_names(base_model),
+            steps=config.steps,
+            batch_size=config.batch_size,
+            learning_rates=config.learning_rates,
+            max_new_tokens=config.max_new_tokens,
+            keep_runs=work_dir is not None,
+            recipe_overrides={SOURCE_TEXT: {"learning_rate": config.control_learning_rate}},
+        )
+        del base_model
+        if any(s.strategy in RANDOM_INIT for s, _ in runs):
+            for seed in range(config.seeds):
+                ctx.random_dirs[seed] = build_random_init(
+                    base_dir, work / "random-init" / f"seed{seed}", seed
+                )
+        rows = []
+        bar = tqdm(runs, desc="transfer study", unit="run", disable=not progress)
+        for spec, experiments in bar:
+            bar.set_postfix_str(spec.id)
+            try:
+                row = run_spec(spec, ctx)
+            except AdapterHubError as exc:
+                row = {
+                    "id": spec.id,
+                    "task": spec.task,
+                    "strategy": spec.strategy,
+                    "seed": spec.seed,
+                    "error": str(exc),
+                }
+                tqdm.write(f"run {spec.id} failed: {exc}")
+            row["experiments"] = experiments
+            rows.append(row)
+        bar.close()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    results = {
+        "schema": RESULTS_SCHEMA,
+        "kind": "adapterhub-lite transfer study",
+        "started": started,
+        "wall_seconds": round(time.time() - t_start, 1),
+        "config": config.model_dump(mode="json"),
+        "environment": _environment(config),
+        "base": {
+            "name": base_dir.name,
+            "path": str(base_dir),
+            "fingerprint": fingerprint(base_dir),
+            "parameters": base_parameters,
+            "layers": n_layers,
+            "source_loss": ctx.base_source_loss,
+        },
+        "tasks": {
+            name: {"examples": len(t.rows), "eval_fraction": t.eval_fraction, "train_pool": pool_size(t)}
+            for name, t in tasks.items()
+        },
+        "strategies": STRATEGIES,
+        "runs": rows,
+    }
+    results["summary"] = summarize(results)
+    write_results(out_dir / "results.json", results)
+    return results
+
+
+def _finite(value):
+    # Strict JSON has no NaN/Infinity (an untrained model's perplexity can overflow): write null instead.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_results(path: Path, results: dict) -> None:
+    """Write results JSON through a temporary file and a rename (never half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_finite(results), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
