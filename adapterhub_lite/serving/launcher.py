@@ -129,7 +129,6 @@ def build_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
         str(opts.max_model_len),
         "--uvicorn-log-level",
         "warning",
-        "--disable-log-stats",
     ]
     env: dict[str, str] = {}
     if on_cpu():

@@ -20,7 +20,7 @@ from typing import Any
 from vllm.lora.request import LoRARequest
 from vllm.lora.resolver import LoRAResolver
 
-from adapterhub_lite.errors import AdapterHubError, ServingError
+from adapterhub_lite.errors import AdapterHubError, BundleError, RegistryError, ServingError
 from adapterhub_lite.serving.cache import BundleCache
 from adapterhub_lite.serving.config import ServingConfig
 from adapterhub_lite.serving.tenancy import is_full_ref
@@ -70,27 +70,35 @@ class AdapterResolver(LoRAResolver):
     def fetch(self, ref: str) -> Path:
         """A verified local bundle directory for the full reference `ref` (blocking; pulls on a miss).
 
-        Raises RegistryError for an unknown or yanked reference, BundleError for a bundle that fails
-        verification (the cached copy is then dropped so that nothing bad stays on disk).
+        Raises RegistryError for an unknown reference, BundleError for a bundle that fails verification
+        (corrupt blobs, bad signature, another base, rank over the server's); a failing copy is dropped
+        from the cache so nothing bad stays on disk.
         """
         if not is_full_ref(ref):
             raise ServingError(f"{ref!r} is not a full reference namespace/name@version")
         from adapterhub_lite.bundles import verify_bundle
 
         with self._lock_for(ref):
-            published = self.registry.resolve(ref)
+            published = self.registry.resolve(ref)  # RegistryError: unknown reference
             digest = published.digest
-            path = self.cache.get(digest)
-            if path is None:
-                pinned = [self.digests[r] for r in self.loaded_refs() if r in self.digests]
-                path = self.cache.put(digest, lambda tmp: Path(self.registry.pull(ref, tmp)), pinned=pinned)
             try:
+                path = self.cache.get(digest)
+                if path is None:
+                    pinned = [self.digests[r] for r in self.loaded_refs() if r in self.digests]
+                    path = self.cache.put(
+                        digest, lambda tmp: Path(self.registry.pull(ref, tmp / "bundle")), pinned=pinned
+                    )
+                # Verified on every load, not only on download: the disk cache is not trusted either.
                 verify_bundle(
                     path,
                     base_fingerprint=self.base_fingerprint(),
                     max_lora_rank=self.config.max_lora_rank,
                     trusted_keys=self.config.trusted_keys or None,
                 )
+            except RegistryError as exc:
+                # The reference exists, so a failure from here on is about its content.
+                self.cache.remove(digest)
+                raise BundleError(exc.message, hint=exc.hint) from None
             except AdapterHubError:
                 self.cache.remove(digest)
                 raise

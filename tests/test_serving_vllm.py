@@ -1,0 +1,420 @@
+"""The serving plugin end to end: a real vLLM server on loopback (started once), the official openai client.
+
+Adapters are small real PEFT LoRA adapters on the embedded base with large random weights, so each one's
+greedy output differs visibly from the base's and from every other's; they go through the real bundle
+format and the real registry, and the server pulls and verifies them itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from typer.testing import CliRunner
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+PROMPT_IDS = [5, 120, 240, 360, 480, 600]
+N_TOKENS = 8
+TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
+
+
+def _base_dir() -> Path:
+    from adapterhub_lite.base import EMBEDDED_BASE_DIR
+
+    env = os.environ.get("ADAPTERHUB_TEST_BASE")
+    path = Path(env) if env else EMBEDDED_BASE_DIR
+    if not (path / "config.json").is_file():
+        pytest.skip(f"no base model at {path} (run `make base`, or set ADAPTERHUB_TEST_BASE)")
+    return path
+
+
+def _make_adapters(
+    base: Path, out: Path, seeds: dict[str, int]
+) -> tuple[dict[str, Path], dict[str, list[int]]]:
+    """PEFT adapters with random A/B (scaled up) for each name; also the greedy tokens offline with peft."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def fresh_base():
+        return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+
+    def greedy(model) -> list[int]:
+        ids = torch.tensor([PROMPT_IDS])
+        with torch.no_grad():
+            for _ in range(N_TOKENS):
+                nxt = model(input_ids=ids).logits[0, -1].argmax()
+                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        return ids[0, len(PROMPT_IDS) :].tolist()
+
+    dirs, expected = {}, {"base": greedy(fresh_base())}
+    for name, seed in seeds.items():
+        peft_model = get_peft_model(fresh_base(), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+        gen = torch.Generator().manual_seed(seed)
+        for pname, p in peft_model.named_parameters():
+            if "lora_A" in pname or "lora_B" in pname:
+                p.data = torch.randn(p.shape, generator=gen) * 0.3
+        dirs[name] = out / name
+        peft_model.save_pretrained(dirs[name])
+        # What the bundle means offline: the saved adapter applied to a fresh base with plain peft.
+        expected[name] = greedy(PeftModel.from_pretrained(fresh_base(), dirs[name]).eval())
+    return dirs, expected
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Registry with published bundles, tenants with aliases, and one running vLLM server."""
+    from adapterhub_lite.bundles import pack_bundle
+    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
+
+    root = tmp_path_factory.mktemp("serving")
+    base = _base_dir()
+    seeds = {"bot1": 1, "bot2": 2, "helper": 3, "xtool": 4, "e1": 5, "e2": 6, "e3": 7, "bad": 8, "alien": 9}
+    dirs, expected = _make_adapters(base, root / "adapters", seeds)
+
+    other_base = root / "other-base"  # same shapes, one weight changed: another fingerprint
+    shutil.copytree(base, other_base)
+    _perturb_weights(other_base)
+
+    reg = Registry.open(root / "registry")
+    refs = {
+        "bot1": ("acme", "bot", "1.0.0"),
+        "bot2": ("acme", "bot", "2.0.0"),
+        "helper": ("globex", "helper", "1.0.0"),
+        "xtool": ("initech", "xtool", "1.0.0"),
+        "e1": ("acme", "e1", "1.0.0"),
+        "e2": ("acme", "e2", "1.0.0"),
+        "e3": ("acme", "e3", "1.0.0"),
+        "bad": ("acme", "bad", "1.0.0"),
+        "alien": ("acme", "alien", "1.0.0"),
+    }
+    full = {}
+    for key, (ns, name, version) in refs.items():
+        bundle = pack_bundle(
+            dirs[key],
+            root / "bundles" / f"{ns}-{name}-{version}",
+            namespace=ns,
+            name=name,
+            version=version,
+            base_dir=other_base if key == "alien" else base,
+        )
+        full[key] = reg.publish(bundle).ref
+    _corrupt_blob(reg, root / "bundles" / "acme-bad-1.0.0" / "adapter_model.safetensors")
+
+    store = TenantStore.open(root / "tenants.db")
+    keys = {}
+    _, keys["acme"] = store.add_tenant("acme", base_access=True)
+    _, keys["globex"] = store.add_tenant("globex")
+    _, keys["initech"] = store.add_tenant("initech")
+    _, keys["limited"] = store.add_tenant("limited", base_access=True, requests_per_minute=6)
+    _, keys["revoked"] = store.add_tenant("revoked", base_access=True)
+    store.revoke("revoked")
+    for alias, key in [
+        ("bot", "bot1"),
+        ("e1", "e1"),
+        ("e2", "e2"),
+        ("e3", "e3"),
+        ("bad", "bad"),
+        ("alien", "alien"),
+    ]:
+        store.set_alias("acme", alias, full[key])
+    store.set_alias("globex", "helper", full["helper"])
+    store.set_alias("initech", "xtool", full["xtool"])
+
+    opts = ServeOptions(
+        base_dir=str(base),
+        served_name="base",
+        registry=str(root / "registry"),
+        tenants_db=str(root / "tenants.db"),
+        cache_dir=str(root / "cache"),
+        max_loras=2,
+        max_cpu_loras=4,
+        max_loaded=3,
+        max_lora_rank=16,
+        max_model_len=256,
+        log_path=str(root / "vllm.log"),
+    )
+    server = VLLMServer(opts).start()
+    try:
+        yield {
+            "url": server.url,
+            "admin": server.admin_key,
+            "keys": keys,
+            "refs": full,
+            "expected": expected,
+            "store": store,
+            "registry": str(root / "registry"),
+            "db": str(root / "tenants.db"),
+            "server": server,
+        }
+    finally:
+        server.stop()
+
+
+def _perturb_weights(model_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 0.01
+    path.unlink()
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _corrupt_blob(reg, original: Path) -> None:
+    """Flip bytes of a published weights blob, as a broken disk or a tampered store would."""
+    sha = hashlib.sha256(original.read_bytes()).hexdigest()
+    blob = Path(reg.blobs.path(sha))
+    os.chmod(blob, 0o644)
+    data = bytearray(blob.read_bytes())
+    data[-16:] = bytes(16)
+    blob.write_bytes(bytes(data))
+
+
+def _client(world, tenant: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=world["url"] + "/v1", api_key=world["keys"][tenant], max_retries=0)
+
+
+def _complete(client: openai.OpenAI, model: str, n: int = N_TOKENS):
+    r = client.completions.create(
+        model=model,
+        prompt=PROMPT_IDS,
+        max_tokens=n,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    return r, r.choices[0].token_ids
+
+
+def _post(world, path: str, key: str | None, body: dict) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(world["url"] + path, json=body, headers=headers, timeout=60)
+
+
+def test_served_tokens_equal_offline_peft_and_differ_from_base(world):
+    exp = world["expected"]
+    assert len({tuple(v) for v in exp.values()}) == len(exp), "test adapters must be distinguishable"
+    r, tokens = _complete(_client(world, "acme"), "bot")
+    assert r.model == world["refs"]["bot1"]  # vLLM saw the immutable reference, not the alias
+    assert tokens == exp["bot1"]
+    _, tokens = _complete(_client(world, "globex"), "helper")
+    assert tokens == exp["helper"]
+    _, tokens = _complete(_client(world, "acme"), "base")
+    assert tokens == exp["base"]
+    # a full reference the tenant may read works as well as its alias
+    _, tokens = _complete(_client(world, "acme"), world["refs"]["bot2"])
+    assert tokens == exp["bot2"]
+
+
+def test_streaming_chat_and_completion_pass_through(world):
+    client = _client(world, "acme")
+    whole = client.completions.create(model="bot", prompt="hello", max_tokens=6, temperature=0)
+    chunks = client.completions.create(model="bot", prompt="hello", max_tokens=6, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    chat = client.chat.completions.create(
+        model="bot", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+    )
+    assert chat.model == world["refs"]["bot1"] and chat.usage.completion_tokens == 4
+    stream = client.chat.completions.create(
+        model="bot", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, stream=True
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        == chat.choices[0].message.content
+    )
+
+
+def test_models_list_shows_each_tenant_only_its_own(world):
+    acme = {m.id for m in _client(world, "acme").models.list()}
+    globex = {m.id for m in _client(world, "globex").models.list()}
+    assert acme == {"base", "bot", "e1", "e2", "e3", "bad", "alien"}
+    assert globex == {"helper"}  # no base access, nothing of acme's
+
+
+def test_cross_tenant_access_is_denied_on_every_route(world):
+    g = world["keys"]["globex"]
+    acme_ref = world["refs"]["bot1"]
+
+    def not_found(resp, model):
+        assert resp.status_code == 404
+        assert resp.json()["error"]["message"] == f"The model `{model}` does not exist."
+
+    for model in [acme_ref, "acme/bot", "bot", "acme/nothing@9.9.9", "base"]:
+        not_found(_post(world, "/v1/completions", g, {"model": model, "prompt": "x", "max_tokens": 1}), model)
+        not_found(
+            _post(
+                world, "/v1/completions", g, {"model": model, "prompt": "x", "max_tokens": 1, "stream": True}
+            ),
+            model,
+        )
+        chat = {"model": model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
+        not_found(_post(world, "/v1/chat/completions", g, chat), model)
+    # the same answer whether the model exists for someone else or nowhere
+    a = _post(world, "/v1/completions", g, {"model": acme_ref, "prompt": "x"}).json()
+    b = _post(world, "/v1/completions", g, {"model": "acme/nothing@9.9.9", "prompt": "x"}).json()
+    assert a["error"]["type"] == b["error"]["type"] and set(a) == set(b)
+
+    load = {"lora_name": "stolen", "lora_path": "/tmp"}
+    for path, body in [("/v1/load_lora_adapter", load), ("/v1/unload_lora_adapter", {"lora_name": acme_ref})]:
+        assert _post(world, path, g, body).status_code == 403
+        assert _post(world, path, None, body).status_code == 401
+    assert (
+        httpx.get(
+            world["url"] + "/adapterhub/v1/status", headers={"Authorization": f"Bearer {g}"}
+        ).status_code
+        == 403
+    )
+    assert httpx.get(world["url"] + "/metrics", headers={"Authorization": f"Bearer {g}"}).status_code == 403
+    assert httpx.get(world["url"] + "/v1/models").status_code == 401
+    for bad in ["nope", world["keys"]["revoked"]]:
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=world["url"] + "/v1", api_key=bad, max_retries=0).models.list()
+
+
+def test_admin_can_load_and_unload(world, tmp_path):
+    admin = world["admin"]
+    bundle = Path(world["server"].opts.cache_dir)
+    path = next(p for p in bundle.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert (
+        _post(
+            world, "/v1/load_lora_adapter", admin, {"lora_name": "admin-probe", "lora_path": str(path)}
+        ).status_code
+        == 200
+    )
+    assert _post(world, "/v1/unload_lora_adapter", admin, {"lora_name": "admin-probe"}).status_code == 200
+
+
+def test_bad_bundles_get_clear_errors_while_others_are_served(world):
+    client = _client(world, "acme")
+    with pytest.raises(openai.UnprocessableEntityError) as bad:
+        _complete(client, "bad")
+    assert "acme/bad@1.0.0" in str(bad.value) and "corrupt" in str(bad.value)
+    with pytest.raises(openai.UnprocessableEntityError) as alien:
+        _complete(client, "alien")
+    assert "other-base" in str(alien.value) and "not on this base" in str(alien.value)
+    _, tokens = _complete(client, "bot")
+    assert tokens == world["expected"]["bot1"]
+    status = httpx.get(
+        world["url"] + "/adapterhub/v1/status", headers={"Authorization": f"Bearer {world['admin']}"}
+    )
+    assert not any(n.endswith(("bad@1.0.0", "alien@1.0.0")) for n in status.json()["loaded"])
+
+
+def test_eviction_keeps_the_hot_set_and_reloads_on_demand(world):
+    client = _client(world, "acme")
+    admin = {"Authorization": f"Bearer {world['admin']}"}
+    for alias, key in [("e1", "e1"), ("e2", "e2"), ("e3", "e3"), ("bot", "bot1")]:
+        _, tokens = _complete(client, alias, n=2)
+        assert tokens == world["expected"][key][:2]
+    loaded = httpx.get(world["url"] + "/adapterhub/v1/status", headers=admin).json()["loaded"]
+    assert len(loaded) <= 3 and world["refs"]["e1"] not in loaded  # the coldest went
+    _, tokens = _complete(client, "e1")  # comes back on demand, same weights
+    assert tokens == world["expected"]["e1"]
+    assert (
+        world["refs"]["e1"]
+        in httpx.get(world["url"] + "/adapterhub/v1/status", headers=admin).json()["loaded"]
+    )
+
+
+def test_hot_swap_under_load_never_serves_a_wrong_adapter(world):
+    from cli.main import app
+
+    refs, exp = world["refs"], world["expected"]
+    v1, v2 = refs["bot1"], refs["bot2"]
+    by_ref = {v1: exp["bot1"], v2: exp["bot2"], refs["helper"]: exp["helper"], refs["xtool"]: exp["xtool"]}
+    allowed = {"acme": {v1, v2}, "globex": {refs["helper"]}, "initech": {refs["xtool"]}}
+    models = {"acme": "bot", "globex": "helper", "initech": "xtool"}
+    results: list[tuple[str, str, list[int] | None, int]] = []
+    stop = threading.Event()
+
+    def tenant_loop(tenant: str) -> None:
+        client = _client(world, tenant)
+        while not stop.is_set():
+            try:
+                r, tokens = _complete(client, models[tenant], n=4)
+                results.append((tenant, r.model, tokens, 200))
+            except openai.APIStatusError as exc:
+                results.append((tenant, "", None, exc.status_code))
+
+    runner = CliRunner()
+    args = ["--db", world["db"], "--registry", world["registry"]]
+
+    def promote(ref: str) -> None:
+        out = runner.invoke(app, ["tenant", "promote", "acme", "bot", ref, *args])
+        assert out.exit_code == 0, out.output
+
+    # A request in flight on v1 finishes on v1 although the alias moves under it; the next one gets v2.
+    client = _client(world, "acme")
+    reference = client.completions.create(model="bot", prompt=PROMPT_IDS, max_tokens=32, temperature=0)
+    stream = client.completions.create(
+        model="bot",
+        prompt=PROMPT_IDS,
+        max_tokens=32,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = [next(iter(stream))]  # admitted and generating
+    promote(v2)
+    t0 = time.monotonic()
+    r, tokens = _complete(client, "bot", n=1)
+    swap_seconds = time.monotonic() - t0
+    chunks += list(stream)
+    assert {c.model for c in chunks} == {v1}
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == reference.choices[0].text
+    assert r.model == v2 and tokens == exp["bot2"][:1] and swap_seconds < 10
+
+    # Then promote and roll back repeatedly while three tenants send requests continuously.
+    threads = [threading.Thread(target=tenant_loop, args=(t,)) for t in models]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(6):
+            time.sleep(0.7)
+            promote(v1 if i % 2 == 0 else v2)
+        time.sleep(0.7)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+    assert not [r for r in results if r[3] >= 500], "5xx during hot swap"
+    assert all(r[3] == 200 for r in results)
+    wrong = [r for r in results if r[1] not in allowed[r[0]] or r[2] != by_ref[r[1]][:4]]
+    assert not wrong, f"wrong adapter served: {wrong[:3]}"
+    served = {r[1] for r in results if r[0] == "acme"}
+    assert served == {v1, v2}, "both versions should have been served during the swaps"
+    # the last promote (to v2) is what the next request gets
+    r, _ = _complete(_client(world, "acme"), "bot", n=1)
+    assert r.model == v2
+
+
+def test_rate_limit_returns_429_then_recovers(world):
+    client = _client(world, "limited")
+    for _ in range(6):
+        client.completions.create(model="base", prompt="x", max_tokens=1)
+    with pytest.raises(openai.RateLimitError) as exc:
+        client.completions.create(model="base", prompt="x", max_tokens=1)
+    wait = int(exc.value.response.headers["retry-after"])
+    assert 1 <= wait <= 11
+    time.sleep(wait)
+    assert client.completions.create(model="base", prompt="x", max_tokens=1).choices
+
+
+def test_metrics_count_per_tenant_and_adapter(world):
+    text = httpx.get(world["url"] + "/metrics", headers={"Authorization": f"Bearer {world['admin']}"}).text
+    ref = world["refs"]["helper"]
+    assert f'adapterhub_requests_total{{adapter="{ref}",status="200",tenant="globex"}}' in text
+    assert 'adapterhub_completion_tokens_total{adapter="",tenant="acme"}' in text
+    assert 'adapterhub_rejected_total{reason="rate_limited",tenant="limited"}' in text
+    assert "vllm:" in text  # vLLM's own metrics are on the same page
