@@ -174,11 +174,11 @@ def scan_archive(path: Path) -> list[Entry]:
     return entries
 
 
-def iter_entry(path: Path, entry: Entry, chunk: int = _CHUNK):
-    """Yield the data of one entry in chunks."""
+def iter_entry(path: Path, entry: Entry, chunk: int = _CHUNK, limit: int | None = None):
+    """Yield the data of one entry (or its first `limit` bytes) in chunks."""
     with Path(path).open("rb") as f:
         f.seek(entry.offset)
-        remaining = entry.size
+        remaining = entry.size if limit is None else min(limit, entry.size)
         while remaining:
             data = f.read(min(chunk, remaining))
             if not data:

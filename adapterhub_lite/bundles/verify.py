@@ -80,6 +80,10 @@ class _DirSource(_Source):
     def size(self, name: str) -> int:
         return (self.path / name).stat().st_size
 
+    def prefix(self, name: str, n: int) -> bytes:
+        with (self.path / name).open("rb") as f:
+            return f.read(n)
+
     def chunks(self, name: str) -> Iterator[bytes]:
         with (self.path / name).open("rb", buffering=0) as f:
             buf = bytearray(_CHUNK)
@@ -101,6 +105,9 @@ class _ArchiveSource(_Source):
 
     def chunks(self, name: str) -> Iterator[bytes]:
         return _archive.iter_entry(self.path, self.entries[name])
+
+    def prefix(self, name: str, n: int) -> bytes:
+        return b"".join(_archive.iter_entry(self.path, self.entries[name], chunk=n, limit=n))
 
     def where(self, name: str) -> str:
         return f"{self.label}:{name}"
