@@ -11,6 +11,7 @@ RNG states, so ``resume=True`` continues from the saved step as if training had 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import os
 import shutil
@@ -73,6 +74,7 @@ def _prepare_data(recipe: Recipe, tokenizer) -> _Data:
     return _Data(dataset, train, eval_examples, len(train_examples), Path(eval_path))
 
 
+@functools.lru_cache(maxsize=4)
 def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The micro-batches of one epoch: a permutation fixed by (seed, epoch)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
