@@ -391,6 +391,20 @@ def test_signing_and_trusted_keys(bundle, tmp_path, monkeypatch):
     sign_bundle(bundle, "alice")
     res = check_bundle(bundle, trusted_keys=[alice.public_key], vllm_check=False)
     assert res.signers == [alice.key_id] and res.digest == digest  # signing does not change identity
+    from cryptography.hazmat.primitives import serialization
+
+    from adapterhub_lite.bundles.signing import load_public_key
+
+    pem = load_public_key(alice.public_key).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (tmp_path / "alice.pem").write_bytes(pem)  # PEM public keys work as trusted keys too
+    assert check_bundle(bundle, trusted_keys=[tmp_path / "alice.pem"], vllm_check=False).signers == [
+        alice.key_id
+    ]
+    (tmp_path / "junk.pem").write_text("-----BEGIN PUBLIC KEY-----\nnope\n")
+    with pytest.raises(BundleError, match="not an ed25519 public key"):
+        verify_bundle(bundle, trusted_keys=[tmp_path / "junk.pem"], vllm_check=False)
     with pytest.raises(BundleError, match="none of which is trusted"):
         verify_bundle(bundle, trusted_keys=[mallory.public_key], vllm_check=False)
     sig = json.loads((bundle / "signatures.json").read_text())

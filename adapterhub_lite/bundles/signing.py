@@ -118,7 +118,7 @@ def load_signing_key(key: SigningKeyLike) -> Ed25519PrivateKey:
 
 
 def load_public_key(key: PublicKeyLike) -> Ed25519PublicKey:
-    """A public key given as an object, 64 hex characters, a `.pub` file, or a key-store name."""
+    """A public key given as an object, 64 hex characters, a `.pub` (hex) or PEM file, or a key-store name."""
     if isinstance(key, Ed25519PublicKey):
         return key
     text = str(key).strip()
@@ -132,11 +132,19 @@ def load_public_key(key: PublicKeyLike) -> Ed25519PublicKey:
             f"public key {text!r} not found (not hex, a file, or a key in {keys_dir()})",
             hint="pass 64 hex characters, a .pub file, or a key name from `adapterhub keys list`",
         )
-    content = path.read_text().strip()
+    content = path.read_bytes().strip()
     try:
-        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(content))
-    except ValueError:
-        raise BundleError(f"{path}: not an ed25519 public key (64 hex characters)") from None
+        if content.startswith(b"-----BEGIN"):
+            loaded = serialization.load_pem_public_key(content)
+            if not isinstance(loaded, Ed25519PublicKey):
+                raise ValueError("not an ed25519 key")
+            return loaded
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(content.decode()))
+    except (ValueError, UnicodeDecodeError):
+        raise BundleError(
+            f"{path}: not an ed25519 public key (64 hex characters or a PEM public key)",
+            hint="use the .pub file that `adapterhub keys generate` wrote",
+        ) from None
 
 
 def load_public_keys(keys: Iterable[PublicKeyLike] | None) -> list[Ed25519PublicKey]:

@@ -437,7 +437,9 @@ class Registry:
                 total=p.size, unit="B", unit_scale=True, desc=f"pull {p.ref}", disable=not progress
             ) as bar:
                 for path, sha in files:
-                    self.blobs.get_file(sha, tmp / path, bar.update)
+                    # p.size counts the listed files; the manifest and signatures are extra.
+                    listed = path not in (MANIFEST_FILE, SIGNATURES_FILE)
+                    self.blobs.get_file(sha, tmp / path, bar.update if listed else None)
             try:
                 m = check_bundle(tmp, **verify).manifest
             except BundleError as exc:
