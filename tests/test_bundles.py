@@ -456,3 +456,21 @@ def test_cli_pack_verify_and_clean_errors(lora_dir, tiny_base, other_base, tmp_p
     assert r.exit_code == 1
     assert "error: acme/plain@2.0.0 was trained on base model" in r.output and "Traceback" not in r.output
     shutil.rmtree(out)
+
+
+@pytest.mark.slow
+def test_packs_real_adapterhub_train_output(tiny_base, tmp_path):
+    """The trainer's own output directory (with its training record) packs with no extra flags."""
+    from adapterhub_lite.training import load_recipe, train
+
+    root = Path(__file__).resolve().parent.parent
+    recipe = load_recipe(
+        root / "adapters" / "capitals" / "recipe.yaml",
+        {"base": str(tiny_base), "max_steps": 2, "batch_size": 4, "output_dir": tmp_path / "run", "rank": 4},
+    )
+    result = train(recipe, progress=False)
+    out = pack_bundle(result.output_dir, tmp_path / "b", namespace="acme", name="capitals", version="1.0.0")
+    m = verify_bundle(out, base_dir=tiny_base, vllm_check=False)
+    assert m.training == json.loads((result.output_dir / "training_record.json").read_text())
+    assert m.base.fingerprint == result.record["base"]["fingerprint"]
+    assert m.adapter.rank == 4 and "| loss |" in (out / "README.md").read_text()
