@@ -16,7 +16,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,37 +50,72 @@ def _padding(size: int) -> int:
     return (BLOCK - size % BLOCK) % BLOCK
 
 
+class ArchiveWriter:
+    """Writes a reproducible bundle archive entry by entry, atomically (temp file, then rename).
+
+    Entries must be added in sorted order; each one's size is given up front (it goes in the header
+    before the data), and data that does not match it is refused.
+    """
+
+    def __init__(self, out_path: Path) -> None:
+        self.out_path = Path(out_path)
+        fd, self.tmp = tempfile.mkstemp(
+            dir=self.out_path.parent, prefix=f".{self.out_path.name}.", suffix=".tmp"
+        )
+        self.out = os.fdopen(fd, "wb")
+        self.last: str | None = None
+
+    def add(self, name: str, size: int, chunks: Iterable[bytes]) -> None:
+        if self.last is not None and name <= self.last:
+            raise ValueError(f"archive entries must be added in sorted order ({name!r} after {self.last!r})")
+        self.last = name
+        self.out.write(canonical_header(name, size))
+        written = 0
+        for chunk in chunks:
+            self.out.write(chunk)
+            written += len(chunk)
+        if written != size:
+            raise BundleError(
+                f"{name}: changed size while being archived ({size} -> {written} bytes)",
+                hint="do not modify the adapter while it is being packed; pack it again",
+            )
+        self.out.write(b"\0" * _padding(size))
+
+    def __enter__(self) -> ArchiveWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                # No fsync: temp-then-rename already makes a crashed pack leave nothing behind, and
+                # the directory form is not fsynced either; power-loss durability is the filesystem's.
+                self.out.write(b"\0" * (2 * BLOCK))
+            self.out.close()
+            if exc_type is None:
+                os.chmod(self.tmp, 0o644)
+                os.replace(self.tmp, self.out_path)
+        finally:
+            if Path(self.tmp).exists():
+                Path(self.tmp).unlink()
+
+
+def file_chunks(path: Path, progress: Callable[[int], object] | None = None) -> Iterator[bytes]:
+    with Path(path).open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            if progress:
+                progress(len(chunk))
+            yield chunk
+
+
 def write_archive(
     src_dir: Path, names: list[str], out_path: Path, progress: Callable[[int], object] | None = None
 ) -> Path:
-    """Write `names` from `src_dir` as a reproducible tar at `out_path` (atomically: temp file, rename)."""
-    out_path = Path(out_path)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for name in sorted(names):
-                path = src_dir / name
-                size = path.stat().st_size
-                out.write(canonical_header(name, size))
-                with path.open("rb") as f:
-                    copied = 0
-                    while chunk := f.read(_CHUNK):
-                        out.write(chunk)
-                        copied += len(chunk)
-                        if progress:
-                            progress(len(chunk))
-                if copied != size:
-                    raise BundleError(f"{path}: changed size while being archived", hint="pack it again")
-                out.write(b"\0" * _padding(size))
-            out.write(b"\0" * (2 * BLOCK))
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_path
+    """Write `names` from `src_dir` as a reproducible tar at `out_path` (atomically)."""
+    with ArchiveWriter(out_path) as w:
+        for name in sorted(names):
+            path = Path(src_dir) / name
+            w.add(name, path.stat().st_size, file_chunks(path, progress))
+    return Path(out_path)
 
 
 def _check_name(info: tarfile.TarInfo, label: str) -> None:

@@ -15,13 +15,13 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from adapterhub_lite import __version__
-from adapterhub_lite.bundles.archive import write_archive
+from adapterhub_lite.bundles.archive import ArchiveWriter, file_chunks
 from adapterhub_lite.bundles.card import CARD_FILE, render_card
 from adapterhub_lite.bundles.compat import (
     CONFIG_FILE,
@@ -49,7 +49,6 @@ from adapterhub_lite.errors import BaseModelError, BundleError
 
 RECORD_FILE = "training_record.json"
 MAX_RECORD_BYTES = 512 * 1024
-_CHUNK = 1 << 22
 _LICENSE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]{0,63}$")
 
 
@@ -68,18 +67,6 @@ def _created(record: dict[str, Any] | None) -> str:
     if os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
         return _iso(int(os.environ["SOURCE_DATE_EPOCH"]))
     return _iso(time.time())
-
-
-def _copy_hashed(src: Path, dst: Path, bar) -> FileEntry:
-    h = hashlib.sha256()
-    size = 0
-    with src.open("rb") as fin, dst.open("wb") as fout:
-        while chunk := fin.read(_CHUNK):
-            h.update(chunk)
-            fout.write(chunk)
-            size += len(chunk)
-            bar.update(len(chunk))
-    return FileEntry(path=dst.name, size=size, sha256=h.hexdigest())
 
 
 def _entry_for(path: Path, data: bytes) -> FileEntry:
@@ -199,64 +186,94 @@ def pack_bundle(
     )
     signer = load_signing_key(signing_key) if signing_key is not None else None
 
+    fields: dict[str, Any] = dict(
+        namespace=namespace,
+        name=name,
+        version=version,
+        description=description,
+        tags=tags,
+        license=license,
+        base=BaseRef(name=base_name, fingerprint=base_fp),
+        adapter=AdapterInfo(**shape),
+        training=record,
+        tool_version=__version__,
+        created=_created(record),
+    )
+    # The card depends on every manifest field but `files`, so it is known before any weight is hashed.
+    draft = Manifest(files=[FileEntry(path=p, size=0, sha256="0" * 64) for p in _BUNDLE_FILES], **fields)
+    small = {CARD_FILE: render_card(draft), CONFIG_FILE: config_bytes}
+    size = (adapter_dir / WEIGHTS_FILE).stat().st_size
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=size, unit="B", unit_scale=True, desc=f"pack {name}", disable=not progress) as bar:
+        writer = _write_archive if archive else _write_directory
+        writer(out_path, adapter_dir / WEIGHTS_FILE, size, small, fields, signer, bar.update)
+    return out_path
+
+
+_BUNDLE_FILES = (CARD_FILE, CONFIG_FILE, WEIGHTS_FILE)
+
+
+def _finish(entries: list[FileEntry], fields: dict[str, Any], signer) -> tuple[bytes, bytes | None]:
+    """manifest.json and signatures.json bytes, once every file's hash is known."""
+    manifest = Manifest(files=sorted(entries, key=lambda e: e.path), **fields)
+    data = manifest.to_json()
+    parse_manifest(data)  # round-trip: what we write must be what verify accepts
+    sigs = _signatures_bytes([sign_digest(signer, manifest.digest)]) if signer is not None else None
+    return data, sigs
+
+
+def _hashing(chunks: Iterator[bytes], h: hashlib._Hash) -> Iterator[bytes]:
+    for chunk in chunks:
+        h.update(chunk)
+        yield chunk
+
+
+def _write_directory(
+    out_path: Path, weights: Path, size: int, small: dict[str, bytes], fields, signer, progress
+) -> None:
     staging = Path(tempfile.mkdtemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp"))
-    total = (adapter_dir / WEIGHTS_FILE).stat().st_size
     try:
-        with tqdm(
-            total=total * (2 if archive else 1),
-            unit="B",
-            unit_scale=True,
-            desc=f"pack {name}",
-            disable=not progress,
-        ) as bar:
-            (staging / CONFIG_FILE).write_bytes(config_bytes)
-            entries = [_entry_for(staging / CONFIG_FILE, config_bytes)]
-            weights = _copy_hashed(adapter_dir / WEIGHTS_FILE, staging / WEIGHTS_FILE, bar)
-            if weights.size != total:
-                raise BundleError(
-                    f"{adapter_dir / WEIGHTS_FILE}: changed while being packed", hint="pack again"
-                )
-            entries.append(weights)
-            fields: dict[str, Any] = dict(
-                namespace=namespace,
-                name=name,
-                version=version,
-                description=description,
-                tags=tags,
-                license=license,
-                base=BaseRef(name=base_name, fingerprint=base_fp),
-                adapter=AdapterInfo(**shape),
-                training=record,
-                tool_version=__version__,
-                created=_created(record),
-            )
-            # The card depends on every field but `files`; render it from a draft, then list it.
-            placeholder = FileEntry(path=CARD_FILE, size=0, sha256="0" * 64)
-            draft = Manifest(files=sorted([*entries, placeholder], key=lambda e: e.path), **fields)
-            card = render_card(draft)
-            (staging / CARD_FILE).write_bytes(card)
-            entries.append(_entry_for(staging / CARD_FILE, card))
-            manifest = Manifest(files=sorted(entries, key=lambda e: e.path), **fields)
-            data = manifest.to_json()
-            parse_manifest(data)  # round-trip: what we write must be what verify accepts
-            (staging / MANIFEST_FILE).write_bytes(data)
-            if signer is not None:
-                (staging / SIGNATURES_FILE).write_bytes(
-                    _signatures_bytes([sign_digest(signer, manifest.digest)])
-                )
-            if archive:
-                write_archive(
-                    staging, sorted(p.name for p in staging.iterdir()), out_path, progress=bar.update
-                )
-                shutil.rmtree(staging)
-            else:
-                os.chmod(staging, 0o755)  # mkdtemp makes it 0700
-                os.rename(staging, out_path)
+        entries = []
+        for fname, data in small.items():
+            (staging / fname).write_bytes(data)
+            entries.append(_entry_for(staging / fname, data))
+        h = hashlib.sha256()
+        written = 0
+        with (staging / WEIGHTS_FILE).open("wb") as out:
+            for chunk in _hashing(file_chunks(weights, progress), h):
+                out.write(chunk)
+                written += len(chunk)
+        if written != size:
+            raise BundleError(f"{weights}: changed while being packed", hint="pack it again")
+        entries.append(FileEntry(path=WEIGHTS_FILE, size=size, sha256=h.hexdigest()))
+        manifest, sigs = _finish(entries, fields, signer)
+        (staging / MANIFEST_FILE).write_bytes(manifest)
+        if sigs is not None:
+            (staging / SIGNATURES_FILE).write_bytes(sigs)
+        os.chmod(staging, 0o755)  # mkdtemp makes it 0700
+        os.rename(staging, out_path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_path
+
+
+def _write_archive(
+    out_path: Path, weights: Path, size: int, small: dict[str, bytes], fields, signer, progress
+) -> None:
+    # One pass over the weights: sorted entry order puts README.md and adapter_config.json before the
+    # weights and manifest.json (which needs their hash) after them.
+    with ArchiveWriter(out_path) as w:
+        entries = []
+        for fname in sorted(small):
+            w.add(fname, len(small[fname]), [small[fname]])
+            entries.append(_entry_for(Path(fname), small[fname]))
+        h = hashlib.sha256()
+        w.add(WEIGHTS_FILE, size, _hashing(file_chunks(weights, progress), h))
+        entries.append(FileEntry(path=WEIGHTS_FILE, size=size, sha256=h.hexdigest()))
+        manifest, sigs = _finish(entries, fields, signer)
+        w.add(MANIFEST_FILE, len(manifest), [manifest])
+        if sigs is not None:
+            w.add(SIGNATURES_FILE, len(sigs), [sigs])
 
 
 def sign_bundle(bundle_dir: str | Path, signing_key: SigningKeyLike) -> list[str]:
