@@ -100,15 +100,19 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     ) -> None:
         """Check a bundle: schema, hashes, card, signatures, base match and vLLM compatibility."""
+        from tqdm import tqdm
+
         from adapterhub_lite.bundles import check_bundle
 
-        result = check_bundle(
-            bundle,
-            base_dir=base,
-            max_lora_rank=max_lora_rank,
-            trusted_keys=_split(trusted_keys),
-            vllm_check=False if no_vllm else None,
-        )
+        with tqdm(unit="B", unit_scale=True, desc=f"verify {bundle.name}", disable=as_json) as bar:
+            result = check_bundle(
+                bundle,
+                progress=bar.update,
+                base_dir=base,
+                max_lora_rank=max_lora_rank,
+                trusted_keys=_split(trusted_keys),
+                vllm_check=False if no_vllm else None,
+            )
         m = result.manifest
         if as_json:
             print_json(

@@ -474,3 +474,13 @@ def test_packs_real_adapterhub_train_output(tiny_base, tmp_path):
     assert m.training == json.loads((result.output_dir / "training_record.json").read_text())
     assert m.base.fingerprint == result.record["base"]["fingerprint"]
     assert m.adapter.rank == 4 and "| loss |" in (out / "README.md").read_text()
+
+
+def test_io_errors_are_project_errors(lora_dir, tiny_base, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BundleError, match="cannot pack .*file: File exists"):
+        _pack(lora_dir, tmp_path / "file" / "bundle", tiny_base)
+    with pytest.raises(BundleError, match="bundle not found"):
+        verify_bundle(tmp_path / "nothing-here", vllm_check=False)
+    with pytest.raises(BundleError, match="adapter directory not found"):
+        _pack(tmp_path / "nothing-here", tmp_path / "b", tiny_base)

@@ -282,3 +282,18 @@ def test_cli_registry_commands(tmp_path, bundles):
     assert json.loads(run("registry", "check", "--json").stdout)["ok"] is True
     res = run("pull", "acme/nope", code=1)
     assert "error: no acme/nope in the registry" in res.output
+
+
+def test_search_text_is_literal_and_io_errors_are_project_errors(tmp_path, bundles):
+    reg = Registry.open(tmp_path / "registry")
+    reg.publish(bundles["1.0.0"])
+    assert reg.search("%") == [] and reg.search("_") == [] and len(reg.search("BOT")) == 1
+    # A blob store that cannot be written: a clean RegistryError, and nothing becomes visible.
+    (tmp_path / "not-a-dir").write_text("x")
+    broken = Registry.open(tmp_path / "registry2", blobs=str(tmp_path / "not-a-dir" / "blobs"))
+    with pytest.raises(RegistryError, match="cannot publish"):
+        broken.publish(bundles["1.0.0"])
+    assert broken.list() == []
+    (tmp_path / "registry" / "config.json").write_text('{"schema_version": 9}')
+    with pytest.raises(RegistryError, match="registry format 9 is not one this version"):
+        Registry.open(tmp_path / "registry")

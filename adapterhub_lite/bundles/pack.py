@@ -128,6 +128,48 @@ def pack_bundle(
     `compat.check_adapter`), a training record for another base, invalid names, and an existing
     `out_path`. With `archive=True` the bundle is one reproducible tar file.
     """
+    try:
+        return _pack(
+            adapter_dir,
+            out_path,
+            namespace=namespace,
+            name=name,
+            version=version,
+            base_dir=base_dir,
+            license=license,
+            signing_key=signing_key,
+            max_lora_rank=max_lora_rank,
+            archive=archive,
+            description=description,
+            tags=tags,
+            vllm_check=vllm_check,
+            progress=progress,
+        )
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise BundleError(
+            f"cannot pack {adapter_dir}: {where}{exc.strerror or exc}",
+            hint="check the paths, permissions and free disk space; nothing was written",
+        ) from None
+
+
+def _pack(
+    adapter_dir: str | Path,
+    out_path: str | Path,
+    *,
+    namespace: str,
+    name: str,
+    version: str,
+    base_dir: str | Path | None = None,
+    license: str = "apache-2.0",
+    signing_key: SigningKeyLike | None = None,
+    max_lora_rank: int | None = None,
+    archive: bool = False,
+    description: str = "",
+    tags: Iterable[str] = (),
+    vllm_check: bool | None = None,
+    progress: bool = False,
+) -> Path:
     from tqdm import tqdm
 
     adapter_dir, out_path = Path(adapter_dir), Path(out_path)

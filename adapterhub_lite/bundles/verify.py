@@ -135,7 +135,7 @@ def open_source(path: str | Path) -> _Source:
     raise BundleError(f"bundle not found: {path}", hint="pass a bundle directory or a bundle archive (.tar)")
 
 
-def check_bundle(
+def _check(
     path: str | Path,
     *,
     base_dir: str | Path | None = None,
@@ -145,7 +145,6 @@ def check_bundle(
     vllm_check: bool | None = None,
     progress: Callable[[int], object] | None = None,
 ) -> Verification:
-    """Verify a bundle and report its manifest, signers and form (see `verify_bundle`)."""
     trusted = load_public_keys(trusted_keys)
     src = open_source(path)
     names = src.names()
@@ -240,6 +239,35 @@ def check_bundle(
     sig_data = src.read(SIGNATURES_FILE, 64 * 1024) if SIGNATURES_FILE in names else None
     signers = check_signatures(sig_data, manifest.digest, trusted, src.where(SIGNATURES_FILE))
     return Verification(manifest, signers, "directory" if isinstance(src, _DirSource) else "archive")
+
+
+def check_bundle(
+    path: str | Path,
+    *,
+    base_dir: str | Path | None = None,
+    base_fingerprint: str | None = None,
+    max_lora_rank: int | None = None,
+    trusted_keys: Iterable[PublicKeyLike] | None = None,
+    vllm_check: bool | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> Verification:
+    """Verify a bundle and report its manifest, signers and form (see `verify_bundle`)."""
+    try:
+        return _check(
+            path,
+            base_dir=base_dir,
+            base_fingerprint=base_fingerprint,
+            max_lora_rank=max_lora_rank,
+            trusted_keys=trusted_keys,
+            vllm_check=vllm_check,
+            progress=progress,
+        )
+    except OSError as exc:
+        where = exc.filename or path
+        raise BundleError(
+            f"{where}: cannot read the bundle ({exc.strerror or exc})",
+            hint="check that the path exists and is readable",
+        ) from None
 
 
 def verify_bundle(

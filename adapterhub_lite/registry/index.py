@@ -106,20 +106,34 @@ class Index:
         con = self._connect()
         try:
             yield con
+        except sqlite3.Error as exc:
+            raise self._error(exc) from None
         finally:
             con.close()
+
+    def _error(self, exc: sqlite3.Error) -> RegistryError:
+        busy = "locked" in str(exc) or "busy" in str(exc)
+        return RegistryError(
+            f"registry index {self.path}: {exc}",
+            hint="another process holds the index for too long; try again"
+            if busy
+            else "run `adapterhub registry check`; restore the index from a backup if it is damaged",
+        )
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: all of it is committed, or none of it."""
         con = self._connect()
         try:
-            con.execute("BEGIN IMMEDIATE")
             try:
-                yield con
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            con.execute("COMMIT")
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    yield con
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+                con.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise self._error(exc) from None
         finally:
             con.close()

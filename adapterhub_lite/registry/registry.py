@@ -212,6 +212,12 @@ class Registry:
             config = json.loads(config_path.read_text())
         except (OSError, ValueError) as exc:
             raise RegistryError(f"{config_path}: unreadable registry config ({exc})") from None
+        fmt = config.get("schema_version") if isinstance(config, dict) else None
+        if fmt != 1:
+            raise RegistryError(
+                f"{config_path}: registry format {fmt!r} is not one this version of adapterhub-lite reads",
+                hint="upgrade adapterhub-lite",
+            )
         recorded = config.get("blobs")
         if isinstance(blobs, str) and recorded and blobs != recorded:
             raise RegistryError(
@@ -246,7 +252,15 @@ class Registry:
         Refuses (RegistryError) another content under an existing `name@version`; of two concurrent
         publishes of one `name@version` with different content, exactly one wins.
         """
-        bundle_path = Path(bundle_path)
+        try:
+            return self._publish(Path(bundle_path), progress)
+        except OSError as exc:
+            raise RegistryError(
+                f"cannot publish {bundle_path}: {exc}",
+                hint="check the paths, permissions and free space of the blob store",
+            ) from None
+
+    def _publish(self, bundle_path: Path, progress: bool) -> Published:
         with tempfile.TemporaryDirectory(prefix="adapterhub-publish-") as td:
             if bundle_path.is_file():
                 bundle_dir = _archive.extract_archive(bundle_path, Path(td) / "bundle")
@@ -483,11 +497,12 @@ class Registry:
         self, text: str = "", base: str | None = None, tag: str | None = None
     ) -> builtins.list[Published]:
         """The newest non-yanked version of each adapter whose name, namespace, description or tags match."""
-        like = f"%{text.lower()}%"
+        escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        like = f"%{escaped}%"
         sql = (
-            _SELECT + " WHERE v.yanked = 0 AND (lower(v.namespace || '/' || v.name) LIKE ? "
-            "OR lower(v.description) LIKE ? OR EXISTS (SELECT 1 FROM tags t WHERE t.version_id = v.id "
-            "AND t.tag LIKE ?))"
+            _SELECT + " WHERE v.yanked = 0 AND (lower(v.namespace || '/' || v.name) LIKE ? ESCAPE '\\' "
+            "OR lower(v.description) LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM tags t "
+            "WHERE t.version_id = v.id AND t.tag LIKE ? ESCAPE '\\'))"
         )
         args: builtins.list[Any] = [like, like, like]
         if base:
