@@ -81,7 +81,8 @@ class StudyConfig(BaseModel):
     learning_rates: dict[str, float] = {"lora": 3e-3, "qlora": 3e-3, "head-only": 3e-3, "full": 1e-3}
     max_new_tokens: int = Field(default=16, ge=1)
     source_docs: int = Field(default=200, ge=4)  # held-out source documents for the forgetting score
-    threads: int = Field(default=1, ge=1)
+    threads: int = Field(default=1, ge=1)  # torch threads per run
+    jobs: int = Field(default=1, ge=1)  # runs carried out at once, each in its own process
 
     @field_validator("strategies", "budget_strategies", "cipher_strategies")
     @classmethod
@@ -140,10 +141,18 @@ class StudyConfig(BaseModel):
             return cls(**values)
         except ValidationError as exc:
             lines = [
-                f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                f"{'.'.join(map(str, e['loc']))}: "
+                + (
+                    "unknown field"
+                    if e["type"] == "extra_forbidden"
+                    else e["msg"].removeprefix("Value error, ")
+                )
                 for e in exc.errors()
             ]
-            raise RecipeError("invalid transfer-study configuration:\n  " + "\n  ".join(lines)) from None
+            raise RecipeError(
+                "invalid transfer-study configuration:\n  " + "\n  ".join(lines),
+                hint="fields: " + ", ".join(cls.model_fields),
+            ) from None
 
 
 def load_tasks(config: StudyConfig, adapters_dir: Path | None = None) -> dict[str, Task]:
@@ -215,6 +224,7 @@ def _environment(config: StudyConfig) -> dict:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": config.threads,
+        "jobs": config.jobs,
         "device": "cpu",
     }
 
@@ -232,8 +242,6 @@ def run_study(
     ``work_dir`` keeps the generated datasets, random-init models and adapters (default: a temporary
     directory that is removed afterwards).
     """
-    from tqdm.auto import tqdm
-
     from adapterhub_lite.transfer.report import summarize
 
     t_start = time.time()
@@ -277,24 +285,7 @@ def run_study(
                 ctx.random_dirs[seed] = build_random_init(
                     base_dir, work / "random-init" / f"seed{seed}", seed
                 )
-        rows = []
-        bar = tqdm(runs, desc="transfer study", unit="run", disable=not progress)
-        for spec, experiments in bar:
-            bar.set_postfix_str(spec.id)
-            try:
-                row = run_spec(spec, ctx)
-            except AdapterHubError as exc:
-                row = {
-                    "id": spec.id,
-                    "task": spec.task,
-                    "strategy": spec.strategy,
-                    "seed": spec.seed,
-                    "error": str(exc),
-                }
-                tqdm.write(f"run {spec.id} failed: {exc}")
-            row["experiments"] = experiments
-            rows.append(row)
-        bar.close()
+        rows = _run_all(runs, ctx, jobs=config.jobs, threads=config.threads, progress=progress)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -323,6 +314,59 @@ def run_study(
     results["summary"] = summarize(results)
     write_results(out_dir / "results.json", results)
     return results
+
+
+def _safe_run(spec: RunSpec, ctx: RunContext) -> dict:
+    try:
+        return run_spec(spec, ctx)
+    except AdapterHubError as exc:
+        return {
+            "id": spec.id,
+            "task": spec.task,
+            "strategy": spec.strategy,
+            "seed": spec.seed,
+            "error": str(exc),
+        }
+
+
+def _init_worker(threads: int) -> None:
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+
+
+def _run_all(
+    runs: list[tuple[RunSpec, list[str]]], ctx: RunContext, *, jobs: int, threads: int, progress: bool
+) -> list[dict]:
+    """Carry out the runs (in ``jobs`` worker processes when above 1); rows come back in plan order."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(runs), desc="transfer study", unit="run", disable=not progress)
+    rows: list[dict] = []
+    if jobs <= 1:
+        for spec, _ in runs:
+            bar.set_postfix_str(spec.id)
+            rows.append(_safe_run(spec, ctx))
+            bar.update(1)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        # spawn: a forked torch process can deadlock in its thread pools.
+        with ProcessPoolExecutor(jobs, mp.get_context("spawn"), _init_worker, (threads,)) as pool:
+            futures = {pool.submit(_safe_run, spec, ctx): i for i, (spec, _) in enumerate(runs)}
+            done: dict[int, dict] = {}
+            for future in as_completed(futures):
+                done[futures[future]] = future.result()
+                bar.update(1)
+        rows = [done[i] for i in range(len(runs))]
+    bar.close()
+    for row, (_, experiments) in zip(rows, runs, strict=True):
+        if "error" in row:
+            tqdm.write(f"run {row['id']} failed: {row['error']}")
+        row["experiments"] = experiments
+    return rows
 
 
 def _finite(value):

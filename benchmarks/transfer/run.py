@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, help="seeds per configuration (default: 3, smoke: 1)")
     ap.add_argument("--steps", type=int, help="optimizer steps per run (default: 60)")
     ap.add_argument("--base", help="base model directory (default: the embedded base)")
-    ap.add_argument("--threads", type=int, help="torch threads (default: 1)")
+    ap.add_argument("--threads", type=int, help="torch threads per run (default: 1)")
+    ap.add_argument("--jobs", type=int, help="runs at once, one process each (default: 1)")
     ap.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})"
     )
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("steps", args.steps),
                     ("base", args.base),
                     ("threads", args.threads),
+                    ("jobs", args.jobs),
                 )
                 if v is not None
             }
