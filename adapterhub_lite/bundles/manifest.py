@@ -18,6 +18,8 @@ from adapterhub_lite.errors import BundleError
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+# The files a version-1 bundle holds besides manifest.json and the optional signatures.json.
+BUNDLE_FILES = ("README.md", "adapter_config.json", "adapter_model.safetensors")
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_JSON_DEPTH = 32
 _HEX64 = r"^[0-9a-f]{64}$"
@@ -65,7 +67,7 @@ class Manifest(_Strict):
     license: str = Field(min_length=1, max_length=100)
     base: BaseRef
     adapter: AdapterInfo
-    files: list[FileEntry] = Field(min_length=1, max_length=32)
+    files: list[FileEntry] = Field(min_length=1, max_length=len(BUNDLE_FILES))
     training: dict[str, Any] | None = None
     tool_version: str = Field(max_length=50)
     created: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
@@ -99,11 +101,8 @@ class Manifest(_Strict):
             raise ValueError("files lists a path twice")
         if paths != sorted(paths):
             raise ValueError("files must be sorted by path")
-        for required in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
-            if required not in paths:
-                raise ValueError(f"files does not list {required}")
-        if MANIFEST_FILE in paths or "signatures.json" in paths:
-            raise ValueError("files must not list manifest.json or signatures.json")
+        if set(paths) != set(BUNDLE_FILES):
+            raise ValueError(f"files must list exactly {', '.join(BUNDLE_FILES)} (schema version 1)")
         return self
 
     @property

@@ -33,6 +33,7 @@ from adapterhub_lite.bundles.compat import (
     refuse_pickles,
 )
 from adapterhub_lite.bundles.manifest import (
+    BUNDLE_FILES,
     MANIFEST_FILE,
     AdapterInfo,
     BaseRef,
@@ -242,7 +243,7 @@ def _pack(
         created=_created(record),
     )
     # The card depends on every manifest field but `files`, so it is known before any weight is hashed.
-    draft = Manifest(files=[FileEntry(path=p, size=0, sha256="0" * 64) for p in _BUNDLE_FILES], **fields)
+    draft = Manifest(files=[FileEntry(path=p, size=0, sha256="0" * 64) for p in BUNDLE_FILES], **fields)
     small = {CARD_FILE: render_card(draft), CONFIG_FILE: config_bytes}
     size = (adapter_dir / WEIGHTS_FILE).stat().st_size
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,9 +251,6 @@ def _pack(
         writer = _write_archive if archive else _write_directory
         writer(out_path, adapter_dir / WEIGHTS_FILE, size, small, fields, signer, bar.update)
     return out_path
-
-
-_BUNDLE_FILES = (CARD_FILE, CONFIG_FILE, WEIGHTS_FILE)
 
 
 def _finish(entries: list[FileEntry], fields: dict[str, Any], signer) -> tuple[bytes, bytes | None]:

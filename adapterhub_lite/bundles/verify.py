@@ -46,7 +46,7 @@ class _Source:
             raise BundleError(
                 f"{self.where(name)}: {self.size(name)} bytes is over the {limit}-byte limit", hint=_REPACK
             )
-        return b"".join(self.chunks(name))
+        return b"".join(bytes(c) for c in self.chunks(name))  # chunks may share one buffer
 
     def prefix(self, name: str, n: int) -> bytes:
         out = bytearray()
@@ -185,6 +185,10 @@ def _check(
                 f"{src.where(entry.path)}: {actual} bytes, but {MANIFEST_FILE} says {entry.size} "
                 "(truncated or tampered)",
                 hint=_REPACK,
+            )
+        if entry.path != WEIGHTS_FILE and actual > _SMALL:
+            raise BundleError(
+                f"{src.where(entry.path)}: {actual} bytes is too large for this file", hint=_REPACK
             )
 
     small: dict[str, bytes] = {}
