@@ -50,6 +50,14 @@ def parse_ref(ref: str) -> Ref:
     return _parse_ref(ref, RegistryError)
 
 
+def _write_json(path: Path, data: dict) -> None:
+    """Replace a small JSON file atomically (temp file in the same directory, then rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -187,6 +195,8 @@ class Registry:
         config_path = path / CONFIG_FILE
         if blobs is None and os.environ.get(ENV_BLOBS):
             blobs = os.environ[ENV_BLOBS]
+        if isinstance(blobs, str) and "://" not in blobs:
+            blobs = str(Path(blobs).expanduser().resolve())  # recorded in config.json: must not depend on cwd
         if not config_path.is_file():
             if not create:
                 raise RegistryError(
@@ -204,10 +214,7 @@ class Registry:
                 "trusted_keys": [],
             }
             Index(path / INDEX_FILE).create()
-            fd, tmp = tempfile.mkstemp(dir=path, prefix=".config.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(config, f, indent=2)
-            os.replace(tmp, config_path)
+            _write_json(config_path, config)
         try:
             config = json.loads(config_path.read_text())
         except (OSError, ValueError) as exc:
@@ -238,10 +245,7 @@ class Registry:
         hexes = config.setdefault("trusted_keys", [])
         if public_hex(key) not in hexes:
             hexes.append(public_hex(key))
-        fd, tmp = tempfile.mkstemp(dir=self.location, prefix=".config.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(config, f, indent=2)
-        os.replace(tmp, config_path)
+        _write_json(config_path, config)
         self.trusted_keys = load_public_keys(hexes)
         return key_id(key)
 
@@ -282,9 +286,8 @@ class Registry:
         sig_bytes = None
         if (bundle_dir / SIGNATURES_FILE).is_file():
             sig_bytes = (bundle_dir / SIGNATURES_FILE).read_bytes()
-            check_signatures(
-                sig_bytes, m.digest, self.trusted_keys
-            )  # the bytes we store are the checked ones
+            # Checked again on the very bytes that get stored (the file could change after verification).
+            check_signatures(sig_bytes, m.digest, self.trusted_keys)
         total = sum(f.size for f in m.files)
         checkpoint("publish-start")
         with tqdm(
@@ -342,8 +345,9 @@ class Registry:
         for f in m.files:
             if not self.blobs.exists(f.sha256):
                 self.blobs.put_file(bundle_dir / f.path, f.sha256)
-        if not self.blobs.exists(manifest_sha):
-            self.blobs.put_bytes(manifest_bytes)
+        for data in (manifest_bytes, sig_bytes):
+            if data is not None and not self.blobs.exists(hashlib.sha256(data).hexdigest()):
+                self.blobs.put_bytes(data)
         return self.resolve(m.ref)
 
     def _refuse_other_content(self, m: Manifest) -> None:
@@ -419,16 +423,24 @@ class Registry:
         If `dest_dir` already holds the same bundle it is verified and returned without a download.
         `base_fingerprint`, `max_lora_rank` and `vllm_check` are passed to `verify_bundle`.
         """
-        from tqdm import tqdm
-
         p = self.resolve(ref)
-        dest = Path(dest_dir)
         verify = dict(
             base_fingerprint=base_fingerprint,
             max_lora_rank=max_lora_rank,
             trusted_keys=self.trusted_keys,
             vllm_check=vllm_check,
         )
+        try:
+            return self._pull(p, Path(dest_dir), verify, progress)
+        except OSError as exc:
+            raise RegistryError(
+                f"cannot pull {p.ref} into {dest_dir}: {exc}",
+                hint="check the destination's permissions and free space, and the blob store",
+            ) from None
+
+    def _pull(self, p: Published, dest: Path, verify: dict, progress: bool) -> Path:
+        from tqdm import tqdm
+
         if dest.exists():
             return self._existing(dest, p, verify)
         with self.index.read() as con:
