@@ -297,3 +297,33 @@ def test_search_text_is_literal_and_io_errors_are_project_errors(tmp_path, bundl
     (tmp_path / "registry" / "config.json").write_text('{"schema_version": 9}')
     with pytest.raises(RegistryError, match="registry format 9 is not one this version"):
         Registry.open(tmp_path / "registry")
+
+
+def test_cli_keys_sign_trust_and_repair(tmp_path, bundles, monkeypatch):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setenv("ADAPTERHUB_CONFIG_DIR", str(tmp_path / "cfg"))
+    monkeypatch.setenv("ADAPTERHUB_REGISTRY", str(tmp_path / "reg"))
+    runner = CliRunner()
+    key = json.loads(runner.invoke(app, ["keys", "generate", "ci", "--json"]).stdout)
+    assert os.stat(key["path"]).st_mode & 0o777 == 0o600
+    assert [k["name"] for k in json.loads(runner.invoke(app, ["keys", "list", "--json"]).stdout)] == ["ci"]
+    assert runner.invoke(app, ["registry", "trust", "ci"]).exit_code == 0
+    bundle = tmp_path / "b"
+    shutil.copytree(bundles["1.0.0"], bundle)
+    res = runner.invoke(app, ["publish", str(bundle)])
+    assert res.exit_code == 1 and "unsigned" in res.output
+    assert runner.invoke(app, ["sign", str(bundle), "--key", "ci"]).exit_code == 0
+    assert runner.invoke(app, ["publish", str(bundle)]).exit_code == 0
+    # An orphaned blob: `registry check` fails until `--repair` removes it.
+    orphan = tmp_path / "reg" / "blobs" / "sha256" / "00" / ("00" * 32)
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"stray")
+    assert runner.invoke(app, ["registry", "check"]).exit_code == 1
+    res = runner.invoke(app, ["registry", "check", "--repair", "--grace", "0"])
+    assert res.exit_code == 0 and "removed: 1" in res.output and not orphan.exists()
+    assert runner.invoke(app, ["registry", "check"]).exit_code == 0
