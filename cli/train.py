@@ -137,7 +137,9 @@ def register(app: typer.Typer) -> None:
             Path | None, typer.Option(help="PEFT adapter or bundle directory; omitted: the base alone")
         ] = None,
         format: Annotated[str, typer.Option(help="auto, prompt_completion, chat or text")] = "auto",
-        quantization: Annotated[str, typer.Option(help="none or nf4 (load the base in 4 bits)")] = "none",
+        quantization: Annotated[
+            str | None, typer.Option(help="none or nf4 (default: nf4 for a QLoRA adapter, else none)")
+        ] = None,
         device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present)")] = None,
         max_seq_len: Annotated[int, typer.Option()] = 512,
         max_new_tokens: Annotated[int, typer.Option(help="generation budget for exact match")] = 16,

@@ -26,6 +26,12 @@ def adapter_base_dir(adapter_dir: Path) -> Path | None:
     return None
 
 
+def adapter_method(adapter_dir: Path) -> str | None:
+    """``lora`` or ``qlora`` as the adapter's training record says (None without a record)."""
+    record = adapter_dir / "training_record.json"
+    return json.loads(record.read_text()).get("method") if record.is_file() else None
+
+
 def check_adapter_dir(adapter_dir: Path) -> None:
     """Refuse what is not a PEFT adapter directory, with a hint."""
     if adapter_dir.is_file():
@@ -59,14 +65,17 @@ def evaluate_file(
     base: str | Path | None = None,
     adapter: str | Path | None = None,
     format: str = "auto",
-    quantization: str = "none",
+    quantization: str | None = None,
     device: str | None = None,
     max_seq_len: int = 512,
     max_new_tokens: int = 16,
     exact_match: bool | None = None,
     with_predictions: bool = False,
 ) -> dict:
-    """Metrics of the base (and of base + adapter, with the transfer gain) on every example of a file."""
+    """Metrics of the base (and of base + adapter, with the transfer gain) on every example of a file.
+
+    ``quantization=None`` loads the base as the adapter was trained (4-bit NF4 for a QLoRA adapter).
+    """
     from peft import PeftModel
 
     dataset = load_dataset(data, format)  # type: ignore[arg-type]
@@ -78,6 +87,8 @@ def evaluate_file(
     base_dir = resolve_base_dir(base)
     if adapter_dir is not None:
         check_same_base(adapter_dir, base_dir)
+    if quantization is None:
+        quantization = "nf4" if adapter_dir is not None and adapter_method(adapter_dir) == "qlora" else "none"
     tokenizer = load_tokenizer(base_dir)
     model = load_base(base_dir, quantization=quantization, device=device)  # type: ignore[arg-type]
     kwargs = dict(max_seq_len=max_seq_len, max_new_tokens=max_new_tokens, exact_match=exact_match)
@@ -88,7 +99,7 @@ def evaluate_file(
             "digest": dataset.digest,
             "examples": len(dataset),
         },
-        "base": {"path": str(base_dir), "fingerprint": fingerprint(base_dir)},
+        "base": {"path": str(base_dir), "fingerprint": fingerprint(base_dir), "quantization": quantization},
         "adapter": None,
     }
     if adapter_dir is None:

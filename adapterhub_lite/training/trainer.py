@@ -276,7 +276,12 @@ def train(
         "name": recipe.name,
         "recipe": recipe.model_dump(mode="json"),
         "method": recipe.method,
-        "base": {"name": base_dir.name, "path": str(base_dir), "fingerprint": fingerprint(base_dir)},
+        "base": {
+            "name": base_dir.name,
+            "path": str(base_dir),
+            "fingerprint": fingerprint(base_dir),
+            "quantization": "nf4" if recipe.method == "qlora" else "none",
+        },
         "dataset": {
             "path": str(data.dataset.path),
             "format": data.dataset.format,
