@@ -184,8 +184,8 @@ class TenancyMiddleware:
         if tenant is None:
             target = self._admin_target(scope, model)
         else:
-            target = await asyncio.to_thread(
-                resolve_model,
+            # Inline: aliases are in memory and registry answers are memoized (a miss is one SQLite read).
+            target = resolve_model(
                 model,
                 tenant,
                 self._aliases.get(tenant.name, {}),
@@ -409,20 +409,21 @@ class _UsageMeter:
                 self._drain_events()
 
     def _drain_events(self) -> None:
-        while b"\n\n" in self._buf:
-            event, _, rest = bytes(self._buf).partition(b"\n\n")
-            self._buf = bytearray(rest)
+        # Called for every streamed token, on the server's event loop: only the final usage event is
+        # parsed as JSON; the others are counted.
+        end = self._buf.rfind(b"\n\n")
+        if end < 0:
+            return
+        events, self._buf = bytes(self._buf[: end + 2]), self._buf[end + 2 :]
+        for event in events.split(b"\n\n"):
             if not event.startswith(b"data: ") or event == b"data: [DONE]":
                 continue
-            try:
-                chunk = json.loads(event[6:])
-            except ValueError:
-                continue
-            if chunk.get("usage"):
-                self._take_usage(chunk["usage"])
-            elif any(
-                c.get("text") or (c.get("delta") or {}).get("content") for c in chunk.get("choices") or []
-            ):
+            if b'"usage":{' in event:
+                try:
+                    self._take_usage(json.loads(event[6:])["usage"])
+                except (ValueError, KeyError, TypeError):
+                    pass
+            elif b'"choices":[{' in event:
                 self._chunks += 1
 
     def _take_usage(self, usage: dict) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from adapterhub_lite.serving.config import ServingConfig
 from adapterhub_lite.serving.tenancy import is_full_ref
 
 logger = logging.getLogger("adapterhub.serving")
+_REVERIFY_AFTER_S = 30.0
 
 
 class AdapterResolver(LoRAResolver):
@@ -38,6 +40,7 @@ class AdapterResolver(LoRAResolver):
         self._fingerprint: str | None = None
         self._ref_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._verified_at: dict[str, float] = {}
         self.digests: dict[str, str] = {}  # ref -> digest of what was verified
         # Set by the middleware once it sees vLLM's state: refs vLLM has loaded (their files must stay).
         self.loaded_refs: Callable[[], Iterable[str]] = lambda: ()
@@ -89,17 +92,22 @@ class AdapterResolver(LoRAResolver):
                         digest, lambda tmp: Path(self.registry.pull(ref, tmp / "bundle")), pinned=pinned
                     )
                 # Verified on every load, not only on download: the disk cache is not trusted either.
-                verify_bundle(
-                    path,
-                    base_fingerprint=self.base_fingerprint(),
-                    max_lora_rank=self.config.max_lora_rank,
-                    trusted_keys=self.config.trusted_keys or None,
-                )
+                # (The middleware fetches just before vLLM's resolve_lora does: once is enough then.)
+                if time.monotonic() - self._verified_at.get(ref, -1e9) > _REVERIFY_AFTER_S:
+                    verify_bundle(
+                        path,
+                        base_fingerprint=self.base_fingerprint(),
+                        max_lora_rank=self.config.max_lora_rank,
+                        trusted_keys=self.config.trusted_keys or None,
+                    )
+                    self._verified_at[ref] = time.monotonic()
             except RegistryError as exc:
+                self._verified_at.pop(ref, None)
                 # The reference exists, so a failure from here on is about its content.
                 self.cache.remove(digest)
                 raise BundleError(exc.message, hint=exc.hint) from None
             except AdapterHubError:
+                self._verified_at.pop(ref, None)
                 self.cache.remove(digest)
                 raise
             self.digests[ref] = digest
