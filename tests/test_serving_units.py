@@ -133,3 +133,29 @@ def test_bundle_cache_is_bounded_and_never_half_written(tmp_path):
     time.sleep(0.01)
     cache.put("sha256:c", filler(1000), pinned=["sha256:a"])  # over budget: b goes, a is pinned
     assert cache.get("sha256:a") and cache.get("sha256:c") and cache.get("sha256:b") is None
+
+
+def test_tenant_cli_shows_key_once_and_errors_cleanly(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    db = ["--db", str(tmp_path / "t.db")]
+    out = runner.invoke(app, ["tenant", "add", "acme", "--base-access", "--rpm", "10", *db])
+    assert out.exit_code == 0, out.output
+    key = out.output.strip().splitlines()[-1]
+    assert key.startswith("ahk_") and len(key) > 40
+    listing = runner.invoke(app, ["tenant", "list", *db])
+    assert "acme" in listing.output and key not in listing.output and "rpm=10" in listing.output
+    assert TenantStore.open(tmp_path / "t.db").authenticate(key).name == "acme"
+    new_key = runner.invoke(app, ["tenant", "rotate-key", "acme", *db]).output.strip()
+    assert new_key != key and TenantStore.open(tmp_path / "t.db").authenticate(key) is None
+    assert runner.invoke(app, ["tenant", "revoke", "acme", *db]).exit_code == 0
+    assert "REVOKED" in runner.invoke(app, ["tenant", "list", *db]).output
+    dup = runner.invoke(app, ["tenant", "add", "acme", *db])
+    assert dup.exit_code == 1 and "already exists" in dup.output and "Traceback" not in dup.output
+    missing = runner.invoke(
+        app, ["tenant", "promote", "acme", "bot", "acme/bot@1.0.0", *db, "--registry", str(tmp_path / "reg")]
+    )
+    assert missing.exit_code == 1 and "acme/bot@1.0.0" in missing.output and "Traceback" not in missing.output

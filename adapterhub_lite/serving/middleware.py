@@ -64,6 +64,7 @@ class TenancyMiddleware:
         self.config = config or ServingConfig.from_env()
         if not self.config.admin_key:
             logger.warning("adapterhub: ADAPTERHUB_ADMIN_KEY is not set; admin routes are closed to everyone")
+        self._admin_key = self.config.admin_key.encode() if self.config.admin_key else None
         self.store = store or TenantStore.open(self.config.tenants_db)
         self.resolver = resolver or get_resolver()
         self.metrics = metrics or default_metrics()
@@ -130,7 +131,7 @@ class TenancyMiddleware:
                 send, 401, "missing API key: send `Authorization: Bearer <key>`", "AuthenticationError"
             )
             return
-        if self.config.admin_key and hmac.compare_digest(key, self.config.admin_key):
+        if self._admin_key is not None and hmac.compare_digest(key.encode("latin-1"), self._admin_key):
             if path.startswith(ADMIN_PREFIX):
                 await self._admin_route(scope, receive, send)
             elif path in INFERENCE_PATHS and scope["method"] == "POST":
