@@ -72,6 +72,7 @@ def register(app: typer.Typer) -> None:
         )
         if print_command:
             cmd, env = build_command(opts)
+            env.setdefault("ADAPTERHUB_ADMIN_KEY", "<choose-a-long-random-secret>")
             typer.echo(" ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())) + " \\")
             typer.echo("  " + shlex.join(cmd))
             return

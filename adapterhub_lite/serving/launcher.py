@@ -173,10 +173,11 @@ class VLLMServer:
             opts.admin_key = "ahadmin_" + secrets.token_urlsafe(24)
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
+        self.command, self.env = build_command(opts)  # bad options fail here, before anything starts
         self.log_path = (
             Path(opts.log_path)
             if opts.log_path
-            else Path(tempfile.mkstemp(prefix="adapterhub-vllm-", suffix=".log")[1])
+            else Path(tempfile.gettempdir(), f"adapterhub-vllm-{opts.port}.log")
         )
 
     @property
@@ -190,8 +191,7 @@ class VLLMServer:
 
     def start(self) -> VLLMServer:
         """Launch and block until /health answers 200 (ServingError with the log's tail if it dies)."""
-        cmd, extra_env = build_command(self.opts)
-        env = {**os.environ, **extra_env}
+        cmd, env = self.command, {**os.environ, **self.env}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
