@@ -30,3 +30,7 @@ from cli import registry as _registry  # noqa: E402
 
 _bundle.register(app)
 _registry.register(app)
+
+from cli import demo as _demo  # noqa: E402
+
+_demo.register(app)
