@@ -77,6 +77,7 @@ def parse_args() -> argparse.Namespace:
         args.requests = 48
         args.naive_requests = 12
         args.swaps = 3
+        args.repeats = 2
     return args
 
 
@@ -255,6 +256,41 @@ def first_token_s(url: str, key: str | None, model: str, expect_model: str | Non
     raise RuntimeError("no token streamed")
 
 
+def probe_cost_us(db: Path, n: int = 20000) -> dict:
+    """What a request pays to notice an alias move made by another process: one `PRAGMA data_version`."""
+    reader = TenantStore.open(db)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        reader.data_version()
+    probe = (time.perf_counter() - t0) / n
+    t0 = time.perf_counter()
+    for _ in range(200):
+        reader.all_aliases()
+    reload = (time.perf_counter() - t0) / 200
+    reader.close()
+    return {"data_version_probe": round(probe * 1e6, 2), "reload_all_aliases": round(reload * 1e6, 1)}
+
+
+def _best_threads(model, prompt_len: int) -> int:
+    """Give the naive path its best torch thread count: on a busy machine OpenMP threads that spin
+    waiting for each other can make 2 threads many times slower than 1."""
+    import torch
+
+    ids = torch.randint(3, VOCAB_IDS, (1, prompt_len))
+    timings = {}
+    for n in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(n)
+        with torch.no_grad():
+            model(input_ids=ids)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                model(input_ids=ids)
+        timings[n] = time.perf_counter() - t0
+    best = min(timings, key=timings.get)
+    torch.set_num_threads(best)
+    return best
+
+
 def naive_phase(base: Path, adapters: list[Path], args: argparse.Namespace) -> dict:
     """transformers + peft: all adapters in one PeftModel, `set_adapter` then `generate` per request."""
     import torch
@@ -268,6 +304,7 @@ def naive_phase(base: Path, adapters: list[Path], args: argparse.Namespace) -> d
     peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
     for name, d in zip(names[1:], adapters[1:], strict=True):
         peft_model.load_adapter(d, adapter_name=name)
+    threads = _best_threads(peft_model, args.prompt_len)
     rng = random.Random(7)
     tokens, ttfts = 0, []
     t0 = time.perf_counter()
@@ -288,6 +325,7 @@ def naive_phase(base: Path, adapters: list[Path], args: argparse.Namespace) -> d
     return {
         "requests": args.naive_requests,
         "adapters": len(adapters),
+        "torch_threads": threads,
         "completion_tokens": tokens,
         "tokens_per_s": round(tokens / wall, 1),
         "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1),
@@ -349,7 +387,7 @@ def main() -> None:
         log_path=str(work / "plain.log"),
     )
 
-    results: dict = {"plugin": {}, "plain": {}}
+    results: dict = {"plugin": {}, "plain": {}, "tenancy_probe_us": probe_cost_us(work / "tenants.db")}
     with VLLMServer(plugin_opts) as plugin:
         t_plain = time.perf_counter()
         plain = VLLMServer(plain_opts).start()

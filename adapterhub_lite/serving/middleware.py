@@ -72,7 +72,7 @@ class TenancyMiddleware:
         self.evictor = Evictor(self.config.max_loaded, self.config.idle_seconds)
         self._registry_view: RegistryView | None = None
         self._version = -1
-        self._tenants_by_hash: dict[str, Tenant | None] = {}
+        self._tenants_by_hash: dict[str, Tenant] = {}
         self._aliases: dict[str, dict[str, str]] = {}
         self._idle_task: asyncio.Task | None = None
 
@@ -93,9 +93,12 @@ class TenancyMiddleware:
 
     def _tenant_for(self, key: str) -> Tenant | None:
         digest = hash_key(key)
-        if digest not in self._tenants_by_hash:
-            self._tenants_by_hash[digest] = self.store.authenticate(key)
-        return self._tenants_by_hash[digest]
+        tenant = self._tenants_by_hash.get(digest)
+        if tenant is None:
+            tenant = self.store.authenticate(key)
+            if tenant is not None:  # unknown keys are not cached: random keys must not grow memory
+                self._tenants_by_hash[digest] = tenant
+        return tenant
 
     @staticmethod
     def _serving_models(scope: Scope) -> Any:

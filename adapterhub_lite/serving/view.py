@@ -16,6 +16,7 @@ from adapterhub_lite.errors import AdapterHubError, ServingError
 from adapterhub_lite.serving.tenancy import Tenant, TenantStore, is_full_ref
 
 _TTL_SECONDS = 5.0  # how long a registry answer (can_read, newest version) is reused
+_MAX_MEMO = 10_000
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class RegistryView:
         if hit and now - hit[0] < _TTL_SECONDS:
             return hit[1]
         value = fn()
+        if len(self._memo) >= _MAX_MEMO:  # model names come from clients: keep this bounded
+            self._memo.clear()
         self._memo[key] = (now, value)
         return value
 

@@ -1,0 +1,119 @@
+"""The resolver and the tenant view against a real registry and real bundles (no server)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from adapterhub_lite.errors import BundleError, RegistryError, ServingError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from adapterhub_lite.base import EMBEDDED_BASE_DIR
+    from adapterhub_lite.bundles import pack_bundle
+    from adapterhub_lite.bundles.signing import generate_key
+    from adapterhub_lite.registry import Registry
+
+    if not (EMBEDDED_BASE_DIR / "config.json").is_file():
+        pytest.skip("the embedded base is not built")
+    root = tmp_path_factory.mktemp("resolver")
+    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_BASE_DIR, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(root / "adapter")
+    key = generate_key("signer", root / "keys")
+    reg = Registry.open(root / "registry")
+    refs = {}
+    for name, signed in [("signed", True), ("plain", False)]:
+        bundle = pack_bundle(
+            root / "adapter",
+            root / name,
+            namespace="acme",
+            name=name,
+            version="1.0.0",
+            base_dir=EMBEDDED_BASE_DIR,
+            signing_key=key.path if signed else None,
+        )
+        refs[name] = reg.publish(bundle).ref
+    bundle = pack_bundle(
+        root / "adapter",
+        root / "shared",
+        namespace="globex",
+        name="tool",
+        version="1.0.0",
+        base_dir=EMBEDDED_BASE_DIR,
+    )
+    refs["globex"] = reg.publish(bundle).ref
+    return {"root": root, "reg": reg, "refs": refs, "pub": key.public_key, "base": EMBEDDED_BASE_DIR}
+
+
+def _resolver(setup, **kw):
+    from adapterhub_lite.serving.config import ServingConfig
+    from adapterhub_lite.serving.resolver import AdapterResolver
+
+    cfg = ServingConfig(
+        registry=str(setup["root"] / "registry"),
+        base_dir=str(setup["base"]),
+        cache_dir=str(setup["root"] / f"cache-{len(kw)}-{sorted(kw)}"),
+        **kw,
+    )
+    return AdapterResolver(cfg)
+
+
+def test_resolver_returns_verified_lora_request(setup):
+    res = _resolver(setup, max_lora_rank=16)
+    ref = setup["refs"]["plain"]
+    req = asyncio.run(res.resolve_lora("base", ref))
+    assert req is not None and req.lora_name == ref
+    assert (res.cache.get(res.digests[ref]) / "adapter_config.json").is_file()
+    assert asyncio.run(res.resolve_lora("base", "not-a-ref")) is None
+    with pytest.raises(RegistryError):
+        res.fetch("acme/missing@1.0.0")
+
+
+def test_resolver_refuses_unsigned_bundles_when_keys_are_trusted(setup):
+    res = _resolver(setup, trusted_keys=[setup["pub"]])
+    assert res.fetch(setup["refs"]["signed"]).is_dir()
+    with pytest.raises(BundleError, match="(?i)sign"):
+        res.fetch(setup["refs"]["plain"])
+    assert len(res.cache.entries()) == 1  # the refused bundle left nothing behind
+    # and vLLM's hook says "not found" rather than loading it
+    assert asyncio.run(res.resolve_lora("base", setup["refs"]["plain"])) is None
+
+
+def test_resolver_refuses_rank_over_server_limit(setup):
+    res = _resolver(setup, max_lora_rank=1)
+    with pytest.raises(BundleError, match="rank"):
+        res.fetch(setup["refs"]["plain"])
+
+
+def test_view_follows_registry_sharing(setup):
+    from adapterhub_lite.serving.tenancy import TenantStore
+    from adapterhub_lite.serving.view import RegistryView, promote, resolve_model
+
+    reg, refs = setup["reg"], setup["refs"]
+    store = TenantStore.open(setup["root"] / "tenants.db")
+    acme, _ = store.add_tenant("acme")
+    view = RegistryView(reg)
+    # own namespace: by full ref and by name (pinned to newest); another namespace: invisible
+    assert resolve_model(refs["plain"], acme, {}, {"base"}, view).name == refs["plain"]
+    assert resolve_model("acme/plain", acme, {}, {"base"}, view).name == refs["plain"]
+    assert resolve_model(refs["globex"], acme, {}, {"base"}, view) is None
+    assert resolve_model("base", acme, {}, {"base"}, view) is None  # no base access
+    with pytest.raises(ServingError, match="may not use"):
+        promote(store, reg, "acme", "tool", refs["globex"])
+    reg.share(refs["globex"], "acme")
+    assert promote(store, reg, "acme", "tool", "globex/tool") == (refs["globex"], None)
+    view.clear()
+    assert resolve_model("tool", acme, store.aliases("acme"), {"base"}, view).name == refs["globex"]
+    reg.share(refs["globex"], "acme", revoke=True)
+    view.clear()
+    # the grant behind the alias is gone: fail closed
+    assert resolve_model("tool", acme, store.aliases("acme"), {"base"}, view) is None
