@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import string
 
 import pytest
 import torch
@@ -29,6 +28,7 @@ from adapterhub_lite.transfer import (
     untie_output_head,
     write_report,
 )
+from adapterhub_lite.transfer.cipher import ALPHABET
 from adapterhub_lite.transfer.report import PLOTS
 from adapterhub_lite.transfer.study import load_tasks
 from adapterhub_lite.transfer.tasks import cipher_task, write_split
@@ -41,7 +41,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def test_cipher_is_a_fixed_derangement_and_examples_encode_their_prompt():
     key = cipher_key(0)
-    assert sorted(key) == sorted(key.values()) == list(string.ascii_lowercase)
+    assert sorted(key) == sorted(key.values()) == list(ALPHABET)
     assert all(a != b for a, b in key.items())
     assert cipher_key(0) == key and cipher_key(1) != key
     rows = cipher_examples(50)
@@ -213,9 +213,11 @@ def test_smoke_study_numbers_are_sane(smoke):
     for row in results["runs"]:
         if row["strategy"] in ("lora-random-init",) and row["task"] == "capitals":
             assert row["loss"] < row["base_loss"]  # trained on top of its own random base
-    # Forgetting: the base's own score is the reference; rewriting every weight moves it most.
+    # Forgetting is scored with the trained weights applied: the base alone is the zero point, and every
+    # run that changed the base's weights moves it.
     assert s["zero-shot"]["forgetting"]["mean"] == 0.0
-    assert s["full"]["forgetting"]["mean"] > results["summary"]["rank"]["1"]["forgetting"]["mean"]
+    for strategy in ("head-only", "lora", "qlora", "full"):
+        assert s[strategy]["forgetting"]["mean"] != 0.0, strategy
 
 
 @pytest.mark.slow

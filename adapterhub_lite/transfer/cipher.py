@@ -12,12 +12,14 @@ import random
 import string
 
 PROMPT = "Encode: {plain}\nCode:"
+# Ten letters: few enough pairs for a small training budget to be able to learn the mapping at all.
+ALPHABET = string.ascii_lowercase[:10]
 
 
-def cipher_key(seed: int = 0) -> dict[str, str]:
-    """A random permutation of a-z with no fixed point (no letter encodes to itself)."""
+def cipher_key(seed: int = 0, alphabet: str = ALPHABET) -> dict[str, str]:
+    """A random permutation of ``alphabet`` with no fixed point (no letter encodes to itself)."""
     r = random.Random(seed)
-    letters = list(string.ascii_lowercase)
+    letters = list(alphabet)
     while True:
         shuffled = letters[:]
         r.shuffle(shuffled)
@@ -25,14 +27,16 @@ def cipher_key(seed: int = 0) -> dict[str, str]:
             return dict(zip(letters, shuffled, strict=True))
 
 
-def cipher_examples(n: int, *, seed: int = 0, min_len: int = 3, max_len: int = 5) -> list[dict]:
-    """``n`` distinct prompt/completion records ``Encode: k q z\\nCode:`` -> `` x m a``."""
-    key = cipher_key(seed)
+def cipher_examples(
+    n: int, *, seed: int = 0, min_len: int = 3, max_len: int = 5, alphabet: str = ALPHABET
+) -> list[dict]:
+    """``n`` distinct prompt/completion records ``Encode: b j c\\nCode:`` -> `` f a h``."""
+    key = cipher_key(seed, alphabet)
     r = random.Random(seed + 1)
     seen: set[str] = set()
     rows = []
     while len(rows) < n:
-        word = "".join(r.choice(string.ascii_lowercase) for _ in range(r.randint(min_len, max_len)))
+        word = "".join(r.choice(alphabet) for _ in range(r.randint(min_len, max_len)))
         if word in seen:
             continue
         seen.add(word)

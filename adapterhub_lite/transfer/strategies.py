@@ -82,6 +82,7 @@ class RunContext:
     batch_size: int
     learning_rates: dict[str, float]
     max_new_tokens: int = 16
+    lr_scheduler: str = "constant"
     keep_runs: bool = False
     recipe_overrides: dict[str, dict] = field(default_factory=dict)  # per task, e.g. the control's lr
 
@@ -143,6 +144,7 @@ def _recipe(spec: RunSpec, ctx: RunContext, task: Task, split, out_dir: Path):
         "layers_to_transform": list(spec.layers) if spec.layers is not None else None,
         "learning_rate": ctx.learning_rates[spec.method],
         "max_steps": ctx.steps,
+        "lr_scheduler": ctx.lr_scheduler,
         "batch_size": ctx.batch_size,
         "seed": spec.seed,
         "device": "cpu",
