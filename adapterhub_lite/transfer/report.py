@@ -60,6 +60,7 @@ def _group_stats(rows: list[dict], base_source_loss: float | None) -> dict:
         "exact_match": stats([r["exact_match"] for r in rows]),
         "loss": stats([r["loss"] for r in rows]),
         "source_loss": stats([r["source_loss"] for r in rows]),
+        "train_seconds": stats([r["train_seconds"] for r in rows]),
         "trainable_parameters": first["trainable_parameters"],
         "trainable_fraction": (
             first["trainable_parameters"] / first["total_parameters"] if first["total_parameters"] else None
@@ -510,6 +511,28 @@ def render_markdown(results: dict) -> str:
     )
     add("")
 
+    lrs = ", ".join(f"{k} {v:g}" for k, v in cfg["learning_rates"].items())
+    add("How it was measured:")
+    add("")
+    add(
+        f"- Every run: AdamW, {cfg['lr_scheduler']} learning rate ({lrs}; a random start uses its "
+        "method's rate), the trainer's batching, loss on the answer tokens only, gradient clipping at 1.0. "
+        f"LoRA: rank {cfg['rank']} unless swept, alpha = 2 x rank, no dropout, every linear layer "
+        "(peft `all-linear`)."
+    )
+    add(
+        "- Each seed splits each task once into a train pool and a held-out eval set (the trainer's "
+        "`train_eval_split`); every strategy and data budget of that seed is scored on the same eval set."
+    )
+    add(
+        "- Forgetting: held-out source-corpus loss (documents the pretraining never saw) with the trained "
+        "weights applied, minus the base's. QLoRA adapters are scored on the float32 base, as served."
+    )
+    add(
+        "- Random start: the base's own config, initialised by its architecture (`from_config`) with the "
+        "run's seed, same tokenizer; never pretrained."
+    )
+    add("")
     add("## Targets")
     add("")
     best = lora_full.get("best_within_budget")
@@ -554,11 +577,15 @@ def render_markdown(results: dict) -> str:
     add("Held-out exact match (and loss) per target task. Trainable parameters as a share of the base's.")
     add("")
     tasks = list(s["strategies"])
-    add("| strategy | trainable | " + " | ".join(tasks) + " | forgetting (source loss +) |")
-    add("|---|---|" + "---|" * len(tasks) + "---|")
+    add(
+        "| strategy | trainable | "
+        + " | ".join(tasks)
+        + " | forgetting (source loss +) | train time per run (s) |"
+    )
+    add("|---|---|" + "---|" * len(tasks) + "---|---|")
     strategies = list(dict.fromkeys(x for t in tasks for x in s["strategies"][t]))
     for strategy in strategies:
-        cells, forg, trainable = [], [], ""
+        cells, forg, secs, trainable = [], [], [], ""
         for t in tasks:
             g = s["strategies"][t].get(strategy)
             if g is None:
@@ -568,8 +595,11 @@ def render_markdown(results: dict) -> str:
             cells.append(f"{_pm(g['exact_match'])} (loss {_f(_mean(g['loss']))})")
             if _mean(g["forgetting"]) is not None:
                 forg.append(_mean(g["forgetting"]))
+            if _mean(g.get("train_seconds")) is not None:
+                secs.append(_mean(g["train_seconds"]))
         forg_txt = _f(statistics.fmean(forg), 3) if forg else "n/a (not the base's weights)"
-        add(f"| {strategy} | {trainable} | " + " | ".join(cells) + f" | {forg_txt} |")
+        secs_txt = _f(statistics.fmean(secs), 1) if secs else "n/a"
+        add(f"| {strategy} | {trainable} | " + " | ".join(cells) + f" | {forg_txt} | {secs_txt} |")
     add("")
     add("What each strategy is:")
     add("")

@@ -66,7 +66,7 @@ class StudyConfig(BaseModel):
     rank: int = Field(default=8, ge=1)
     ranks: list[int] = [1, 2, 4, 8, 16, 64]
     layers: bool = True
-    budgets: list[int] = [4, 8, 16]  # the whole train pool is always added
+    budgets: list[int] = [4, 12]  # the whole train pool is always added
     budget_strategies: list[str] = ["lora", "lora-random-init", "full-random-init"]
     # Negative transfer: the far-from-source task, and the warning's positive control.
     cipher_examples: int = Field(default=200, ge=10)
