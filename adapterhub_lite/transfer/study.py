@@ -310,7 +310,12 @@ def run_study(
             "source_loss": ctx.base_source_loss,
         },
         "tasks": {
-            name: {"examples": len(t.rows), "eval_fraction": t.eval_fraction, "train_pool": pool_size(t)}
+            name: {
+                "examples": len(t.rows),
+                "eval_fraction": t.eval_fraction,
+                "train_pool": pool_size(t),
+                "digest": t.digest,
+            }
             for name, t in tasks.items()
         },
         "strategies": STRATEGIES,

@@ -8,6 +8,7 @@ always a subset of a larger one and every budget is scored on the same eval set.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -34,6 +35,12 @@ class Task:
     rows: tuple[dict, ...]
     eval_fraction: float
     max_seq_len: int = 64
+
+    @property
+    def digest(self) -> str:
+        """``sha256:<hex>`` of the records (as JSONL), so results name the exact data they came from."""
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows)
+        return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @dataclass(frozen=True)
