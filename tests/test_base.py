@@ -114,3 +114,18 @@ def test_embedded_base_is_pretrained_and_knows_its_world():
     out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
     assert "{% for message in messages %}" in tok.chat_template
+
+
+@pytest.mark.slow
+def test_pretraining_reproduces_bit_for_bit_and_learns(tmp_path):
+    from adapterhub_lite.base.pretrain import pretrain
+
+    cfg = PretrainConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, n_docs=400, eval_docs=50, steps=15, batch_size=8, seq_len=64)
+    quiet = lambda *_: None  # noqa: E731
+    torch.set_num_threads(2)
+    a = pretrain(tmp_path / "a", cfg, log=quiet)
+    b = pretrain(tmp_path / "b", cfg, log=quiet)
+    assert fingerprint(tmp_path / "a") == fingerprint(tmp_path / "b")
+    assert a["heldout_loss"] == b["heldout_loss"]
+    assert a["heldout_loss"] < a["random_init_heldout_loss"] - 0.2
