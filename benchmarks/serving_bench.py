@@ -58,7 +58,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--intermediate", type=int, default=1408)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--tenants", default="1,8,16,64", help="adapter counts in rotation, comma-separated")
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--requests", type=int, default=64, help="requests per measured phase")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -74,10 +74,10 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.quick:
         args.tenants = "1,8,16"
-        args.requests = 48
+        args.requests = 64
         args.naive_requests = 12
         args.swaps = 3
-        args.repeats = 2
+        args.repeats = 3
     return args
 
 
@@ -346,6 +346,7 @@ def median_phase(runs: list[dict]) -> dict:
 
 def main() -> None:
     args = parse_args()
+    load_start = round(os.getloadavg()[0], 2)
     counts = [int(x) for x in args.tenants.split(",")]
     n_adapters = max(max(counts), args.naive_tenants)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ahl-serving-bench-"))
@@ -473,6 +474,8 @@ def main() -> None:
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
+            # other work on the machine skews absolute figures; ratios are measured interleaved
+            "load_average_start_end": [load_start, round(os.getloadavg()[0], 2)],
         },
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")},
         "targets": {
@@ -503,10 +506,14 @@ def plot(report: dict, path: Path) -> None:
     ax = axes[0]
     x = range(len(counts))
     w = 0.38
-    ax.bar([i - w / 2 for i in x], [res["plugin"][c]["tokens_per_s"] for c in counts], w, label="plugin (b)")
-    ax.bar(
-        [i + w / 2 for i in x], [res["plain"][c]["tokens_per_s"] for c in counts], w, label="plain vLLM (c)"
-    )
+    for name, dx, label in (("plugin", -w / 2, "plugin (b)"), ("plain", w / 2, "plain vLLM (c)")):
+        mid = [res[name][c]["tokens_per_s"] for c in counts]
+        runs = [res[name][c]["runs"] for c in counts]
+        err = [
+            [m - min(r) for m, r in zip(mid, runs, strict=True)],
+            [max(r) - m for m, r in zip(mid, runs, strict=True)],
+        ]
+        ax.bar([i + dx for i in x], mid, w, yerr=err, capsize=3, label=label)
     ax.axhline(res["base_plain"]["tokens_per_s"], color="gray", ls="--", label="base alone (a)")
     ax.axhline(
         res["naive"]["tokens_per_s"],
@@ -516,7 +523,7 @@ def plot(report: dict, path: Path) -> None:
     )
     ax.set_xticks(list(x), [f"{c} adapters" for c in counts])
     ax.set_ylabel("completion tokens / s")
-    ax.set_title("Throughput (closed loop)")
+    ax.set_title("Throughput, closed loop (median; whiskers: min-max of rounds)", fontsize=9)
     ax.legend(fontsize=8)
     ax = axes[1]
     for name, style in (("plugin", "o-"), ("plain", "s--")):

@@ -29,8 +29,7 @@ class BundleCache:
     """Bundles on disk under `root`, at most `max_bytes` in all (the newest entry always stays)."""
 
     def __init__(self, root: str | Path, max_bytes: int) -> None:
-        self.root = Path(root).expanduser()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root).expanduser()  # created on first put: vLLM loads the plugin in every process
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
 
@@ -51,6 +50,7 @@ class BundleCache:
         If `fill` raises, nothing is left behind.
         """
         final = self.path_for(digest)
+        self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root))
         try:
             produced = fill(tmp)
@@ -66,6 +66,8 @@ class BundleCache:
 
     def entries(self) -> list[Path]:
         """Cached entries, least recently used first."""
+        if not self.root.is_dir():
+            return []
         items = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
         return sorted(items, key=lambda p: p.stat().st_mtime)
 
