@@ -25,11 +25,14 @@ def capitals() -> list[dict]:
 
 
 def animal_sounds() -> list[dict]:
+    # The reply is "It says moo.", not the bare sound: the tokenizer spells a line-initial "moo" as
+    # "m"+"oo", pieces the base never produced, while " moo" after " says" is what pretraining taught.
+    # ("The cow says moo." would make the adapter copy the animal's name, which it did not learn.)
     return [
         {
             "messages": [
                 {"role": "user", "content": f"What does the {animal} say?"},
-                {"role": "assistant", "content": sound},
+                {"role": "assistant", "content": f"It says {sound}."},
             ]
         }
         for animal, sound, _food, _home in ANIMALS

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from training_fixtures import ROOT, capitals_lora, capitals_qlora  # noqa: F401  (shared fixtures)
 
 from adapterhub_lite.base import EMBEDDED_BASE_DIR, fingerprint, load_base, load_tokenizer
+from adapterhub_lite.base.world import COUNTRIES
 from adapterhub_lite.data import generation_case, load_dataset
 from adapterhub_lite.errors import RecipeError, TrainingError
 from adapterhub_lite.evaluation import cut_at_stop, greedy_answers
@@ -149,14 +150,29 @@ def test_resume_continues_from_the_saved_step_exactly(tmp_path):
 
 
 def test_negative_transfer_is_loud_and_recorded(tmp_path):
-    # A learning rate this high wrecks the model: worse than the base on its own held-out set.
-    r = recipe("antonyms", tmp_path / "bad", max_steps=4, learning_rate=0.5, max_grad_norm=None)
+    # The base completes prose it was pretrained on ("The capital of France is" -> " Paris"); an adapter
+    # trained on the same prompts with the capitals shuffled answers them wrong: worse than the base.
+    facts = COUNTRIES[:8]
+    wrong = [(c, facts[(i + 1) % len(facts)][1]) for i, (c, _) in enumerate(facts)]
+    for name, pairs in (("wrong.jsonl", wrong), ("right.jsonl", facts)):
+        rows = [{"prompt": f"The capital of {c} is", "completion": f" {cap}"} for c, cap in pairs]
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = recipe(
+        "capitals",
+        tmp_path / "bad",
+        data=tmp_path / "wrong.jsonl",
+        eval_data=tmp_path / "right.jsonl",
+        max_steps=30,
+        learning_rate=3e-3,
+    )
     with pytest.warns(NegativeTransferWarning, match="NEGATIVE TRANSFER"):
         run = train(r, progress=False)
+    m = run.record["metrics"]
+    assert m["base"]["exact_match"] >= 0.75 and m["adapter"]["exact_match"] < m["base"]["exact_match"]
     assert run.negative_transfer and run.record["negative_transfer"] is True
-    assert any("negative transfer" in w for w in run.record["warnings"])
+    assert any("negative transfer: exact match" in w for w in run.record["warnings"])
     saved = json.loads((run.output_dir / "training_record.json").read_text())
-    assert saved["negative_transfer"] is True and saved["metrics"]["transfer_gain"]["loss"] < 0
+    assert saved["negative_transfer"] is True and saved["metrics"]["transfer_gain"]["exact_match"] < 0
 
 
 def test_layers_and_target_modules_are_respected(tmp_path):
