@@ -85,8 +85,11 @@ def resolve_model(
     """The target of `model` in `tenant`'s view, or None if the tenant may not use it."""
     ref = aliases.get(model)
     if ref is not None:
-        if registry is not None and not registry.can_read(tenant.namespace, ref):
-            return None  # the grant behind this alias was withdrawn: fail closed
+        # Another namespace's adapter is re-checked (a share can be withdrawn: fail closed); the tenant's
+        # own immutable versions need no registry round trip on the hot path.
+        own = ref.startswith(tenant.namespace + "/")
+        if not own and registry is not None and not registry.can_read(tenant.namespace, ref):
+            return None
         return Target(ref, False)
     if model in base_names:
         return Target(model, True) if tenant.base_access else None
