@@ -143,6 +143,10 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present)")] = None,
         max_seq_len: Annotated[int, typer.Option()] = 512,
         max_new_tokens: Annotated[int, typer.Option(help="generation budget for exact match")] = 16,
+        exact_match: Annotated[
+            bool | None,
+            typer.Option("--exact-match/--no-exact-match", help="default: on where every answer is short"),
+        ] = None,
         predictions: Annotated[
             bool, typer.Option("--predictions", help="include every generated answer")
         ] = False,
@@ -160,6 +164,7 @@ def register(app: typer.Typer) -> None:
             device=device,
             max_seq_len=max_seq_len,
             max_new_tokens=max_new_tokens,
+            exact_match=exact_match,
             with_predictions=predictions,
         )
         if as_json:

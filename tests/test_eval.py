@@ -68,15 +68,16 @@ def test_base_that_answers_right_scores_1_and_wrong_scores_0(base, tmp_path):
         ).prompt_ids
         for p in prompts
     ]
-    answers = greedy_answers(model, tok, ids)
+    answers = greedy_answers(model, tok, ids, max_new_tokens=3)  # it writes on: score 3 tokens
     assert all(a.strip() for a in answers), answers
     right = write(
         tmp_path / "right.jsonl",
         [{"prompt": p, "completion": a} for p, a in zip(prompts, answers, strict=True)],
     )
     wrong = write(tmp_path / "wrong.jsonl", [{"prompt": p, "completion": " zebra crossing"} for p in prompts])
-    assert eval_cli("--data", str(right))["metrics"]["base"]["exact_match"] == 1.0
-    assert eval_cli("--data", str(wrong))["metrics"]["base"]["exact_match"] == 0.0
+    flags = ("--max-new-tokens", "3", "--exact-match")
+    assert eval_cli("--data", str(right), *flags)["metrics"]["base"]["exact_match"] == 1.0
+    assert eval_cli("--data", str(wrong), *flags)["metrics"]["base"]["exact_match"] == 0.0
 
 
 @pytest.mark.slow
