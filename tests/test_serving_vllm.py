@@ -281,6 +281,21 @@ def test_cross_tenant_access_is_denied_on_every_route(world):
             openai.OpenAI(base_url=world["url"] + "/v1", api_key=bad, max_retries=0).models.list()
 
 
+def test_key_rotation_and_revocation_apply_to_the_running_server(world):
+    store = world["store"]
+    _, key = store.add_tenant("rotor", base_access=True)
+    client = openai.OpenAI(base_url=world["url"] + "/v1", api_key=key, max_retries=0)
+    assert [m.id for m in client.models.list()] == ["base"]
+    new_key = store.rotate_key("rotor")
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+    client = openai.OpenAI(base_url=world["url"] + "/v1", api_key=new_key, max_retries=0)
+    assert client.completions.create(model="base", prompt="x", max_tokens=1).choices
+    store.revoke("rotor")
+    with pytest.raises(openai.AuthenticationError):
+        client.completions.create(model="base", prompt="x", max_tokens=1)
+
+
 def test_admin_can_load_and_unload(world, tmp_path):
     admin = world["admin"]
     bundle = Path(world["server"].opts.cache_dir)

@@ -138,7 +138,11 @@ class TenancyMiddleware:
         if key is None:
             self.metrics.rejected.labels("", "no_key").inc()
             await _error(
-                send, 401, "missing API key: send `Authorization: Bearer <key>`", "AuthenticationError"
+                send,
+                401,
+                "missing API key: send `Authorization: Bearer <key>`",
+                "AuthenticationError",
+                headers=[(b"www-authenticate", b"Bearer")],
             )
             return
         if self._admin_key is not None and hmac.compare_digest(key.encode("latin-1"), self._admin_key):
@@ -153,7 +157,13 @@ class TenancyMiddleware:
         tenant = self._tenant_for(key)
         if tenant is None:
             self.metrics.rejected.labels("", "bad_key").inc()
-            await _error(send, 401, "invalid or revoked API key", "AuthenticationError")
+            await _error(
+                send,
+                401,
+                "invalid or revoked API key",
+                "AuthenticationError",
+                headers=[(b"www-authenticate", b"Bearer")],
+            )
             return
         if path == MODELS_PATH and scope["method"] == "GET":
             await self._list_models(scope, send, tenant)
