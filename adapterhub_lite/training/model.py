@@ -56,6 +56,28 @@ def check_layers(recipe: Recipe, base_dir: Path) -> None:
         )
 
 
+def release_weight_file(model) -> None:
+    """Copy the tensors a 4-bit model left as views of the memory-mapped full-precision weights file.
+
+    transformers loads safetensors through mmap; the few tensors it does not quantize (embeddings, norms)
+    stay views of that mapping, which keeps every page of the full-precision file resident (counted in
+    RSS) for as long as the model lives. Copying them lets the mapping go: the whole point of QLoRA.
+    """
+    import gc
+
+    import bitsandbytes as bnb
+
+    with torch.no_grad():
+        for module in model.modules():
+            for param in module.parameters(recurse=False):
+                if not isinstance(param, bnb.nn.Params4bit):
+                    param.data = param.data.clone()
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if buf is not None:
+                    module._buffers[name] = buf.clone()
+    gc.collect()
+
+
 def build_model(recipe: Recipe, base_dir, device: str, dtype: torch.dtype):
     """Load the base as the method asks and add a fresh, trainable LoRA adapter (full-precision weights)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -63,6 +85,7 @@ def build_model(recipe: Recipe, base_dir, device: str, dtype: torch.dtype):
     quantization = "nf4" if recipe.method == "qlora" else "none"
     model = load_base(base_dir, quantization=quantization, dtype=dtype, device=device)
     if recipe.method == "qlora":
+        release_weight_file(model)
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=recipe.gradient_checkpointing
         )
