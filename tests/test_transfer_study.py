@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +37,7 @@ from adapterhub_lite.transfer.study import load_tasks
 from adapterhub_lite.transfer.tasks import cipher_task, write_split
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------------ the parts
@@ -235,12 +239,23 @@ def test_negative_transfer_warning_fires_exactly_where_the_adapter_is_worse(smok
 
 @pytest.mark.slow
 def test_report_is_regenerated_from_results_json_alone(smoke, tmp_path):
-    from benchmarks.transfer.run import main
-
     out, _ = smoke
     copy = tmp_path / "copy"
     copy.mkdir()
     (copy / "results.json").write_bytes((out / "results.json").read_bytes())
-    assert main(["--report-only", "--out", str(copy)]) == 0
+
+    def command(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "benchmarks.transfer.run", "--report-only", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    done = command("--out", str(copy))
+    assert done.returncode == 0, done.stderr
     assert (copy / "REPORT.md").read_text() == (out / "REPORT.md").read_text()
-    assert main(["--report-only", "--out", str(tmp_path / "nothing-here")]) == 1
+    missing = command("--out", str(tmp_path / "nothing-here"))
+    assert missing.returncode == 1
+    assert "error: no results at" in missing.stderr and "Traceback" not in missing.stderr
