@@ -82,6 +82,9 @@ def test_bad_study_configuration_names_every_bad_field():
     assert "seeds" in text and "prompt-tuning" in text and "ranks" in text
     with pytest.raises(RecipeError, match="unknown"):
         StudyConfig.make(epochs=3)
+    config = StudyConfig.full(budgets=[4, 31])
+    with pytest.raises(RecipeError, match="data budget 31 for task 'capitals': its train pool has 30"):
+        plan(config, load_tasks(config), n_layers=4)
 
 
 def test_plan_trains_a_shared_run_once_and_tags_every_experiment_it_serves():

@@ -773,8 +773,9 @@ def render_markdown(results: dict) -> str:
         )
     else:
         add("The pretrained start did not hurt at any budget measured here.")
+    add("")
     add(
-        " The trainer's warning compares the adapter with *its own base*, so it cannot see this kind of "
+        "The trainer's warning compares the adapter with *its own base*, so it cannot see this kind of "
         "negative transfer (that needs the random-init control); it catches an adapter that makes its base "
         "worse."
     )

@@ -195,6 +195,11 @@ def plan(config: StudyConfig, tasks: dict[str, Task], n_layers: int) -> list[tup
         if strategy in ADAPTER_STRATEGIES:
             kw.setdefault("rank", config.rank)
         n = kw.get("n_train")
+        if n is not None and n > pool_size(tasks[task]):
+            raise RecipeError(
+                f"data budget {n} for task {task!r}: its train pool has {pool_size(tasks[task])} examples",
+                hint="lower the budget in the study configuration (budgets / cipher_budgets)",
+            )
         if n is not None and (strategy == "zero-shot" or n >= pool_size(tasks[task])):
             kw["n_train"] = None  # the whole pool, shared with the runs that use it
         return RunSpec(task, strategy, seed, **kw)
