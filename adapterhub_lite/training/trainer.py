@@ -234,7 +234,7 @@ def train(
             n_labels = int((batch["labels"][:, 1:] != -100).sum())
             if n_labels == 0:
                 continue
-            loss = model(**batch).loss * (n_labels / step_tokens)
+            loss = model(**batch, use_cache=False).loss * (n_labels / step_tokens)  # no KV cache to build
             loss.backward()
             step_loss += loss.item()
             tokens_seen += int(batch["attention_mask"].sum())
