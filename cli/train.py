@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -9,6 +10,11 @@ import typer
 import yaml
 
 from cli.common import print_json, run_cli
+
+
+def _quiet_optional_kernels() -> None:
+    # bitsandbytes warns at import that an optional CPU kernel package is absent; nothing is wrong.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _split_list(value: str | None) -> list[str] | None:
@@ -94,6 +100,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="print the training record as JSON")] = False,
     ) -> None:
         """Train a LoRA/QLoRA adapter from a recipe; flags override the recipe's fields."""
+        _quiet_optional_kernels()
         from adapterhub_lite.training import load_recipe, train
 
         target = target_modules
@@ -153,6 +160,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     ) -> None:
         """Loss, perplexity and exact match of a base (and base + adapter, with the transfer gain)."""
+        _quiet_optional_kernels()
         from adapterhub_lite.evaluation import evaluate_file
 
         report = evaluate_file(
