@@ -193,3 +193,15 @@ def test_layers_and_target_modules_are_respected(tmp_path):
     assert names and all(".layers.0." in n and ("q_proj" in n or "v_proj" in n) for n in names)
     with pytest.raises(RecipeError, match="the base has 4 layers"):
         train(recipe("antonyms", tmp_path / "bad", max_steps=1, layers_to_transform=[7]), progress=False)
+
+
+def test_layers_with_the_default_all_linear_targets(tmp_path):
+    # peft refuses layers_to_transform with target_modules="all-linear"; the trainer spells the layers out.
+    r = recipe("antonyms", tmp_path / "upper", max_steps=1, layers_to_transform=[2, 3])
+    run = train(r, progress=False)
+    config = json.loads((run.output_dir / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+    }
+    names = load_file(run.output_dir / "adapter_model.safetensors").keys()
+    assert {n.split(".layers.")[1].split(".")[0] for n in names} == {"2", "3"}

@@ -30,15 +30,31 @@ def resolve_dtype(recipe: Recipe, device: str) -> torch.dtype:
     return torch.float32
 
 
-def lora_config(recipe: Recipe):
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the linear layers inside the transformer blocks (what peft's "all-linear" picks)."""
+    output = model.get_output_embeddings()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        # Linear4bit subclasses nn.Linear, so this covers QLoRA bases too.
+        if isinstance(module, torch.nn.Linear) and module is not output
+    }
+    return sorted(names)
+
+
+def lora_config(recipe: Recipe, model=None):
     """The peft LoraConfig of a recipe (``target_modules="all-linear"``: every linear layer but the head)."""
     from peft import LoraConfig
 
+    targets = recipe.target_modules
+    if targets == "all-linear" and recipe.layers_to_transform and model is not None:
+        # peft refuses layers_to_transform with a string target; spell the linear layers out instead.
+        targets = linear_module_names(model)
     return LoraConfig(
         r=recipe.rank,
         lora_alpha=recipe.alpha,
         lora_dropout=recipe.dropout,
-        target_modules=recipe.target_modules,
+        target_modules=targets,
         layers_to_transform=recipe.layers_to_transform,
         bias="none",
         task_type="CAUSAL_LM",
@@ -94,7 +110,7 @@ def build_model(recipe: Recipe, base_dir, device: str, dtype: torch.dtype):
         model.enable_input_require_grads()
     try:
         # autocast_adapter_dtype keeps the LoRA weights in float32 even over a bf16 or 4-bit base.
-        model = get_peft_model(model, lora_config(recipe), autocast_adapter_dtype=True)
+        model = get_peft_model(model, lora_config(recipe, model), autocast_adapter_dtype=True)
     except ValueError as exc:  # peft: target modules not found in the base
         raise RecipeError(f"target_modules: {exc}") from exc
     return model
