@@ -51,7 +51,9 @@ class TrainResult:
 
 
 @dataclass
-class _Data:
+class PreparedData:
+    """A recipe's dataset, tokenized for training, with the held-out examples kept raw for generation."""
+
     dataset: Dataset
     train: list[Features]
     eval_examples: list
@@ -59,7 +61,8 @@ class _Data:
     eval_path: Path
 
 
-def _prepare_data(recipe: Recipe, tokenizer) -> _Data:
+def prepare_data(recipe: Recipe, tokenizer) -> PreparedData:
+    """Load, split and tokenize a recipe's data (the transfer study's other strategies use it too)."""
     dataset = load_dataset(recipe.data, recipe.format)
     if recipe.eval_data is not None:
         train_examples = dataset.examples
@@ -71,7 +74,7 @@ def _prepare_data(recipe: Recipe, tokenizer) -> _Data:
     train = tokenize_examples(
         train_examples, tokenizer, recipe.max_seq_len, train_on_prompt=recipe.train_on_prompt
     )
-    return _Data(dataset, train, eval_examples, len(train_examples), Path(eval_path))
+    return PreparedData(dataset, train, eval_examples, len(train_examples), Path(eval_path))
 
 
 @functools.lru_cache(maxsize=4)
@@ -81,7 +84,7 @@ def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def _micro_batches(n: int, recipe: Recipe, step: int) -> list[list[int]]:
+def micro_batches(n: int, recipe: Recipe, step: int) -> list[list[int]]:
     """The micro-batches of optimizer step ``step`` (0-based): epochs are walked in order."""
     per_epoch = math.ceil(n / recipe.batch_size)
     out = []
@@ -101,7 +104,9 @@ def total_steps(recipe: Recipe, n_train: int) -> int:
     return max(1, math.ceil(recipe.epochs * per_epoch / recipe.gradient_accumulation_steps))
 
 
-def _lr_lambda(recipe: Recipe, steps: int) -> Callable[[int], float]:
+def lr_lambda(recipe: Recipe, steps: int) -> Callable[[int], float]:
+    """The recipe's learning-rate schedule as a LambdaLR factor (warmup, then cosine/linear/constant)."""
+
     def factor(step: int) -> float:
         if step < recipe.warmup_steps:
             return (step + 1) / (recipe.warmup_steps + 1)
@@ -170,7 +175,7 @@ def train(
     device = resolve_device(recipe)
     dtype = resolve_dtype(recipe, device)
     tokenizer = load_tokenizer(base_dir)
-    data = _prepare_data(recipe, tokenizer)  # dataset errors surface before any model is loaded
+    data = prepare_data(recipe, tokenizer)  # dataset errors surface before any model is loaded
     check_layers(recipe, base_dir)
     _prepare_output(out, resume, overwrite)
     ckpt_dir = out / "checkpoints"
@@ -182,7 +187,7 @@ def train(
     n_total = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     steps = total_steps(recipe, len(data.train))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps))
 
     start_step, losses, tokens_seen, train_seconds = 0, [], 0, 0.0
     if resume:
@@ -224,7 +229,7 @@ def train(
         t0 = time.perf_counter()
         micro = [
             collate([data.train[i] for i in idx], tokenizer.pad_token_id)
-            for idx in _micro_batches(len(data.train), recipe, step)
+            for idx in micro_batches(len(data.train), recipe, step)
         ]
         # Normalise by the label tokens of the whole optimizer step, so accumulation equals one big batch.
         step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)

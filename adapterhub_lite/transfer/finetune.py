@@ -20,7 +20,7 @@ from adapterhub_lite.data import IGNORE_INDEX, collate
 from adapterhub_lite.errors import TrainingError
 from adapterhub_lite.evaluation import EvalResult, evaluate
 from adapterhub_lite.training import Recipe, total_steps
-from adapterhub_lite.training.trainer import _lr_lambda, _micro_batches, _prepare_data
+from adapterhub_lite.training.trainer import lr_lambda, micro_batches, prepare_data
 
 Mode = Literal["full", "head-only"]
 
@@ -81,7 +81,7 @@ def finetune(recipe: Recipe, mode: Mode, *, progress: bool = False) -> FinetuneR
 
     base_dir = resolve_base_dir(recipe.base)
     tokenizer = load_tokenizer(base_dir)
-    data = _prepare_data(recipe, tokenizer)
+    data = prepare_data(recipe, tokenizer)
     torch.manual_seed(recipe.seed)
     model = load_base(base_dir, dtype=torch.float32, device="cpu")
     n_total = sum(p.numel() for p in model.parameters())  # the base's count, before any untying
@@ -89,7 +89,7 @@ def finetune(recipe: Recipe, mode: Mode, *, progress: bool = False) -> FinetuneR
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     steps = total_steps(recipe, len(data.train))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, steps))
     torch.manual_seed(recipe.seed)
 
     model.train()
@@ -99,7 +99,7 @@ def finetune(recipe: Recipe, mode: Mode, *, progress: bool = False) -> FinetuneR
         t0 = time.perf_counter()
         micro = [
             collate([data.train[i] for i in idx], tokenizer.pad_token_id)
-            for idx in _micro_batches(len(data.train), recipe, step)
+            for idx in micro_batches(len(data.train), recipe, step)
         ]
         step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         step_loss = 0.0
