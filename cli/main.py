@@ -1,8 +1,13 @@
-"""`adapterhub`: the command-line front. Each module under cli/ registers its own commands."""
+"""`adapterhub`: the command-line front. Each module under cli/ registers its own commands.
+
+The order below is the order of `adapterhub --help`: the path of one adapter, from training to serving.
+"""
 
 from __future__ import annotations
 
 import typer
+
+from cli import base, bundle, demo, registry, serve, tenant, train
 
 app = typer.Typer(
     name="adapterhub",
@@ -11,26 +16,5 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from cli import base as _base  # noqa: E402
-
-_base.register(app)
-
-from cli import train as _train  # noqa: E402
-
-_train.register(app)
-
-from cli import serve as _serve  # noqa: E402
-from cli import tenant as _tenant  # noqa: E402
-
-_serve.register(app)
-_tenant.register(app)
-
-from cli import bundle as _bundle  # noqa: E402
-from cli import registry as _registry  # noqa: E402
-
-_bundle.register(app)
-_registry.register(app)
-
-from cli import demo as _demo  # noqa: E402
-
-_demo.register(app)
+for _module in (demo, base, train, bundle, registry, serve, tenant):
+    _module.register(app)
