@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapterhub_lite.base import EMBEDDED_BASE_DIR, fingerprint
+from adapterhub_lite.base import EMBEDDED_BASE_DIR, EMBEDDED_BASE_NAME, fingerprint
 
 ADAPTERS_DIR = Path(__file__).resolve().parent.parent / "adapters"
 
@@ -91,6 +91,7 @@ def publish_adapters(workdir: Path, runs: dict[str, Path], log: Callable[[str], 
     for a in DEMO_ADAPTERS:
         bundle = workdir / "bundles" / f"{a.namespace}-{a.name}-{a.version}.tar"
         bundle.parent.mkdir(parents=True, exist_ok=True)
+        bundle.unlink(missing_ok=True)  # packing is reproducible: the same adapter gives the same bytes
         pack_bundle(
             runs[a.ref],
             bundle,
@@ -182,7 +183,8 @@ def run_demo(workdir: Path = Path(".adapterhub-demo"), *, method: str = "qlora",
     store = TenantStore.open(db)
     keys: dict[str, str] = {}
     for tenant, aliases in TENANTS.items():
-        _, keys[tenant] = store.add_tenant(tenant)
+        # acme may also call the base model itself; globex may not.
+        _, keys[tenant] = store.add_tenant(tenant, base_access=tenant == "acme")
         for alias, ref in aliases.items():
             store.set_alias(tenant, alias, ref)
         log(f"  tenant {tenant:<7} key {keys[tenant][:14]}…  aliases {aliases}")
@@ -211,6 +213,7 @@ def run_demo(workdir: Path = Path(".adapterhub-demo"), *, method: str = "qlora",
         questions = {task: heldout_questions(task) for task in ("capitals", "animal-sounds", "antonyms")}
         rows = []
         for tenant, model, task in [
+            ("acme", EMBEDDED_BASE_NAME, "capitals"),  # the base alone, for comparison
             ("acme", "geo", "capitals"),
             ("acme", "animals", "animal-sounds"),
             ("globex", "opposites", "antonyms"),
@@ -230,6 +233,9 @@ def run_demo(workdir: Path = Path(".adapterhub-demo"), *, method: str = "qlora",
             "globex -> acme's alias 'geo'": _status_of(lambda: ask(client["globex"], "geo", kind, prompt)),
             "globex -> acme/geo@1.0.0": _status_of(
                 lambda: ask(client["globex"], "acme/geo@1.0.0", kind, prompt)
+            ),
+            "globex -> the base model": _status_of(
+                lambda: ask(client["globex"], EMBEDDED_BASE_NAME, kind, prompt)
             ),
             "no key": httpx.post(
                 server.url + "/v1/completions", json={"model": "geo", "prompt": "x"}
@@ -260,9 +266,7 @@ def run_demo(workdir: Path = Path(".adapterhub-demo"), *, method: str = "qlora",
         after, answers = accuracy(client["acme"], "geo", questions["capitals"][:1])
         swap_s = time.perf_counter() - t0
         after, answers = accuracy(client["acme"], "geo", questions["capitals"])
-        log(
-            f"  geo exact match {before:.0%} -> {after:.0%}; first 1.1.0 answer {swap_s:.2f} s after promote"
-        )
+        log(f"  geo exact match {before:.0%} -> {after:.0%}; first 1.1.0 answer {swap_s:.2f} s after promote")
         store.set_alias("acme", "geo", "acme/geo@1.0.0")
         rolled, _ = accuracy(client["acme"], "geo", questions["capitals"])
         log(f"  rollback (same command): exact match {rolled:.0%}")
@@ -271,7 +275,7 @@ def run_demo(workdir: Path = Path(".adapterhub-demo"), *, method: str = "qlora",
         metrics = httpx.get(
             server.url + "/metrics", headers={"Authorization": f"Bearer {server.admin_key}"}
         ).text
-        ours = [ln for ln in metrics.splitlines() if ln.startswith("adapterhub_") and not ln.startswith("#")]
+        ours = [ln for ln in metrics.splitlines() if ln.startswith("adapterhub_") and "_created{" not in ln]
 
     summary.update(
         requests=rows,

@@ -1,0 +1,47 @@
+"""The README's first command: the end-to-end demo, for real (training, registry, vLLM, openai client)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adapterhub_lite.demo import run_demo
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_demo_runs_the_whole_path(tmp_path):
+    lines: list[str] = []
+    summary = run_demo(tmp_path / "demo", log=lines.append)
+
+    assert json.loads((tmp_path / "demo" / "demo_summary.json").read_text()) == json.loads(
+        json.dumps(summary)
+    )
+    by_model = {(r["tenant"], r["model"]): r["exact_match"] for r in summary["requests"]}
+    # Each tenant's adapter does its task on held-out facts; the base alone does not.
+    assert by_model[("acme", "ahl-tiny-llama")] == 0.0
+    assert by_model[("acme", "animals")] >= 0.75
+    assert by_model[("globex", "opposites")] >= 0.75
+    assert by_model[("globex", "acme/animal-sounds@1.0.0")] == by_model[("acme", "animals")]
+    # Isolation fails closed.
+    assert summary["denials"] == {
+        "globex -> acme's alias 'geo'": 404,
+        "globex -> acme/geo@1.0.0": 404,
+        "globex -> the base model": 404,
+        "no key": 401,
+        "wrong key": 401,
+        "acme -> /v1/load_lora_adapter": 403,
+    }
+    assert "geo" not in summary["globex_models"]
+    # The live promotion changes behaviour, and rollback restores it.
+    swap = summary["hot_swap"]
+    assert swap["after"] >= 0.75 and swap["after"] > swap["before"]
+    assert swap["rollback"] == swap["before"]
+    assert any(ln.lstrip().startswith("adapterhub_requests_total") for ln in lines)
+
+    # A second run reuses the trained adapters and the published bundles.
+    lines.clear()
+    again = run_demo(tmp_path / "demo", log=lines.append)
+    assert sum("reuse" in ln for ln in lines) == 4
+    assert again["hot_swap"]["after"] == swap["after"]
