@@ -6,6 +6,9 @@ The CLI prints them without a traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class AdapterHubError(Exception):
     """Base class of all user-facing errors."""
@@ -45,3 +48,13 @@ class RegistryError(AdapterHubError):
 
 class ServingError(AdapterHubError):
     """The server cannot be launched or an adapter cannot be served."""
+
+
+@contextmanager
+def os_errors_as(error: type[AdapterHubError], what: str, hint: str) -> Iterator[None]:
+    """Turn an OSError inside the block into `error` naming the file: users never see a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise error(f"{what}: {where}{exc.strerror or exc}", hint=hint) from None

@@ -46,7 +46,7 @@ from adapterhub_lite.bundles.naming import check_name, check_tag, check_version
 from adapterhub_lite.bundles.signing import SIGNATURES_FILE, SigningKeyLike, load_signing_key, sign_digest
 from adapterhub_lite.bundles.signing import signatures_bytes as _signatures_bytes
 from adapterhub_lite.bundles.tensors import read_header
-from adapterhub_lite.errors import BaseModelError, BundleError
+from adapterhub_lite.errors import BaseModelError, BundleError, os_errors_as
 
 RECORD_FILE = "training_record.json"
 MAX_RECORD_BYTES = 512 * 1024
@@ -129,128 +129,91 @@ def pack_bundle(
     `compat.check_adapter`), a training record for another base, invalid names, and an existing
     `out_path`. With `archive=True` the bundle is one reproducible tar file.
     """
-    try:
-        return _pack(
-            adapter_dir,
-            out_path,
+    with os_errors_as(
+        BundleError,
+        f"cannot pack {adapter_dir}",
+        hint="check the paths, permissions and free disk space; nothing was written",
+    ):
+        from tqdm import tqdm
+
+        adapter_dir, out_path = Path(adapter_dir), Path(out_path)
+        check_name(namespace, "namespace")
+        check_name(name, "name")
+        check_version(version)
+        tags = [check_tag(t) for t in tags]
+        if not _LICENSE_RE.match(license):
+            raise BundleError(
+                f"invalid license {license!r}", hint="use an SPDX-style id such as apache-2.0 or mit"
+            )
+        if not adapter_dir.is_dir():
+            raise BundleError(
+                f"adapter directory not found: {adapter_dir}",
+                hint="pass the directory that holds adapter_config.json",
+            )
+        names = [p.name for p in adapter_dir.iterdir() if p.is_file()]
+        if WEIGHTS_FILE not in names:
+            weights = [n for n in pickle_files(names) if n.startswith("adapter_model")]
+            refuse_pickles(weights, str(adapter_dir))
+            raise BundleError(
+                f"{adapter_dir}: no {WEIGHTS_FILE}",
+                hint="save the adapter with `model.save_pretrained(dir)` (PEFT)",
+            )
+        if CONFIG_FILE not in names:
+            raise BundleError(f"{adapter_dir}: no {CONFIG_FILE}", hint="is this a PEFT adapter directory?")
+        if out_path.exists():
+            raise BundleError(f"{out_path} already exists", hint="remove it or choose another output path")
+
+        config_bytes = (adapter_dir / CONFIG_FILE).read_bytes()
+        config = parse_config(config_bytes, str(adapter_dir / CONFIG_FILE))
+        tensors, _ = read_header(adapter_dir / WEIGHTS_FILE)
+        record = None
+        if (adapter_dir / RECORD_FILE).is_file():
+            record = load_json_bounded(
+                (adapter_dir / RECORD_FILE).read_bytes(),
+                str(adapter_dir / RECORD_FILE),
+                max_bytes=MAX_RECORD_BYTES,
+                max_depth=16,
+            )
+            if not isinstance(record, dict):
+                raise BundleError(
+                    f"{adapter_dir / RECORD_FILE}: not a JSON object",
+                    hint="remove it, or train again with `adapterhub train`",
+                )
+        base_path, base_name, base_fp = _base_for(base_dir, record, adapter_dir)
+        shape = check_adapter(
+            config,
+            tensors,
+            base_shapes=base_weight_shapes(base_path),
+            base_label=f"base {base_name!r}",
+            max_lora_rank=max_lora_rank,
+            vllm_check=vllm_check,
+            config_label=str(adapter_dir / CONFIG_FILE),
+            weights_label=str(adapter_dir / WEIGHTS_FILE),
+        )
+        signer = load_signing_key(signing_key) if signing_key is not None else None
+
+        fields: dict[str, Any] = dict(
             namespace=namespace,
             name=name,
             version=version,
-            base_dir=base_dir,
-            license=license,
-            signing_key=signing_key,
-            max_lora_rank=max_lora_rank,
-            archive=archive,
             description=description,
             tags=tags,
-            vllm_check=vllm_check,
-            progress=progress,
+            license=license,
+            base=BaseRef(name=base_name, fingerprint=base_fp),
+            adapter=AdapterInfo(**shape),
+            training=record,
+            tool_version=__version__,
+            created=_created(record),
         )
-    except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        raise BundleError(
-            f"cannot pack {adapter_dir}: {where}{exc.strerror or exc}",
-            hint="check the paths, permissions and free disk space; nothing was written",
-        ) from None
-
-
-def _pack(
-    adapter_dir: str | Path,
-    out_path: str | Path,
-    *,
-    namespace: str,
-    name: str,
-    version: str,
-    base_dir: str | Path | None = None,
-    license: str = "apache-2.0",
-    signing_key: SigningKeyLike | None = None,
-    max_lora_rank: int | None = None,
-    archive: bool = False,
-    description: str = "",
-    tags: Iterable[str] = (),
-    vllm_check: bool | None = None,
-    progress: bool = False,
-) -> Path:
-    from tqdm import tqdm
-
-    adapter_dir, out_path = Path(adapter_dir), Path(out_path)
-    check_name(namespace, "namespace")
-    check_name(name, "name")
-    check_version(version)
-    tags = [check_tag(t) for t in tags]
-    if not _LICENSE_RE.match(license):
-        raise BundleError(
-            f"invalid license {license!r}", hint="use an SPDX-style id such as apache-2.0 or mit"
-        )
-    if not adapter_dir.is_dir():
-        raise BundleError(
-            f"adapter directory not found: {adapter_dir}",
-            hint="pass the directory that holds adapter_config.json",
-        )
-    names = [p.name for p in adapter_dir.iterdir() if p.is_file()]
-    if WEIGHTS_FILE not in names:
-        weights = [n for n in pickle_files(names) if n.startswith("adapter_model")]
-        refuse_pickles(weights, str(adapter_dir))
-        raise BundleError(
-            f"{adapter_dir}: no {WEIGHTS_FILE}",
-            hint="save the adapter with `model.save_pretrained(dir)` (PEFT)",
-        )
-    if CONFIG_FILE not in names:
-        raise BundleError(f"{adapter_dir}: no {CONFIG_FILE}", hint="is this a PEFT adapter directory?")
-    if out_path.exists():
-        raise BundleError(f"{out_path} already exists", hint="remove it or choose another output path")
-
-    config_bytes = (adapter_dir / CONFIG_FILE).read_bytes()
-    config = parse_config(config_bytes, str(adapter_dir / CONFIG_FILE))
-    tensors, _ = read_header(adapter_dir / WEIGHTS_FILE)
-    record = None
-    if (adapter_dir / RECORD_FILE).is_file():
-        record = load_json_bounded(
-            (adapter_dir / RECORD_FILE).read_bytes(),
-            str(adapter_dir / RECORD_FILE),
-            max_bytes=MAX_RECORD_BYTES,
-            max_depth=16,
-        )
-        if not isinstance(record, dict):
-            raise BundleError(
-                f"{adapter_dir / RECORD_FILE}: not a JSON object",
-                hint="remove it, or train again with `adapterhub train`",
-            )
-    base_path, base_name, base_fp = _base_for(base_dir, record, adapter_dir)
-    shape = check_adapter(
-        config,
-        tensors,
-        base_shapes=base_weight_shapes(base_path),
-        base_label=f"base {base_name!r}",
-        max_lora_rank=max_lora_rank,
-        vllm_check=vllm_check,
-        config_label=str(adapter_dir / CONFIG_FILE),
-        weights_label=str(adapter_dir / WEIGHTS_FILE),
-    )
-    signer = load_signing_key(signing_key) if signing_key is not None else None
-
-    fields: dict[str, Any] = dict(
-        namespace=namespace,
-        name=name,
-        version=version,
-        description=description,
-        tags=tags,
-        license=license,
-        base=BaseRef(name=base_name, fingerprint=base_fp),
-        adapter=AdapterInfo(**shape),
-        training=record,
-        tool_version=__version__,
-        created=_created(record),
-    )
-    # The card depends on every manifest field but `files`, so it is known before any weight is hashed.
-    draft = Manifest(files=[FileEntry(path=p, size=0, sha256="0" * 64) for p in BUNDLE_FILES], **fields)
-    small = {CARD_FILE: render_card(draft), CONFIG_FILE: config_bytes}
-    size = (adapter_dir / WEIGHTS_FILE).stat().st_size
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=size, unit="B", unit_scale=True, desc=f"pack {name}", disable=not progress) as bar:
-        writer = _write_archive if archive else _write_directory
-        writer(out_path, adapter_dir / WEIGHTS_FILE, size, small, fields, signer, bar.update)
-    return out_path
+        # The card depends on every manifest field but `files`, so it is known before any weight is hashed.
+        draft = Manifest(files=[FileEntry(path=p, size=0, sha256="0" * 64) for p in BUNDLE_FILES], **fields)
+        small = {CARD_FILE: render_card(draft), CONFIG_FILE: config_bytes}
+        size = (adapter_dir / WEIGHTS_FILE).stat().st_size
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with tqdm(total=size, unit="B", unit_scale=True, desc=f"pack {name}", disable=not progress) as bar:
+            writer = _write_archive if archive else _write_directory
+            writer(out_path, adapter_dir / WEIGHTS_FILE, size, small, fields, signer, bar.update)
+        return out_path
 
 
 def _finish(entries: list[FileEntry], fields: dict[str, Any], signer) -> tuple[bytes, bytes | None]:

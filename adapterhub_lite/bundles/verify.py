@@ -25,7 +25,7 @@ from adapterhub_lite.bundles.compat import (
 from adapterhub_lite.bundles.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from adapterhub_lite.bundles.signing import SIGNATURES_FILE, PublicKeyLike, check_signatures, load_public_keys
 from adapterhub_lite.bundles.tensors import header_length, parse_header
-from adapterhub_lite.errors import BundleError
+from adapterhub_lite.errors import BundleError, os_errors_as
 
 _CHUNK = 1 << 22
 _SMALL = 8 * 1024 * 1024
@@ -135,116 +135,6 @@ def open_source(path: str | Path) -> _Source:
     raise BundleError(f"bundle not found: {path}", hint="pass a bundle directory or a bundle archive (.tar)")
 
 
-def _check(
-    path: str | Path,
-    *,
-    base_dir: str | Path | None = None,
-    base_fingerprint: str | None = None,
-    max_lora_rank: int | None = None,
-    trusted_keys: Iterable[PublicKeyLike] | None = None,
-    vllm_check: bool | None = None,
-    progress: Callable[[int], object] | None = None,
-) -> Verification:
-    trusted = load_public_keys(trusted_keys)
-    src = open_source(path)
-    names = src.names()
-    refuse_pickles(names, src.label)
-    if MANIFEST_FILE not in names:
-        raise BundleError(
-            f"{src.label}: not a bundle (no {MANIFEST_FILE})",
-            hint="make a bundle from an adapter directory with `adapterhub pack DIR`",
-        )
-    manifest = parse_manifest(src.read(MANIFEST_FILE, MAX_MANIFEST_BYTES), src.where(MANIFEST_FILE))
-
-    # The base first: an adapter for another base is refused with the name of the base it needs.
-    if base_dir is not None and base_fingerprint is None:
-        from adapterhub_lite.base import fingerprint, resolve_base_dir
-
-        base_dir = resolve_base_dir(base_dir)
-        base_fingerprint = fingerprint(base_dir)
-    if base_fingerprint is not None and base_fingerprint != manifest.base.fingerprint:
-        raise BundleError(
-            f"{manifest.ref} was trained on base model {manifest.base.name!r} "
-            f"({manifest.base.fingerprint}), not on this base ({base_fingerprint})",
-            hint=f"load it on {manifest.base.name!r} (`adapterhub base info DIR` shows its fingerprint), "
-            "or train an adapter for this base",
-        )
-
-    listed = {f.path for f in manifest.files}
-    extra = sorted(set(names) - listed - {MANIFEST_FILE, SIGNATURES_FILE})
-    if extra:
-        raise BundleError(
-            f"{src.where(extra[0])}: file not listed in {MANIFEST_FILE} (added after packing?)", hint=_REPACK
-        )
-    for entry in manifest.files:
-        if entry.path not in names:
-            raise BundleError(f"{src.where(entry.path)}: missing (listed in {MANIFEST_FILE})", hint=_REPACK)
-        actual = src.size(entry.path)
-        if actual != entry.size:
-            raise BundleError(
-                f"{src.where(entry.path)}: {actual} bytes, but {MANIFEST_FILE} says {entry.size} "
-                "(truncated or tampered)",
-                hint=_REPACK,
-            )
-        if entry.path != WEIGHTS_FILE and actual > _SMALL:
-            raise BundleError(
-                f"{src.where(entry.path)}: {actual} bytes is too large for this file", hint=_REPACK
-            )
-
-    small: dict[str, bytes] = {}
-    for entry in manifest.files:
-        h = hashlib.sha256()
-        keep = entry.path != WEIGHTS_FILE
-        parts = []
-        for chunk in src.chunks(entry.path):
-            h.update(chunk)
-            if keep:
-                parts.append(bytes(chunk))
-            if progress:
-                progress(len(chunk))
-        if h.hexdigest() != entry.sha256:
-            raise BundleError(
-                f"{src.where(entry.path)}: sha256 does not match {MANIFEST_FILE} (tampered or corrupt)",
-                hint=_REPACK,
-            )
-        if keep:
-            small[entry.path] = b"".join(parts)
-
-    if small[CARD_FILE] != render_card(manifest):
-        raise BundleError(
-            f"{src.where(CARD_FILE)}: the card does not match {MANIFEST_FILE} (one of them was edited)",
-            hint=_REPACK,
-        )
-
-    config = parse_config(small[CONFIG_FILE], src.where(CONFIG_FILE))
-    weights_size = src.size(WEIGHTS_FILE)
-    header_len = header_length(src.prefix(WEIGHTS_FILE, 8), weights_size, src.where(WEIGHTS_FILE))
-    tensors, _ = parse_header(src.prefix(WEIGHTS_FILE, 8 + header_len), weights_size, src.where(WEIGHTS_FILE))
-    base_shapes = base_weight_shapes(Path(base_dir)) if base_dir is not None else None
-    shape = check_adapter(
-        config,
-        tensors,
-        base_shapes=base_shapes,
-        base_label=f"base {manifest.base.name!r}",
-        max_lora_rank=max_lora_rank,
-        vllm_check=vllm_check,
-        config_label=src.where(CONFIG_FILE),
-        weights_label=src.where(WEIGHTS_FILE),
-    )
-    recorded = manifest.adapter.model_dump()
-    for key, value in shape.items():
-        if recorded[key] != value:
-            raise BundleError(
-                f"{src.where(MANIFEST_FILE)}: adapter.{key} says {recorded[key]!r}, but the "
-                f"weights and config say {value!r}",
-                hint=_REPACK,
-            )
-
-    sig_data = src.read(SIGNATURES_FILE, 64 * 1024) if SIGNATURES_FILE in names else None
-    signers = check_signatures(sig_data, manifest.digest, trusted, src.where(SIGNATURES_FILE))
-    return Verification(manifest, signers, "directory" if isinstance(src, _DirSource) else "archive")
-
-
 def check_bundle(
     path: str | Path,
     *,
@@ -256,22 +146,112 @@ def check_bundle(
     progress: Callable[[int], object] | None = None,
 ) -> Verification:
     """Verify a bundle and report its manifest, signers and form (see `verify_bundle`)."""
-    try:
-        return _check(
-            path,
-            base_dir=base_dir,
-            base_fingerprint=base_fingerprint,
-            max_lora_rank=max_lora_rank,
-            trusted_keys=trusted_keys,
-            vllm_check=vllm_check,
-            progress=progress,
+    with os_errors_as(
+        BundleError, "cannot read the bundle", hint="check that the path exists and is readable"
+    ):
+        trusted = load_public_keys(trusted_keys)
+        src = open_source(path)
+        names = src.names()
+        refuse_pickles(names, src.label)
+        if MANIFEST_FILE not in names:
+            raise BundleError(
+                f"{src.label}: not a bundle (no {MANIFEST_FILE})",
+                hint="make a bundle from an adapter directory with `adapterhub pack DIR`",
+            )
+        manifest = parse_manifest(src.read(MANIFEST_FILE, MAX_MANIFEST_BYTES), src.where(MANIFEST_FILE))
+
+        # The base first: an adapter for another base is refused with the name of the base it needs.
+        if base_dir is not None and base_fingerprint is None:
+            from adapterhub_lite.base import fingerprint, resolve_base_dir
+
+            base_dir = resolve_base_dir(base_dir)
+            base_fingerprint = fingerprint(base_dir)
+        if base_fingerprint is not None and base_fingerprint != manifest.base.fingerprint:
+            raise BundleError(
+                f"{manifest.ref} was trained on base model {manifest.base.name!r} "
+                f"({manifest.base.fingerprint}), not on this base ({base_fingerprint})",
+                hint=f"load it on {manifest.base.name!r} (`adapterhub base info DIR` shows its fingerprint), "
+                "or train an adapter for this base",
+            )
+
+        listed = {f.path for f in manifest.files}
+        extra = sorted(set(names) - listed - {MANIFEST_FILE, SIGNATURES_FILE})
+        if extra:
+            raise BundleError(
+                f"{src.where(extra[0])}: file not listed in {MANIFEST_FILE} (added after packing?)",
+                hint=_REPACK,
+            )
+        for entry in manifest.files:
+            if entry.path not in names:
+                raise BundleError(
+                    f"{src.where(entry.path)}: missing (listed in {MANIFEST_FILE})", hint=_REPACK
+                )
+            actual = src.size(entry.path)
+            if actual != entry.size:
+                raise BundleError(
+                    f"{src.where(entry.path)}: {actual} bytes, but {MANIFEST_FILE} says {entry.size} "
+                    "(truncated or tampered)",
+                    hint=_REPACK,
+                )
+            if entry.path != WEIGHTS_FILE and actual > _SMALL:
+                raise BundleError(
+                    f"{src.where(entry.path)}: {actual} bytes is too large for this file", hint=_REPACK
+                )
+
+        small: dict[str, bytes] = {}
+        for entry in manifest.files:
+            h = hashlib.sha256()
+            keep = entry.path != WEIGHTS_FILE
+            parts = []
+            for chunk in src.chunks(entry.path):
+                h.update(chunk)
+                if keep:
+                    parts.append(bytes(chunk))
+                if progress:
+                    progress(len(chunk))
+            if h.hexdigest() != entry.sha256:
+                raise BundleError(
+                    f"{src.where(entry.path)}: sha256 does not match {MANIFEST_FILE} (tampered or corrupt)",
+                    hint=_REPACK,
+                )
+            if keep:
+                small[entry.path] = b"".join(parts)
+
+        if small[CARD_FILE] != render_card(manifest):
+            raise BundleError(
+                f"{src.where(CARD_FILE)}: the card does not match {MANIFEST_FILE} (one of them was edited)",
+                hint=_REPACK,
+            )
+
+        config = parse_config(small[CONFIG_FILE], src.where(CONFIG_FILE))
+        weights_size = src.size(WEIGHTS_FILE)
+        header_len = header_length(src.prefix(WEIGHTS_FILE, 8), weights_size, src.where(WEIGHTS_FILE))
+        tensors, _ = parse_header(
+            src.prefix(WEIGHTS_FILE, 8 + header_len), weights_size, src.where(WEIGHTS_FILE)
         )
-    except OSError as exc:
-        where = exc.filename or path
-        raise BundleError(
-            f"{where}: cannot read the bundle ({exc.strerror or exc})",
-            hint="check that the path exists and is readable",
-        ) from None
+        base_shapes = base_weight_shapes(Path(base_dir)) if base_dir is not None else None
+        shape = check_adapter(
+            config,
+            tensors,
+            base_shapes=base_shapes,
+            base_label=f"base {manifest.base.name!r}",
+            max_lora_rank=max_lora_rank,
+            vllm_check=vllm_check,
+            config_label=src.where(CONFIG_FILE),
+            weights_label=src.where(WEIGHTS_FILE),
+        )
+        recorded = manifest.adapter.model_dump()
+        for key, value in shape.items():
+            if recorded[key] != value:
+                raise BundleError(
+                    f"{src.where(MANIFEST_FILE)}: adapter.{key} says {recorded[key]!r}, but the "
+                    f"weights and config say {value!r}",
+                    hint=_REPACK,
+                )
+
+        sig_data = src.read(SIGNATURES_FILE, 64 * 1024) if SIGNATURES_FILE in names else None
+        signers = check_signatures(sig_data, manifest.digest, trusted, src.where(SIGNATURES_FILE))
+        return Verification(manifest, signers, "directory" if isinstance(src, _DirSource) else "archive")
 
 
 def verify_bundle(
