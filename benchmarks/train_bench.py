@@ -14,9 +14,9 @@ peak memory cannot leak into another's:
 Targets (issue 2): QLoRA peak memory <= 0.4x LoRA's; our tokens/s >= 1.0x the standard recipe's.
 Peak RSS is reported whole and above the process's RSS after imports (the torch/transformers runtime,
 some 400-600 MB that no method can save), since that fixed cost dominates a model this small on a CPU.
-On the CPU, transformers memory-maps the full-precision weights file while it quantizes, so a 4-bit
-load briefly holds those pages too, and activations, not weights, dominate a model this small; the
-weights' own footprint (`get_memory_footprint`, full precision vs NF4) is reported beside the peaks.
+The 4-bit load reads one full-precision tensor at a time (`load_base`), but activations, not weights,
+dominate a model this small: the weights' own footprint (`get_memory_footprint`, full precision vs NF4) is
+reported beside the peaks, and ``--hidden/--layers/--intermediate/--heads`` make a larger model.
 Writes ``benchmarks/results/train_bench.json`` and ``train_bench.png``.
 """
 
@@ -47,6 +47,12 @@ def rss_now_mb() -> float:
 
 
 def peak_rss_mb() -> float:
+    # VmHWM, not ru_maxrss: the latter survives exec, so a child would start at the parent's RSS (which
+    # built the model: gigabytes for a large one).
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
