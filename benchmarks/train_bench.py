@@ -16,7 +16,8 @@ Peak RSS is reported whole and above the process's RSS after imports (the torch/
 some 400-600 MB that no method can save), since that fixed cost dominates a model this small on a CPU.
 The 4-bit load reads one full-precision tensor at a time (`load_base`), but activations, not weights,
 dominate a model this small: the weights' own footprint (`get_memory_footprint`, full precision vs NF4) is
-reported beside the peaks, and ``--hidden/--layers/--intermediate/--heads`` make a larger model.
+reported beside the peaks, ``--hidden/--layers/--intermediate/--heads`` make a larger model, and
+``--gradient-checkpointing`` (every variant) trades activations for recomputation.
 Writes ``benchmarks/results/train_bench.json`` and ``train_bench.png``.
 """
 
@@ -122,6 +123,7 @@ def run_ours(args, method: str) -> dict:
             "max_seq_len": args.seq_len,
             "eval_batch_size": args.batch_size,
             "device": args.device,
+            "gradient_checkpointing": args.gradient_checkpointing,
             "checkpoint_every": 10**6,  # only the final one, as the Trainer saves none
             "output_dir": str(args.work / f"out-{method}"),
         }
@@ -203,6 +205,7 @@ def run_hf(args) -> dict:
         remove_unused_columns=False,
         disable_tqdm=True,
         seed=0,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=rows, data_collator=collator, callbacks=[clock])
     out = trainer.train()
@@ -303,6 +306,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--intermediate", type=int, default=2048)
     ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations (every variant)"
+    )
     ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best one counts")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the embedded base's)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -355,6 +361,7 @@ def main() -> None:
                 str(args.rank),
                 "--threads",
                 str(args.threads),
+                *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
                 "--model-dir",
                 str(model_dir),
                 "--data",
@@ -423,6 +430,7 @@ def main() -> None:
             "rank": args.rank,
             "target_modules": "all-linear",
             "threads": args.threads,
+            "gradient_checkpointing": args.gradient_checkpointing,
             "repeats": args.repeats,
             "compute_dtype": "bfloat16" if args.device == "cuda" else "float32",
         },
