@@ -96,6 +96,51 @@ def micro_batches(n: int, recipe: Recipe, step: int) -> list[list[int]]:
     return out
 
 
+def optimizer_step(
+    model,
+    data: PreparedData,
+    tokenizer,
+    recipe: Recipe,
+    step: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    params: list[torch.nn.Parameter],
+    device: str | torch.device,
+    what: str = "",
+) -> tuple[float, int]:
+    """One optimizer step (its micro-batches accumulated); returns (loss, tokens processed).
+
+    Shared by the trainer and the transfer study's full/head-only fine-tuning, so every strategy is
+    optimised the same way. `what` names the run in the error a diverging loss raises.
+    """
+    micro = [
+        collate([data.train[i] for i in idx], tokenizer.pad_token_id)
+        for idx in micro_batches(len(data.train), recipe, step)
+    ]
+    # Normalise by the label tokens of the whole optimizer step, so accumulation equals one big batch.
+    step_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    step_loss, tokens = 0.0, 0
+    for batch in micro:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n_labels = int((batch["labels"][:, 1:] != -100).sum())
+        if n_labels == 0:
+            continue
+        loss = model(**batch, use_cache=False).loss * (n_labels / step_labels)  # no KV cache to build
+        loss.backward()
+        step_loss += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    if not math.isfinite(step_loss):
+        raise TrainingError(
+            f"the loss became {step_loss} at step {step + 1}{what}", hint="lower learning_rate in the recipe"
+        )
+    if recipe.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, tokens
+
+
 def total_steps(recipe: Recipe, n_train: int) -> int:
     """``max_steps`` if set, else enough optimizer steps to see the training set ``epochs`` times."""
     if recipe.max_steps is not None:
@@ -227,31 +272,10 @@ def train(
     )
     for step in range(start_step, steps):
         t0 = time.perf_counter()
-        micro = [
-            collate([data.train[i] for i in idx], tokenizer.pad_token_id)
-            for idx in micro_batches(len(data.train), recipe, step)
-        ]
-        # Normalise by the label tokens of the whole optimizer step, so accumulation equals one big batch.
-        step_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        step_loss = 0.0
-        for batch in micro:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            n_labels = int((batch["labels"][:, 1:] != -100).sum())
-            if n_labels == 0:
-                continue
-            loss = model(**batch, use_cache=False).loss * (n_labels / step_tokens)  # no KV cache to build
-            loss.backward()
-            step_loss += loss.item()
-            tokens_seen += int(batch["attention_mask"].sum())
-        if not math.isfinite(step_loss):
-            raise TrainingError(
-                f"the loss became {step_loss} at step {step + 1}", hint="lower learning_rate in the recipe"
-            )
-        if recipe.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, recipe.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_loss, step_tokens = optimizer_step(
+            model, data, tokenizer, recipe, step, optimizer, scheduler, trainable, device
+        )
+        tokens_seen += step_tokens
         train_seconds += time.perf_counter() - t0
         losses.append((step + 1, step_loss))
         bar.update(1)

@@ -8,7 +8,6 @@ the same `evaluate`, on a plain model instead of a peft one. Only what is traina
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -16,11 +15,10 @@ from typing import Literal
 import torch
 
 from adapterhub_lite.base import load_base, load_tokenizer, resolve_base_dir
-from adapterhub_lite.data import IGNORE_INDEX, collate
 from adapterhub_lite.errors import TrainingError
 from adapterhub_lite.evaluation import EvalResult, evaluate
 from adapterhub_lite.training import Recipe, total_steps
-from adapterhub_lite.training.trainer import lr_lambda, micro_batches, prepare_data
+from adapterhub_lite.training.trainer import lr_lambda, optimizer_step, prepare_data
 
 Mode = Literal["full", "head-only"]
 
@@ -97,29 +95,18 @@ def finetune(recipe: Recipe, mode: Mode, *, progress: bool = False) -> FinetuneR
     train_seconds = 0.0
     for step in tqdm(range(steps), desc=f"{mode} {recipe.name}", unit="step", disable=not progress):
         t0 = time.perf_counter()
-        micro = [
-            collate([data.train[i] for i in idx], tokenizer.pad_token_id)
-            for idx in micro_batches(len(data.train), recipe, step)
-        ]
-        step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        step_loss = 0.0
-        for batch in micro:
-            n_labels = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            if n_labels == 0:
-                continue
-            loss = model(**batch).loss * (n_labels / step_tokens)
-            loss.backward()
-            step_loss += loss.item()
-        if not math.isfinite(step_loss):
-            raise TrainingError(
-                f"the loss became {step_loss} at step {step + 1} ({mode} fine-tuning)",
-                hint="lower the learning rate",
-            )
-        if recipe.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        step_loss, _ = optimizer_step(
+            model,
+            data,
+            tokenizer,
+            recipe,
+            step,
+            optimizer,
+            scheduler,
+            params,
+            "cpu",
+            what=f" ({mode} fine-tuning)",
+        )
         train_seconds += time.perf_counter() - t0
         losses.append(step_loss)
 
