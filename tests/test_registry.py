@@ -319,9 +319,10 @@ def test_cli_keys_sign_trust_and_repair(tmp_path, bundles, monkeypatch):
     assert res.exit_code == 1 and "unsigned" in res.output
     assert runner.invoke(app, ["sign", str(bundle), "--key", "ci"]).exit_code == 0
     assert runner.invoke(app, ["publish", str(bundle)]).exit_code == 0
-    # An orphaned blob: `registry check` fails until `--repair` removes it.
+    # An orphaned blob: `registry check` fails until `--repair` removes it. Its shard folder
+    # may already exist: the signed bundle's blobs have random digests (fresh key each run).
     orphan = tmp_path / "reg" / "blobs" / "sha256" / "00" / ("00" * 32)
-    orphan.parent.mkdir(parents=True)
+    orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(b"stray")
     assert runner.invoke(app, ["registry", "check"]).exit_code == 1
     res = runner.invoke(app, ["registry", "check", "--repair", "--grace", "0"])
