@@ -124,6 +124,7 @@ def run_ours(args, method: str) -> dict:
             "eval_batch_size": args.batch_size,
             "device": args.device,
             "gradient_checkpointing": args.gradient_checkpointing,
+            "low_memory": {"auto": None, "on": True, "off": False}[args.low_memory],
             "checkpoint_every": 10**6,  # only the final one, as the Trainer saves none
             "output_dir": str(args.work / f"out-{method}"),
         }
@@ -309,10 +310,17 @@ def main() -> None:
     ap.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations (every variant)"
     )
+    ap.add_argument(
+        "--low-memory",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="this trainer's recipe field low_memory (auto: on for QLoRA on the CPU)",
+    )
     ap.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best one counts")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the embedded base's)")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--tag", default="", help="suffix of the result files (train_bench_TAG.json)")
     # internal: one variant in a fresh process
     ap.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -362,6 +370,8 @@ def main() -> None:
                 "--threads",
                 str(args.threads),
                 *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
+                "--low-memory",
+                args.low_memory,
                 "--model-dir",
                 str(model_dir),
                 "--data",
@@ -431,6 +441,7 @@ def main() -> None:
             "target_modules": "all-linear",
             "threads": args.threads,
             "gradient_checkpointing": args.gradient_checkpointing,
+            "low_memory": args.low_memory,
             "repeats": args.repeats,
             "compute_dtype": "bfloat16" if args.device == "cuda" else "float32",
         },
@@ -448,7 +459,7 @@ def main() -> None:
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    suffix = "" if args.device == "cpu" else f"_{args.device}"
+    suffix = ("" if args.device == "cpu" else f"_{args.device}") + (f"_{args.tag}" if args.tag else "")
     json_path, png_path = args.out / f"train_bench{suffix}.json", args.out / f"train_bench{suffix}.png"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, png_path)

@@ -28,6 +28,7 @@ from adapterhub_lite.base import fingerprint, load_tokenizer, resolve_base_dir
 from adapterhub_lite.data import Dataset, Features, collate, load_dataset, tokenize_examples, train_eval_split
 from adapterhub_lite.errors import TrainingError
 from adapterhub_lite.evaluation import evaluate, negative_transfer, transfer_gain
+from adapterhub_lite.training.allocator import low_memory_wanted, return_large_blocks_to_os
 from adapterhub_lite.training.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from adapterhub_lite.training.model import build_model, check_layers, resolve_device, resolve_dtype
 from adapterhub_lite.training.recipe import Recipe
@@ -225,6 +226,9 @@ def train(
     _prepare_output(out, resume, overwrite)
     ckpt_dir = out / "checkpoints"
 
+    low_memory = low_memory_wanted(recipe.low_memory, recipe.method, device)
+    if low_memory:
+        return_large_blocks_to_os()  # before loading: the 4-bit load churns large blocks too
     torch.manual_seed(recipe.seed)
     model = build_model(recipe, base_dir, device, dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -325,6 +329,7 @@ def train(
         "total_parameters": n_total,
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
+        "low_memory": low_memory,
         "metrics": {"adapter": adapted.metrics(), "base": alone.metrics(), "transfer_gain": gain},
         "negative_transfer": bool(reasons),
         "warnings": [f"negative transfer: {r}" for r in reasons],
