@@ -156,13 +156,26 @@ def test_sharing_and_public(reg, bundles):
     assert not reg.can_read("globex", "acme/bot@1.0.0")
     assert not reg.can_read("acme", "acme/bot@7.0.0") and not reg.can_read("acme", "acme/nothing")
     assert not reg.can_read("acme", "not a ref")
+    reg.publish(bundles["globex"])
+    fp = reg.resolve("acme/bot").base_fingerprint
+
+    def readable(namespace: str, base: str | None = None) -> list[str]:
+        return [p.ref for p in reg.readable(namespace, base)]
+
+    assert readable("globex") == ["globex/translator@0.1.0"] and readable("initech") == []
     reg.share("acme/bot", "globex")
     assert reg.can_read("globex", "acme/bot@1.0.0") and not reg.can_read("initech", "acme/bot@1.0.0")
     assert reg.shared_with("acme/bot") == ["globex"]
+    assert readable("globex") == ["acme/bot@1.0.0", "globex/translator@0.1.0"] == readable("globex", fp)
+    assert readable("globex", "sha256:" + "0" * 64) == []
+    reg.yank("acme/bot@1.0.0")
+    assert readable("globex") == ["globex/translator@0.1.0"]  # nothing left to name `acme/bot` by
+    reg.yank("acme/bot@1.0.0", undo=True)
     reg.share("acme/bot", "globex", revoke=True)
-    assert not reg.can_read("globex", "acme/bot@1.0.0")
+    assert not reg.can_read("globex", "acme/bot@1.0.0") and readable("globex") == ["globex/translator@0.1.0"]
     reg.set_public("acme/bot@1.0.0", True)
     assert reg.can_read("initech", "acme/bot@1.0.0") and reg.resolve("acme/bot").public
+    assert readable("initech") == ["acme/bot@1.0.0"]
     with pytest.raises(RegistryError, match="no adapter acme/ghost"):
         reg.share("acme/ghost", "globex")
 

@@ -235,10 +235,27 @@ def test_streaming_chat_and_completion_pass_through(world):
 
 
 def test_models_list_shows_each_tenant_only_its_own(world):
-    acme = {m.id for m in _client(world, "acme").models.list()}
+    acme = {m.id: m for m in _client(world, "acme").models.list()}
     globex = {m.id for m in _client(world, "globex").models.list()}
-    assert acme == {"base", "bot", "e1", "e2", "e3", "bad", "alien"}
-    assert globex == {"helper"}  # no base access, nothing of acme's
+    aliases = {"base", "bot", "e1", "e2", "e3", "bad", "alien"}
+    # Its aliases, then its packages by name; not acme/alien, which is for another base.
+    assert set(acme) == aliases | {"acme/bot", "acme/e1", "acme/e2", "acme/e3", "acme/bad"}
+    assert acme["acme/bot"].root == world["refs"]["bot2"] and acme["bot"].root == world["refs"]["bot1"]
+    assert globex == {"helper", "globex/helper"}  # no base access, nothing of acme's
+
+
+def test_models_list_shows_adapters_shared_with_a_tenant(world):
+    from adapterhub_lite.registry import Registry
+
+    _, key = world["store"].add_tenant("partner")
+    client = openai.OpenAI(base_url=world["url"] + "/v1", api_key=key, max_retries=0)
+    assert [m.id for m in client.models.list()] == []
+    Registry.open(world["registry"]).share("globex/helper", "partner")
+    time.sleep(5.5)  # the server reuses registry answers for 5 s
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {"globex/helper"} and models["globex/helper"].root == world["refs"]["helper"]
+    assert models["globex/helper"].owned_by == "globex"
+    assert _complete(client, "globex/helper")[1] == world["expected"]["helper"]
 
 
 def test_cross_tenant_access_is_denied_on_every_route(world):

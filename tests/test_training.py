@@ -96,6 +96,16 @@ def test_qlora_learns_on_the_4bit_base_and_beats_it(capitals_qlora):  # noqa: F8
     # The adapter's own weights are kept in full precision.
     weights = load_file(capitals_qlora.output_dir / "adapter_model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float32}
+    # QLoRA on the CPU returns freed memory to the OS by default (training/allocator.py).
+    assert capitals_qlora.record["low_memory"] is True
+
+
+def test_low_memory_defaults_to_cpu_qlora_and_can_be_set():
+    from adapterhub_lite.training.allocator import low_memory_wanted
+
+    assert low_memory_wanted(None, "qlora", "cpu") and not low_memory_wanted(None, "qlora", "cuda")
+    assert not low_memory_wanted(None, "lora", "cpu") and low_memory_wanted(True, "lora", "cpu")
+    assert not low_memory_wanted(False, "qlora", "cpu")
 
 
 def test_saved_adapter_reloads_with_plain_peft_and_answers_the_same(capitals_lora):  # noqa: F811

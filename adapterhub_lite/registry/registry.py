@@ -523,6 +523,10 @@ class Registry:
         if tag:
             sql += " AND EXISTS (SELECT 1 FROM tags t WHERE t.version_id = v.id AND t.tag = ?)"
             args.append(tag)
+        return self._newest_of_each(sql, args)
+
+    def _newest_of_each(self, sql: str, args: builtins.list[Any]) -> builtins.list[Published]:
+        """The newest version of each package among the rows `sql` selects, in package order."""
         with self.index.read() as con:
             rows = [_row(r) for r in con.execute(sql, args)]
         by_package: dict[tuple[str, str], builtins.list[Published]] = {}
@@ -605,6 +609,19 @@ class Registry:
                 "UPDATE packages SET public=? WHERE namespace=? AND name=?",
                 (int(public), r.namespace, r.name),
             )
+
+    def readable(self, namespace: str, base: str | None = None) -> builtins.list[Published]:
+        """The newest non-yanked version of each adapter `namespace` may use: its own, shared with it,
+        or public; with `base`, only adapters for that base fingerprint."""
+        sql = (
+            _SELECT + " WHERE v.yanked = 0 AND (v.namespace = ? OR p.public = 1 OR EXISTS (SELECT 1 FROM "
+            "shares s WHERE s.namespace = v.namespace AND s.name = v.name AND s.grantee = ?))"
+        )
+        args: builtins.list[Any] = [namespace, namespace]
+        if base:
+            sql += " AND v.base_fingerprint = ?"
+            args.append(base)
+        return self._newest_of_each(sql, args)
 
     def can_read(self, namespace: str, ref: str) -> bool:
         """Whether `namespace` may use `ref`: its own, shared with it, or public (unknown refs: False)."""

@@ -185,7 +185,18 @@ class TenancyMiddleware:
             data.append(
                 {"id": alias, "object": "model", "created": now, "owned_by": tenant.namespace, "root": ref}
             )
+        # Then every adapter the tenant may name as `namespace/name` (own, shared, public) for this base.
+        for package, ref in self.registry_view.readable(tenant.namespace, self._served_fingerprint()):
+            owner = package.split("/", 1)[0]
+            data.append({"id": package, "object": "model", "created": now, "owned_by": owner, "root": ref})
         await _json(send, 200, {"object": "list", "data": data})
+
+    def _served_fingerprint(self) -> str | None:
+        """The served base's fingerprint, or None (no filter) where the server was not told its base."""
+        try:
+            return self.resolver.base_fingerprint()
+        except AdapterHubError:
+            return None
 
     async def _inference(self, scope: Scope, receive: Receive, send: Send, tenant: Tenant | None) -> None:
         body = await _read_body(receive)

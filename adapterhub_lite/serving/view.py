@@ -75,6 +75,17 @@ class RegistryView:
 
         return self._cached(("can_read", namespace, ref), ask)
 
+    def readable(self, namespace: str, base: str | None) -> list[tuple[str, str]]:
+        """(`namespace/name`, newest full ref) of each adapter `namespace` may use ([] if unreadable)."""
+
+        def ask() -> list[tuple[str, str]]:
+            try:
+                return [(f"{p.namespace}/{p.name}", p.ref) for p in self.registry.readable(namespace, base)]
+            except AdapterHubError:
+                return []
+
+        return self._cached(("readable", namespace, base), ask)
+
     def clear(self) -> None:
         self._memo.clear()
 
