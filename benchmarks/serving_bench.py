@@ -12,6 +12,10 @@ and hot-swap latency (promote -> first token from the new version) against a ful
 Targets (issue 4): (b)/(c) >= 0.95 at equal adapter counts; (b)/(d) >= 10 at 16 tenants; restart /
 hot swap >= 30. The model is a random-init Llama big enough that compute, not HTTP, dominates.
 
+On vLLM's CPU build the plugin also installs grouped multi-LoRA ops (adapterhub_lite/serving/
+cpu_lora_ops.py), so (b)/(c) measures both; run with ADAPTERHUB_CPU_LORA_OPS=0 to measure the
+plugin's own overhead alone (both servers then run vLLM's reference ops).
+
     .venv/bin/python benchmarks/serving_bench.py                 # full size
     .venv/bin/python benchmarks/serving_bench.py --quick         # ~10 minutes on 2 CPU cores
 
@@ -477,7 +481,11 @@ def main() -> None:
             # other work on the machine skews absolute figures; ratios are measured interleaved
             "load_average_start_end": [load_start, round(os.getloadavg()[0], 2)],
         },
-        "config": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")},
+        "config": {
+            **{k: v for k, v in vars(args).items() if k not in ("out", "workdir")},
+            # The plugin path runs adapterhub's grouped CPU LoRA ops unless this is "0"; plain vLLM never.
+            "ADAPTERHUB_CPU_LORA_OPS": os.environ.get("ADAPTERHUB_CPU_LORA_OPS", "1"),
+        },
         "targets": {
             "plugin_over_plain": ">= 0.95",
             "plugin_over_naive_16": ">= 10",

@@ -431,6 +431,27 @@ def test_hot_swap_under_load_never_serves_a_wrong_adapter(world):
     assert r.model == v2
 
 
+def _metric(world, name: str, tenant: str) -> float:
+    text = httpx.get(world["url"] + "/metrics", headers={"Authorization": f"Bearer {world['admin']}"}).text
+    prefix = f'{name}{{adapter="",tenant="{tenant}"}} '
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_streams_are_metered_exactly_and_clients_get_what_they_asked(world):
+    _, key = world["store"].add_tenant("meter", base_access=True)
+    client = openai.OpenAI(base_url=world["url"] + "/v1", api_key=key, max_retries=0)
+    ask = dict(model="base", prompt=PROMPT_IDS, max_tokens=5, stream=True, extra_body={"ignore_eos": True})
+    # Without include_usage the client sees no usage event (as vLLM alone answers), yet all is counted.
+    chunks = list(client.completions.create(**ask))
+    assert all(c.choices and c.usage is None for c in chunks)
+    assert _metric(world, "adapterhub_prompt_tokens_total", "meter") == len(PROMPT_IDS)
+    assert _metric(world, "adapterhub_completion_tokens_total", "meter") == 5
+    # With include_usage it gets the usage event, as asked.
+    chunks = list(client.completions.create(**ask, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 5 and not chunks[-1].choices
+    assert _metric(world, "adapterhub_completion_tokens_total", "meter") == 10
+
+
 def test_rate_limit_returns_429_then_recovers(world):
     client = _client(world, "limited")
     for _ in range(6):

@@ -249,8 +249,9 @@ class TenancyMiddleware:
             if not target.is_base and not await self._ensure_loadable(scope, send, target, label):
                 return
             payload["model"] = target.name
+            hide_usage = _ask_for_stream_usage(payload)
             await self._forward(
-                scope, receive, send, json.dumps(payload).encode(), label, adapter_label, tenant
+                scope, receive, send, json.dumps(payload).encode(), label, adapter_label, tenant, hide_usage
             )
         finally:
             if not target.is_base:
@@ -309,6 +310,7 @@ class TenancyMiddleware:
         label: str,
         adapter: str,
         tenant: Tenant | None,
+        hide_usage: bool = False,
     ) -> None:
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"authorization")]
         headers.append((b"content-length", str(len(body)).encode()))
@@ -327,6 +329,8 @@ class TenancyMiddleware:
 
         async def inner_send(message: MutableMapping[str, Any]) -> None:
             usage.observe(message)
+            if hide_usage and usage.streaming and message["type"] == "http.response.body":
+                message = {**message, "body": _without_usage_event(message.get("body", b""))}
             await send(message)
 
         try:
@@ -470,6 +474,32 @@ class _UsageMeter:
         if self._saw_usage:
             return self._prompt, self._completion
         return 0, self._chunks
+
+
+def _ask_for_stream_usage(payload: dict) -> bool:
+    """Make a stream end with vLLM's usage event, so that metrics and token limits count exactly.
+
+    Returns True when the client did not ask for it: the middleware then removes that event again.
+    A client asking for continuous usage stats without `include_usage` is left alone (counted per chunk).
+    """
+    if payload.get("stream") is not True:
+        return False
+    options = payload.get("stream_options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or options.get("include_usage") or options.get("continuous_usage_stats"):
+        return False
+    payload["stream_options"] = {**options, "include_usage": True}
+    return True
+
+
+def _without_usage_event(body: bytes) -> bytes:
+    """`body` without the usage-only event (`"choices":[]` and a usage object) that ends a stream."""
+    if b'"usage":{' not in body:
+        return body
+    events = body.split(b"\n\n")
+    kept = [e for e in events if not (e.startswith(b"data: ") and b'"usage":{' in e and b'"choices":[]' in e)]
+    return b"\n\n".join(kept)
 
 
 def _bearer(scope: Scope) -> str | None:
