@@ -159,3 +159,35 @@ def test_tenant_cli_shows_key_once_and_errors_cleanly(tmp_path):
         app, ["tenant", "promote", "acme", "bot", "acme/bot@1.0.0", *db, "--registry", str(tmp_path / "reg")]
     )
     assert missing.exit_code == 1 and "acme/bot@1.0.0" in missing.output and "Traceback" not in missing.output
+
+
+def test_usage_meter_counts_streams_and_hides_only_the_usage_event():
+    from adapterhub_lite.serving.usage import UsageMeter, ask_for_stream_usage, without_usage_event
+
+    usage_event = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":6,"completion_tokens":2}}\n\n'
+    chunk = b'data: {"id":"c","choices":[{"index":0,"text":"a"}]}\n\n'
+    meter = UsageMeter()
+    meter.observe(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+    )
+    for body in (chunk, chunk, usage_event + b"data: [DONE]\n\n"):
+        meter.observe({"type": "http.response.body", "body": body, "more_body": True})
+    assert meter.status == 200 and meter.tokens() == (6, 2)
+    assert without_usage_event(usage_event + b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
+    assert without_usage_event(chunk) == chunk and without_usage_event(usage_event) == b""
+    # Without a usage event, a stream counts one completion token per content chunk.
+    bare = UsageMeter()
+    bare.observe(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
+    )
+    bare.observe({"type": "http.response.body", "body": chunk * 3 + b"data: [DONE]\n\n"})
+    assert bare.tokens() == (0, 3)
+    # Streams are asked for usage unless the client asked itself (or wants continuous stats).
+    payload = {"stream": True, "stream_options": {"continuous_usage_stats": False}}
+    assert ask_for_stream_usage(payload) and payload["stream_options"]["include_usage"] is True
+    for p in (
+        {"stream": False},
+        {"stream": True, "stream_options": {"include_usage": True}},
+        {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+    ):
+        assert not ask_for_stream_usage(dict(p))

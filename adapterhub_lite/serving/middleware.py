@@ -41,6 +41,7 @@ from adapterhub_lite.serving.metrics import ServingMetrics, default_metrics
 from adapterhub_lite.serving.ratelimit import RateLimiter
 from adapterhub_lite.serving.resolver import AdapterResolver, get_resolver
 from adapterhub_lite.serving.tenancy import Tenant, TenantStore, hash_key
+from adapterhub_lite.serving.usage import UsageMeter, ask_for_stream_usage, without_usage_event
 from adapterhub_lite.serving.view import RegistryView, Target, resolve_model
 
 logger = logging.getLogger("adapterhub.serving")
@@ -249,7 +250,7 @@ class TenancyMiddleware:
             if not target.is_base and not await self._ensure_loadable(scope, send, target, label):
                 return
             payload["model"] = target.name
-            hide_usage = _ask_for_stream_usage(payload)
+            hide_usage = ask_for_stream_usage(payload)
             await self._forward(
                 scope, receive, send, json.dumps(payload).encode(), label, adapter_label, tenant, hide_usage
             )
@@ -325,12 +326,12 @@ class TenancyMiddleware:
             # vLLM watches for the client going away to cancel generation: pass the real signal on.
             return await receive()
 
-        usage = _UsageMeter()
+        usage = UsageMeter()
 
         async def inner_send(message: MutableMapping[str, Any]) -> None:
             usage.observe(message)
             if hide_usage and usage.streaming and message["type"] == "http.response.body":
-                message = {**message, "body": _without_usage_event(message.get("body", b""))}
+                message = {**message, "body": without_usage_event(message.get("body", b""))}
             await send(message)
 
         try:
@@ -419,87 +420,6 @@ class TenancyMiddleware:
             await _json(send, 200, {"tenants_version": self._version})
         else:
             await _error(send, 404, f"no admin route {scope['path']}", "NotFoundError")
-
-
-class _UsageMeter:
-    """Reads status and token usage from a response as it streams by, without changing it."""
-
-    def __init__(self) -> None:
-        self.status: int | None = None
-        self.streaming = False
-        self._buf = bytearray()
-        self._prompt = 0
-        self._completion = 0
-        self._chunks = 0
-        self._saw_usage = False
-
-    def observe(self, message: MutableMapping[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-            for k, v in message.get("headers", []):
-                if k.lower() == b"content-type" and b"text/event-stream" in v:
-                    self.streaming = True
-        elif message["type"] == "http.response.body":
-            body = message.get("body", b"")
-            if not self.streaming:
-                self._buf.extend(body)
-                return
-            # Runs for every streamed token on the server's event loop, so it only counts events;
-            # the one with usage (vLLM sends each event in one message) is parsed.
-            events = body.count(b"data: ")
-            if b'"usage":{' in body:
-                for event in body.split(b"\n\n"):
-                    if b'"usage":{' in event and event.startswith(b"data: "):
-                        try:
-                            self._take_usage(json.loads(event[6:])["usage"])
-                            events -= 1
-                        except (ValueError, KeyError, TypeError):
-                            pass
-            self._chunks += events - body.count(b"data: [DONE]")
-
-    def _take_usage(self, usage: dict) -> None:
-        self._saw_usage = True
-        self._prompt = int(usage.get("prompt_tokens") or 0)
-        self._completion = int(usage.get("completion_tokens") or 0)
-
-    def tokens(self) -> tuple[int, int]:
-        """(prompt, completion) tokens; for a stream without usage, one token per content chunk."""
-        if not self.streaming and self._buf:
-            try:
-                usage = json.loads(bytes(self._buf)).get("usage")
-                if usage:
-                    self._take_usage(usage)
-            except (ValueError, AttributeError):
-                pass
-        if self._saw_usage:
-            return self._prompt, self._completion
-        return 0, self._chunks
-
-
-def _ask_for_stream_usage(payload: dict) -> bool:
-    """Make a stream end with vLLM's usage event, so that metrics and token limits count exactly.
-
-    Returns True when the client did not ask for it: the middleware then removes that event again.
-    A client asking for continuous usage stats without `include_usage` is left alone (counted per chunk).
-    """
-    if payload.get("stream") is not True:
-        return False
-    options = payload.get("stream_options")
-    if options is None:
-        options = {}
-    if not isinstance(options, dict) or options.get("include_usage") or options.get("continuous_usage_stats"):
-        return False
-    payload["stream_options"] = {**options, "include_usage": True}
-    return True
-
-
-def _without_usage_event(body: bytes) -> bytes:
-    """`body` without the usage-only event (`"choices":[]` and a usage object) that ends a stream."""
-    if b'"usage":{' not in body:
-        return body
-    events = body.split(b"\n\n")
-    kept = [e for e in events if not (e.startswith(b"data: ") and b'"usage":{' in e and b'"choices":[]' in e)]
-    return b"\n\n".join(kept)
 
 
 def _bearer(scope: Scope) -> str | None:
