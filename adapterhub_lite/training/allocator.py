@@ -4,9 +4,11 @@ glibc serves a large allocation with its own mmap, but each time such a block is
 mmap threshold to that block's size (up to 32 MiB) and serves later blocks of that size from the heap,
 which it seldom shrinks. Training on the CPU frees and allocates multi-MiB activations and (4-bit base)
 dequantized weights by the thousand each step; once the threshold has risen they fragment the heap,
-and RSS climbs step after step. Measured on a 512M-parameter Llama, QLoRA with gradient checkpointing,
-2 threads: peak RSS 2,149 MiB after 3 steps and still rising by default, 1,092 MiB and flat with a
-fixed 1 MiB threshold, at 12.3 s instead of 7.9 s a step (every fresh block is page-faulted in again).
+and RSS climbs step after step. Measured by `benchmarks/qlora_rss_steps.py` (512M-parameter Llama,
+QLoRA, gradient checkpointing, 2 threads): training peak 2,287 MiB and RSS still rising after 6 steps
+by default, 1,106 MiB and flat with a fixed 1 MiB threshold, at 1.6x the time a step (every fresh
+block is page-faulted in again). Trimming the heap after every layer instead measured 1,217 MiB at
+1.25x the time a step.
 A fixed threshold turns the dynamic adjustment off, so each block of at least that size goes back to
 the OS when freed. Trimming the heap after every layer instead measured 1,217 MiB at 10 s a step.
 """
