@@ -7,10 +7,9 @@ dequantized weights by the thousand each step; once the threshold has risen they
 and RSS climbs step after step. Measured by `benchmarks/qlora_rss_steps.py` (512M-parameter Llama,
 QLoRA, gradient checkpointing, 2 threads): training peak 2,287 MiB and RSS still rising after 6 steps
 by default, 1,106 MiB and flat with a fixed 1 MiB threshold, at 1.6x the time a step (every fresh
-block is page-faulted in again). Trimming the heap after every layer instead measured 1,217 MiB at
-1.25x the time a step.
-A fixed threshold turns the dynamic adjustment off, so each block of at least that size goes back to
-the OS when freed. Trimming the heap after every layer instead measured 1,217 MiB at 10 s a step.
+block is page-faulted in again). A fixed threshold turns the dynamic adjustment off, so each block of
+at least that size goes back to the OS when freed. Trimming the heap after every layer instead
+measured 1,217 MiB at 1.25x the time a step.
 """
 
 from __future__ import annotations
