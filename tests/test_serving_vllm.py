@@ -151,6 +151,8 @@ def world(tmp_path_factory):
             "keys": keys,
             "refs": full,
             "expected": expected,
+            "adapter_dirs": dirs,
+            "base": base,
             "store": store,
             "registry": str(root / "registry"),
             "db": str(root / "tenants.db"),
@@ -214,6 +216,47 @@ def test_served_tokens_equal_offline_peft_and_differ_from_base(world):
     # a full reference the tenant may read works as well as its alias
     _, tokens = _complete(_client(world, "acme"), world["refs"]["bot2"])
     assert tokens == exp["bot2"]
+
+
+def test_long_mixed_batches_equal_offline_peft(world):
+    """Prefills long enough for the plugin's grouped CPU LoRA ops (>= 128 tokens, several adapters in
+    one batch) give the same greedy tokens as peft offline."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    prompts = {
+        name: [(7 * i + 31 * k) % 1400 + 3 for i in range(150)] for k, name in enumerate(["e1", "e2", "e3"])
+    }
+    expected = {}
+    for name, ids in prompts.items():
+        base = AutoModelForCausalLM.from_pretrained(world["base"], dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, world["adapter_dirs"][name]).eval()
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            for _ in range(4):
+                x = torch.cat([x, model(input_ids=x).logits[0, -1].argmax().view(1, 1)], dim=1)
+        expected[name] = x[0, len(ids) :].tolist()
+
+    client = _client(world, "acme")
+    got: dict[str, list[int]] = {}
+
+    def ask(name: str) -> None:
+        r = client.completions.create(
+            model=world["refs"][name],
+            prompt=prompts[name],
+            max_tokens=4,
+            temperature=0,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+        got[name] = r.choices[0].token_ids
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == expected
 
 
 def test_streaming_chat_and_completion_pass_through(world):
