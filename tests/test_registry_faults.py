@@ -202,3 +202,26 @@ def test_concurrent_publishes_of_identical_content_both_succeed(tmp_path, bundle
     assert [r[2] for r in results] == [0, 0], results
     assert len({r[0].strip() for r in results}) == 1
     assert Registry.open(location).check(deep=True).ok
+
+
+def test_blobs_are_fsynced_before_the_version_is_committed(tmp_path, bundle, monkeypatch):
+    from adapterhub_lite.registry import blobs as blob_module
+
+    location = tmp_path / "registry"
+    reg = Registry.open(location)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        # A blob synced after its version became visible could be lost by a power cut while named.
+        assert not Registry.open(location).list(), "fsync after the version was committed"
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(blob_module.os, "fsync", recording_fsync)
+    reg.publish(bundle)
+    stored = sorted((location / "blobs" / "sha256").glob("*/*"))
+    assert stored, "nothing was stored"
+    temp_files = [p for p in synced if "/tmp/" in p.removeprefix(str(tmp_path))]
+    assert len(temp_files) == len(stored)  # each blob's bytes, before the rename into place
+    assert {str(p.parent) for p in stored} <= set(synced)  # and each rename, by its folder

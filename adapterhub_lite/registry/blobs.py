@@ -3,12 +3,15 @@
 A blob lives at `sha256/<2 hex>/<64 hex>` and is only ever written as a whole: bytes go to `tmp/<uuid>`
 while being hashed, and are renamed into place only when the hash is the expected one. A reader can
 therefore never see a partial blob, and a process killed mid-write leaves only a temp file, which
-`Registry.check(repair=True)` removes.
+`Registry.check(repair=True)` removes. In a local folder the blob and its folder are fsynced before the
+index commits the version (SQLite `synchronous = FULL`), so a power cut cannot leave the index naming
+a blob that is not on disk; object stores make a completed upload durable themselves.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import IO
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from adapterhub_lite.errors import RegistryError
 
@@ -86,8 +90,10 @@ class BlobStore:
                     f"content changed while being stored (expected sha256 {sha}, got {h.hexdigest()})",
                     hint="do not modify a bundle while it is being published; publish it again",
                 )
+            self._sync_local(tmp)
             self.fs.makedirs(self._p("sha256", sha[:2]), exist_ok=True)
             self.fs.mv(tmp, self.path(sha))
+            self._sync_local(self._p("sha256", sha[:2]))  # the rename itself
         except BaseException:
             try:
                 self.fs.rm(tmp)
@@ -96,6 +102,16 @@ class BlobStore:
             raise
         checkpoint("blob-stored")
         return True
+
+    def _sync_local(self, path: str) -> None:
+        """fsync a file or folder of a local store (a no-op for other filesystems)."""
+        if not isinstance(self.fs, LocalFileSystem):
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def put_file(self, local: Path, sha: str, progress: Progress = None) -> bool:
         """Store a local file under its sha256 (verified while copying); False if already stored."""
