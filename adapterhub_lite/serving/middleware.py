@@ -187,7 +187,9 @@ class TenancyMiddleware:
                 {"id": alias, "object": "model", "created": now, "owned_by": tenant.namespace, "root": ref}
             )
         # Then every adapter the tenant may name as `namespace/name` (own, shared, public) for this base.
-        for package, ref in self.registry_view.readable(tenant.namespace, self._served_fingerprint()):
+        # The first call hashes the base's weights: off the event loop.
+        fingerprint = await asyncio.to_thread(self._served_fingerprint)
+        for package, ref in self.registry_view.readable(tenant.namespace, fingerprint):
             owner = package.split("/", 1)[0]
             data.append({"id": package, "object": "model", "created": now, "owned_by": owner, "root": ref})
         await _json(send, 200, {"object": "list", "data": data})

@@ -55,8 +55,9 @@ class Recipe(BaseModel):
     # hardware
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # Return freed tensor memory to the OS at once (glibc): bounded peak RSS for some 1.5x step time on
-    # the CPU. None means on for QLoRA on the CPU, where memory is why one picks QLoRA (see allocator.py).
+    # Return freed tensor memory to the OS at once (glibc): bounded, flat RSS for about 1.6x the time a
+    # step on the CPU. None means on for QLoRA on the CPU, where memory is why one picks QLoRA (see
+    # allocator.py). It stays on for the rest of the process.
     low_memory: bool | None = None
     # evaluation
     eval_exact_match: Literal["auto"] | bool = "auto"
