@@ -7,7 +7,8 @@ token by token. A batch only ever holds a few distinct adapters (at most `--max-
 the tokens by adapter and doing one matrix product per group reads each LoRA matrix once. Same
 signatures and the same results (up to float rounding) as the reference ops; the plugin installs
 them on the CPU platform only (GPUs use vLLM's Triton kernels), and `ADAPTERHUB_CPU_LORA_OPS=0`
-keeps vLLM's own. Measured: `benchmarks/serving_bench.py` (plugin with and without them).
+keeps vLLM's own. Measured by `benchmarks/cpu_lora_ops_bench.py` (per batch size) and
+`benchmarks/serving_bench.py` (the server with and without them).
 """
 
 from __future__ import annotations
@@ -128,4 +129,5 @@ def install() -> bool:
     for module in (lora_ops, punica_cpu):
         for name, fn in GROUPED.items():
             setattr(module, name, fn)
+    log.info("adapterhub: grouped CPU LoRA ops installed (%s=0 to keep vLLM's own)", ENV_SWITCH)
     return True
