@@ -26,26 +26,30 @@ _MIN_GROUPED_TOKENS = 128
 _MIN_TOKENS_PER_GROUP = 16
 
 
-def _lora_products(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Row b of the result is ``weights[indices[b]] @ inputs[b]`` (the reference ops' einsum
+def _lora_products(
+    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Row b of the result is ``weights[indices[b]] @ inputs[b]`` in `dtype` (the reference ops' einsum
     ``"bi, boi -> bo"``), computed with one matmul per distinct index (negative indices count from the
-    end, as in the reference's gather)."""
+    end, as in the reference's gather). Only the weights used are cast, as in the reference."""
+    inputs = inputs.to(dtype=dtype)
     if weights.dim() == 4:
         weights = weights.squeeze(dim=1)
     n = inputs.shape[0]
-    if n < _MIN_GROUPED_TOKENS or indices.shape[0] != n:
-        # Small batches (decode): gathering a few weight copies costs less than sorting and a loop of
-        # matmuls. Shapes the grouped path does not cover get the reference computation too.
-        return torch.einsum("bi, boi -> bo", inputs, weights[indices])
-    groups, counts = torch.unique(indices, return_counts=True)
+    groups = counts = None
+    if n >= _MIN_GROUPED_TOKENS and indices.shape[0] == n:
+        groups, counts = torch.unique(indices, return_counts=True)
+    # Small batches (decode) and batches of many adapters with few tokens each: gathering a weight copy
+    # per token costs less than sorting and a loop of matmuls. Shapes the grouped path does not cover
+    # get the reference computation too.
+    if groups is None or (groups.numel() > 1 and n < _MIN_TOKENS_PER_GROUP * groups.numel()):
+        return torch.einsum("bi, boi -> bo", inputs, weights[indices].to(dtype=dtype))
     if groups.numel() == 1:
-        return inputs @ weights[int(groups[0])].t()
-    if n < _MIN_TOKENS_PER_GROUP * groups.numel():
-        return torch.einsum("bi, boi -> bo", inputs, weights[indices])
+        return inputs @ weights[int(groups[0])].to(dtype=dtype).t()
     order = torch.argsort(indices, stable=True)
     out_sorted = torch.cat(
         [
-            chunk @ weights[index].t()
+            chunk @ weights[index].to(dtype=dtype).t()
             for index, chunk in zip(groups.tolist(), inputs[order].split(counts.tolist()), strict=True)
         ]
     )
@@ -61,8 +65,7 @@ def bgmv_shrink(
     lora_indices_tensor: torch.Tensor,
     scaling: float = 1.0,
 ) -> None:
-    weights = lora_b_weights.to(dtype=output_tensor.dtype)
-    outputs = _lora_products(inputs.to(dtype=output_tensor.dtype), weights, lora_indices_tensor)
+    outputs = _lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     output_tensor[:, : outputs.shape[1]] = scaling * outputs[:]
 
 
@@ -73,8 +76,7 @@ def bgmv_expand(
     lora_indices_tensor: torch.Tensor,
     add_inputs: bool = True,
 ) -> None:
-    weights = lora_b_weights.to(dtype=output_tensor.dtype)
-    outputs = _lora_products(inputs.to(dtype=output_tensor.dtype), weights, lora_indices_tensor)
+    outputs = _lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     limit = output_tensor.shape[0]
     if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
         limit = 1
@@ -95,8 +97,7 @@ def bgmv_expand_slice(
     slice_size: int,
     add_inputs: bool = True,
 ) -> None:
-    weights = lora_b_weights.to(dtype=output_tensor.dtype)
-    outputs = _lora_products(inputs.to(dtype=output_tensor.dtype), weights, lora_indices_tensor)
+    outputs = _lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if add_inputs:
         output_tensor[:, slice_offset : slice_offset + slice_size] += outputs[:]
     else:
