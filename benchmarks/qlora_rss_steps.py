@@ -40,12 +40,10 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from adapterhub_lite.training import recipe_from_dict
-    from adapterhub_lite.training.allocator import return_large_blocks_to_os
+    from adapterhub_lite.training.allocator import low_memory_wanted, return_large_blocks_to_os
     from adapterhub_lite.training.model import build_model
 
     torch.set_num_threads(args.threads)
-    if args.low_memory == "on":
-        return_large_blocks_to_os()  # what train() does for this recipe
     recipe = recipe_from_dict(
         {
             "base": str(args.model_dir),
@@ -58,6 +56,8 @@ def child(args: argparse.Namespace) -> None:
             "low_memory": args.low_memory == "on",
         }
     )
+    if low_memory_wanted(recipe.low_memory, recipe.method, "cpu"):  # as train() decides, before loading
+        return_large_blocks_to_os()
     model = build_model(recipe, args.model_dir, "cpu", torch.float32)
     loaded = _status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM: the peak below is training's

@@ -42,7 +42,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer  # noqa: E402
+from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer, cpu_lora_ops  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB_IDS = 1000  # prompt token ids are drawn below this: inside any tokenizer the base may have
@@ -484,7 +484,7 @@ def main() -> None:
         "config": {
             **{k: v for k, v in vars(args).items() if k not in ("out", "workdir")},
             # The plugin path runs adapterhub's grouped CPU LoRA ops unless this is "0"; plain vLLM never.
-            "ADAPTERHUB_CPU_LORA_OPS": os.environ.get("ADAPTERHUB_CPU_LORA_OPS", "1"),
+            cpu_lora_ops.ENV_SWITCH: os.environ.get(cpu_lora_ops.ENV_SWITCH, "1"),
         },
         "targets": {
             "plugin_over_plain": ">= 0.95",
