@@ -28,9 +28,7 @@ from adapterhub_lite.bundles.manifest import MAX_JSON_DEPTH, MAX_MANIFEST_BYTES
 from adapterhub_lite.bundles.signing import generate_key, list_keys
 from adapterhub_lite.errors import BundleError
 
-# Session fixtures shared with the registry tests (module attributes, so pytest finds them).
-tiny_base, other_base, lora_dir, trained_dir = fx.tiny_base, fx.other_base, fx.lora_dir, fx.trained_dir
-make_adapter, make_base = fx.make_adapter, fx.make_base
+make_adapter, make_base = fx.make_adapter, fx.make_base  # helpers, not fixtures
 PACK = dict(namespace="acme", name="support-bot", version="1.0.0", vllm_check=False)
 
 

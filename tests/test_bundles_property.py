@@ -10,7 +10,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import bundle_fixtures as fx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,7 +18,6 @@ from adapterhub_lite.bundles import pack_bundle, verify_bundle
 from adapterhub_lite.bundles.signing import generate_key
 from adapterhub_lite.errors import BundleError
 
-tiny_base, lora_dir = fx.tiny_base, fx.lora_dir
 FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "manifest.json", "signatures.json"]
 SETTINGS = settings(
     max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from training_fixtures import ROOT, capitals_lora  # noqa: F401  (shared fixture)
+from training_fixtures import ROOT
 from typer.testing import CliRunner
 
 from adapterhub_lite.base import EMBEDDED_BASE_DIR, load_base, load_tokenizer

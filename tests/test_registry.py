@@ -16,8 +16,6 @@ from adapterhub_lite.bundles.signing import generate_key
 from adapterhub_lite.errors import RegistryError
 from adapterhub_lite.registry import Registry, parse_ref
 
-tiny_base, other_base, lora_dir = fx.tiny_base, fx.other_base, fx.lora_dir
-
 
 @pytest.fixture(scope="module")
 def bundles(lora_dir, tiny_base, tmp_path_factory) -> dict[str, Path]:

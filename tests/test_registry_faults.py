@@ -16,8 +16,6 @@ from adapterhub_lite.bundles import pack_bundle, verify_bundle
 from adapterhub_lite.errors import RegistryError
 from adapterhub_lite.registry import Registry
 
-tiny_base, lora_dir = fx.tiny_base, fx.lora_dir
-
 # A child that publishes, and at the k-th time it reaches `step` writes a marker and waits to be killed
 # (or, with step "go", waits for the go-file before entering the index transaction).
 CHILD = r"""

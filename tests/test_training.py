@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_fixtures import ROOT, capitals_lora, capitals_qlora  # noqa: F401  (shared fixtures)
+from training_fixtures import ROOT
 
 from adapterhub_lite.base import EMBEDDED_BASE_DIR, fingerprint, load_base, load_tokenizer
 from adapterhub_lite.base.world import COUNTRIES
