@@ -3,7 +3,9 @@
 vLLM calls `register()` in each of its processes (API server, engine core, workers). Only the API
 server consults resolvers, and registering there is cheap (nothing is opened until the first adapter
 is resolved); the model runs in the others, where the CPU build gets grouped LoRA ops
-(`cpu_lora_ops.py`).
+(`cpu_lora_ops.py`). In every process the C heap is told to return large freed blocks to the OS
+(adapter weights are loaded and freed over and over under churn; see training/allocator.py), and
+vLLM's `vllm:lora_requests_info` metric keeps only its current sample.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ RESOLVER_NAME = "adapterhub"
 
 def register() -> None:
     """Register the resolver and the CPU LoRA ops (idempotent: vLLM may call this more than once)."""
-    from vllm.lora.resolver import LoRAResolverRegistry
-
     from adapterhub_lite.serving import cpu_lora_ops
     from adapterhub_lite.serving.resolver import get_resolver
+    from adapterhub_lite.training.allocator import return_large_blocks_to_os
+    from adapterhub_lite.vllm_compat.server import bound_lora_info_metric, register_resolver
 
-    if RESOLVER_NAME not in LoRAResolverRegistry.get_supported_resolvers():
-        LoRAResolverRegistry.register_resolver(RESOLVER_NAME, get_resolver())
+    return_large_blocks_to_os()
+    register_resolver(RESOLVER_NAME, get_resolver())
+    bound_lora_info_metric()
     cpu_lora_ops.install()

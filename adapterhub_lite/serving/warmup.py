@@ -1,0 +1,76 @@
+"""Warm the server up before it says it is ready: one tiny request through a LoRA slot.
+
+The first batch that holds an adapter makes vLLM's CPU build compile its LoRA kernels (a one-time
+C++ compile of many seconds), so without this the first tenant request pays for it. The middleware
+answers `/health` with 503 until the warm-up is done; the warm-up adapter has zero weights (rank 1
+on one projection of the served base), is loaded under a name no tenant can use and unloaded after.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from adapterhub_lite.atomic import write_json
+
+logger = logging.getLogger("adapterhub.serving")
+
+WARMUP_ADAPTER = "adapterhub-warmup"
+_TARGETS = ("q_proj", "c_attn", "qkv_proj", "query_key_value", "Wqkv")
+
+
+def write_warmup_adapter(base_dir: Path, dest: Path) -> Path:
+    """A zero-weight rank-1 PEFT adapter for `base_dir` in `dest` (rewritten each time; a few KB)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from adapterhub_lite.bundles.compat import base_weight_shapes
+
+    shapes, _ = base_weight_shapes(base_dir)
+    module = next(
+        (
+            name[: -len(".weight")]
+            for name, shape in sorted(shapes.items())
+            if name.endswith(".weight") and len(shape) == 2 and name.split(".")[-2] in _TARGETS
+        ),
+        None,
+    )
+    if module is None:
+        raise ValueError(f"no projection named one of {', '.join(_TARGETS)} in {base_dir}")
+    out_features, in_features = shapes[module + ".weight"]
+    dest.mkdir(parents=True, exist_ok=True)
+    prefix = "base_model.model." + module
+    save_file(
+        {
+            prefix + ".lora_A.weight": torch.zeros(1, in_features),
+            prefix + ".lora_B.weight": torch.zeros(out_features, 1),
+        },
+        str(dest / "adapter_model.safetensors"),
+    )
+    write_json(
+        dest / "adapter_config.json",
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": 1,
+            "lora_alpha": 1,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "target_modules": [module.split(".")[-1]],
+            "base_model_name_or_path": Path(base_dir).name,
+        },
+    )
+    return dest
+
+
+def load_body(path: Path) -> bytes:
+    return json.dumps({"lora_name": WARMUP_ADAPTER, "lora_path": str(path)}).encode()
+
+
+def completion_body() -> bytes:
+    # Token ids, not text: no tokenizer assumptions. Two tokens: prefill and one decode step.
+    return json.dumps(
+        {"model": WARMUP_ADAPTER, "prompt": [1, 2, 3, 4], "max_tokens": 2, "temperature": 0}
+    ).encode()
