@@ -12,6 +12,7 @@ server, warm-up); a start that fails says why in one line (the root cause found 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import secrets
 import socket
@@ -30,6 +31,8 @@ from adapterhub_lite.serving import processes
 from adapterhub_lite.serving.config import ServingConfig
 from adapterhub_lite.serving.logpump import LogPump
 from adapterhub_lite.vllm_compat import launch
+
+logger = logging.getLogger("adapterhub.serving")
 
 MIDDLEWARE = "adapterhub_lite.serving.middleware.TenancyMiddleware"
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(ServingConfig)}
@@ -72,7 +75,7 @@ class ServeOptions:
     lora_modules: dict[str, str] = field(default_factory=dict)  # name -> PEFT dir, preloaded
     extra_args: list[str] = field(default_factory=list)
     log_path: str | None = None
-    startup_timeout: float = 300.0
+    startup_timeout: float = 600.0  # a busy 2-core host has taken minutes
     verbose: bool = False  # copy vLLM's output to stderr as well as to the log
 
     def __init__(
@@ -174,6 +177,7 @@ class VLLMServer:
         self.phases: dict[str, float] = {}  # startup phase -> seconds, once ready
         self._pump: LogPump | None = None
         self._shm: set[str] = set()
+        self.shm_left: list[str] = []  # segments vLLM left in /dev/shm at the last stop (removed)
 
     @property
     def url(self) -> str:
@@ -244,8 +248,11 @@ class VLLMServer:
             return None
         shm = self._shm | processes.shm_segments(processes.group_pids(proc.pid))
         code = processes.stop_in_order(proc, timeout=timeout)
-        for path in shm:  # the group is gone: whatever it left is nobody's
+        self.shm_left = sorted(p for p in shm if Path(p).exists())
+        for path in self.shm_left:  # the group is gone: whatever it left is nobody's
             Path(path).unlink(missing_ok=True)
+        if self.shm_left:
+            logger.warning("removed %d shared-memory segments vLLM left behind", len(self.shm_left))
         if self._pump is not None:
             self._pump.join()
         if proc.stdout is not None:

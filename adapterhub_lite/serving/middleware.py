@@ -303,6 +303,8 @@ class TenancyMiddleware:
         answer the client by the error's kind and return False."""
         if engine is not None and engine.is_loaded(target.name):
             return True
+        if engine is not None:
+            self.resolver.loaded_refs = engine.loaded  # their cached files stay while vLLM holds them
         try:
             await asyncio.to_thread(self.resolver.fetch, target.name)
             if engine is not None:

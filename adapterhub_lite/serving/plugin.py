@@ -10,7 +10,20 @@ vLLM's `vllm:lora_requests_info` metric keeps only its current sample.
 
 from __future__ import annotations
 
+import logging
+
 RESOLVER_NAME = "adapterhub"
+
+
+def _log_to_stderr() -> None:
+    """adapterhub's INFO lines (warm-up, unloads) go where vLLM's own go: the server's output."""
+    logger = logging.getLogger("adapterhub")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def register() -> None:
@@ -20,6 +33,7 @@ def register() -> None:
     from adapterhub_lite.training.allocator import return_large_blocks_to_os
     from adapterhub_lite.vllm_compat.server import bound_lora_info_metric, register_resolver
 
+    _log_to_stderr()
     return_large_blocks_to_os()
     register_resolver(RESOLVER_NAME, get_resolver())
     bound_lora_info_metric()

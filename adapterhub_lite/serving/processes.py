@@ -48,7 +48,8 @@ def shm_segments(pids: list[int]) -> set[str]:
         except OSError:
             maps = ""
         for line in maps.splitlines():
-            path = line.split(maxsplit=5)[5] if line.count(" ") >= 5 else ""
+            parts = line.split(maxsplit=5)
+            path = parts[5] if len(parts) > 5 else ""
             if path.startswith(str(SHM_DIR) + "/"):
                 found.add(path.removesuffix(" (deleted)"))
         try:
