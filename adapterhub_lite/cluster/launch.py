@@ -177,3 +177,19 @@ def quiet_ray_env() -> None:
     """Keep Ray's own banners and usage reporting off the user's terminal and off the network."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def run_until_stopped(cluster: Cluster, poll_seconds: float = 1.0) -> None:
+    """Block until Ctrl-C or SIGTERM, then stop the cluster (the CLI's foreground mode)."""
+    import signal
+
+    stop: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(poll_seconds)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        cluster.stop()
