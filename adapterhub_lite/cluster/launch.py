@@ -116,6 +116,7 @@ class Cluster:
         base = resolve_base_dir(self.opts.serve.base_dir)
         self.opts.serve.base_dir = str(base)
         served = self.opts.serve.served_name or base.name
+        quiet_ray_env()
         if not ray.is_initialized():
             ray.init(
                 address=self.opts.ray_address,
@@ -177,6 +178,7 @@ def quiet_ray_env() -> None:
     """Keep Ray's own banners and usage reporting off the user's terminal and off the network."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
 
 def run_until_stopped(cluster: Cluster, poll_seconds: float = 1.0) -> None:
