@@ -397,6 +397,8 @@ def test_log_pump_bounds_the_log_and_times_phases(tmp_path):
 
 
 def test_serve_options_hold_one_serving_config():
+    import dataclasses
+
     from adapterhub_lite.serving.config import ServingConfig
     from adapterhub_lite.serving.launcher import ServeOptions
 
@@ -406,6 +408,10 @@ def test_serve_options_hold_one_serving_config():
     cfg = opts.serving_config()
     assert cfg.max_loaded == 6 and cfg.max_lora_rank == 32
     env = cfg.to_env()
+    opts.admin_key = "k"  # a configuration field written through the options
+    assert opts.config.admin_key == "k" and "admin_key" not in vars(opts)
+    again = ServeOptions(**dataclasses.asdict(opts))  # how a cluster replica receives them
+    assert again == opts and again.config.admin_key == "k"
     with pytest.raises(TypeError, match="bogus"):
         ServeOptions(base_dir="/m", bogus=1)
     assert env["ADAPTERHUB_MAX_LOADED"] == "6"

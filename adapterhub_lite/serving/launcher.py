@@ -91,6 +91,8 @@ class ServeOptions:
         unknown = set(kw) - set(own)
         if unknown:
             raise TypeError(f"ServeOptions got unexpected options: {', '.join(sorted(unknown))}")
+        if isinstance(config, dict):  # from dataclasses.asdict(opts), e.g. sent to a cluster replica
+            config = ServingConfig(**config)
         config = config or ServingConfig()
         if base_dir is not None:
             cfg["base_dir"] = base_dir
@@ -105,9 +107,15 @@ class ServeOptions:
             object.__setattr__(self, name, value)
 
     def __getattr__(self, name: str) -> Any:
-        if name in _CONFIG_FIELDS:
+        if name in _CONFIG_FIELDS and "config" in self.__dict__:
             return getattr(self.__dict__["config"], name)
         raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _CONFIG_FIELDS and name not in self.__dataclass_fields__:
+            setattr(self.config, name, value)  # `opts.admin_key = ...` sets the one configuration
+        else:
+            object.__setattr__(self, name, value)
 
     def serving_config(self) -> ServingConfig:
         """The configuration vLLM's processes get (the hot set defaults to --max-cpu-loras)."""
