@@ -215,13 +215,19 @@ class VLLMServer:
         )
         tee = sys.stderr.buffer if self.opts.verbose else None
         self._pump = LogPump(self.process.stdout, self.log_path, tee=tee)
+        try:
+            return self._wait_ready(started)
+        except BaseException:  # Ctrl-C while waiting included: vLLM runs in its own session
+            self.stop()
+            raise
+
+    def _wait_ready(self, started: float) -> VLLMServer:
+        assert self.process is not None and self._pump is not None
         deadline = started + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                code = self.process.returncode
                 self._pump.join()
-                self.stop()
-                raise self._failure(f"vLLM exited with code {code} while starting")
+                raise self._failure(f"vLLM exited with code {self.process.returncode} while starting")
             try:
                 if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
                     self.phases = self._phases(started, time.monotonic())
@@ -230,7 +236,6 @@ class VLLMServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.25)
-        self.stop()
         raise self._failure(f"vLLM did not become ready within {self.startup_timeout:.0f} s")
 
     def _failure(self, what: str) -> ServingError:

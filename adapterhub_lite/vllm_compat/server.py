@@ -127,3 +127,39 @@ def bound_lora_info_metric() -> None:
 
     bounded_init._adapterhub = True  # type: ignore[attr-defined]
     PrometheusStatLogger.__init__ = bounded_init
+
+
+def trim_heap_after_lora_changes() -> bool:
+    """In vLLM's worker: give the C heap's free pages back to the OS after each LoRA load and unload.
+
+    Adapter weights are small allocations (below any mmap threshold) made and freed by the hundred
+    under churn; glibc keeps the freed pages in its arenas, so RSS only rises. `malloc_trim(0)` after
+    each change returns them (milliseconds; loads are rare next to requests). Returns whether it was
+    installed (glibc only; idempotent).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    from vllm.v1.worker.gpu_worker import Worker
+
+    if getattr(Worker.remove_lora, "_adapterhub", False):
+        return True
+
+    def trimmed(method: Any) -> Any:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                trim(0)
+
+        wrapper._adapterhub = True  # type: ignore[attr-defined]
+        return wrapper
+
+    Worker.add_lora = trimmed(Worker.add_lora)
+    Worker.remove_lora = trimmed(Worker.remove_lora)
+    return True
