@@ -16,6 +16,9 @@ server gets a fresh one); vLLM's loaded adapters; `/metrics` series. It reports,
 
     .venv/bin/python benchmarks/soak_bench.py                  # ~10 minutes of load + setup
     .venv/bin/python benchmarks/soak_bench.py --minutes 20     # the committed long run
+    ADAPTERHUB_HEAP_TRIM=0 .venv/bin/python benchmarks/soak_bench.py \
+        --out benchmarks/results/soak_no_heap_trim.json              # the worker without heap trims
+    (--workdir DIR keeps the adapters, registry and tenants for the next run with the same DIR)
 
 Writes benchmarks/results/soak.json and soak.png (or --out). The machine may be shared with other
 work: the output records the load average before and after.
@@ -40,7 +43,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer  # noqa: E402
+from adapterhub_lite.serving import ServeOptions, ServingConfig, TenantStore, VLLMServer  # noqa: E402
 from adapterhub_lite.serving.processes import group_pids  # noqa: E402
 
 PROMPT = [5, 120, 240, 360, 480, 600]
@@ -127,6 +130,20 @@ def publish(base: Path, work: Path, args: argparse.Namespace):
         by_ref[ref] = expected[name]
     bundle_bytes = sum(f.stat().st_size for f in (work / "bundles").rglob("*") if f.is_file())
     return keys, aliases, by_ref, len(names), bundle_bytes
+
+
+def setup(base: Path, work: Path, args: argparse.Namespace):
+    """Adapters, registry and tenants in `work`, made once: a later run with the same --workdir reuses
+    them (the server's cache and temp folder start empty each run)."""
+    saved = work / "setup.json"
+    if saved.is_file():
+        s = json.loads(saved.read_text())
+        return s["keys"], s["aliases"], s["by_ref"], s["adapters"], s["bundle_bytes"]
+    keys, aliases, by_ref, n, size = publish(base, work, args)
+    saved.write_text(
+        json.dumps({"keys": keys, "aliases": aliases, "by_ref": by_ref, "adapters": n, "bundle_bytes": size})
+    )
+    return keys, aliases, by_ref, n, size
 
 
 # -- sampling ---------------------------------------------------------------------------------------
@@ -229,13 +246,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     t_setup = time.monotonic()
-    keys, aliases, by_ref, n_adapters, bundle_bytes = publish(EMBEDDED_BASE_DIR, work, args)
+    keys, aliases, by_ref, n_adapters, bundle_bytes = setup(EMBEDDED_BASE_DIR, work, args)
     setup_s = time.monotonic() - t_setup
     print(f"{n_adapters} adapters published ({bundle_bytes / 1e6:.1f} MB of bundles) in {setup_s:.0f} s")
 
-    server_tmp = work / "server-tmp"
+    server_tmp, cache = work / "server-tmp", work / "cache"
+    for folder in (server_tmp, cache):
+        shutil.rmtree(folder, ignore_errors=True)
     server_tmp.mkdir()
-    cache = work / "cache"
     opts = ServeOptions(
         base_dir=str(EMBEDDED_BASE_DIR),
         registry=str(work / "registry"),
@@ -333,6 +351,7 @@ def main() -> None:
     result = summarize(args, samples, counts, errors, wrong, load_s, n_adapters, bundle_bytes)
     result.update(
         {
+            "heap_trim": ServingConfig.from_env().heap_trim,
             "shm_left_by_vllm_at_stop": shm_left,
             "startup_phases_s": server.phases,
             "setup_s": round(setup_s, 1),
@@ -418,10 +437,15 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     ax = axes[0][0]
     for role in sorted({r for s in samples for r in s["rss_mib"]}):
-        ax.plot([s["requests"] for s in samples], [s["rss_mib"].get(role) for s in samples], label=role)
+        first = next(s["rss_mib"][role] for s in samples if role in s["rss_mib"])
+        ax.plot(
+            [s["requests"] for s in samples],
+            [s["rss_mib"][role] - first if role in s["rss_mib"] else None for s in samples],
+            label=f"{role} (from {first:.0f} MiB)",
+        )
     ax.set_xlabel("requests")
-    ax.set_ylabel("RSS (MiB)")
-    ax.set_title("RSS per vLLM process")
+    ax.set_ylabel("RSS change since ready (MiB)")
+    ax.set_title(f"RSS per vLLM process (heap trim {'on' if result['heap_trim'] else 'off'})")
     ax.legend(fontsize=8)
     ax = axes[0][1]
     ax.plot(ts, [s["loaded"] for s in samples], label="adapters loaded")

@@ -13,6 +13,7 @@
     ADAPTERHUB_IDLE_SECONDS=600                      unload an adapter unused this long
     ADAPTERHUB_TRUSTED_KEYS=key1.pem:key2.pem        when set, bundles must be signed by one of these
     ADAPTERHUB_WARMUP=1                              0: /health is ready without the LoRA warm-up
+    ADAPTERHUB_HEAP_TRIM=1                           0: vLLM's worker keeps freed heap pages (see plugin.py)
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_PLUGINS=adapterhub
     python -m vllm.entrypoints.launchers.api_server.entry --model $ADAPTERHUB_BASE_DIR --enable-lora \
         --max-lora-rank 16 --max-loras 4 --max-cpu-loras 8 \
@@ -43,6 +44,7 @@ ENV_MAX_LOADED = "ADAPTERHUB_MAX_LOADED"
 ENV_IDLE_SECONDS = "ADAPTERHUB_IDLE_SECONDS"
 ENV_TRUSTED_KEYS = "ADAPTERHUB_TRUSTED_KEYS"
 ENV_WARMUP = "ADAPTERHUB_WARMUP"
+ENV_HEAP_TRIM = "ADAPTERHUB_HEAP_TRIM"
 
 DEFAULT_HOT_SET = 8  # hot set when neither ADAPTERHUB_MAX_LOADED nor --max-cpu-loras says
 
@@ -55,6 +57,11 @@ def _int_env(name: str, default: int | None) -> int | None:
         return int(raw)
     except ValueError:
         raise ServingError(f"{name}={raw!r} is not a whole number", hint=f"set {name} to e.g. 16") from None
+
+
+def _flag(raw: str | None) -> bool:
+    """An on/off variable: unset or anything but 0/false/no is on."""
+    return (raw or "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 @dataclass
@@ -73,6 +80,7 @@ class ServingConfig:
     idle_seconds: int = 600
     trusted_keys: list[str] = field(default_factory=list)
     warmup: bool = True
+    heap_trim: bool = True
 
     def hot_set_size(self) -> int:
         """Adapters kept loaded in vLLM at most."""
@@ -95,7 +103,8 @@ class ServingConfig:
             max_loaded=_int_env(ENV_MAX_LOADED, None) or None,
             idle_seconds=_int_env(ENV_IDLE_SECONDS, cls.idle_seconds) or cls.idle_seconds,
             trusted_keys=keys,
-            warmup=env.get(ENV_WARMUP, "1") not in ("0", "false", "False", "no"),
+            warmup=_flag(env.get(ENV_WARMUP)),
+            heap_trim=_flag(env.get(ENV_HEAP_TRIM)),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -113,5 +122,6 @@ class ServingConfig:
             ENV_IDLE_SECONDS: str(self.idle_seconds),
             ENV_TRUSTED_KEYS: os.pathsep.join(self.trusted_keys) if self.trusted_keys else None,
             ENV_WARMUP: "1" if self.warmup else "0",
+            ENV_HEAP_TRIM: "1" if self.heap_trim else "0",
         }
         return {k: v for k, v in pairs.items() if v is not None}
