@@ -496,3 +496,17 @@ def test_middleware_answers_by_error_kind(tmp_path, error, status, retry):
     assert headers.get(b"retry-after") == (retry.encode() if retry else None)
     assert json.loads(sent[1]["body"])["error"]["code"] == status
     assert mw.evictor.in_flight == {} and not mw.evictor.loading
+
+
+def test_bundle_cache_asks_for_pins_when_it_evicts(tmp_path):
+    """Entries being verified or loaded are pinned when the eviction runs, not when a download began."""
+    cache = BundleCache(tmp_path / "c", max_bytes=2500)
+    busy: list[str] = []
+    cache.pins = lambda: busy
+    cache.put("sha256:a", _filler(1000))
+    time.sleep(0.01)
+    busy.append("sha256:a")  # "a" is being handed to vLLM now
+    cache.put("sha256:b", _filler(1000))
+    time.sleep(0.01)
+    cache.put("sha256:c", _filler(1000))
+    assert cache.get("sha256:a") and cache.get("sha256:c") and cache.get("sha256:b") is None

@@ -49,6 +49,9 @@ class BundleCache:
         self._lock = threading.Lock()
         self._reserved: dict[Path, int] = {}  # download folder -> bytes reserved for it
         self._swept = False
+        # Digests that must stay, asked at each eviction (entries vLLM holds or that are being
+        # verified or loaded right now): a list taken earlier would be stale by then.
+        self.pins: Callable[[], Iterable[str]] = lambda: ()
 
     def path_for(self, digest: str) -> Path:
         return self.root / _entry_name(digest)
@@ -144,6 +147,7 @@ class BundleCache:
     def _evict_locked(self, pinned: set[str]) -> int:
         """Evict until entries + reservations fit; returns the total that remains (may exceed the bound
         when only pinned entries are left)."""
+        pinned = set(pinned) | {_entry_name(d) for d in self.pins()}
         entries = self.entries()
         sizes = {p: _dir_size(p) for p in entries}
         total = sum(sizes.values()) + sum(self._reserved.values())

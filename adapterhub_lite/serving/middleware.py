@@ -304,7 +304,7 @@ class TenancyMiddleware:
         if engine is not None and engine.is_loaded(target.name):
             return True
         if engine is not None:
-            self.resolver.loaded_refs = engine.loaded  # their cached files stay while vLLM holds them
+            self.resolver.loaded_refs = lambda: [*engine.loaded(), *self.evictor.in_flight]
         try:
             await asyncio.to_thread(self.resolver.fetch, target.name)
             if engine is not None:
@@ -346,7 +346,7 @@ class TenancyMiddleware:
         """Unload idle adapters (and any over the hot set); returns their names."""
         if engine is None:
             return []
-        self.resolver.loaded_refs = engine.loaded
+        self.resolver.loaded_refs = lambda: [*engine.loaded(), *self.evictor.in_flight]
         evicted = await self.evictor.enforce(engine)
         for name in evicted:
             self.metrics.adapter_evictions.labels(name).inc()

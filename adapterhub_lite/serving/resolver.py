@@ -15,6 +15,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,17 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
         self._locks_guard = threading.Lock()
         self._verified_at: dict[str, float] = {}
         self.digests: dict[str, str] = {}  # ref -> digest of what was verified
-        # Set by the middleware once it sees vLLM's state: refs vLLM has loaded (their files must stay).
+        # Set by the middleware once it sees vLLM's state: refs vLLM has loaded or is about to load
+        # (their files must stay).
         self.loaded_refs: Callable[[], Iterable[str]] = lambda: ()
+        self._fetching: Counter[str] = Counter()  # digests being verified or handed to vLLM now
+        self.cache.pins = self._pinned
+
+    def _pinned(self) -> list[str]:
+        refs = list(self.loaded_refs())
+        with self._locks_guard:
+            fetching = list(self._fetching)
+        return [self.digests[r] for r in refs if r in self.digests] + fetching
 
     @property
     def registry(self) -> Any:
@@ -88,14 +98,14 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
         with self._lock_for(ref):
             published = self.registry.resolve(ref)
             digest = published.digest
+            with self._locks_guard:
+                self._fetching[digest] += 1
             try:
                 path = self.cache.get(digest)
                 if path is None:
-                    pinned = [self.digests[r] for r in self.loaded_refs() if r in self.digests]
                     path = self.cache.put(
                         digest,
                         lambda tmp: Path(self.registry.pull(ref, tmp / "bundle")),
-                        pinned=pinned,
                         size=int(getattr(published, "size", 0) or 0),
                         label=ref,
                     )
@@ -117,6 +127,11 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
                     # the bundle cannot be served, which is not "no such model".
                     exc.kind = ErrorKind.INVALID
                 raise
+            finally:
+                with self._locks_guard:
+                    self._fetching[digest] -= 1
+                    if self._fetching[digest] <= 0:
+                        del self._fetching[digest]
             self.digests[ref] = digest
             return path
 
