@@ -31,7 +31,6 @@ import hmac
 import json
 import logging
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterhub_lite.errors import AdapterHubError, ErrorKind
@@ -52,7 +51,7 @@ from adapterhub_lite.serving.asgi import (
 )
 from adapterhub_lite.serving.config import ServingConfig
 from adapterhub_lite.serving.eviction import Evictor
-from adapterhub_lite.serving.forwarding import forward, scope_for
+from adapterhub_lite.serving.forwarding import forward
 from adapterhub_lite.serving.metrics import ServingMetrics, default_metrics
 from adapterhub_lite.serving.ratelimit import RateLimiter
 from adapterhub_lite.serving.tenancy import Tenant, TenantStore, hash_key
@@ -364,55 +363,7 @@ class TenancyMiddleware:
         return lifespan_send
 
     async def _warm_up(self, app: Any) -> None:
-        """One tiny request through a LoRA slot, then /health may say ready (whatever the outcome)."""
-        started = time.monotonic()
         try:
-            base = self.config.base_dir
-            if app is None or not base:
-                return
-            from adapterhub_lite.base import resolve_base_dir
-
-            where = Path(self.config.cache_dir).expanduser() / ".warmup"
-            path = await asyncio.to_thread(warmup.write_warmup_adapter, resolve_base_dir(base), where)
-            status, text = await self._call(app, "/v1/load_lora_adapter", warmup.load_body(path))
-            if status != 200:
-                logger.warning("adapterhub: warm-up adapter not loaded (%s): %s", status, text[:200])
-                return
-            status, text = await self._call(app, "/v1/completions", warmup.completion_body())
-            if status != 200:
-                logger.warning("adapterhub: warm-up request failed (%s): %s", status, text[:200])
-            engine = Engine.from_scope({"app": app})
-            if engine is not None:
-                await engine.unload(warmup.WARMUP_ADAPTER)
-        except Exception:
-            logger.exception("adapterhub: warm-up failed; serving without it")
+            await warmup.warm_up(self.app, app, self.config)
         finally:
-            self.ready = True
-            logger.info("adapterhub: warm-up done in %.1f s; ready", time.monotonic() - started)
-
-    async def _call(self, app: Any, path: str, body: bytes) -> tuple[int, str]:
-        """POST `body` to one of vLLM's own routes from inside the server; (status, response text)."""
-        status, chunks, sent, done = 500, [], False, asyncio.Event()
-
-        async def receive() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await done.wait()  # the "client" goes away only once the answer is complete
-            return {"type": "http.disconnect"}
-
-        async def send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            elif message["type"] == "http.response.body":
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body"):
-                    done.set()
-
-        try:
-            await self.app(scope_for(path, body, {"app": app}), receive, send)
-        finally:
-            done.set()
-        return status, b"".join(chunks).decode(errors="replace")
+            self.ready = True  # whatever the outcome: a failed warm-up must not keep the server down

@@ -8,11 +8,18 @@ on one projection of the served base), is loaded under a name no tenant can use 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from pathlib import Path
+from typing import Any
 
 from adapterhub_lite.atomic import write_json
+from adapterhub_lite.serving.asgi import App, Message
+from adapterhub_lite.serving.config import ServingConfig
+from adapterhub_lite.serving.forwarding import scope_for
+from adapterhub_lite.vllm_compat.server import Engine
 
 logger = logging.getLogger("adapterhub.serving")
 
@@ -74,3 +81,58 @@ def completion_body() -> bytes:
     return json.dumps(
         {"model": WARMUP_ADAPTER, "prompt": [1, 2, 3, 4], "max_tokens": 2, "temperature": 0}
     ).encode()
+
+
+async def warm_up(inner: App, app: Any, config: ServingConfig) -> None:
+    """Load the warm-up adapter through vLLM's own route (`inner`, the app below the middleware; `app`,
+    the application whose state vLLM set up), run one completion through it, unload it. Never raises."""
+    started = time.monotonic()
+    try:
+        if app is None or not config.base_dir:
+            return
+        from adapterhub_lite.base import resolve_base_dir
+
+        where = Path(config.cache_dir).expanduser() / ".warmup"
+        path = await asyncio.to_thread(write_warmup_adapter, resolve_base_dir(config.base_dir), where)
+        status, text = await _call(inner, app, "/v1/load_lora_adapter", load_body(path))
+        if status != 200:
+            logger.warning("adapterhub: warm-up adapter not loaded (%s): %s", status, text[:200])
+            return
+        status, text = await _call(inner, app, "/v1/completions", completion_body())
+        if status != 200:
+            logger.warning("adapterhub: warm-up request failed (%s): %s", status, text[:200])
+        engine = Engine.from_scope({"app": app})
+        if engine is not None:
+            await engine.unload(WARMUP_ADAPTER)
+    except Exception:
+        logger.exception("adapterhub: warm-up failed; serving without it")
+    finally:
+        logger.info("adapterhub: warm-up done in %.1f s; ready", time.monotonic() - started)
+
+
+async def _call(inner: App, app: Any, path: str, body: bytes) -> tuple[int, str]:
+    """POST `body` to one of vLLM's own routes from inside the server; (status, response text)."""
+    status, chunks, sent, done = 500, [], False, asyncio.Event()
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await done.wait()  # the "client" goes away only once the answer is complete
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                done.set()
+
+    try:
+        await inner(scope_for(path, body, {"app": app}), receive, send)
+    finally:
+        done.set()
+    return status, b"".join(chunks).decode(errors="replace")
