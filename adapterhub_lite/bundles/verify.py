@@ -23,7 +23,7 @@ from adapterhub_lite.bundles.compat import (
     refuse_pickles,
 )
 from adapterhub_lite.bundles.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
-from adapterhub_lite.bundles.signing import SIGNATURES_FILE, PublicKeyLike, check_signatures, load_public_keys
+from adapterhub_lite.bundles.signing import SIGNATURES_FILE, TrustedKeyLike, check_signatures, load_trusted_keys
 from adapterhub_lite.bundles.tensors import header_length, parse_header
 from adapterhub_lite.errors import BundleError, os_errors_as
 
@@ -141,7 +141,7 @@ def check_bundle(
     base_dir: str | Path | None = None,
     base_fingerprint: str | None = None,
     max_lora_rank: int | None = None,
-    trusted_keys: Iterable[PublicKeyLike] | None = None,
+    trusted_keys: Iterable[TrustedKeyLike] | None = None,
     vllm_check: bool | None = None,
     progress: Callable[[int], object] | None = None,
 ) -> Verification:
@@ -149,7 +149,7 @@ def check_bundle(
     with os_errors_as(
         BundleError, "cannot read the bundle", hint="check that the path exists and is readable"
     ):
-        trusted = load_public_keys(trusted_keys)
+        trusted = load_trusted_keys(trusted_keys)
         src = open_source(path)
         names = src.names()
         refuse_pickles(names, src.label)
@@ -250,7 +250,9 @@ def check_bundle(
                 )
 
         sig_data = src.read(SIGNATURES_FILE, 64 * 1024) if SIGNATURES_FILE in names else None
-        signers = check_signatures(sig_data, manifest.digest, trusted, src.where(SIGNATURES_FILE))
+        signers = check_signatures(
+            sig_data, manifest.digest, trusted, src.where(SIGNATURES_FILE), namespace=manifest.namespace
+        )
         return Verification(manifest, signers, "directory" if isinstance(src, _DirSource) else "archive")
 
 
@@ -260,14 +262,15 @@ def verify_bundle(
     base_dir: str | Path | None = None,
     base_fingerprint: str | None = None,
     max_lora_rank: int | None = None,
-    trusted_keys: Iterable[PublicKeyLike] | None = None,
+    trusted_keys: Iterable[TrustedKeyLike] | None = None,
     vllm_check: bool | None = None,
 ) -> Manifest:
     """Verify a bundle directory or archive and return its manifest; raise BundleError naming the problem.
 
     `base_dir`/`base_fingerprint` refuse a bundle made for another base (`base_dir` also checks that every
     targeted module exists with the right shape). `max_lora_rank` is the server's limit. With
-    `trusted_keys`, a valid signature by one of them is required. `vllm_check` (default: when vLLM is
+    `trusted_keys` (public keys, or `TrustedKey`s scoped to namespaces), a valid signature by one of
+    them that is trusted for the manifest's namespace is required. `vllm_check` (default: when vLLM is
     importable) also asks vLLM's own PEFTHelper.
     """
     return check_bundle(
