@@ -7,9 +7,6 @@ reaches the check it is about rather than failing earlier on a hash.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import bundle_fixtures as fx
 import pytest
 
 from adapterhub_lite.bundles import TrustedKey, check_bundle, pack_bundle, sign_bundle, trusted_key
@@ -63,5 +60,3 @@ def test_unscoped_keys_are_read_as_before(keys, lora_dir, tiny_base, tmp_path):
             trusted_key(bad)
     with pytest.raises(BundleError, match="invalid namespace"):
         trusted_key(alice.public_key, ["../acme"])
-
-

@@ -3,7 +3,8 @@
 A signature signs `b"adapterhub-bundle-v1\\0" + digest`, so signing never changes the bundle's identity and
 a signature cannot be replayed for another kind of message. Signatures live in `signatures.json` beside
 the manifest. A verifier trusts keys as `TrustedKey`s: a public key plus the namespaces it may sign for
-(None: any namespace, how keys trusted before scoping existed are read). Private keys are kept under the user's config directory (`$ADAPTERHUB_CONFIG_DIR`, else
+(None: any namespace, how keys trusted before scoping existed are read). Private keys are kept under
+the user's config directory (`$ADAPTERHUB_CONFIG_DIR`, else
 `$XDG_CONFIG_HOME/adapterhub`, else `~/.config/adapterhub`), in `keys/`, mode 0600.
 """
 

@@ -23,7 +23,12 @@ from adapterhub_lite.bundles.compat import (
     refuse_pickles,
 )
 from adapterhub_lite.bundles.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
-from adapterhub_lite.bundles.signing import SIGNATURES_FILE, TrustedKeyLike, check_signatures, load_trusted_keys
+from adapterhub_lite.bundles.signing import (
+    SIGNATURES_FILE,
+    TrustedKeyLike,
+    check_signatures,
+    load_trusted_keys,
+)
 from adapterhub_lite.bundles.tensors import header_length, parse_header
 from adapterhub_lite.errors import BundleError, os_errors_as
 
