@@ -1,0 +1,137 @@
+"""What the weights hold: non-finite LoRA values refused, absurd magnitudes flagged, in one streaming pass.
+
+The scan rides along the sha256 pass that pack and verify make anyway, chunk by chunk, so the weights
+are read once. It works on the IEEE bit patterns (a bitwise AND and a max per chunk, no float math):
+with the sign bit cleared, a larger bit pattern is a larger magnitude, and every pattern at or above the
+exponent-all-ones one is +-Inf or NaN. The cost against the hash is measured in
+`benchmarks/bundle_bench.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from adapterhub_lite.bundles.tensors import TensorInfo
+from adapterhub_lite.errors import BundleError
+
+# Above this, a LoRA weight is flagged: trained LoRA matrices hold values of order 1e-2..1, and the
+# B.A product of two such matrices, times alpha/r, overflows float16 (max 65504) long before this.
+ABSURD_MAGNITUDE = 1e3
+_FIX = "the adapter's training diverged or the file was tampered with; retrain it (lower the learning rate)"
+
+# dtype -> (unsigned view, sign-clearing mask, first non-finite pattern, float view)
+_BITS = {
+    "F64": (np.dtype("<u8"), 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000, np.dtype("<f8")),
+    "F32": (np.dtype("<u4"), 0x7FFF_FFFF, 0x7F80_0000, np.dtype("<f4")),
+    "F16": (np.dtype("<u2"), 0x7FFF, 0x7C00, np.dtype("<f2")),
+    "BF16": (np.dtype("<u2"), 0x7FFF, 0x7F80, None),
+}
+
+
+def _magnitude(dtype: str, bits: int) -> float:
+    view, _, _, as_float = _BITS[dtype]
+    if as_float is None:  # bfloat16 is the top half of a float32
+        return float(np.array([bits << 16], dtype="<u4").view("<f4")[0])
+    return float(np.array([bits], dtype=view).view(as_float)[0])
+
+
+@dataclass
+class ValueReport:
+    """The largest magnitude seen, and the tensors flagged for absurd values (name, magnitude)."""
+
+    max_abs: float = 0.0
+    absurd: list[tuple[str, float]] = field(default_factory=list)
+
+    def warnings(self, label: str) -> list[str]:
+        return [
+            f"{label}: tensor {name!r} holds values up to {mag:.3g} in magnitude (LoRA weights are "
+            f"normally below 1; above {ABSURD_MAGNITUDE:g} the adapter is likely broken)"
+            for name, mag in self.absurd
+        ]
+
+
+class ValueScan:
+    """Fed a safetensors file's bytes in order (`update`), checks every floating tensor's values.
+
+    `tensors` are in file order (as `parse_header` returns them) and tile the data section that starts
+    at `data_start`. Raises BundleError at the first tensor holding NaN or +-Inf.
+    """
+
+    def __init__(self, tensors: list[TensorInfo], data_start: int, label: str) -> None:
+        from adapterhub_lite.bundles.tensors import DTYPE_SIZES
+
+        self.label = label
+        self.segments: list[tuple[int, int, TensorInfo]] = []
+        pos = data_start
+        for t in tensors:
+            end = pos + t.numel * DTYPE_SIZES[t.dtype]
+            if t.dtype in _BITS and end > pos:
+                self.segments.append((pos, end, t))
+            pos = end
+        self.pos = 0
+        self.seg = 0
+        self.carry = b""
+        self.tensor_max: dict[str, int] = {}
+        self.report = ValueReport()
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        start, end = self.pos, self.pos + len(chunk)
+        self.pos = end
+        while self.seg < len(self.segments):
+            s0, s1, t = self.segments[self.seg]
+            if s0 >= end:
+                return
+            lo, hi = max(s0, start), min(s1, end)
+            if lo < hi:
+                self._scan(t, chunk[lo - start : hi - start], last=hi == s1)
+            if s1 > end:
+                return
+            self.seg += 1
+
+    def _scan(self, t: TensorInfo, data: bytes | memoryview, last: bool) -> None:
+        view, mask, bad, _ = _BITS[t.dtype]
+        if self.carry:
+            data = self.carry + bytes(data)
+            self.carry = b""
+        whole = len(data) - len(data) % view.itemsize
+        if whole < len(data):
+            self.carry = bytes(data[whole:])
+        if whole:
+            bits = np.frombuffer(data, dtype=view, count=whole // view.itemsize)
+            cleared = np.bitwise_and(bits, view.type(mask))
+            top = int(cleared.max())
+            if top >= bad:
+                count = int(np.count_nonzero(cleared >= bad))
+                raise BundleError(
+                    f"{self.label}: tensor {t.name!r} holds non-finite values (NaN or Inf; {count} in one "
+                    "stretch of it); vLLM would serve them as they are",
+                    hint=_FIX,
+                )
+            if top > self.tensor_max.get(t.name, -1):
+                self.tensor_max[t.name] = top
+        if last:
+            if self.carry:
+                raise BundleError(f"{self.label}: tensor {t.name!r} ends inside a value", hint=_FIX)
+            mag = _magnitude(t.dtype, self.tensor_max.get(t.name, 0))
+            self.report.max_abs = max(self.report.max_abs, mag)
+            if mag > ABSURD_MAGNITUDE:
+                self.report.absurd.append((t.name, mag))
+
+    def finish(self) -> ValueReport:
+        """The report, once every byte has been fed."""
+        if self.seg < len(self.segments):
+            raise BundleError(f"{self.label}: the file ended before its last tensor", hint=_FIX)
+        return self.report
+
+
+def scan_file(
+    path, tensors: list[TensorInfo], data_start: int, label: str, chunk: int = 1 << 22
+) -> ValueReport:
+    """Scan a safetensors file on disk (see `ValueScan`)."""
+    scan = ValueScan(tensors, data_start, label)
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            scan.update(data)
+    return scan.finish()
