@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterhub_lite.bundles import archive as _archive
-from adapterhub_lite.bundles.card import CARD_FILE, render_card
+from adapterhub_lite.bundles.card import CARD_FILE, card_matches
 from adapterhub_lite.bundles.compat import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -266,7 +266,7 @@ def check_bundle(
         assert tensors is not None and scan is not None
         values = scan.finish()
 
-        if small[CARD_FILE] != render_card(manifest):
+        if not card_matches(small[CARD_FILE], manifest):
             raise BundleError(
                 f"{src.where(CARD_FILE)}: the card does not match {MANIFEST_FILE} (one of them was edited)",
                 hint=_REPACK,
