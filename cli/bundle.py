@@ -137,7 +137,6 @@ def register(app: typer.Typer) -> None:
                     "form": result.form,
                     "signers": result.signers,
                     "base_checked": result.base_checked,
-                    "max_abs": result.max_abs,
                     "warnings": result.warnings,
                     "manifest": m.model_dump(mode="json"),
                 }
@@ -148,8 +147,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(
                 f"ok: {m.ref} ({result.form})\n  digest  {m.digest}\n  base    {safe(m.base.name)} "
                 f"({m.base.fingerprint}){' shapes checked' if result.base_checked else ''}\n"
-                f"  adapter rank {m.adapter.rank} on {targets}, {m.adapter.parameter_count:,} parameters, "
-                f"max |w| {result.max_abs:.3g}\n"
+                f"  adapter rank {m.adapter.rank} on {targets}, {m.adapter.parameter_count:,} parameters\n"
                 f"  license {safe(m.license)}\n"
                 f"  signed  {', '.join(result.signers) or 'no'}"
             )

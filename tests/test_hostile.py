@@ -130,7 +130,6 @@ def test_non_finite_weights_refused_by_verify_pack_and_publish(value, bundle, lo
 def test_absurd_magnitudes_are_flagged_not_refused(bundle):
     fx.reseal(bundle, {"adapter_model.safetensors": _poisoned_weights(bundle, 3e4)})
     result = check_bundle(bundle, vllm_check=False)
-    assert result.max_abs == pytest.approx(3e4)
     assert len(result.warnings) == 1 and "holds values up to 3e+04" in result.warnings[0]
 
 
@@ -159,7 +158,16 @@ def test_value_scan_handles_every_float_dtype_and_chunk_boundary():
                 except BundleError as exc:
                     assert bad is not None and "non-finite" in exc.message
                 else:
-                    assert bad is None and report.max_abs == 2.5, (dtype, chunk)
+                    assert bad is None and report.absurd == [], (dtype, chunk)
+    # the dot-product fast path falls back to the exact check: 1e3 is not flagged, 1001 is
+    for value, flagged in ((1e3, False), (1001.0, True)):
+        t = torch.zeros(4, 4)
+        t[1, 2] = -value
+        data = save({"base_model.model.x.lora_A.weight": t})
+        tensors, _ = parse_header(data, len(data), "f")
+        scan = ValueScan(tensors, 8 + int.from_bytes(data[:8], "little"), "f")
+        scan.update(data)
+        assert bool(scan.finish().absurd) is flagged
     assert np.isfinite(2.5)
 
 

@@ -131,8 +131,6 @@ class Verification:
     base_checked: str | None = None
     # Flagged but not refused (absurd weight magnitudes, a base vLLM serves no LoRA on): one line each.
     warnings: list[str] = field(default_factory=list)
-    # The largest magnitude among the LoRA weights.
-    max_abs: float = 0.0
 
     @property
     def digest(self) -> str:
@@ -314,7 +312,6 @@ def check_bundle(
             "directory" if isinstance(src, _DirSource) else "archive",
             base_checked=base_fingerprint if base_shapes is not None else None,
             warnings=warnings,
-            max_abs=values.max_abs,
         )
 
 
