@@ -208,7 +208,7 @@ def pack_bundle(
         warn = on_warning or (lambda _line: None)
         unservable = serving_problem(base_shapes) if vllm_check is not False else None
         if unservable:
-            warn(f"{unservable}; the bundle is packed for use with peft")
+            warn(f"{unservable}; this bundle is for use with peft only")
 
         fields: dict[str, Any] = dict(
             namespace=namespace,
