@@ -80,21 +80,21 @@ def parse_header(prefix: bytes, file_size: int, label: str) -> tuple[list[Tensor
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise BundleError(f"{where}: malformed header entry", hint=_FIX)
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPE_SIZES:
-            raise BundleError(f"{where}: unknown dtype {dtype!r}", hint=_FIX)
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise BundleError(f"{where}: unknown dtype {str(dtype)[:40]!r}", hint=_FIX)
         if (
             not isinstance(shape, list)
             or len(shape) > 8
             or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape)
         ):
-            raise BundleError(f"{where}: malformed shape {shape!r}", hint=_FIX)
+            raise BundleError(f"{where}: malformed shape {str(shape)[:60]}", hint=_FIX)
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(type(o) is int and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
-            raise BundleError(f"{where}: malformed data_offsets {offsets!r}", hint=_FIX)
+            raise BundleError(f"{where}: malformed data_offsets {str(offsets)[:60]}", hint=_FIX)
         t = TensorInfo(name, dtype, tuple(shape))
         if offsets[1] - offsets[0] != t.numel * DTYPE_SIZES[dtype]:
             raise BundleError(
