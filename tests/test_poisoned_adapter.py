@@ -11,6 +11,7 @@ equal offline peft.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -147,6 +148,7 @@ def test_nan_adapter_in_the_same_batches_leaves_other_tenants_exact(lanes):
     )
     assert loaded.status_code == 200, loaded.text
 
+    wrong = []
     for round_ in range(3):
         got: dict[tuple[str, int, int], list[int] | str] = {}
         barrier = threading.Barrier(3 * len(lanes["prompts"]) * 2)
@@ -167,7 +169,14 @@ def test_nan_adapter_in_the_same_batches_leaves_other_tenants_exact(lanes):
             t.start()
         for t in threads:
             t.join()
-        for (who, i, copy), tokens in got.items():
-            if who != "poison":
-                assert tokens == lanes["expected"][who][i], (round_, who, i, copy, tokens)
         assert len(got) == len(threads)
+        wrong += [
+            f"round {round_} {who} {'long' if i else 'short'} prompt (copy {copy}): {tokens}, "
+            f"offline peft {lanes['expected'][who][i]}"
+            for (who, i, copy), tokens in sorted(got.items())
+            if who != "poison" and tokens != lanes["expected"][who][i]
+        ]
+    ops = os.environ.get("ADAPTERHUB_CPU_LORA_OPS", "1")
+    assert not wrong, (
+        f"{len(wrong)} tenant completions changed (ADAPTERHUB_CPU_LORA_OPS={ops}):\n" + "\n".join(wrong)
+    )
