@@ -360,3 +360,38 @@ def test_archive_members_are_named_bundle_tar_member(bundle, tmp_path):
     # a directory extracted from an archive is named after the archive too
     msg = _refused(bundle, r"^geo\.tar:adapter_model\.safetensors", shown_as="geo.tar")
     assert str(bundle) not in msg
+
+
+@pytest.mark.slow
+def test_serving_resolver_refuses_non_finite_weights(tmp_path):
+    """A NaN bundle that got into a registry anyway (publish's checks bypassed) is refused by the server's
+    resolver, which verifies every bundle before vLLM sees it, and dropped from its cache."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from adapterhub_lite.base import EMBEDDED_BASE_DIR
+    from adapterhub_lite.bundles import parse_manifest
+    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.serving.config import ServingConfig
+    from adapterhub_lite.serving.resolver import AdapterResolver
+
+    model = AutoModelForCausalLM.from_pretrained(EMBEDDED_BASE_DIR, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        tmp_path / "ad"
+    )
+    b = pack_bundle(
+        tmp_path / "ad", tmp_path / "b", namespace="acme", name="nan", base_dir=EMBEDDED_BASE_DIR, **PACK
+    )
+    fx.reseal(b, {"adapter_model.safetensors": _poisoned_weights(b, float("nan"))})
+    reg = Registry.open(tmp_path / "reg")
+    manifest = parse_manifest((b / "manifest.json").read_bytes())
+    ref = reg._publish_verified(b, manifest, False).ref  # what an attacker with write access could do
+    cfg = ServingConfig(
+        registry=str(tmp_path / "reg"), base_dir=str(EMBEDDED_BASE_DIR), cache_dir=str(tmp_path / "c")
+    )
+    res = AdapterResolver(cfg)
+    with pytest.raises(BundleError, match="non-finite") as exc:
+        res.fetch(ref)
+    assert "\n" not in exc.value.message
+    assert res.cache.get(manifest.digest) is None
