@@ -395,3 +395,24 @@ def test_serving_resolver_refuses_non_finite_weights(tmp_path):
         res.fetch(ref)
     assert "\n" not in exc.value.message
     assert res.cache.get(manifest.digest) is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (
+            {"base_model_name_or_path": "attacker/evil-model"},
+            r"base_model_name_or_path is 'attacker/evil-model', but",
+        ),
+        ({"task_type": "SEQ_CLS"}, r"task_type is 'SEQ_CLS'; bundles hold causal-LM adapters"),
+    ],
+)
+def test_config_cannot_point_peft_at_another_model(changes, match, bundle):
+    _with_config(bundle, **changes)
+    _refused(bundle, match)
+
+
+@pytest.mark.parametrize("legacy", [None, "None", "/home/someone/runs/base", "base"])  # "base": its own base
+def test_legacy_and_own_base_names_still_verify(legacy, bundle):
+    _with_config(bundle, base_model_name_or_path=legacy)
+    check_bundle(bundle, vllm_check=False)

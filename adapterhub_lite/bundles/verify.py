@@ -10,7 +10,7 @@ import hashlib
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from adapterhub_lite.bundles import archive as _archive
 from adapterhub_lite.bundles.card import CARD_FILE, card_matches
@@ -271,6 +271,7 @@ def check_bundle(
             )
 
         config = parse_config(small[CONFIG_FILE], src.where(CONFIG_FILE))
+        _check_named_base(config, manifest, src.where(CONFIG_FILE))
         base_shapes = base_weight_shapes(Path(base_dir)) if base_dir is not None else None
         shape = check_adapter(
             config,
@@ -312,6 +313,28 @@ def check_bundle(
             "directory" if isinstance(src, _DirSource) else "archive",
             base_checked=base_fingerprint if base_shapes is not None else None,
             warnings=warnings,
+        )
+
+
+def _check_named_base(config: dict, manifest: Manifest, label: str) -> None:
+    """`base_model_name_or_path` is what `AutoPeftModelForCausalLM` downloads and loads as the base: it
+    must be the base the manifest pins, not another model a bundle could point its users at. Bundles
+    packed before pack rewrote it carry the trainer's local path or "None": still accepted."""
+    named = config.get("base_model_name_or_path")
+    legacy = named in (None, "", "None") or (
+        isinstance(named, str) and (named.startswith(("/", "~")) or PureWindowsPath(named).drive != "")
+    )
+    if not legacy and named != manifest.base.name:
+        raise BundleError(
+            f"{label}: base_model_name_or_path is {str(named)[:80]!r}, but the bundle is for base "
+            f"{manifest.base.name!r} (peft's AutoPeftModel would load that other model)",
+            hint=_REPACK,
+        )
+    task = config.get("task_type")
+    if task not in (None, "CAUSAL_LM"):
+        raise BundleError(
+            f"{label}: task_type is {str(task)[:40]!r}; bundles hold causal-LM adapters (CAUSAL_LM)",
+            hint="train with LoraConfig(task_type='CAUSAL_LM'), then pack again",
         )
 
 
