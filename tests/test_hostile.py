@@ -416,3 +416,13 @@ def test_config_cannot_point_peft_at_another_model(changes, match, bundle):
 def test_legacy_and_own_base_names_still_verify(legacy, bundle):
     _with_config(bundle, base_model_name_or_path=legacy)
     check_bundle(bundle, vllm_check=False)
+
+
+def test_scan_file_checks_a_bare_adapter_directory(lora_dir, tmp_path):
+    """What a server's admin-load route can call on a directory that is not a bundle."""
+    from adapterhub_lite.bundles.values import scan_file
+
+    assert scan_file(lora_dir / "adapter_model.safetensors").absurd == []
+    (tmp_path / "w.safetensors").write_bytes(_poisoned_weights(lora_dir, float("inf")))
+    with pytest.raises(BundleError, match=r"w\.safetensors: tensor .* holds non-finite values"):
+        scan_file(tmp_path / "w.safetensors")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -149,12 +150,24 @@ class ValueScan:
         return self.report
 
 
-def scan_file(
-    path, tensors: list[TensorInfo], data_start: int, label: str, chunk: int = 1 << 22
-) -> ValueReport:
-    """Scan a safetensors file on disk (see `ValueScan`)."""
-    scan = ValueScan(tensors, data_start, label)
-    with open(path, "rb") as f:
+def scan_file(path: str | Path, label: str | None = None, chunk: int = 1 << 22) -> ValueReport:
+    """Check a safetensors file on disk: BundleError at non-finite values, the report otherwise.
+
+    For adapters that reach a server without a bundle (an admin loading a directory): the same check
+    verify makes, without the rest of a bundle.
+    """
+    from adapterhub_lite.bundles.tensors import header_length, parse_header
+
+    path = Path(path)
+    label = label or str(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        n = header_length(prefix, size, label)
+        prefix += f.read(n)
+        tensors, _ = parse_header(prefix, size, label)
+        scan = ValueScan(tensors, 8 + n, label)
+        f.seek(0)
         while data := f.read(chunk):
             scan.update(data)
     return scan.finish()
