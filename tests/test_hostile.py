@@ -336,6 +336,7 @@ def test_terminal_injection_is_escaped(bundle, tmp_path):
     from cli.main import app
 
     evil = "\x1b]0;pwned\x07\x1b[2J\u202eDEIFIREV"
+    _with_config(bundle, base_model_name_or_path=None)  # the config names no base: only the manifest does
     fx.reseal(
         bundle,
         base={
