@@ -22,7 +22,7 @@ CHILD = r"""
 import sys, time
 from pathlib import Path
 from adapterhub_lite.errors import RegistryError
-from adapterhub_lite.registry import Registry, blobs
+from adapterhub_lite.registry import Registry, faults
 
 location, bundle, step, k, marker = sys.argv[1:6]
 seen = {"n": 0}
@@ -39,7 +39,7 @@ def hook(name):
             else:
                 time.sleep(120)
 
-blobs._fault_hook = hook
+faults.hook = hook
 try:
     print(Registry.open(location).publish(bundle).digest)
 except RegistryError as exc:
@@ -118,7 +118,7 @@ def test_sigkill_during_publish_is_all_or_nothing(tmp_path, bundle, step, k, vis
         return
     with pytest.raises(RegistryError, match="no acme/bot@1.0.0"):
         reg.resolve("acme/bot@1.0.0")
-    assert reg.list() == [] and reg.search("") == []
+    assert reg.versions() == [] and reg.search("") == []
     report = reg.check()
     leftovers = report.orphaned_blobs + report.stale_temp_files
     expected = {
@@ -173,7 +173,7 @@ def test_concurrent_publishes_of_one_version_have_one_winner(tmp_path, bundle, t
     assert "already published with other content" in loser_err
     reg = Registry.open(location)
     assert reg.resolve("acme/bot@1.0.0").digest == winner
-    assert [p.version for p in reg.list()] == ["1.0.0"]
+    assert [p.version for p in reg.versions()] == ["1.0.0"]
     # The loser's distinct blobs are orphans that check finds and repair removes.
     report = reg.check()
     assert report.missing_blobs == [] and len(report.orphaned_blobs) >= 1
@@ -212,7 +212,7 @@ def test_blobs_are_fsynced_before_the_version_is_committed(tmp_path, bundle, mon
 
     def recording_fsync(fd: int) -> None:
         # A blob synced after its version became visible could be lost by a power cut while named.
-        assert not Registry.open(location).list(), "fsync after the version was committed"
+        assert not Registry.open(location).versions(), "fsync after the version was committed"
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
