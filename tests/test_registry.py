@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import bundle_fixtures as fx
@@ -67,9 +68,26 @@ def bundles(lora_dir, tiny_base, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@dataclass(frozen=True)
+class Where:
+    location: str  # what --registry / Registry.open take
+    blobs: Path  # where that registry's blobs are
+
+
 @pytest.fixture
-def reg(tmp_path) -> Registry:
-    return Registry.open(tmp_path / "registry")
+def where(backend, tmp_path, request) -> Where:
+    """A fresh registry location on each backend: a directory (SQLite index inside), or a new
+    PostgreSQL database created with its blobs in a local folder."""
+    if backend == "sqlite":
+        return Where(str(tmp_path / "registry"), tmp_path / "registry" / "blobs")
+    url = request.getfixturevalue("postgres").new_database()
+    Registry.open(url, blobs=str(tmp_path / "pg-blobs"))
+    return Where(url, tmp_path / "pg-blobs")
+
+
+@pytest.fixture
+def reg(where) -> Registry:
+    return Registry.open(where.location)
 
 
 def test_publish_resolve_pull(reg, bundles, tiny_base, tmp_path):
@@ -179,12 +197,12 @@ def test_sharing_and_public(reg, bundles):
         reg.share("acme/ghost", "globex")
 
 
-def test_trusted_keys_required(tmp_path, bundles, lora_dir, tiny_base, monkeypatch):
+def test_trusted_keys_required(where, tmp_path, bundles, lora_dir, tiny_base, monkeypatch):
     monkeypatch.setenv("ADAPTERHUB_CONFIG_DIR", str(tmp_path / "cfg"))
     key = generate_key("team")
-    reg = Registry.open(tmp_path / "registry")
+    reg = Registry.open(where.location)
     reg.trust(key.public_key)
-    reg = Registry.open(tmp_path / "registry")  # the trust is remembered
+    reg = Registry.open(where.location)  # the trust is remembered
     with pytest.raises(RegistryError, match="refusing to publish .*unsigned"):
         reg.publish(bundles["1.0.0"])
     signed = pack_bundle(
@@ -240,11 +258,11 @@ def test_location_from_env(tmp_path, monkeypatch, bundles):
         Registry.open(tmp_path / "missing", create=False)
 
 
-def test_check_finds_missing_and_corrupt_blobs(reg, bundles, tiny_base, tmp_path):
+def test_check_finds_missing_and_corrupt_blobs(where, reg, bundles, tiny_base, tmp_path):
     p = reg.publish(bundles["1.0.0"])
     m = verify_bundle(bundles["1.0.0"], vllm_check=False)
     sha = m.file("adapter_model.safetensors").sha256
-    blob = reg.location / "blobs" / "sha256" / sha[:2] / sha
+    blob = where.blobs / "sha256" / sha[:2] / sha
     data = blob.read_bytes()
     blob.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     report = reg.check(deep=True)
@@ -264,14 +282,14 @@ def test_check_finds_missing_and_corrupt_blobs(reg, bundles, tiny_base, tmp_path
         reg.pull(p.ref, tmp_path / "y", base_fingerprint="sha256:" + "1" * 64, vllm_check=False)
 
 
-def test_cli_registry_commands(tmp_path, bundles):
+def test_cli_registry_commands(where, tmp_path, bundles):
     from typer.testing import CliRunner
 
     from cli.common import EXIT_CODES
     from cli.main import app
 
     runner = CliRunner()
-    r_opt = ["--registry", str(tmp_path / "cli-reg")]
+    r_opt = ["--registry", where.location]
 
     def run(*args: str, code: int = 0):
         res = runner.invoke(app, [*args, *r_opt])
@@ -313,7 +331,7 @@ def test_search_text_is_literal_and_io_errors_are_project_errors(tmp_path, bundl
         Registry.open(tmp_path / "registry")
 
 
-def test_cli_keys_sign_trust_and_repair(tmp_path, bundles, monkeypatch):
+def test_cli_keys_sign_trust_and_repair(where, tmp_path, bundles, monkeypatch):
     import shutil
 
     from typer.testing import CliRunner
@@ -322,7 +340,7 @@ def test_cli_keys_sign_trust_and_repair(tmp_path, bundles, monkeypatch):
     from cli.main import app
 
     monkeypatch.setenv("ADAPTERHUB_CONFIG_DIR", str(tmp_path / "cfg"))
-    monkeypatch.setenv("ADAPTERHUB_REGISTRY", str(tmp_path / "reg"))
+    monkeypatch.setenv("ADAPTERHUB_REGISTRY", where.location)
     runner = CliRunner()
     key = json.loads(runner.invoke(app, ["keys", "generate", "ci", "--json"]).stdout)
     assert os.stat(key["path"]).st_mode & 0o777 == 0o600
@@ -336,7 +354,7 @@ def test_cli_keys_sign_trust_and_repair(tmp_path, bundles, monkeypatch):
     assert runner.invoke(app, ["publish", str(bundle)]).exit_code == 0
     # An orphaned blob: `registry check` fails until `--repair` removes it. Its shard folder
     # may already exist: the signed bundle's blobs have random digests (fresh key each run).
-    orphan = tmp_path / "reg" / "blobs" / "sha256" / "00" / ("00" * 32)
+    orphan = where.blobs / "sha256" / "00" / ("00" * 32)
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(b"stray")
     assert runner.invoke(app, ["registry", "check"]).exit_code == 1
