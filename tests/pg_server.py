@@ -91,9 +91,10 @@ def postgres() -> Iterator[PostgresServer]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def backend(request) -> str:
-    """The database backend a test runs against (every store test runs on both)."""
+    """The database backend a test runs against (every store test runs on both; the PostgreSQL runs
+    are `slow`: they start a server, so the contributors' fast loop runs the SQLite ones)."""
     return request.param
 
 

@@ -147,6 +147,7 @@ PROMOTE_WATCHER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_promote_is_seen_by_another_process(store, db_location, backend):
     """The other process is a second server's store: it sees the move on its next probe."""
     store.add_tenant("acme")
@@ -227,6 +228,7 @@ def test_a_registry_index_newer_than_the_code_is_refused(backend, tmp_path, requ
         Registry.open(location)
 
 
+@pytest.mark.slow
 def test_a_registry_on_a_server_needs_blobs_once_and_remembers_them(postgres, tmp_path):
     url = postgres.new_database()
     with pytest.raises(RegistryError, match="needs a home for its blobs") as e:
