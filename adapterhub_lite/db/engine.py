@@ -19,7 +19,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import QueuePool
 
 from adapterhub_lite.errors import AdapterHubError, ErrorKind
 
@@ -193,10 +193,13 @@ class Database:
 
 
 def _sqlite_engine(path: Path) -> sa.Engine:
-    # NullPool: a connection per transaction, as before (cheap for a file; safe across fork).
+    # A small pool: opening a SQLite connection (and its PRAGMAs) costs far more than a lookup, and
+    # a server authenticates on every request. `Database._engine` drops the pool across a fork.
     engine = sa.create_engine(
         URL.create("sqlite", database=str(path)),
-        poolclass=NullPool,
+        poolclass=QueuePool,
+        pool_size=4,
+        max_overflow=8,
         connect_args={"timeout": 30.0, "check_same_thread": False},
     )
 

@@ -141,6 +141,12 @@ _COLS = (
 )
 
 
+# The server's lookups, built once (building a statement costs more than running it on SQLite).
+_BY_NAME = sa.select(*_COLS).where(_t.name == sa.bindparam("name"))
+_BY_KEY = sa.select(*_COLS).where(_t.key_hash == sa.bindparam("key_hash"), _t.revoked == 0)
+_ALL_ALIASES = sa.select(aliases.c.tenant, aliases.c.alias, aliases.c.ref)
+
+
 def _tenant(row: sa.Row) -> Tenant:
     return Tenant(
         name=row.name,
@@ -197,7 +203,7 @@ class TenantStore:
     def get(self, name: str) -> Tenant:
         """The tenant called `name`; ServingError (NOT_FOUND) if there is none."""
         with self.db.read() as con:
-            row = con.execute(sa.select(*_COLS).where(_t.name == name)).first()
+            row = con.execute(_BY_NAME, {"name": name}).first()
         if row is None:
             raise ServingError(
                 f"no tenant named {name!r}",
@@ -214,7 +220,7 @@ class TenantStore:
     def authenticate(self, key: str) -> Tenant | None:
         """The active tenant holding `key`, or None (unknown or revoked: the caller answers 401)."""
         with self.db.read() as con:
-            row = con.execute(sa.select(*_COLS).where(_t.key_hash == hash_key(key), _t.revoked == 0)).first()
+            row = con.execute(_BY_KEY, {"key_hash": hash_key(key)}).first()
         return _tenant(row) if row else None
 
     def aliases(self, tenant: str) -> dict[str, str]:
