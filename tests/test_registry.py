@@ -361,3 +361,58 @@ def test_cli_keys_sign_trust_and_repair(where, tmp_path, bundles, monkeypatch):
     res = runner.invoke(app, ["registry", "check", "--repair", "--grace", "0"])
     assert res.exit_code == 0 and "removed: 1" in res.output and not orphan.exists()
     assert runner.invoke(app, ["registry", "check"]).exit_code == 0
+
+
+def test_keys_are_trusted_per_namespace(where, tmp_path, lora_dir, tiny_base, monkeypatch):
+    """The attack of issue 9: a second trusted key publishing over the first key's namespace."""
+    from typer.testing import CliRunner
+
+    from cli.common import EXIT_CODES
+    from cli.main import app
+
+    monkeypatch.setenv("ADAPTERHUB_CONFIG_DIR", str(tmp_path / "cfg"))
+    acme_key, globex_key, admin_key = (
+        generate_key("acme-key"),
+        generate_key("globex-key"),
+        generate_key("admin"),
+    )
+
+    def signed(namespace: str, version: str, key: str) -> Path:
+        return pack_bundle(
+            lora_dir,
+            tmp_path / f"{namespace}-{version}-{key}",
+            namespace=namespace,
+            name="geo",
+            version=version,
+            base_dir=tiny_base,
+            signing_key=key,
+            vllm_check=False,
+        )
+
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["registry", "trust", "acme-key", "--namespace", "acme", "--registry", where.location]
+    )
+    assert res.exit_code == 0 and res.output.strip().endswith("for acme"), res.output
+    reg = Registry.open(where.location)
+    reg.trust(globex_key.public_key, ["globex", "initech"])
+    reg = Registry.open(where.location)  # the scopes are remembered
+    assert reg.publish(signed("acme", "1.0.0", "acme-key")).ref == "acme/geo@1.0.0"
+    assert reg.publish(signed("globex", "1.0.0", "globex-key")).ref == "globex/geo@1.0.0"
+    with pytest.raises(RegistryError, match="not trusted for namespace 'acme'") as e:
+        reg.publish(signed("acme", "1.0.1", "globex-key"))
+    assert e.value.kind is ErrorKind.FORBIDDEN and "--namespace acme" in e.value.hint
+    assert reg.resolve("acme/geo").version == "1.0.0" and len(reg.versions("acme")) == 1
+    res = runner.invoke(
+        app, ["publish", str(tmp_path / "acme-1.0.1-globex-key"), "--registry", where.location]
+    )
+    assert res.exit_code == EXIT_CODES[ErrorKind.FORBIDDEN] and "Traceback" not in res.output
+    # An unscoped key (how registries always stored keys) signs for every namespace.
+    reg.trust(admin_key.public_key)
+    assert reg.publish(signed("acme", "1.0.2", "admin")).ref == "acme/geo@1.0.2"
+    # Narrowing a key's namespaces later: what it signed can no longer be pulled from this registry.
+    reg.trust(acme_key.public_key, ["elsewhere"])
+    with pytest.raises(RegistryError, match="not trusted for namespace 'acme'") as e:
+        reg.pull("acme/geo@1.0.0", tmp_path / "pulled", vllm_check=False)
+    assert e.value.kind is ErrorKind.FORBIDDEN and not (tmp_path / "pulled").exists()
+    assert reg.pull("acme/geo@1.0.2", tmp_path / "ok", vllm_check=False).is_dir()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from adapterhub_lite.bundles import archive as _archive
 from adapterhub_lite.bundles.manifest import Manifest
-from adapterhub_lite.bundles.signing import SIGNATURES_FILE, check_signatures
+from adapterhub_lite.bundles.signing import SIGNATURES_FILE
 from adapterhub_lite.bundles.verify import check_bundle
 from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError
 from adapterhub_lite.registry.faults import fault_point
@@ -62,16 +62,11 @@ def _store(reg: Registry, bundle_dir: Path, m: Manifest, progress: bool) -> Publ
     if existing is not None and existing != m.digest:
         raise immutable_error(m, existing)
     manifest_bytes = m.to_json()
-    sig_bytes = None
-    if (bundle_dir / SIGNATURES_FILE).is_file():
-        sig_bytes = (bundle_dir / SIGNATURES_FILE).read_bytes()
-        # Checked again on the very bytes that get stored (the file could change after verification).
-        try:
-            check_signatures(sig_bytes, m.digest, reg.trusted_keys)
-        except BundleError as exc:
-            raise RegistryError(
-                f"refusing to publish {m.ref}: {exc.message}", hint=exc.hint, kind=exc.kind
-            ) from None
+    sig_path = bundle_dir / SIGNATURES_FILE
+    sig_bytes = sig_path.read_bytes() if sig_path.is_file() else None
+    # Checked on the very bytes that get stored (the file could change after verification), and
+    # against the namespaces each trusted key may sign for.
+    reg.trusted.require(sig_bytes, m.digest, m.namespace, f"refusing to publish {m.ref}")
     total = sum(f.size for f in m.files)
     fault_point("publish-start")
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"publish {m.ref}", disable=not progress) as bar:

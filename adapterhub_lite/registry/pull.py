@@ -36,7 +36,7 @@ def _pull(reg: Registry, p: Published, dest: Path, verify: dict[str, Any], progr
     from tqdm import tqdm
 
     if dest.exists():
-        return _existing(dest, p, verify)
+        return _existing(reg, dest, p, verify)
     blobs = reg.index.blobs_of(p.id)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
@@ -52,6 +52,7 @@ def _pull(reg: Registry, p: Published, dest: Path, verify: dict[str, Any], progr
             raise RegistryError(
                 f"{p.ref} failed verification after download: {exc.message}", hint=exc.hint, kind=exc.kind
             ) from None
+        _signed_for_namespace(reg, tmp, m)
         if m.digest != p.digest:
             raise RegistryError(
                 f"{p.ref}: downloaded bundle has digest {m.digest}, the index says {p.digest}",
@@ -64,7 +65,7 @@ def _pull(reg: Registry, p: Published, dest: Path, verify: dict[str, Any], progr
         except OSError:
             if dest.exists():  # a concurrent pull won the rename
                 shutil.rmtree(tmp, ignore_errors=True)
-                return _existing(dest, p, verify)
+                return _existing(reg, dest, p, verify)
             raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -72,7 +73,16 @@ def _pull(reg: Registry, p: Published, dest: Path, verify: dict[str, Any], progr
     return dest
 
 
-def _existing(dest: Path, p: Published, verify: dict[str, Any]) -> Path:
+def _signed_for_namespace(reg: Registry, bundle_dir: Path, m: Any) -> None:
+    """With trusted keys, the bundle's signer must be trusted for its namespace (verify checked the
+    signatures; the registry knows each key's namespaces)."""
+    if reg.trusted.keys:
+        sig = bundle_dir / SIGNATURES_FILE
+        data = sig.read_bytes() if sig.is_file() else None
+        reg.trusted.require(data, m.digest, m.namespace, f"{m.ref} cannot be pulled")
+
+
+def _existing(reg: Registry, dest: Path, p: Published, verify: dict[str, Any]) -> Path:
     try:
         m = check_bundle(dest, **verify).manifest
     except BundleError as exc:
@@ -87,6 +97,7 @@ def _existing(dest: Path, p: Published, verify: dict[str, Any]) -> Path:
             hint="remove it, or pull into another directory",
             kind=ErrorKind.CONFLICT,
         )
+    _signed_for_namespace(reg, dest, m)
     return dest
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from adapterhub_lite.bundles.manifest import Manifest
 from adapterhub_lite.bundles.naming import check_name, semver_key
-from adapterhub_lite.bundles.signing import PublicKeyLike, load_public_keys
+from adapterhub_lite.bundles.signing import PublicKeyLike
 from adapterhub_lite.errors import RegistryError
 from adapterhub_lite.registry import access
 from adapterhub_lite.registry import check as _check
@@ -19,6 +19,7 @@ from adapterhub_lite.registry.blobs import BlobStore
 from adapterhub_lite.registry.config import ENV_REGISTRY, ConfigStore, Location, with_trusted_key
 from adapterhub_lite.registry.index import Index
 from adapterhub_lite.registry.records import CheckReport, Published, invalid, newest, ref_of
+from adapterhub_lite.registry.trust import load_trust
 
 DEFAULT_GRACE_S = _check.DEFAULT_GRACE_S
 __all__ = ["DEFAULT_GRACE_S", "ENV_REGISTRY", "Registry"]  # ENV_REGISTRY: for registry/remote.py
@@ -35,7 +36,8 @@ class Registry:
         self.shown = location.shown
         self.index = index
         self.blobs = blobs
-        self.trusted_keys = load_public_keys(list(trusted_keys or []))
+        self.trusted = load_trust(trusted_keys)
+        self.trusted_keys = self.trusted.keys  # for `verify_bundle`
 
     @classmethod
     def open(cls, location: str | Path | None = None, **kwargs: Any) -> Registry:
@@ -54,7 +56,8 @@ class Registry:
         store = ConfigStore(self.where, self.index)
         config = with_trusted_key(store.load() or {}, public_hex(key), scoped)
         store.save(config)
-        self.trusted_keys = load_public_keys(config["trusted_keys"])
+        self.trusted = load_trust(config["trusted_keys"])
+        self.trusted_keys = self.trusted.keys
         return key_id(key)
 
     # -- publishing and pulling ----------------------------------------------------------------
