@@ -6,4 +6,4 @@ session fixture is built once per run. `pg_server` starts one throwaway PostgreS
 tests that run the registry and the tenant store on both database backends.
 """
 
-pytest_plugins = ["bundle_fixtures", "training_fixtures", "pg_server"]
+pytest_plugins = ["bundle_fixtures", "training_fixtures", "redis_server", "pg_server"]
