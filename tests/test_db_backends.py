@@ -349,3 +349,12 @@ def bundles_for_stop(lora_dir, tiny_base, tmp_path) -> Path:
         base_dir=tiny_base,
         vllm_check=False,
     )
+
+
+def test_sqlite_urls_name_the_same_files_as_paths(tmp_path):
+    TenantStore.open(f"sqlite:///{tmp_path / 'tenants.db'}").add_tenant("acme")
+    assert TenantStore.open(tmp_path / "tenants.db").get("acme").namespace == "acme"
+    for location in (f"sqlite:///{tmp_path / 'reg'}", f"sqlite:///{tmp_path / 'reg' / 'index.sqlite'}"):
+        reg = Registry.open(location)
+        assert reg.location == tmp_path / "reg" and (tmp_path / "reg" / "index.sqlite").is_file()
+        assert reg.blobs.url == str(tmp_path / "reg" / "blobs")

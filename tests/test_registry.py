@@ -159,6 +159,7 @@ def test_search_list_namespaces(reg, bundles):
     for key in ("1.0.0", "1.2.0", "globex"):
         reg.publish(bundles[key])
     assert [p.ref for p in reg.search("bot")] == ["acme/bot@1.2.0"]  # newest per adapter
+    assert reg.search("%") == [] and reg.search("_") == [] and len(reg.search("BOT")) == 1  # literal text
     assert [p.ref for p in reg.search("tickets")] == ["acme/bot@1.2.0"]  # description
     assert [p.ref for p in reg.search("", tag="fr")] == ["globex/translator@0.1.0"]
     fp = reg.resolve("acme/bot").base_fingerprint
