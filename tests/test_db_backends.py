@@ -29,6 +29,59 @@ CREATE TABLE aliases (tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CA
 CREATE TABLE alias_history (tenant TEXT NOT NULL, alias TEXT NOT NULL, ref TEXT, at REAL NOT NULL);
 """
 
+# The registry index as the previous release created it (adapterhub-lite afda683, index.py).
+LEGACY_INDEX = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS packages (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    public INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    PRIMARY KEY (namespace, name)
+);
+CREATE TABLE IF NOT EXISTS versions (
+    id INTEGER PRIMARY KEY,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    manifest_sha256 TEXT NOT NULL,
+    signatures_sha256 TEXT,
+    base_name TEXT NOT NULL,
+    base_fingerprint TEXT NOT NULL,
+    description TEXT NOT NULL,
+    license TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    created TEXT NOT NULL,
+    published_at TEXT NOT NULL,
+    yanked INTEGER NOT NULL DEFAULT 0,
+    yank_reason TEXT NOT NULL DEFAULT '',
+    UNIQUE (namespace, name, version),
+    FOREIGN KEY (namespace, name) REFERENCES packages (namespace, name)
+);
+CREATE TABLE IF NOT EXISTS files (
+    version_id INTEGER NOT NULL REFERENCES versions (id),
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    PRIMARY KEY (version_id, path)
+);
+CREATE TABLE IF NOT EXISTS tags (
+    version_id INTEGER NOT NULL REFERENCES versions (id),
+    tag TEXT NOT NULL,
+    PRIMARY KEY (version_id, tag)
+);
+CREATE TABLE IF NOT EXISTS shares (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    grantee TEXT NOT NULL,
+    PRIMARY KEY (namespace, name, grantee)
+);
+CREATE INDEX IF NOT EXISTS versions_base ON versions (base_fingerprint);
+CREATE INDEX IF NOT EXISTS files_sha ON files (sha256);
+"""
+
 
 @pytest.fixture
 def store(db_location):
@@ -358,3 +411,23 @@ def test_sqlite_urls_name_the_same_files_as_paths(tmp_path):
         reg = Registry.open(location)
         assert reg.location == tmp_path / "reg" and (tmp_path / "reg" / "index.sqlite").is_file()
         assert reg.blobs.url == str(tmp_path / "reg" / "blobs")
+
+
+def test_a_registry_made_by_the_previous_release_opens_unchanged(tmp_path, bundles_for_stop):
+    location = tmp_path / "reg"
+    location.mkdir()
+    con = sqlite3.connect(location / "index.sqlite")
+    con.executescript(LEGACY_INDEX)
+    con.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+    con.commit()
+    con.close()
+    (location / "config.json").write_text('{"schema_version": 1, "blobs": null, "trusted_keys": []}')
+    reg = Registry.open(location)
+    p = reg.publish(bundles_for_stop)
+    reg.share("acme/bot", "globex")
+    assert reg.resolve("acme/bot").digest == p.digest and reg.can_read("globex", "acme/bot@1.0.0")
+    assert reg.pull("acme/bot", tmp_path / "pulled", vllm_check=False).is_dir()
+    assert reg.check(deep=True).ok and (location / "blobs" / "sha256").is_dir()
+    assert sorted(p.name for p in location.iterdir()) == ["blobs", "config.json", "index.sqlite"] + [
+        n for n in ("index.sqlite-shm", "index.sqlite-wal") if (location / n).exists()
+    ]

@@ -28,11 +28,11 @@ def publish(reg: Registry, bundle_path: Path, progress: bool) -> Published:
     """Verify and publish a bundle (directory or archive); idempotent for identical content."""
     try:
         with tempfile.TemporaryDirectory(prefix="adapterhub-publish-") as td:
-            if bundle_path.is_file():
-                bundle_dir = _archive.extract_archive(bundle_path, Path(td) / "bundle")
-            else:
-                bundle_dir = bundle_path
             try:
+                if bundle_path.is_file():
+                    bundle_dir = _archive.extract_archive(bundle_path, Path(td) / "bundle")
+                else:
+                    bundle_dir = bundle_path
                 result = check_bundle(bundle_dir, trusted_keys=reg.trusted_keys, vllm_check=False)
             except BundleError as exc:
                 raise RegistryError(
