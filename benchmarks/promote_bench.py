@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -113,6 +114,7 @@ def main() -> None:
             results["postgresql"] = measure(server.new_database(), args.moves)
         finally:
             server.stop("immediate")
+            shutil.rmtree(server.root, ignore_errors=True)
     else:
         results["postgresql"] = f"skipped: no PostgreSQL in {PG_BIN}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
