@@ -387,7 +387,9 @@ def test_serving_resolver_refuses_non_finite_weights(tmp_path):
     fx.reseal(b, {"adapter_model.safetensors": _poisoned_weights(b, float("nan"))})
     reg = Registry.open(tmp_path / "reg")
     manifest = parse_manifest((b / "manifest.json").read_bytes())
-    ref = reg._publish_verified(b, manifest, False).ref  # what an attacker with write access could do
+    from adapterhub_lite.registry.publish import store_verified
+
+    ref = store_verified(reg, b, manifest).ref  # what an attacker with write access could do
     cfg = ServingConfig(
         registry=str(tmp_path / "reg"), base_dir=str(EMBEDDED_BASE_DIR), cache_dir=str(tmp_path / "c")
     )
