@@ -20,7 +20,7 @@ from adapterhub_lite.base import load_base, load_tokenizer, resolve_base_dir
 from adapterhub_lite.base.pretrain import PretrainConfig, build_model
 from adapterhub_lite.errors import RecipeError
 from adapterhub_lite.training import recipe_from_dict
-from adapterhub_lite.transfer import (
+from benchmarks.transfer import (
     STRATEGIES,
     StudyConfig,
     cipher_examples,
@@ -31,10 +31,10 @@ from adapterhub_lite.transfer import (
     untie_output_head,
     write_report,
 )
-from adapterhub_lite.transfer.cipher import ALPHABET
-from adapterhub_lite.transfer.report import PLOTS
-from adapterhub_lite.transfer.study import load_tasks
-from adapterhub_lite.transfer.tasks import cipher_task, write_split
+from benchmarks.transfer.cipher import ALPHABET
+from benchmarks.transfer.plots import PLOTS
+from benchmarks.transfer.study import load_tasks
+from benchmarks.transfer.tasks import cipher_task, write_split
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
