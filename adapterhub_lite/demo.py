@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_lite.base import EMBEDDED_BASE_DIR, EMBEDDED_BASE_NAME, fingerprint
-
-ADAPTERS_DIR = Path(__file__).resolve().parent.parent / "adapters"
+from adapterhub_lite.examples import EXAMPLES_DIR
 
 
 @dataclass
 class DemoAdapter:
     """One adapter the demo trains and publishes as `namespace/name@version`."""
 
-    task: str  # folder under adapters/
+    task: str  # folder under adapterhub_lite/examples/
     namespace: str
     name: str
     version: str
@@ -65,7 +64,7 @@ def train_adapters(workdir: Path, log: Callable[[str], None], method: str = "qlo
     for a in DEMO_ADAPTERS:
         run_dir = workdir / "runs" / f"{a.name}-{a.version}"
         recipe = load_recipe(
-            ADAPTERS_DIR / a.task / "recipe.yaml",
+            EXAMPLES_DIR / a.task / "recipe.yaml",
             {"method": method, "output_dir": run_dir, **a.overrides},
         )
         if _same_training(run_dir / "training_record.json", recipe.model_dump(mode="json"), base_fp):
@@ -115,7 +114,7 @@ def heldout_questions(task: str, limit: int = 8) -> list[tuple[str, str, str]]:
     from adapterhub_lite.data import load_dataset, train_eval_split
     from adapterhub_lite.training import load_recipe
 
-    recipe = load_recipe(ADAPTERS_DIR / task / "recipe.yaml")
+    recipe = load_recipe(EXAMPLES_DIR / task / "recipe.yaml")
     data = load_dataset(recipe.data, recipe.format)
     _, held_out = train_eval_split(data.examples, recipe.eval_fraction, recipe.seed)
     out = []

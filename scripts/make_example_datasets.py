@@ -1,4 +1,4 @@
-"""Generate the example datasets under adapters/ from the synthetic world the embedded base learned.
+"""Generate the example datasets (adapterhub_lite/examples/) from the synthetic world the base learned.
 
     .venv/bin/python scripts/make_example_datasets.py [--out adapters]
 
@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from adapterhub_lite.atomic import write_text
 from adapterhub_lite.base.world import ANIMALS, COUNTRIES, OPPOSITES, domain_documents
 
 
@@ -57,11 +58,7 @@ DATASETS = {
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ def test_peft_hub_lookup_warnings_dropped_other_warnings_kept():
 
 def test_bitsandbytes_kernel_fetch_log_dropped_other_records_kept(caplog):
     log = logging.getLogger(BNB_LOGGER)
-    caplog.set_level(logging.WARNING)
+    caplog.set_level(logging.WARNING, logger=BNB_LOGGER)  # whatever another test set on "bitsandbytes"
     with quiet_third_party(False):
         log.warning(BNB_NOISE, "no network")
         log.warning("a real bitsandbytes warning")

@@ -253,7 +253,7 @@ def run_study(
     ``work_dir`` keeps the generated datasets, random-init models and adapters (default: a temporary
     directory that is removed afterwards).
     """
-    from benchmarks.transfer.report import summarize
+    from benchmarks.transfer.summary import summarize
 
     t_start = time.time()
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
