@@ -397,7 +397,6 @@ def _reproduce(results: dict) -> list[str]:
     return lines
 
 
-
 _SECTIONS = (
     _header,
     _targets,

@@ -279,4 +279,3 @@ def _pretrained_vs_random(budget: dict) -> dict:
         "met": margin is not None and margin >= CLEAR_MARGIN_EM and margin > 2 * spread,
         "met_on_loss": loss_margin is not None and loss_margin > 2 * loss_spread and loss_margin > 0,
     }
-
