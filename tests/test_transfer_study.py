@@ -114,6 +114,7 @@ def test_untied_head_probe_trains_the_head_and_nothing_else():
     assert torch.equal(model.get_input_embeddings().weight, embed_before)
 
 
+@pytest.mark.slow  # trains the embedded base for real (a few steps of a full fine-tune)
 def test_head_only_finetune_leaves_the_body_exactly_as_pretrained(tmp_path):
     base_dir = resolve_base_dir("embedded")
     split = write_split(cipher_task(40), 0, tmp_path, 8)
