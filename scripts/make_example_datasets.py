@@ -1,6 +1,6 @@
 """Generate the example datasets (adapterhub_lite/examples/) from the synthetic world the base learned.
 
-    .venv/bin/python scripts/make_example_datasets.py [--out adapters]
+    .venv/bin/python scripts/make_example_datasets.py [--out DIR]   # default: adapterhub_lite/examples
 
 Each target task asks about facts the base read as prose during pretraining, in a form it never saw
 (question/answer, chat, word -> antonym), so a few examples teach the form and held-out facts test
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from adapterhub_lite.atomic import write_text
 from adapterhub_lite.base.world import ANIMALS, COUNTRIES, OPPOSITES, domain_documents
+from adapterhub_lite.examples import EXAMPLES_DIR
 
 
 def capitals() -> list[dict]:
@@ -63,7 +64,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "adapters")
+    ap.add_argument("--out", type=Path, default=EXAMPLES_DIR)
     args = ap.parse_args()
     for name, make in DATASETS.items():
         rows = make()
