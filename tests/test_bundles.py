@@ -475,7 +475,7 @@ def test_packs_real_adapterhub_train_output(tiny_base, tmp_path):
     published = "\n".join(
         (out / f).read_text() for f in ("manifest.json", "README.md", "adapter_config.json")
     )
-    for private in (str(tmp_path), str(tiny_base), str(root), str(Path.home())):
+    for private in (str(tmp_path), str(tiny_base), str(EXAMPLES_DIR), str(Path.home())):
         assert private not in published
     assert m.training["recipe"]["data"] == {"file": "data.jsonl", "sha256": record["dataset"]["digest"]}
     assert m.training["dataset"]["file"] == "data.jsonl" and "output_dir" not in m.training["recipe"]
