@@ -508,3 +508,20 @@ def test_bundle_cache_asks_for_pins_when_it_evicts(tmp_path):
     time.sleep(0.01)
     cache.put("sha256:c", _filler(1000))
     assert cache.get("sha256:a") and cache.get("sha256:c") and cache.get("sha256:b") is None
+
+
+def test_warm_up_adapter_fits_the_base(tmp_path):
+    from peft import LoraConfig
+    from safetensors import safe_open
+
+    from adapterhub_lite.base import EMBEDDED_BASE_DIR
+    from adapterhub_lite.serving.warmup import write_warmup_adapter
+
+    out = write_warmup_adapter(EMBEDDED_BASE_DIR, tmp_path / "w")
+    config = LoraConfig.from_pretrained(str(out))
+    assert config.r == 1 and list(config.target_modules) == ["q_proj"]
+    with safe_open(str(EMBEDDED_BASE_DIR / "model.safetensors"), "pt") as f:
+        out_features, in_features = f.get_slice("model.layers.0.self_attn.q_proj.weight").get_shape()
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        shapes = {k.rsplit(".", 2)[-2]: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
+    assert shapes == {"lora_A": [1, in_features], "lora_B": [out_features, 1]}

@@ -30,11 +30,13 @@ _TARGETS = ("q_proj", "c_attn", "qkv_proj", "query_key_value", "Wqkv")
 def write_warmup_adapter(base_dir: Path, dest: Path) -> Path:
     """A zero-weight rank-1 PEFT adapter for `base_dir` in `dest` (rewritten each time; a few KB)."""
     import torch
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from adapterhub_lite.bundles.compat import base_weight_shapes
-
-    shapes, _ = base_weight_shapes(base_dir)
+    shapes: dict[str, list[int]] = {}
+    for weights in sorted(Path(base_dir).glob("*.safetensors")):  # headers only: no tensor is read
+        with safe_open(str(weights), "pt") as f:
+            shapes.update({name: f.get_slice(name).get_shape() for name in f.keys()})  # noqa: SIM118
     module = next(
         (
             name[: -len(".weight")]
