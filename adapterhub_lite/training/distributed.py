@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapterhub_lite.errors import TrainingError
+from adapterhub_lite.errors import ErrorKind, TrainingError
 
 # How long a process waits for the others at a collective before giving up: long enough for the main
 # process's checkpoint writes and the others' model loads, short enough that a stuck peer ends the run.
@@ -51,6 +51,7 @@ class Processes:
             raise TrainingError(
                 f"process {self.rank} of {self.world} lost its peers ({str(exc).splitlines()[0][:160]})",
                 hint="another process of the run died; see its output above",
+                kind=ErrorKind.INTERNAL,
             ) from None
         finally:
             self.comm_seconds += time.perf_counter() - t0

@@ -194,3 +194,34 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
             value = str(Path(value).expanduser().resolve())
         raw[key] = value
     return recipe_from_dict(raw, source=str(path))
+
+
+def _split_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def recipe_overrides(flags: dict[str, Any], sets: list[str] | None = None) -> dict[str, Any]:
+    """Command-line flags (None: not given) and ``--set FIELD=VALUE`` pairs as recipe overrides.
+
+    ``target_modules`` and ``layers_to_transform`` may be comma-separated strings; ``--set`` values are
+    read as YAML (numbers, lists, booleans) and win over the flags.
+    """
+    out = {k: v for k, v in flags.items() if v is not None}
+    target = out.get("target_modules")
+    if isinstance(target, str) and target != "all-linear":
+        out["target_modules"] = _split_list(target)
+    layers = out.get("layers_to_transform")
+    if isinstance(layers, str):
+        try:
+            out["layers_to_transform"] = [int(x) for x in _split_list(layers)]
+        except ValueError:
+            raise RecipeError(f"--layers {layers!r}: expected comma-separated layer indices") from None
+    for pair in sets or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set {pair!r}: expected FIELD=VALUE")
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise RecipeError(f"--set {pair!r}: the value is not valid YAML") from None
+    return out
