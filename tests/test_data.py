@@ -262,7 +262,8 @@ def test_sharegpt_is_trained_as_a_chat_with_its_system(tok, tmp_path):
     }
     ds = load_dataset(write(tmp_path / "sg.jsonl", row))
     assert ds.format == "sharegpt"
-    assert [m["role"] for m in ds.examples[0].messages] == ["system", "user", "assistant", "user", "assistant"]
+    roles = [m["role"] for m in ds.examples[0].messages]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
     (f,) = tokenize_example(ds.examples[0], tok, 256)
     assert trained_text(tok, f) == "chat<|end|>\nchien<|end|>\n"
     with pytest.raises(DatasetError, match=r"1: conversations\[0\]: unknown speaker 'robot'"):
