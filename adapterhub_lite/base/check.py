@@ -75,6 +75,9 @@ def _weight_files(path: Path) -> tuple[Path, ...]:
                     f"{path} lacks weight shard(s) {', '.join(missing[:3])} named by {index.name}"
                 )
             return tuple(path / s for s in shards)
+    loose = tuple(sorted(path.glob("*.safetensors")))  # shards without an index: the fingerprint reads them
+    if loose:
+        return loose
     raise BaseModelError(f"{path} has no weights (model.safetensors or pytorch_model.bin)", hint=_HINT)
 
 
