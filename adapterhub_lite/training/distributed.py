@@ -124,6 +124,13 @@ class Processes:
 
 def processes(device: str) -> Processes:
     """Join the run this process was started in (from RANK/WORLD_SIZE), or a run of one."""
+    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "").lower() in ("1", "true"):
+            raise TrainingError(
+                f"accelerate was configured for {what}, which this trainer does not apply: it trains by "
+                "plain data parallelism (each process holds the whole base, LoRA gradients are all-reduced)",
+                hint="launch with a multi-GPU (DDP) accelerate config, or torchrun (see adapters/README.md)",
+            )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Processes(device=device)
