@@ -25,13 +25,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from adapterhub_lite.examples import EXAMPLES_DIR
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
 def run(out: Path, processes: int, batch: int, steps: int) -> dict:
     cmd = [sys.executable, "-c", "from cli.main import app; app()", "train",
-           str(ROOT / "adapters" / "capitals" / "recipe.yaml"), "--output-dir", str(out), "--processes",
+           str(EXAMPLES_DIR / "capitals" / "recipe.yaml"), "--output-dir", str(out), "--processes",
            str(processes), "--batch-size", str(batch), "--max-steps", str(steps), "--no-progress",
            "--set", "dropout=0", "--set", "lr_scheduler=constant",
            "--set", f"checkpoint_every={steps}"]  # fmt: skip

@@ -25,15 +25,15 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_fixtures import ROOT
 
 from adapterhub_lite.errors import TrainingError
+from adapterhub_lite.examples import EXAMPLES_DIR
 from adapterhub_lite.training import load_recipe, train
 from adapterhub_lite.training.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow
 
-RECIPE = ROOT / "adapters" / "antonyms" / "recipe.yaml"
+RECIPE = EXAMPLES_DIR / "antonyms" / "recipe.yaml"
 SETTINGS = {"dropout": 0.0, "lr_scheduler": "constant", "checkpoint_every": 2, "keep_checkpoints": 10}
 REL = 1e-4
 

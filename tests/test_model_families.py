@@ -13,9 +13,9 @@ import shutil
 
 import pytest
 import torch
-from training_fixtures import ROOT
 
 from adapterhub_lite.base import EMBEDDED_BASE_DIR
+from adapterhub_lite.examples import EXAMPLES_DIR
 from adapterhub_lite.training import recipe_from_dict, train
 
 # Random weights: an adapter trained 2 steps is often no better than the base; that warning is expected.
@@ -74,7 +74,7 @@ def trained(bases, tmp_path_factory):
     def get(family: str, method: str):
         if (family, method) not in runs:
             recipe = recipe_from_dict({
-                "data": str(ROOT / "adapters" / "antonyms" / "data.jsonl"), "base": str(bases[family]),
+                "data": str(EXAMPLES_DIR / "antonyms" / "data.jsonl"), "base": str(bases[family]),
                 "method": method, "max_steps": 2, "batch_size": 4, "max_seq_len": 32, "eval_fraction": 0.1,
                 "max_new_tokens": 2, "learning_rate": 1e-3, "output_dir": str(root / f"{family}-{method}"),
             })  # fmt: skip

@@ -129,7 +129,8 @@ def processes(device: str) -> Processes:
             raise TrainingError(
                 f"accelerate was configured for {what}, which this trainer does not apply: it trains by "
                 "plain data parallelism (each process holds the whole base, LoRA gradients are all-reduced)",
-                hint="launch with a multi-GPU (DDP) accelerate config, or torchrun (see adapters/README.md)",
+                hint="launch with a multi-GPU (DDP) accelerate config, or torchrun "
+                "(see adapterhub_lite/examples/README.md)",
             )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
