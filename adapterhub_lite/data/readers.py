@@ -53,10 +53,14 @@ def _quiet_datasets() -> Iterator[None]:
     logger = logging.getLogger("datasets")
     level = logger.level
     logger.setLevel(logging.CRITICAL)  # its own "Failed to load JSON" line: we name the line ourselves
+    # Offline, and no "download count" request to a bucket for the json/csv builders: files are local.
+    saved = datasets.config.HF_HUB_OFFLINE, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+    datasets.config.HF_HUB_OFFLINE, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = True, False
     try:
         yield
     finally:
         logger.setLevel(level)
+        datasets.config.HF_HUB_OFFLINE, datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = saved
 
 
 def _load(kind: str, path: Path):
