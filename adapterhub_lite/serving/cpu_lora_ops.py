@@ -25,9 +25,11 @@ from dataclasses import dataclass
 import torch
 
 ENV_SWITCH = "ADAPTERHUB_CPU_LORA_OPS"
-# A padded batched product computes groups x longest-group rows; past this multiple of the real rows a
-# loop of one product per group is cheaper (prefills of very different lengths).
+# Many small groups (decode) run as one padded batched product, which computes groups x longest-group
+# rows: worth it while the groups are short and the padding small; larger groups (prefill) run as one
+# product per group, which needs no padding and no reordering copy.
 _MAX_PADDING = 2.0
+_MAX_PADDED_GROUP = 32
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def group_rows(indices: torch.Tensor) -> Grouping:
     contiguous = slots == list(range(len(slots)))
     longest = max(counts)
     padded = positions = None
-    if len(slots) > 1 and len(slots) * longest <= _MAX_PADDING * len(rows):
+    if len(slots) > 1 and longest <= _MAX_PADDED_GROUP and len(slots) * longest <= _MAX_PADDING * len(rows):
         starts = torch.cumsum(count_t, 0) - count_t
         group_of = torch.repeat_interleave(torch.arange(len(slots)), count_t)
         rank_in_group = torch.arange(len(rows)) - starts[group_of]
@@ -81,41 +83,83 @@ def _stacked(weights: torch.Tensor) -> torch.Tensor:
     return weights.squeeze(1) if weights.dim() == 4 else weights
 
 
-def _for_groups(weights: torch.Tensor, g: Grouping, dtype: torch.dtype) -> torch.Tensor:
-    """The weights of the grouping's slots, (groups, out, in), in `dtype`."""
-    w = weights[: len(g.slots)] if g.contiguous else weights.index_select(0, g.slot_index)
-    return w.to(dtype=dtype)
+def _for_groups(weights: torch.Tensor, g: Grouping) -> torch.Tensor:
+    """The rows of stacked `weights` for the grouping's slots, (groups, ...)."""
+    return weights[: len(g.slots)] if g.contiguous else weights.index_select(0, g.slot_index)
 
 
-def _chain(
-    x: torch.Tensor, g: Grouping, matrices: Sequence[torch.Tensor], scale: float, dtype: torch.dtype
-) -> torch.Tensor:
-    """For the grouped rows (in `g.rows` order): ``scale * x[row] @ M0[slot].T @ M1[slot].T ...``."""
-    if len(g.slots) == 1:
+def _prepared(
+    lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], output_slices: Sequence[int]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A layer's LoRA pairs as the products want them: every slice's A stacked along the rank,
+    (slots, k*r, in), for one shrink; each B transposed, (slots, r, out_i), contiguous (a batched product
+    with a transposed view takes a slow path). vLLM pads every adapter to --max-lora-rank with zeros; r
+    is cut to the largest rank any slot uses (NaN counts as used), so the columns cut added nothing.
+    Cached on the first B until vLLM writes any of the tensors (loading or resetting a slot bumps the
+    version counter)."""
+    key = tuple((t._version, t.data_ptr()) for t in (*lora_a, *lora_b)) + (tuple(output_slices),)
+    cached = getattr(lora_b[0], "_adapterhub_prepared", None)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    a3 = [_stacked(a) for a in lora_a]
+    used = torch.nonzero(torch.stack([a.ne(0).any(dim=2).any(dim=0) for a in a3]).any(dim=0)).reshape(-1)
+    rank = int(used.max()) + 1 if used.numel() else 1
+    a_cat = a3[0][:, :rank] if len(a3) == 1 else torch.cat([a[:, :rank] for a in a3], dim=1)
+    b_ts = [
+        _stacked(b)[:, :size, :rank].transpose(1, 2).contiguous()
+        for b, size in zip(lora_b, output_slices, strict=True)
+    ]
+    lora_b[0]._adapterhub_prepared = (key, a_cat, b_ts)
+    return a_cat, b_ts
+
+
+def _expand(h: torch.Tensor, b_ts: list[torch.Tensor], batched: bool) -> torch.Tensor:
+    """Each slice's rank block of `h` times its B^T, side by side along the last dimension."""
+    rank = b_ts[0].shape[-2]
+    product = torch.bmm if batched else torch.matmul
+    outs = [product(h[..., i * rank : (i + 1) * rank], b) for i, b in enumerate(b_ts)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def _add_pair(
+    y: torch.Tensor, x: torch.Tensor, g: Grouping, a: torch.Tensor, b_ts: list[torch.Tensor], scale: float
+) -> None:
+    """``y[row] += scale * x[row] @ A[slot].T @ B[slot].T`` for the grouped rows, computed in float32;
+    `a` is (slots, k*r, in), `b_ts` k tensors (slots, r, out_i)."""
+    x = x.to(dtype=torch.float32)
+    a, b_ts = a.to(dtype=torch.float32), [b.to(dtype=torch.float32) for b in b_ts]
+    if len(g.slots) == 1 and len(g.rows) == g.n:
         s = g.slots[0]
-        h = x if len(g.rows) == g.n else x.index_select(0, g.rows)
-        h = h.to(dtype=dtype)
-        for i, m in enumerate(matrices):
-            h = h @ m[s].to(dtype=dtype).t()
-            if i == 0 and scale != 1.0:
-                h = h * scale
-        return h
+        h = x @ a[s].t()
+        y += _expand(h * scale if scale != 1.0 else h, [b[s] for b in b_ts], batched=False).to(y.dtype)
+        return
     if g.padded is not None:
-        h = x.to(dtype=dtype)[g.padded]  # (groups, longest, in)
-        for i, m in enumerate(matrices):
-            h = torch.bmm(h, _for_groups(m, g, dtype).transpose(1, 2))
-            if i == 0 and scale != 1.0:
-                h = h * scale
-        return h.reshape(-1, h.shape[-1]).index_select(0, g.positions)
-    parts = []
-    chunks = x.index_select(0, g.rows).to(dtype=dtype).split(g.counts)
-    for s, h in zip(g.slots, chunks, strict=True):
-        for i, m in enumerate(matrices):
-            h = h @ m[s].to(dtype=dtype).t()
-            if i == 0 and scale != 1.0:
-                h = h * scale
-        parts.append(h)
-    return torch.cat(parts)
+        groups, longest = g.padded.shape
+        h = x.index_select(0, g.padded.view(-1)).view(groups, longest, -1)
+        h = torch.bmm(h, _for_groups(a, g).transpose(1, 2))
+        if scale != 1.0:
+            h = h * scale
+        h = _expand(h, [_for_groups(b, g) for b in b_ts], batched=True).view(groups * longest, -1)
+        y.index_add_(0, g.rows, h.index_select(0, g.positions).to(dtype=y.dtype))
+        return
+    start = 0
+    for s, count in zip(g.slots, g.counts, strict=True):
+        rows = g.rows[start : start + count]
+        start += count
+        h = x.index_select(0, rows) @ a[s].t()
+        if scale != 1.0:
+            h = h * scale
+        y.index_add_(0, rows, _expand(h, [b[s] for b in b_ts], batched=False).to(dtype=y.dtype))
+
+
+def _single(x: torch.Tensor, g: Grouping, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x[row] @ W[slot].T`` for the grouped rows, in `g.rows` order; `w` is (slots, out, in)."""
+    x = x.to(dtype=dtype)
+    if len(g.slots) == 1:
+        h = x if len(g.rows) == g.n else x.index_select(0, g.rows)
+        return h @ w[g.slots[0]].to(dtype=dtype).t()
+    chunks = x.index_select(0, g.rows).split(g.counts)
+    return torch.cat([h @ w[s].to(dtype=dtype).t() for s, h in zip(g.slots, chunks, strict=True)])
 
 
 def lora_linear(
@@ -137,16 +181,8 @@ def lora_linear(
     """
     if g.empty:
         return y
-    outs = []
-    for a, b, size in zip(lora_a_stacked, lora_b_stacked, output_slices, strict=True):
-        out = _chain(x, g, (_stacked(a), _stacked(b)), scale, torch.float32)
-        outs.append(out[:, :size])
-    delta = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    target = y[:, offset_start : offset_start + delta.shape[1]]
-    if len(g.rows) == g.n and g.padded is None and len(g.slots) == 1:
-        target += delta.to(dtype=y.dtype)
-    else:
-        target.index_add_(0, g.rows, delta.to(dtype=y.dtype))
+    a_cat, b_ts = _prepared(lora_a_stacked, lora_b_stacked, output_slices)
+    _add_pair(y[:, offset_start : offset_start + sum(output_slices)], x, g, a_cat, b_ts, scale)
     return y
 
 
@@ -156,7 +192,7 @@ def lora_products(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Te
     w = _stacked(weights)
     out = torch.zeros(inputs.shape[0], w.shape[1], dtype=dtype)
     if not g.empty:
-        out.index_copy_(0, g.rows, _chain(inputs, g, (w,), 1.0, dtype))
+        out.index_copy_(0, g.rows, _single(inputs, g, w, dtype))
     return out
 
 
