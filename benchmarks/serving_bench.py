@@ -141,17 +141,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"workdir {work}")
 
-    base = build_base(args, work / "base")
-    adapters = build_adapters(base, work / "adapters", n_adapters, args.rank)
-    refs = publish_all(base, adapters, work)
-    swap_ref = refs.pop()
-
-    store = TenantStore.open(work / "tenants.db")
-    keys = []
-    for i, ref in enumerate(refs):
-        _, key = store.add_tenant(f"t{i:03d}", base_access=True)
-        store.set_alias(f"t{i:03d}", "bot", ref)
-        keys.append(key)
+    base, adapters, refs, swap_ref, store, keys = fixtures(args, work, n_adapters)
 
     max_cpu_loras = args.max_cpu_loras or max(n_adapters + 1, args.max_loras)
     common = dict(
@@ -263,6 +253,28 @@ def main() -> None:
     plot(report, out.with_suffix(".png"))
     print(json.dumps({"ratios": ratios, "verdict": verdict}, indent=2))
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def fixtures(args: argparse.Namespace, work: Path, n_adapters: int):
+    """Base, adapters, registry and tenants in `work`; reused when a previous run left enough there."""
+    state = work / "fixtures.json"
+    if state.is_file() and len(json.loads(state.read_text())["refs"]) >= n_adapters:
+        fx = json.loads(state.read_text())
+        store = TenantStore.open(work / "tenants.db")
+        return work / "base", [Path(p) for p in fx["adapters"]], fx["refs"], fx["swap_ref"], store, fx["keys"]
+    base = build_base(args, work / "base")
+    adapters = build_adapters(base, work / "adapters", n_adapters, args.rank)
+    refs = publish_all(base, adapters, work)
+    swap_ref = refs.pop()
+    store = TenantStore.open(work / "tenants.db")
+    keys = []
+    for i, ref in enumerate(refs):
+        _, key = store.add_tenant(f"t{i:03d}", base_access=True)
+        store.set_alias(f"t{i:03d}", "bot", ref)
+        keys.append(key)
+    fx = {"adapters": [str(p) for p in adapters], "refs": refs, "swap_ref": swap_ref, "keys": keys}
+    state.write_text(json.dumps(fx))
+    return base, adapters, refs, swap_ref, store, keys
 
 
 def hot_swaps(
