@@ -459,11 +459,11 @@ def test_cli_pack_verify_and_clean_errors(lora_dir, tiny_base, other_base, tmp_p
 @pytest.mark.slow
 def test_packs_real_adapterhub_train_output(tiny_base, tmp_path):
     """The trainer's own output directory (with its training record) packs with no extra flags."""
+    from adapterhub_lite.examples import EXAMPLES_DIR
     from adapterhub_lite.training import load_recipe, train
 
-    root = Path(__file__).resolve().parent.parent
     recipe = load_recipe(
-        root / "adapters" / "capitals" / "recipe.yaml",
+        EXAMPLES_DIR / "capitals" / "recipe.yaml",
         {"base": str(tiny_base), "max_steps": 2, "batch_size": 4, "output_dir": tmp_path / "run", "rank": 4},
     )
     result = train(recipe, progress=False)
