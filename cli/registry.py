@@ -14,7 +14,7 @@ RegistryOpt = Annotated[
     typer.Option(
         "--registry",
         envvar="ADAPTERHUB_REGISTRY",
-        help="registry directory [default: ~/.adapterhub/registry]",
+        help="registry directory, or a hub URL (http(s)://...) [default: ~/.adapterhub/registry]",
     ),
 ]
 BlobsOpt = Annotated[
@@ -27,9 +27,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")
 
 
 def _open(registry: str | None, blobs: str | None = None):
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry.remote import open_registry
 
-    return Registry.open(registry, blobs=blobs)
+    return open_registry(registry, blobs=blobs)
 
 
 def _table(rows) -> None:
