@@ -29,8 +29,8 @@ _ENV = Environment(
 )
 
 
-def _page(template: str, status: int = 200, **context: Any) -> HTMLResponse:
-    return HTMLResponse(_ENV.get_template(template).render(**context), status_code=status)
+def _page(template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    return HTMLResponse(_ENV.get_template(template).render(**context), status_code=status_code)
 
 
 def _error_page(exc: AdapterHubError) -> HTMLResponse:

@@ -48,9 +48,10 @@ class AdapterResolver(LoRAResolver):
     @property
     def registry(self) -> Any:
         if self._registry is None:
-            from adapterhub_lite.registry import Registry
+            from adapterhub_lite.registry.remote import open_registry
 
-            self._registry = Registry.open(self.config.registry)
+            # A directory or a hub URL (http(s)://, token from $ADAPTERHUB_TOKEN).
+            self._registry = open_registry(self.config.registry)
         return self._registry
 
     def base_fingerprint(self) -> str:
