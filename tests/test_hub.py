@@ -247,3 +247,82 @@ def test_cli_commands_take_a_hub_url(hub, bundles, tmp_path, monkeypatch):
     listed = runner.invoke(cli_app, ["list", "acme", "--registry", hub.url, "--json"])
     assert "acme/geo@1.0.0" in {p["ref"] for p in json.loads(listed.output)}
     assert os.environ.get("ADAPTERHUB_TOKEN") is None
+
+
+def test_hub_with_trusted_keys_refuses_unsigned_and_shows_the_signer(tmp_path, lora_dir, tiny_base):
+    from adapterhub_lite.bundles.signing import generate_key
+    from adapterhub_lite.registry import Registry
+
+    key = generate_key("hubkey", tmp_path / "keys")
+    Registry.open(tmp_path / "registry").trust(key.public_key)
+    unsigned = pack_bundle(
+        lora_dir,
+        tmp_path / "u.tar",
+        namespace="acme",
+        name="sig",
+        version="1.0.0",
+        base_dir=tiny_base,
+        archive=True,
+        vllm_check=False,
+    )
+    signed = pack_bundle(
+        lora_dir,
+        tmp_path / "s.tar",
+        namespace="acme",
+        name="sig",
+        version="1.0.0",
+        base_dir=tiny_base,
+        archive=True,
+        vllm_check=False,
+        signing_key=key.path,
+    )
+    with running_hub(tmp_path / "registry") as h:
+        acme = h.client("acme", "publish")
+        with pytest.raises(RegistryError, match="unsigned"):
+            acme.publish(unsigned)
+        assert h.uploads_left() == []
+        assert acme.publish(signed).signed
+        acme.set_public("acme/sig")
+        page = h.get("/acme/sig").text
+        assert key.key_id in page and "trusted by this hub" in page
+
+
+@pytest.mark.slow  # a fresh Python process importing the stack: 5-20 s here
+def test_hub_serve_command_answers_health(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from hub_fixtures import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from cli.main import app; app()",
+            "hub",
+            "serve",
+            "--registry",
+            str(tmp_path / "reg"),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json() == {"status": "ok"}:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("`adapterhub hub serve` did not answer /health within 60 s")
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+        assert page.status_code == 200 and "default-src 'none'" in page.headers["content-security-policy"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

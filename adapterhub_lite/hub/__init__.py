@@ -49,6 +49,7 @@ def serve(
     if max_upload is not None:
         config.max_upload = max_upload
     app = create_app(registry, config)
+    _warm_vllm_validator()
     # timeout_keep_alive bounds idle connections; the upload's own idle timeout bounds slow bodies.
     uvicorn.run(
         app,
@@ -59,3 +60,14 @@ def serve(
         limit_concurrency=256,
         access_log=False,
     )
+
+
+def _warm_vllm_validator() -> None:
+    """Import vLLM's validator in the background: the first publish would otherwise wait for it."""
+    import threading
+
+    from adapterhub_lite.bundles import compat
+
+    if compat.vllm_available():
+        probe = {"r": 8, "lora_alpha": 8, "target_modules": ["q_proj"], "peft_type": "LORA"}
+        threading.Thread(target=compat.vllm_refusal, args=(probe, None), daemon=True).start()
