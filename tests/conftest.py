@@ -5,4 +5,4 @@ on the embedded base) are plugins: every module sees their fixtures without impo
 session fixture is built once per run.
 """
 
-pytest_plugins = ["bundle_fixtures", "training_fixtures"]
+pytest_plugins = ["bundle_fixtures", "training_fixtures", "redis_server"]

@@ -1,0 +1,121 @@
+"""One Ray Serve replica: a vLLM server with the adapterhub plugin and tenancy, and a proxy in front.
+
+The replica starts its own vLLM OpenAI server on a free loopback port (the same launcher as
+`adapterhub serve`) and forwards requests to it, streaming. Ray Serve's model multiplexing keeps a
+per-replica LRU of the affinity keys it has served; the request router prefers replicas that already
+hold a request's key. The LRU is only bookkeeping for routing: vLLM itself loads adapters on first use
+and the plugin's evictor unloads cold ones, so both agree on "what this replica holds" as long as the
+LRU size equals the plugin's hot-set bound (`launch` sets both from `max_loaded`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from adapterhub_lite.atomic import write_json
+from adapterhub_lite.serving.launcher import ServeOptions, VLLMServer
+
+REPLICA_HEADER = "x-adapterhub-replica"  # which replica answered: for operators and the affinity tests
+# Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy recomputes.
+_DROP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "te",
+        "trailer",
+        "host",
+        "content-length",
+    }
+)
+
+
+def forwardable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`headers` without hop-by-hop ones."""
+    return [(k, v) for k, v in headers if k.lower() not in _DROP]
+
+
+def error_body(status: int, message: str) -> bytes:
+    """An OpenAI-style error body."""
+    return json.dumps({"error": {"message": message, "type": "server_error", "code": status}}).encode()
+
+
+class ReplicaServer:
+    """The replica's body (Ray wraps it with `serve.deployment` and `serve.multiplexed` in `launch`)."""
+
+    def __init__(self, options: dict[str, Any], state_dir: str | None = None) -> None:
+        from ray import serve
+
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        opts = ServeOptions(**options)
+        opts.port = None  # a free port of this host, chosen by the launcher
+        if opts.cache_dir:  # each replica its own bounded cache: one folder must have one owner
+            opts.cache_dir = str(Path(opts.cache_dir) / self.replica_id)
+        self.server = VLLMServer(opts).start()
+        self.url = self.server.url
+        self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=5.0))
+        self._state_file: Path | None = None
+        if state_dir:
+            self._state_file = self._register(Path(state_dir))
+
+    def _register(self, state_dir: Path) -> Path:
+        """Write this replica's URL where `adapterhub cluster status` and the benchmark can find it."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / f"replica-{self.replica_id}.json"
+        vllm_pid = self.server.process.pid if self.server.process else None
+        write_json(
+            path, {"replica": self.replica_id, "url": self.url, "pid": os.getpid(), "vllm_pid": vllm_pid}
+        )
+        return path
+
+    async def hold(self, key: str) -> str:
+        """The multiplexed 'load': nothing to do, vLLM loads the adapter on the request itself."""
+        return key
+
+    async def forward(
+        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
+    ) -> AsyncIterator[Any]:
+        """Proxy one request: yields (status, headers) first, then the body's chunks."""
+        from ray import serve
+
+        key = serve.get_multiplexed_model_id()
+        if key:
+            await self.hold(key)  # bookkeeping for the router (wrapped with serve.multiplexed)
+        request = self._client.build_request(method, path, headers=forwardable(headers), content=body)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            yield 503, [("content-type", "application/json"), ("retry-after", "5")]
+            yield error_body(503, f"replica unavailable: {type(exc).__name__}")
+            return
+        try:
+            headers = forwardable(list(response.headers.multi_items()))
+            yield response.status_code, [*headers, (REPLICA_HEADER, self.replica_id)]
+            async for chunk in response.aiter_raw():
+                yield chunk
+        finally:
+            await response.aclose()
+
+    async def check_health(self) -> None:
+        """Ray calls this periodically; raising makes Ray replace the replica (and restart vLLM)."""
+        proc = self.server.process
+        if proc is None or proc.poll() is not None:
+            raise RuntimeError(f"vLLM exited (code {proc.returncode if proc else None})")
+        response = await self._client.get("/health", timeout=10.0)
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM /health answered {response.status_code}")
+
+    def __del__(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop()
+        if getattr(self, "_state_file", None) is not None:
+            self._state_file.unlink(missing_ok=True)

@@ -1,0 +1,229 @@
+"""Replicas on Ray Serve: adapter affinity, tenancy on every path, promotion everywhere, a replica killed.
+
+Two real vLLM CPU replicas (each with the plugin and tenancy) under a real local Ray Serve instance,
+talked to with the official openai client through the ingress, and directly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+PROMPT = [5, 120, 240, 360, 480, 600]
+N_TOKENS = 6
+REPLICA_HEADER = "x-adapterhub-replica"
+
+
+def _adapters(base: Path, out: Path, seeds: dict[str, int]) -> tuple[dict[str, Path], dict[str, list[int]]]:
+    """Plain-peft adapters with large random weights, and each one's greedy tokens offline."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def greedy(model) -> list[int]:
+        ids = torch.tensor([PROMPT])
+        with torch.no_grad():
+            for _ in range(N_TOKENS):
+                ids = torch.cat([ids, model(input_ids=ids).logits[0, -1].argmax().view(1, 1)], dim=1)
+        return ids[0, len(PROMPT) :].tolist()
+
+    dirs, expected = {}, {}
+    for name, seed in seeds.items():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+        peft_model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+        )
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.3)
+        expected[name] = greedy(peft_model.eval())
+        dirs[name] = out / name
+        peft_model.save_pretrained(dirs[name])
+    return dirs, expected
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from adapterhub_lite.base import EMBEDDED_BASE_DIR
+    from adapterhub_lite.bundles import pack_bundle
+    from adapterhub_lite.cluster.launch import Cluster, ClusterOptions
+    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.serving import ServeOptions, TenantStore
+    from adapterhub_lite.serving.launcher import free_port
+
+    root = tmp_path_factory.mktemp("cluster")
+    dirs, expected = _adapters(EMBEDDED_BASE_DIR, root / "adapters", {"a": 11, "b": 12, "c": 13, "a2": 14})
+    reg = Registry.open(root / "registry")
+    refs = {}
+    for key, (name, version) in {
+        "a": ("a", "1.0.0"),
+        "b": ("b", "1.0.0"),
+        "c": ("c", "1.0.0"),
+        "a2": ("a", "2.0.0"),
+    }.items():
+        bundle = pack_bundle(
+            dirs[key],
+            root / "bundles" / key,
+            namespace="acme",
+            name=name,
+            version=version,
+            base_dir=EMBEDDED_BASE_DIR,
+        )
+        refs[key] = reg.publish(bundle).ref
+    store = TenantStore.open(root / "tenants.db")
+    _, acme = store.add_tenant("acme", base_access=True)
+    _, globex = store.add_tenant("globex")
+    for alias in ("a", "b", "c"):
+        store.set_alias("acme", alias, refs[alias])
+    serve_opts = ServeOptions(
+        base_dir=str(EMBEDDED_BASE_DIR),
+        served_name="base",
+        registry=str(root / "registry"),
+        tenants_db=str(root / "tenants.db"),
+        cache_dir=str(root / "cache"),
+        max_loras=2,
+        max_cpu_loras=4,
+        max_loaded=2,
+        max_lora_rank=16,
+        max_model_len=256,
+    )
+    opts = ClusterOptions(serve=serve_opts, replicas=2, port=free_port(), state_dir=str(root / "state"))
+    with Cluster(opts) as running:
+        yield {
+            "cluster": running,
+            "keys": {"acme": acme, "globex": globex},
+            "refs": refs,
+            "expected": expected,
+            "store": store,
+        }
+
+
+def _complete(url: str, key: str, model: str) -> tuple[list[int] | None, str | None, int]:
+    """(greedy token ids, replica id, status) of one completion through `url`."""
+    r = httpx.post(
+        url + "/v1/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={
+            "model": model,
+            "prompt": PROMPT,
+            "max_tokens": N_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_tokens_as_token_ids": True,
+            "logprobs": 0,
+        },
+        timeout=300,
+    )
+    if r.status_code != 200:
+        return None, r.headers.get(REPLICA_HEADER), r.status_code
+    tokens = [int(t.split(":")[1]) for t in r.json()["choices"][0]["logprobs"]["tokens"]]
+    return tokens, r.headers.get(REPLICA_HEADER), 200
+
+
+def test_each_adapter_sticks_to_one_replica_and_is_served_right(cluster):
+    url, key, expected = cluster["cluster"].url, cluster["keys"]["acme"], cluster["expected"]
+    for alias in ("a", "b", "c"):  # first use: each adapter lands somewhere and the router learns where
+        assert _complete(url, key, alias)[2] == 200
+    time.sleep(3)  # replicas report what they hold to the router every few seconds
+    seen: dict[str, set[str]] = {}
+    for _ in range(3):
+        for alias in ("a", "b", "c"):
+            tokens, replica, status = _complete(url, key, alias)
+            assert status == 200 and tokens == expected[alias]
+            seen.setdefault(alias, set()).add(replica)
+    assert all(len(replicas) == 1 for replicas in seen.values()), seen
+
+
+def test_the_openai_client_works_through_the_ingress(cluster):
+    client = openai.OpenAI(base_url=cluster["cluster"].url + "/v1", api_key=cluster["keys"]["acme"])
+    out = client.completions.create(model="b", prompt=PROMPT, max_tokens=N_TOKENS, temperature=0)
+    assert out.choices[0].text
+    chunks = list(
+        client.completions.create(model="b", prompt=PROMPT, max_tokens=N_TOKENS, temperature=0, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
+
+
+def test_tenancy_fails_closed_through_the_ingress_and_directly(cluster):
+    running, keys = cluster["cluster"], cluster["keys"]
+    assert _complete(running.url, "ahk_not-a-key", "a")[2] == 401
+    assert _complete(running.url, keys["globex"], "a")[2] == 404
+    assert _complete(running.url, keys["globex"], cluster["refs"]["a"])[2] == 404
+    replicas = running.replicas()
+    assert len(replicas) == 2
+    for replica in replicas:
+        assert _complete(replica["url"], "ahk_not-a-key", "a")[2] == 401
+        assert _complete(replica["url"], keys["globex"], "a")[2] == 404
+        metrics = httpx.get(replica["url"] + "/metrics", timeout=30)
+        assert metrics.status_code in (401, 403)
+        metrics = httpx.get(
+            replica["url"] + "/metrics", headers={"authorization": f"Bearer {running.admin_key}"}, timeout=30
+        )
+        assert metrics.status_code == 200 and "adapterhub_requests" in metrics.text
+
+
+def test_promote_is_seen_by_every_replica(cluster):
+    url, key, store = cluster["cluster"].url, cluster["keys"]["acme"], cluster["store"]
+    store.set_alias("acme", "a", cluster["refs"]["a2"])
+    try:
+        for _ in range(4):
+            tokens, _, status = _complete(url, key, "a")
+            assert status == 200 and tokens == cluster["expected"]["a2"]
+        for replica in cluster["cluster"].replicas():  # directly, too: no replica serves the old version
+            tokens, _, status = _complete(replica["url"], key, "a")
+            assert status == 200 and tokens == cluster["expected"]["a2"]
+    finally:
+        store.set_alias("acme", "a", cluster["refs"]["a"])
+
+
+def test_a_replica_killed_under_load_fails_cleanly_and_comes_back(cluster):
+    running, key, expected = cluster["cluster"], cluster["keys"]["acme"], cluster["expected"]
+    before = {r["replica"]: r for r in running.replicas()}
+    results: list[tuple[str, list[int] | None, int]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            for alias in ("a", "b", "c"):
+                tokens, _, status = _complete(running.url, key, alias)
+                results.append((alias, tokens, status))
+
+    workers = [threading.Thread(target=load) for _ in range(2)]
+    for w in workers:
+        w.start()
+    time.sleep(3)
+    victim = next(iter(before.values()))
+    os.kill(victim["vllm_pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:  # Ray's health check replaces the replica, which starts a new vLLM
+        now = {r["replica"] for r in running.replicas()}
+        if len(now) == 2 and victim["replica"] not in now:
+            break
+        time.sleep(2)
+    time.sleep(5)
+    stop.set()
+    for w in workers:
+        w.join(timeout=600)
+    assert victim["replica"] not in {r["replica"] for r in running.replicas()}
+    assert results, "no request completed"
+    for alias, tokens, status in results:
+        assert status in (200, 502, 503), status  # clean failures only
+        if status == 200:
+            assert tokens == expected[alias]  # never another adapter's answer
+    after = {}
+    for alias in ("a", "b", "c"):  # every adapter is served again, by whichever replica holds it
+        tokens, replica, status = _complete(running.url, key, alias)
+        assert status == 200 and tokens == expected[alias]
+        after[alias] = replica
+    assert set(after.values()) <= {r["replica"] for r in running.replicas()}
