@@ -24,9 +24,23 @@ __all__ = [
 ]
 
 
+def _state_dir(registry_location: str | Path | None, state_dir: str | Path | None) -> Path:
+    if state_dir is not None:
+        return Path(state_dir)
+    raw = str(registry_location or "")
+    if raw.startswith("file://"):
+        raw = raw[len("file://") :]
+    if not raw or "://" in raw:
+        raise HubError(
+            f"the registry {raw or '(none)'} is not a directory, so the hub has no default state folder",
+            hint="pass --state DIR (tokens and uploads live there)",
+        )
+    return state_dir_for(Path(raw).expanduser())
+
+
 def token_store(registry_location: str | Path, state_dir: str | Path | None = None) -> TokenStore:
-    """The token store of the hub over `registry_location`."""
-    return TokenStore(Path(state_dir or state_dir_for(registry_location)) / TOKENS_FILE)
+    """The token store of the hub over `registry_location` (or in `state_dir`)."""
+    return TokenStore(_state_dir(registry_location, state_dir) / TOKENS_FILE)
 
 
 def serve(
@@ -44,8 +58,9 @@ def serve(
 
     from adapterhub_lite.registry import Registry
 
+    state = _state_dir(registry_location, state_dir)
     registry = Registry.open(registry_location)
-    config = HubConfig(state_dir=Path(state_dir or state_dir_for(registry.location)), public_url=public_url)
+    config = HubConfig(state_dir=state, public_url=public_url)
     if max_upload is not None:
         config.max_upload = max_upload
     app = create_app(registry, config)
