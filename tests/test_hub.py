@@ -157,7 +157,21 @@ def test_yank_flags_and_moves_the_default(hub):
 def test_pull_checks_every_file_and_resumes_with_range(hub, bundles, tmp_path):
     acme = hub.client("acme", "read")
     statuses: list[int] = []
-    acme._http.event_hooks["response"].append(lambda r: statuses.append(r.status_code))
+    connect = acme._connection
+
+    def recording_connection():
+        conn = connect()
+        getresponse = conn.getresponse
+
+        def recorded():
+            r = getresponse()
+            statuses.append(r.status)
+            return r
+
+        conn.getresponse = recorded
+        return conn
+
+    acme._connection = recording_connection
     out = acme.pull("acme/geo@1.0.0", tmp_path / "geo")
     assert verify_bundle(out).digest == acme.resolve("acme/geo@1.0.0").digest
     # An interrupted download: the partial folder holds half of the weights. The next pull asks for the

@@ -98,7 +98,7 @@ def _wait_no_uploads(hub, timeout: float = 10.0) -> list[str]:
     return hub.uploads_left()
 
 
-def test_oversized_upload_is_refused_and_leaves_nothing(hub):
+def test_oversized_upload_is_refused_and_leaves_nothing(hub, tmp_path):
     r = _put(hub, b"\0" * (MAX_UPLOAD + 1), hub.token("acme", "publish"))
     assert r.status_code == 422 and "over this hub's limit" in r.json()["error"]["message"]
 
@@ -109,6 +109,12 @@ def test_oversized_upload_is_refused_and_leaves_nothing(hub):
 
     r = _put(hub, chunks(), hub.token("acme", "publish"))
     assert r.status_code == 422 and "over this hub's limit" in r.json()["error"]["message"]
+    # The client reads the hub's early refusal (sent before the body was taken) as the error it is.
+    big = tmp_path / "big.tar"
+    big.write_bytes(b"\0" * (MAX_UPLOAD + 1))
+    with pytest.raises(RegistryError, match="over this hub's limit") as e:
+        hub.client("acme", "publish").publish(big)
+    assert e.value.kind == ErrorKind.INVALID
     assert _wait_no_uploads(hub) == [] and _nothing_published(hub)
 
 

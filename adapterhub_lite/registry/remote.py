@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import http.client
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -105,6 +107,7 @@ class RemoteRegistry:
         self.location = self.url = url.rstrip("/")
         self.token = token if token is not None else load_token(self.url)
         self.trusted_keys = load_public_keys(trusted_keys)
+        self._timeout_s = timeout_s
         headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
         self._http = httpx.Client(
             base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=10.0)
@@ -144,6 +147,40 @@ class RemoteRegistry:
 
     def close(self) -> None:
         self._http.close()
+
+    # Bulk bytes go through http.client (readinto, large blocks): httpx's pure-Python body handling
+    # takes about twice the CPU per byte, which is most of a pull's time on a small machine.
+    def _connection(self) -> http.client.HTTPConnection:
+        u = urlsplit(self.url)
+        cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        return cls(u.hostname or "", u.port, timeout=self._timeout_s, blocksize=_CHUNK)
+
+    def _headers(self, extra: dict[str, str]) -> dict[str, str]:
+        auth = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        return {**auth, **extra}
+
+    def _bulk(self, method: str, path: str, headers: dict[str, str], body: Any) -> tuple[int, bytes]:
+        conn = self._connection()
+        try:
+            try:
+                conn.request(
+                    method, urlsplit(self.url).path + path, body=body, headers=self._headers(headers)
+                )
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the hub answered (a refusal) before taking the whole body: read that answer
+            r = conn.getresponse()
+            return r.status, r.read(1024 * 1024)
+        except (OSError, http.client.HTTPException) as exc:
+            raise RegistryError(
+                f"cannot reach the hub at {self.url}: {exc}",
+                hint="check the URL and that `adapterhub hub serve` runs there",
+                kind=ErrorKind.UNAVAILABLE,
+            ) from None
+        finally:
+            conn.close()
+
+    def _error_from(self, status: int, data: bytes) -> RegistryError:
+        return self._error(httpx.Response(status, content=data))
 
     # ---------------------------------------------------------------- reading
     def resolve(self, ref: str) -> Published:
@@ -204,13 +241,17 @@ class RemoteRegistry:
                     hint="pass a bundle directory or archive (from `adapterhub pack`)",
                 )
             size = archive.stat().st_size
-            r = self._call(
-                "PUT",
-                "/api/v1/publish",
-                content=_file_chunks(archive, size, progress, f"publish {src.name}"),
-                headers={"content-length": str(size), "content-type": "application/x-tar"},
-            )
-        return _published(r.json())
+            with archive.open("rb") as body:
+                status, data = self._bulk(
+                    "PUT",
+                    "/api/v1/publish",
+                    {"content-length": str(size), "content-type": "application/x-tar"},
+                    body=_Progress(body, size, progress, f"publish {src.name}"),
+                )
+        if status >= 400:
+            raise self._error_from(status, data)
+        r = json.loads(data)
+        return _published(r)
 
     def yank(self, ref: str, *, reason: str = "", undo: bool = False) -> Published:
         return _published(self._post("/api/v1/yank", {"ref": ref, "reason": reason, "undo": undo}))
@@ -306,28 +347,32 @@ class RemoteRegistry:
                 while chunk := f.read(_CHUNK):
                     h.update(chunk)
         if have < size:
-            url = f"/api/v1/file/{p.namespace}/{p.name}/{p.version}/{name}"
-            headers = {"range": f"bytes={have}-"} if have else {}
+            path_q = urlsplit(self.url).path + f"/api/v1/file/{p.namespace}/{p.name}/{p.version}/{name}"
+            conn = self._connection()
             try:
-                with self._http.stream("GET", url, headers=headers) as r:
-                    if r.status_code >= 400:
-                        r.read()
-                        raise self._error(r)
-                    if r.status_code == 200 and have:  # the hub ignored the range: start over
-                        have, h = 0, hashlib.sha256()
-                    with path.open("ab" if have else "wb") as out:
-                        for chunk in r.iter_bytes(_CHUNK):
-                            h.update(chunk)
-                            out.write(chunk)
-                            have += len(chunk)
-                            if have > size:
-                                break
-            except httpx.HTTPError as exc:
+                conn.request(
+                    "GET", path_q, headers=self._headers({"range": f"bytes={have}-"} if have else {})
+                )
+                r = conn.getresponse()
+                if r.status >= 400:
+                    raise self._error_from(r.status, r.read(64 * 1024))
+                if r.status == 200 and have:  # the hub ignored the range: start over
+                    have, h = 0, hashlib.sha256()
+                buf = bytearray(_CHUNK)
+                view = memoryview(buf)
+                with path.open("ab" if have else "wb", buffering=0) as out:
+                    while have <= size and (n := r.readinto(buf)):
+                        h.update(view[:n])
+                        out.write(view[:n])
+                        have += n
+            except (OSError, http.client.HTTPException) as exc:
                 raise RegistryError(
                     f"download of {p.ref}:{name} was interrupted ({exc})",
                     hint="run the same pull again: it resumes where it stopped",
                     kind=ErrorKind.UNAVAILABLE,
                 ) from None
+            finally:
+                conn.close()
         if have != size or h.hexdigest() != sha:
             path.unlink(missing_ok=True)
             raise RegistryError(
@@ -359,16 +404,21 @@ _ALLOWED_FILES = frozenset(
 )
 
 
-def _file_chunks(path: Path, size: int, progress: bool, desc: str) -> Iterator[bytes]:
-    from tqdm import tqdm
+class _Progress:
+    """A file object for http.client's body that reports progress as it is read."""
 
-    with (
-        path.open("rb") as f,
-        tqdm(total=size, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar,
-    ):
-        while chunk := f.read(_CHUNK):
-            bar.update(len(chunk))
-            yield chunk
+    def __init__(self, f: Any, size: int, show: bool, desc: str) -> None:
+        from tqdm import tqdm
+
+        self._f = f
+        self._bar = tqdm(total=size, unit="B", unit_scale=True, desc=desc, disable=not show)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._bar.update(len(data))
+        if not data:
+            self._bar.close()
+        return data
 
 
 def open_registry(location: str | Path | None = None, **kwargs: Any) -> Any:
