@@ -191,7 +191,9 @@ async def yank(request: Request) -> Response:
     def go() -> Any:
         r = hub.parse_ref(ref)
         caller.require_write(hub.registry, r.namespace, ref)
-        return hub.registry.yank(ref, reason=_str(data, "reason", ""), undo=undo)
+        p = hub.registry.yank(ref, reason=_str(data, "reason", ""), undo=undo)
+        hub.catalog.refresh()
+        return p
 
     return JSONResponse((await run_in_threadpool(go)).to_dict())
 
@@ -208,6 +210,7 @@ async def share(request: Request) -> Response:
             hub.registry.set_public(ref, bool(data["public"]))
         if data.get("with") is not None:
             hub.registry.share(ref, _str(data, "with"), revoke=bool(data.get("revoke", False)))
+        hub.catalog.refresh()
         return {"ref": ref, "shared_with": hub.registry.shared_with(ref)}
 
     return JSONResponse(await run_in_threadpool(go))

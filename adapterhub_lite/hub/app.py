@@ -23,6 +23,7 @@ from adapterhub_lite.bundles.naming import parse_ref as _parse_ref
 from adapterhub_lite.errors import AdapterHubError, ErrorKind, http_status
 from adapterhub_lite.hub.access import Caller
 from adapterhub_lite.hub.cache import DEFAULT_MAX_BYTES, BundleCache
+from adapterhub_lite.hub.catalog import Catalog
 from adapterhub_lite.hub.tokens import TOKENS_FILE, HubError, TokenStore
 from adapterhub_lite.hub.upload import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_UPLOAD, Uploads
 
@@ -66,6 +67,7 @@ class Hub:
         )
         self.cache = BundleCache(config.state_dir / "bundles", config.cache_bytes)
         self.publish_slots = anyio.Semaphore(config.concurrent_publishes)
+        self.catalog = Catalog(lambda: self.versions(None))
 
     @staticmethod
     def parse_ref(ref: str) -> Ref:
@@ -85,7 +87,7 @@ class Hub:
         return reg.versions(namespace) if hasattr(reg, "versions") else reg.list(namespace)
 
     def search(self, caller: Caller, q: str, base: str | None, tag: str | None) -> list:
-        return caller.visible(self.registry, self.registry.search(q, base=base, tag=tag))[:MAX_RESULTS]
+        return caller.visible(self.registry, self.catalog.search(q, base=base, tag=tag))[:MAX_RESULTS]
 
     def manifest_of(self, ref: str, bundle_dir: Path) -> Manifest:
         return parse_manifest((bundle_dir / MANIFEST_FILE).read_bytes(), f"{ref}:{MANIFEST_FILE}")
@@ -98,6 +100,7 @@ class Hub:
 
         published, bundle = self.uploads.publish(self.registry, archive, authorize)
         self.cache.adopt(bundle, published.digest)
+        self.catalog.refresh()
         return published, bundle
 
 

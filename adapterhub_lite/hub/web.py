@@ -16,7 +16,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from adapterhub_lite.bundles.card import CARD_FILE
-from adapterhub_lite.bundles.naming import check_name
+from adapterhub_lite.bundles.naming import check_name, semver_key
 from adapterhub_lite.bundles.signing import SIGNATURES_FILE, check_signatures, key_id
 from adapterhub_lite.errors import AdapterHubError, ErrorKind, http_status
 from adapterhub_lite.hub.access import not_found
@@ -72,7 +72,7 @@ async def namespace_page(request: Request) -> Response:
         return _error_page(not_found(ns))
 
     def rows() -> list:
-        return caller.visible(hub.registry, hub.registry.search("", None, None))
+        return caller.visible(hub.registry, hub.catalog.search(""))
 
     found = [p for p in await run_in_threadpool(rows) if p.namespace == ns]
     if not found:
@@ -112,7 +112,7 @@ def _adapter_context(request: Request, ns: str, name: str) -> dict[str, Any]:
         p=p,
         m=m,
         q="",
-        versions=sorted(versions, key=lambda v: v.published_at, reverse=True),
+        versions=sorted(versions, key=lambda v: semver_key(v.version), reverse=True),
         signers=signers,
         metrics=_metrics(m.training),
         plot=loss_svg(history, evals),
