@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from adapterhub_lite.errors import ErrorKind
+from adapterhub_lite.errors import AdapterHubError, ErrorKind
 from adapterhub_lite.hub.tokens import HubError, TokenInfo
 
 
@@ -35,8 +35,7 @@ class Caller:
             return _exists(registry, ref)
         if self.namespace:
             return bool(registry.can_read(self.namespace, ref))
-        # Anonymous: public only. A namespace name that no one holds stands in for "nobody".
-        return bool(registry.can_read("anonymous-visitor", ref)) and _public(registry, ref)
+        return _public(registry, ref)  # anonymous: public only
 
     def require_read(self, registry: Any, ref: str) -> None:
         if not self.can_read(registry, ref):
@@ -77,19 +76,23 @@ class Caller:
         return [p for p in rows if p.namespace == ns or p.public or registry.can_read(ns, p.ref)]
 
 
-def _exists(registry: Any, ref: str) -> bool:
+def _resolve(registry: Any, ref: str) -> Any:
+    """The version `ref` names, or None when there is none (an unreachable registry still raises)."""
     try:
-        registry.resolve(ref)
-        return True
-    except Exception:  # noqa: BLE001 - any failure to resolve means "not there" for this check
-        return False
+        return registry.resolve(ref)
+    except AdapterHubError as exc:
+        if exc.kind in (ErrorKind.NOT_FOUND, ErrorKind.INVALID):
+            return None
+        raise
+
+
+def _exists(registry: Any, ref: str) -> bool:
+    return _resolve(registry, ref) is not None
 
 
 def _public(registry: Any, ref: str) -> bool:
-    try:
-        return bool(registry.resolve(ref).public)
-    except Exception:  # noqa: BLE001
-        return False
+    p = _resolve(registry, ref)
+    return bool(p is not None and p.public)
 
 
 def not_found(ref: str) -> HubError:

@@ -163,8 +163,11 @@ async def manifest(request: Request) -> Response:
 async def search(request: Request) -> Response:
     hub, caller = _hub(request), request.state.caller
     q, base, tag = _param(request, "q") or "", _param(request, "base"), _param(request, "tag")
-    rows = await run_in_threadpool(hub.search, caller, q, base, tag)
-    return JSONResponse([p.to_dict() for p in rows])
+    if caller.token is None:  # in memory only: no worker thread needed
+        rows = hub.search(caller, q, base, tag)
+    else:  # a token's view may ask the registry about shares
+        rows = await run_in_threadpool(hub.search, caller, q, base, tag)
+    return JSONResponse([hub.catalog.as_dict(p) for p in rows])
 
 
 async def versions(request: Request) -> Response:

@@ -32,6 +32,7 @@ class Catalog:
         self._load = load
         self.max_age_s = max_age_s
         self._entries: list[tuple[str, Any]] = []
+        self._dicts: dict[str, dict[str, Any]] = {}
         self._at = 0.0
         self._lock = threading.Lock()
         self._refreshing = False
@@ -49,6 +50,7 @@ class Catalog:
                 p = _newest(by_package[key])
                 text = "\n".join([f"{p.namespace}/{p.name}", p.description, *p.tags]).lower()
                 entries.append((text, p))
+            self._dicts = {p.ref: p.to_dict() for _, p in entries}
             self._entries, self._at = entries, time.monotonic()
 
     def _background_refresh(self) -> None:
@@ -56,6 +58,11 @@ class Catalog:
             self.refresh()
         finally:
             self._refreshing = False
+
+    def as_dict(self, p: Any) -> dict[str, Any]:
+        """`p.to_dict()`, computed once per snapshot (a search answer may list hundreds)."""
+        d = self._dicts.get(p.ref)
+        return d if d is not None and d["digest"] == p.digest else p.to_dict()
 
     def search(self, text: str = "", base: str | None = None, tag: str | None = None) -> list[Any]:
         if not self._at:
