@@ -1,10 +1,12 @@
 """Cluster benchmark: two vLLM replicas under Ray Serve, routed by adapter affinity vs without it.
 
 16 tenants, each with its own adapter (rank 8 on q/v of the embedded base), send a Zipf(1.1) mix of
-requests through the ingress from closed-loop clients. Each replica holds at most `--max-loras`
-adapters (vLLM's batch slots, the plugin's hot set and Ray's multiplexing LRU are all that size), so
-every time a request meets a replica without its adapter, the plugin pulls, verifies and loads it: the
-adapter-load count is the cost affinity is meant to cut. Runs, in one script on one machine:
+requests through the ingress from closed-loop clients. Each replica batches up to `--max-loras`
+adapters and keeps `--hot-set` loaded (the plugin's hot set and Ray's multiplexing LRU are that size),
+so every time a request meets a replica without its adapter, the plugin pulls, verifies and loads it:
+the adapter-load count is the cost affinity is meant to cut. With the defaults the fleet's hot sets
+together hold every adapter but one replica's does not: the case affinity exists for.
+Runs, in one script on one machine:
   (a) 2 replicas, affinity routing (Ray Serve multiplexing keyed by the immutable reference);
   (b) 2 replicas, Ray's default routing (power of two choices, no affinity) — the "round robin" row;
   (c) 1 replica, the same mix — for the throughput of 2 replicas against 1;
@@ -52,7 +54,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=1000, help="requests per mode")
     p.add_argument("--tenants", type=int, default=16, help="tenants, one adapter each")
     p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of the tenant mix")
-    p.add_argument("--max-loras", type=int, default=4, help="adapters a replica holds")
+    p.add_argument("--max-loras", type=int, default=4, help="adapters in one batch, per replica")
+    p.add_argument(
+        "--hot-set",
+        type=int,
+        default=8,
+        help="adapters a replica keeps loaded (serve's --max-cpu-loras default)",
+    )
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--clients", type=int, default=8, help="closed-loop concurrent clients")
     p.add_argument("--max-tokens", type=int, default=8)
@@ -207,8 +215,8 @@ def run_mode(world: dict, root: Path, mix: list[str], replicas: int, affinity: b
         tenants_db=str(root / "tenants.db"),
         cache_dir=str(root / f"cache-{replicas}-{affinity}"),
         max_loras=ARGS.max_loras,
-        max_cpu_loras=ARGS.max_loras,
-        max_loaded=ARGS.max_loras,
+        max_cpu_loras=ARGS.hot_set,
+        max_loaded=ARGS.hot_set,
         max_lora_rank=8,
         max_model_len=256,
     )
@@ -254,7 +262,7 @@ def plot(results: dict, path: Path) -> None:
         ax.tick_params(axis="x", labelrotation=15)
     fig.suptitle(
         f"{results['config']['tenants']} tenants, Zipf({results['config']['zipf']}), "
-        f"max {results['config']['max_loras']} adapters per replica; "
+        f"hot set {results['config']['hot_set']} per replica; "
         f"affinity/round-robin loads = {results['affinity_over_round_robin_loads']:.2f}"
     )
     fig.tight_layout()

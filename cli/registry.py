@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from adapterhub_lite.display import safe
 from cli.common import print_json, run_cli
 
 RegistryOpt = Annotated[
@@ -14,7 +15,8 @@ RegistryOpt = Annotated[
     typer.Option(
         "--registry",
         envvar="ADAPTERHUB_REGISTRY",
-        help="registry directory, or a hub URL (http(s)://...) [default: ~/.adapterhub/registry]",
+        help="registry: a directory, sqlite:///DIR, postgresql://..., or a hub URL http(s)://... "
+        "[default: ~/.adapterhub/registry]",
     ),
 ]
 BlobsOpt = Annotated[
@@ -27,7 +29,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")
 
 
 def _open(registry: str | None, blobs: str | None = None):
-    from adapterhub_lite.registry.remote import open_registry
+    from adapterhub_lite.registry import open_registry
 
     return open_registry(registry, blobs=blobs)
 
@@ -37,8 +39,9 @@ def _table(rows) -> None:
         typer.echo("(nothing found)")
         return
     for p in rows:
-        flags = [f for f, on in (("yanked", p.yanked), ("public", p.public), ("signed", p.signed)) if on]
-        typer.echo(f"{p.ref:<40} rank {p.rank:<4} base {p.base_name:<20} {p.size:>12,} B  {' '.join(flags)}")
+        marks = (("yanked", p.yanked), ("public", p.public), ("signed", p.signed))
+        flags = " ".join(f for f, on in marks if on)
+        typer.echo(f"{p.ref:<40} rank {p.rank:<4} base {safe(p.base_name, 40):<20} {p.size:>12,} B  {flags}")
 
 
 def register(app: typer.Typer) -> None:
@@ -102,7 +105,7 @@ def register(app: typer.Typer) -> None:
         as_json: JsonOpt = False,
     ) -> None:
         """List every published version (yanked ones flagged)."""
-        rows = _open(registry).list(namespace)
+        rows = _open(registry).versions(namespace)
         print_json([p.to_dict() for p in rows]) if as_json else _table(rows)
 
     @app.command("show")
@@ -126,21 +129,25 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(data)
             return
-        typer.echo(f"{p.ref}{'  (yanked: ' + (p.yank_reason or 'no reason given') + ')' if p.yanked else ''}")
-        typer.echo(f"  digest      {p.digest}\n  base        {p.base_name} ({p.base_fingerprint})")
+        typer.echo(
+            f"{p.ref}{'  (yanked: ' + safe(p.yank_reason or 'no reason given') + ')' if p.yanked else ''}"
+        )
+        typer.echo(f"  digest      {p.digest}\n  base        {safe(p.base_name)} ({p.base_fingerprint})")
         a = m.adapter
         typer.echo(
-            f"  adapter     rank {a.rank}, alpha {a.alpha:g}, {', '.join(a.target_modules)}, "
+            f"  adapter     rank {a.rank}, alpha {a.alpha:g}, {safe(', '.join(a.target_modules))}, "
             f"{a.parameter_count:,} parameters"
         )
-        typer.echo(f"  license     {p.license}\n  published   {p.published_at}\n  signed      {p.signed}")
+        typer.echo(
+            f"  license     {safe(p.license)}\n  published   {p.published_at}\n  signed      {p.signed}"
+        )
         typer.echo(
             f"  visibility  {'public' if p.public else 'private'}; shared with "
             f"{', '.join(data['shared_with']) or 'nobody'}"
         )
         metrics = (m.training or {}).get("metrics")
         if isinstance(metrics, dict):
-            typer.echo(f"  metrics     {metrics}")
+            typer.echo(f"  metrics     {safe(metrics)}")
 
     @app.command("yank")
     @run_cli
@@ -166,11 +173,13 @@ def register(app: typer.Typer) -> None:
         registry: RegistryOpt = None,
     ) -> None:
         """Share an adapter with another namespace, or make it public/private."""
-        from adapterhub_lite.errors import RegistryError
+        from adapterhub_lite.errors import ErrorKind, RegistryError
 
-        reg = _open(registry)
         if with_namespace is None and public is None:
-            raise RegistryError("nothing to do", hint="pass --with NAMESPACE, --public or --private")
+            raise RegistryError(
+                "nothing to do", hint="pass --with NAMESPACE, --public or --private", kind=ErrorKind.INVALID
+            )
+        reg = _open(registry)
         if with_namespace:
             reg.share(ref, with_namespace, revoke=revoke)
             typer.echo(
@@ -211,19 +220,30 @@ def register(app: typer.Typer) -> None:
             ):
                 typer.echo(f"{label}: {len(items)}")
                 for item in items:
-                    typer.echo(f"  {item}")
+                    typer.echo(f"  {safe(item)}")
             typer.echo(f"missing blobs: {len(report.missing_blobs)}")
             for item in report.missing_blobs:
-                typer.echo(f"  {item['file']} ({item['blob']}): publish that bundle again to restore it")
-        repaired = repair and not report.missing_blobs and not report.corrupt_blobs and not report.kept_recent
-        if not report.ok and not repaired:
+                typer.echo(
+                    f"  {safe(item['file'])} ({item['blob']}): publish that bundle again to restore it"
+                )
+        if not report.ok and not (repair and report.repaired):
             raise typer.Exit(code=1)
 
     @reg_app.command("trust")
     @run_cli
     def trust(
         key: Annotated[str, typer.Argument(help="public key: 64 hex, a .pub file, or a key name")],
+        namespace: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--namespace",
+                help="trust it only for bundles of this namespace (repeatable); without it, for every one",
+            ),
+        ] = None,
         registry: RegistryOpt = None,
     ) -> None:
-        """Trust a public key: from now on this registry only accepts bundles signed by a trusted key."""
-        typer.echo(f"trusted {_open(registry).trust(key)}")
+        """Trust a public key: from now on this registry only accepts bundles signed by a trusted key.
+
+        Running it again for the same key replaces the namespaces it is trusted for."""
+        kid = _open(registry).trust(key, namespace or None)
+        typer.echo(f"trusted {kid}" + (f" for {', '.join(sorted(set(namespace)))}" if namespace else ""))

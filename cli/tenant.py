@@ -25,9 +25,9 @@ def _store(db: str | None):
 
 
 def _registry(location: str | None):
-    from adapterhub_lite.registry.remote import open_registry
+    from adapterhub_lite.registry import Registry
 
-    return open_registry(location)
+    return Registry.open(location)
 
 
 def register(app: typer.Typer) -> None:

@@ -292,9 +292,9 @@ def test_hub_with_trusted_keys_refuses_unsigned_and_shows_the_signer(tmp_path, l
     )
     with running_hub(tmp_path / "registry") as h:
         acme = h.client("acme", "publish")
-        with pytest.raises(RegistryError, match="unsigned"):
+        with pytest.raises(RegistryError, match="unsigned") as e:
             acme.publish(unsigned)
-        assert h.uploads_left() == []
+        assert e.value.kind == ErrorKind.INVALID and h.uploads_left() == []
         assert acme.publish(signed).signed
         acme.set_public("acme/sig")
         page = h.get("/acme/sig").text

@@ -218,7 +218,7 @@ def test_two_concurrent_publishes_of_one_version_exactly_one_wins(hub, archives)
     assert len(winners) == 1, {k: r.text for k, r in results.items()}
     winner = winners[0]
     loser = next(r for k, r in results.items() if k != winner)
-    assert "versions are immutable" in loser.json()["error"]["message"]
+    assert loser.status_code == 409 and "versions are immutable" in loser.json()["error"]["message"]
     stored = hub.client("acme", "read").resolve("acme/race@1.0.0")
     assert stored.digest == results[winner].json()["digest"]
     assert _wait_no_uploads(hub) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import bundle_fixtures as fx
@@ -13,8 +14,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from adapterhub_lite.bundles import pack_bundle, verify_bundle
 from adapterhub_lite.bundles.signing import generate_key
-from adapterhub_lite.errors import RegistryError
-from adapterhub_lite.registry import Registry, parse_ref
+from adapterhub_lite.errors import ErrorKind, RegistryError
+from adapterhub_lite.registry import Registry
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +68,26 @@ def bundles(lora_dir, tiny_base, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+@dataclass(frozen=True)
+class Where:
+    location: str  # what --registry / Registry.open take
+    blobs: Path  # where that registry's blobs are
+
+
 @pytest.fixture
-def reg(tmp_path) -> Registry:
-    return Registry.open(tmp_path / "registry")
+def where(backend, tmp_path, request) -> Where:
+    """A fresh registry location on each backend: a directory (SQLite index inside), or a new
+    PostgreSQL database created with its blobs in a local folder."""
+    if backend == "sqlite":
+        return Where(str(tmp_path / "registry"), tmp_path / "registry" / "blobs")
+    url = request.getfixturevalue("postgres").new_database()
+    Registry.open(url, blobs=str(tmp_path / "pg-blobs"))
+    return Where(url, tmp_path / "pg-blobs")
+
+
+@pytest.fixture
+def reg(where) -> Registry:
+    return Registry.open(where.location)
 
 
 def test_publish_resolve_pull(reg, bundles, tiny_base, tmp_path):
@@ -104,7 +122,7 @@ def test_newest_version_semver_and_yank(reg, bundles):
     assert reg.resolve("acme/bot").version == "1.2.0"
     y = reg.resolve("acme/bot@1.10.0")  # an exact version stays resolvable, flagged
     assert y.yanked and y.yank_reason == "bad answers"
-    assert [p.version for p in reg.list("acme")] == ["1.0.0", "1.2.0", "1.10.0", "2.0.0-rc.1"]
+    assert [p.version for p in reg.versions("acme")] == ["1.0.0", "1.2.0", "1.10.0", "2.0.0-rc.1"]
     with pytest.raises(RegistryError, match="yank needs an exact version"):
         reg.yank("acme/bot")
     for v in ("1.0.0", "1.2.0"):
@@ -124,8 +142,9 @@ def test_unknown_refs_and_bad_refs(reg, bundles):
     assert "1.0.0" in e.value.hint
     with pytest.raises(RegistryError, match="invalid reference"):
         reg.resolve("acme")
-    with pytest.raises(RegistryError, match="invalid version"):
-        parse_ref("acme/bot@v1")
+    with pytest.raises(RegistryError, match="invalid version") as e:
+        reg.resolve("acme/bot@v1")
+    assert e.value.kind is ErrorKind.INVALID
 
 
 def test_archive_publish(reg, bundles, tmp_path):
@@ -140,12 +159,13 @@ def test_search_list_namespaces(reg, bundles):
     for key in ("1.0.0", "1.2.0", "globex"):
         reg.publish(bundles[key])
     assert [p.ref for p in reg.search("bot")] == ["acme/bot@1.2.0"]  # newest per adapter
+    assert reg.search("%") == [] and reg.search("_") == [] and len(reg.search("BOT")) == 1  # literal text
     assert [p.ref for p in reg.search("tickets")] == ["acme/bot@1.2.0"]  # description
     assert [p.ref for p in reg.search("", tag="fr")] == ["globex/translator@0.1.0"]
     fp = reg.resolve("acme/bot").base_fingerprint
     assert len(reg.search("", base=fp)) == 2 and reg.search("", base="sha256:" + "0" * 64) == []
     assert reg.namespaces() == ["acme", "globex"]
-    assert [p.ref for p in reg.list("globex")] == ["globex/translator@0.1.0"]
+    assert [p.ref for p in reg.versions("globex")] == ["globex/translator@0.1.0"]
 
 
 def test_sharing_and_public(reg, bundles):
@@ -178,12 +198,12 @@ def test_sharing_and_public(reg, bundles):
         reg.share("acme/ghost", "globex")
 
 
-def test_trusted_keys_required(tmp_path, bundles, lora_dir, tiny_base, monkeypatch):
+def test_trusted_keys_required(where, tmp_path, bundles, lora_dir, tiny_base, monkeypatch):
     monkeypatch.setenv("ADAPTERHUB_CONFIG_DIR", str(tmp_path / "cfg"))
     key = generate_key("team")
-    reg = Registry.open(tmp_path / "registry")
+    reg = Registry.open(where.location)
     reg.trust(key.public_key)
-    reg = Registry.open(tmp_path / "registry")  # the trust is remembered
+    reg = Registry.open(where.location)  # the trust is remembered
     with pytest.raises(RegistryError, match="refusing to publish .*unsigned"):
         reg.publish(bundles["1.0.0"])
     signed = pack_bundle(
@@ -226,8 +246,9 @@ def test_blob_url_is_remembered_and_conflicts_refused(tmp_path, bundles):
     assert Registry.open(tmp_path / "r").blobs.url == url
     with pytest.raises(RegistryError, match="stores its blobs in"):
         Registry.open(tmp_path / "r", blobs="memory://elsewhere")
-    with pytest.raises(RegistryError, match="needs a local directory"):
+    with pytest.raises(RegistryError, match="unknown scheme 's3'") as e:
         Registry.open("s3://bucket/registry")
+    assert e.value.kind is ErrorKind.INVALID and "postgresql://" in e.value.hint
 
 
 def test_location_from_env(tmp_path, monkeypatch, bundles):
@@ -238,11 +259,11 @@ def test_location_from_env(tmp_path, monkeypatch, bundles):
         Registry.open(tmp_path / "missing", create=False)
 
 
-def test_check_finds_missing_and_corrupt_blobs(reg, bundles, tiny_base, tmp_path):
+def test_check_finds_missing_and_corrupt_blobs(where, reg, bundles, tiny_base, tmp_path):
     p = reg.publish(bundles["1.0.0"])
     m = verify_bundle(bundles["1.0.0"], vllm_check=False)
     sha = m.file("adapter_model.safetensors").sha256
-    blob = reg.location / "blobs" / "sha256" / sha[:2] / sha
+    blob = where.blobs / "sha256" / sha[:2] / sha
     data = blob.read_bytes()
     blob.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     report = reg.check(deep=True)
@@ -262,13 +283,14 @@ def test_check_finds_missing_and_corrupt_blobs(reg, bundles, tiny_base, tmp_path
         reg.pull(p.ref, tmp_path / "y", base_fingerprint="sha256:" + "1" * 64, vllm_check=False)
 
 
-def test_cli_registry_commands(tmp_path, bundles):
+def test_cli_registry_commands(where, tmp_path, bundles):
     from typer.testing import CliRunner
 
+    from cli.common import EXIT_CODES
     from cli.main import app
 
     runner = CliRunner()
-    r_opt = ["--registry", str(tmp_path / "cli-reg")]
+    r_opt = ["--registry", where.location]
 
     def run(*args: str, code: int = 0):
         res = runner.invoke(app, [*args, *r_opt])
@@ -278,7 +300,7 @@ def test_cli_registry_commands(tmp_path, bundles):
 
     assert json.loads(run("publish", str(bundles["1.0.0"]), "--json").stdout)["ref"] == "acme/bot@1.0.0"
     run("publish", str(bundles["1.2.0"]))
-    res = run("publish", str(bundles["impostor"]), code=1)
+    res = run("publish", str(bundles["impostor"]), code=EXIT_CODES[ErrorKind.CONFLICT])
     assert "error: acme/bot@1.0.0 is already published with other content" in res.output
     assert [p["ref"] for p in json.loads(run("search", "bot", "--json").stdout)] == ["acme/bot@1.2.0"]
     shown = json.loads(run("show", "acme/bot@1.0.0", "--json").stdout)
@@ -291,7 +313,7 @@ def test_cli_registry_commands(tmp_path, bundles):
     pulled = json.loads(run("pull", "acme/bot", "--dest", str(tmp_path / "p"), "--json").stdout)
     assert pulled["version"] == "1.0.0" and Path(pulled["path"]).is_dir()
     assert json.loads(run("registry", "check", "--json").stdout)["ok"] is True
-    res = run("pull", "acme/nope", code=1)
+    res = run("pull", "acme/nope", code=EXIT_CODES[ErrorKind.NOT_FOUND])
     assert "error: no acme/nope in the registry" in res.output
 
 
@@ -304,21 +326,22 @@ def test_search_text_is_literal_and_io_errors_are_project_errors(tmp_path, bundl
     broken = Registry.open(tmp_path / "registry2", blobs=str(tmp_path / "not-a-dir" / "blobs"))
     with pytest.raises(RegistryError, match="cannot publish"):
         broken.publish(bundles["1.0.0"])
-    assert broken.list() == []
+    assert broken.versions() == []
     (tmp_path / "registry" / "config.json").write_text('{"schema_version": 9}')
     with pytest.raises(RegistryError, match="registry format 9 is not one this version"):
         Registry.open(tmp_path / "registry")
 
 
-def test_cli_keys_sign_trust_and_repair(tmp_path, bundles, monkeypatch):
+def test_cli_keys_sign_trust_and_repair(where, tmp_path, bundles, monkeypatch):
     import shutil
 
     from typer.testing import CliRunner
 
+    from cli.common import EXIT_CODES
     from cli.main import app
 
     monkeypatch.setenv("ADAPTERHUB_CONFIG_DIR", str(tmp_path / "cfg"))
-    monkeypatch.setenv("ADAPTERHUB_REGISTRY", str(tmp_path / "reg"))
+    monkeypatch.setenv("ADAPTERHUB_REGISTRY", where.location)
     runner = CliRunner()
     key = json.loads(runner.invoke(app, ["keys", "generate", "ci", "--json"]).stdout)
     assert os.stat(key["path"]).st_mode & 0o777 == 0o600
@@ -327,15 +350,70 @@ def test_cli_keys_sign_trust_and_repair(tmp_path, bundles, monkeypatch):
     bundle = tmp_path / "b"
     shutil.copytree(bundles["1.0.0"], bundle)
     res = runner.invoke(app, ["publish", str(bundle)])
-    assert res.exit_code == 1 and "unsigned" in res.output
+    assert res.exit_code == EXIT_CODES[ErrorKind.INVALID] and "unsigned" in res.output
     assert runner.invoke(app, ["sign", str(bundle), "--key", "ci"]).exit_code == 0
     assert runner.invoke(app, ["publish", str(bundle)]).exit_code == 0
     # An orphaned blob: `registry check` fails until `--repair` removes it. Its shard folder
     # may already exist: the signed bundle's blobs have random digests (fresh key each run).
-    orphan = tmp_path / "reg" / "blobs" / "sha256" / "00" / ("00" * 32)
+    orphan = where.blobs / "sha256" / "00" / ("00" * 32)
     orphan.parent.mkdir(parents=True, exist_ok=True)
     orphan.write_bytes(b"stray")
     assert runner.invoke(app, ["registry", "check"]).exit_code == 1
     res = runner.invoke(app, ["registry", "check", "--repair", "--grace", "0"])
     assert res.exit_code == 0 and "removed: 1" in res.output and not orphan.exists()
     assert runner.invoke(app, ["registry", "check"]).exit_code == 0
+
+
+def test_keys_are_trusted_per_namespace(where, tmp_path, lora_dir, tiny_base, monkeypatch):
+    """The attack of issue 9: a second trusted key publishing over the first key's namespace."""
+    from typer.testing import CliRunner
+
+    from cli.common import EXIT_CODES
+    from cli.main import app
+
+    monkeypatch.setenv("ADAPTERHUB_CONFIG_DIR", str(tmp_path / "cfg"))
+    acme_key, globex_key, admin_key = (
+        generate_key("acme-key"),
+        generate_key("globex-key"),
+        generate_key("admin"),
+    )
+
+    def signed(namespace: str, version: str, key: str) -> Path:
+        return pack_bundle(
+            lora_dir,
+            tmp_path / f"{namespace}-{version}-{key}",
+            namespace=namespace,
+            name="geo",
+            version=version,
+            base_dir=tiny_base,
+            signing_key=key,
+            vllm_check=False,
+        )
+
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["registry", "trust", "acme-key", "--namespace", "acme", "--registry", where.location]
+    )
+    assert res.exit_code == 0 and res.output.strip().endswith("for acme"), res.output
+    reg = Registry.open(where.location)
+    reg.trust(globex_key.public_key, ["globex", "initech"])
+    reg = Registry.open(where.location)  # the scopes are remembered
+    assert reg.publish(signed("acme", "1.0.0", "acme-key")).ref == "acme/geo@1.0.0"
+    assert reg.publish(signed("globex", "1.0.0", "globex-key")).ref == "globex/geo@1.0.0"
+    with pytest.raises(RegistryError, match="not trusted for namespace 'acme'") as e:
+        reg.publish(signed("acme", "1.0.1", "globex-key"))
+    assert e.value.kind is ErrorKind.FORBIDDEN and "--namespace acme" in e.value.hint
+    assert reg.resolve("acme/geo").version == "1.0.0" and len(reg.versions("acme")) == 1
+    res = runner.invoke(
+        app, ["publish", str(tmp_path / "acme-1.0.1-globex-key"), "--registry", where.location]
+    )
+    assert res.exit_code == EXIT_CODES[ErrorKind.FORBIDDEN] and "Traceback" not in res.output
+    # An unscoped key (how registries always stored keys) signs for every namespace.
+    reg.trust(admin_key.public_key)
+    assert reg.publish(signed("acme", "1.0.2", "admin")).ref == "acme/geo@1.0.2"
+    # Narrowing a key's namespaces later: what it signed can no longer be pulled from this registry.
+    reg.trust(acme_key.public_key, ["elsewhere"])
+    with pytest.raises(RegistryError, match="not trusted for namespace 'acme'") as e:
+        reg.pull("acme/geo@1.0.0", tmp_path / "pulled", vllm_check=False)
+    assert e.value.kind is ErrorKind.FORBIDDEN and not (tmp_path / "pulled").exists()
+    assert reg.pull("acme/geo@1.0.2", tmp_path / "ok", vllm_check=False).is_dir()

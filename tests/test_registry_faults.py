@@ -22,7 +22,7 @@ CHILD = r"""
 import sys, time
 from pathlib import Path
 from adapterhub_lite.errors import RegistryError
-from adapterhub_lite.registry import Registry, blobs
+from adapterhub_lite.registry import Registry, faults
 
 location, bundle, step, k, marker = sys.argv[1:6]
 seen = {"n": 0}
@@ -39,7 +39,7 @@ def hook(name):
             else:
                 time.sleep(120)
 
-blobs._fault_hook = hook
+faults.hook = hook
 try:
     print(Registry.open(location).publish(bundle).digest)
 except RegistryError as exc:
@@ -48,7 +48,7 @@ except RegistryError as exc:
 """
 
 
-def _child(tmp_path: Path, location: Path, bundle: Path, step: str, k: int, marker: Path, *extra: str):
+def _child(tmp_path: Path, location: str, bundle: Path, step: str, k: int, marker: Path, *extra: str):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     return subprocess.Popen(
@@ -83,6 +83,18 @@ def bundle(lora_dir, tiny_base, tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture
+def location(backend, tmp_path, request) -> str:
+    """A registry created up front (so the child's first step is the publish itself), on each backend."""
+    if backend == "sqlite":
+        loc = str(tmp_path / "registry")
+        Registry.open(loc)
+    else:
+        loc = request.getfixturevalue("postgres").new_database()
+        Registry.open(loc, blobs=str(tmp_path / "blobs"))
+    return loc
+
+
 # (step, k, visible after the kill?)  Blobs of the bundle: README, config, weights, then the manifest.
 KILL_POINTS = [
     ("publish-start", 1, False),
@@ -96,9 +108,7 @@ KILL_POINTS = [
 
 @pytest.mark.slow
 @pytest.mark.parametrize("step,k,visible", KILL_POINTS, ids=[p[0] for p in KILL_POINTS])
-def test_sigkill_during_publish_is_all_or_nothing(tmp_path, bundle, step, k, visible):
-    location = tmp_path / "registry"
-    Registry.open(location)  # created up front, so the child's first step is the publish itself
+def test_sigkill_during_publish_is_all_or_nothing(tmp_path, location, bundle, step, k, visible):
     marker = tmp_path / "reached"
     proc = _child(tmp_path, location, bundle, step, k, marker)
     _wait_for(marker, proc)
@@ -118,7 +128,7 @@ def test_sigkill_during_publish_is_all_or_nothing(tmp_path, bundle, step, k, vis
         return
     with pytest.raises(RegistryError, match="no acme/bot@1.0.0"):
         reg.resolve("acme/bot@1.0.0")
-    assert reg.list() == [] and reg.search("") == []
+    assert reg.versions() == [] and reg.search("") == []
     report = reg.check()
     leftovers = report.orphaned_blobs + report.stale_temp_files
     expected = {
@@ -142,7 +152,7 @@ def test_sigkill_during_publish_is_all_or_nothing(tmp_path, bundle, step, k, vis
 
 
 @pytest.mark.slow
-def test_concurrent_publishes_of_one_version_have_one_winner(tmp_path, bundle, tiny_base):
+def test_concurrent_publishes_of_one_version_have_one_winner(tmp_path, location, bundle, tiny_base):
     other = fx.make_adapter(tiny_base, tmp_path / "other", seed=3)
     rival = pack_bundle(
         other,
@@ -155,8 +165,6 @@ def test_concurrent_publishes_of_one_version_have_one_winner(tmp_path, bundle, t
     )
     digests = {verify_bundle(b, vllm_check=False).digest for b in (bundle, rival)}
     assert len(digests) == 2
-    location = tmp_path / "registry"
-    Registry.open(location)
     go = tmp_path / "go"
     procs, markers = [], []
     for i, b in enumerate((bundle, rival)):
@@ -173,7 +181,7 @@ def test_concurrent_publishes_of_one_version_have_one_winner(tmp_path, bundle, t
     assert "already published with other content" in loser_err
     reg = Registry.open(location)
     assert reg.resolve("acme/bot@1.0.0").digest == winner
-    assert [p.version for p in reg.list()] == ["1.0.0"]
+    assert [p.version for p in reg.versions()] == ["1.0.0"]
     # The loser's distinct blobs are orphans that check finds and repair removes.
     report = reg.check()
     assert report.missing_blobs == [] and len(report.orphaned_blobs) >= 1
@@ -186,9 +194,7 @@ def test_concurrent_publishes_of_one_version_have_one_winner(tmp_path, bundle, t
 
 
 @pytest.mark.slow
-def test_concurrent_publishes_of_identical_content_both_succeed(tmp_path, bundle):
-    location = tmp_path / "registry"
-    Registry.open(location)
+def test_concurrent_publishes_of_identical_content_both_succeed(tmp_path, location, bundle):
     go = tmp_path / "go"
     procs = [
         _child(tmp_path, location, bundle, "blobs-stored", 1, tmp_path / f"r{i}", str(go)) for i in range(2)
@@ -212,7 +218,7 @@ def test_blobs_are_fsynced_before_the_version_is_committed(tmp_path, bundle, mon
 
     def recording_fsync(fd: int) -> None:
         # A blob synced after its version became visible could be lost by a power cut while named.
-        assert not Registry.open(location).list(), "fsync after the version was committed"
+        assert not Registry.open(location).versions(), "fsync after the version was committed"
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 

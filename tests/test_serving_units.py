@@ -138,6 +138,8 @@ def test_bundle_cache_is_bounded_and_never_half_written(tmp_path):
 def test_tenant_cli_shows_key_once_and_errors_cleanly(tmp_path):
     from typer.testing import CliRunner
 
+    from adapterhub_lite.errors import ErrorKind
+    from cli.common import EXIT_CODES
     from cli.main import app
 
     runner = CliRunner()
@@ -154,11 +156,13 @@ def test_tenant_cli_shows_key_once_and_errors_cleanly(tmp_path):
     assert runner.invoke(app, ["tenant", "revoke", "acme", *db]).exit_code == 0
     assert "REVOKED" in runner.invoke(app, ["tenant", "list", *db]).output
     dup = runner.invoke(app, ["tenant", "add", "acme", *db])
-    assert dup.exit_code == 1 and "already exists" in dup.output and "Traceback" not in dup.output
+    assert dup.exit_code == EXIT_CODES[ErrorKind.CONFLICT]
+    assert "already exists" in dup.output and "Traceback" not in dup.output
     missing = runner.invoke(
         app, ["tenant", "promote", "acme", "bot", "acme/bot@1.0.0", *db, "--registry", str(tmp_path / "reg")]
     )
-    assert missing.exit_code == 1 and "acme/bot@1.0.0" in missing.output and "Traceback" not in missing.output
+    assert missing.exit_code == EXIT_CODES[ErrorKind.NOT_FOUND]
+    assert "acme/bot@1.0.0" in missing.output and "Traceback" not in missing.output
 
 
 def test_usage_meter_counts_streams_and_hides_only_the_usage_event():

@@ -53,7 +53,7 @@ def make_keyer(tenants_db: str | None, registry: str | None, served_name: str) -
     from adapterhub_lite.serving.tenancy import TenantStore
 
     def open_registry() -> Any:
-        return Registry.open(Path(registry) if registry else None)
+        return Registry.open(registry)  # a path or a database URL (a Path would mangle postgresql://)
 
     return AffinityKeyer(TenantStore.open(tenants_db), open_registry, {served_name})
 

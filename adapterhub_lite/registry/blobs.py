@@ -23,18 +23,11 @@ from typing import IO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from adapterhub_lite.errors import RegistryError
+from adapterhub_lite.errors import ErrorKind, RegistryError
+from adapterhub_lite.registry.faults import fault_point
 
 _CHUNK = 1 << 22
 Progress = Callable[[int], object] | None
-
-# Called at named points of a write; tests set it to pause a child process there and kill it.
-_fault_hook: Callable[[str], None] | None = None
-
-
-def checkpoint(step: str) -> None:
-    if _fault_hook is not None:
-        _fault_hook(step)
 
 
 @dataclass(frozen=True)
@@ -58,6 +51,7 @@ class BlobStore:
                 raise RegistryError(
                     f"cannot open blob storage {target!r}: {exc}",
                     hint="use a local folder or an fsspec URL whose package is installed",
+                    kind=ErrorKind.INVALID,
                 ) from None
             self.url = target
         self.root = self.root.rstrip("/")
@@ -84,11 +78,12 @@ class BlobStore:
                     out.write(chunk)
                     if progress:
                         progress(len(chunk))
-            checkpoint("blob-temp-written")
+            fault_point("blob-temp-written")
             if h.hexdigest() != sha:
                 raise RegistryError(
                     f"content changed while being stored (expected sha256 {sha}, got {h.hexdigest()})",
                     hint="do not modify a bundle while it is being published; publish it again",
+                    kind=ErrorKind.CONFLICT,
                 )
             self._sync_local(tmp)
             self.fs.makedirs(self._p("sha256", sha[:2]), exist_ok=True)
@@ -100,7 +95,7 @@ class BlobStore:
             except (FileNotFoundError, OSError):
                 pass
             raise
-        checkpoint("blob-stored")
+        fault_point("blob-stored")
         return True
 
     def _sync_local(self, path: str) -> None:
@@ -135,6 +130,7 @@ class BlobStore:
             raise RegistryError(
                 f"blob sha256:{sha} is missing from {self.url}",
                 hint="run `adapterhub registry check`, then publish the bundle again",
+                kind=ErrorKind.INTERNAL,
             ) from None
 
     def get_file(self, sha: str, dest: Path, progress: Progress = None) -> None:
@@ -150,6 +146,7 @@ class BlobStore:
             raise RegistryError(
                 f"blob sha256:{sha} in {self.url} is corrupt (its content has another hash)",
                 hint="run `adapterhub registry check --deep`, then publish the bundle again",
+                kind=ErrorKind.INTERNAL,
             )
 
     def hash_blob(self, sha: str) -> str:

@@ -26,10 +26,11 @@ import httpx
 
 from adapterhub_lite.bundles.archive import write_archive
 from adapterhub_lite.bundles.manifest import MANIFEST_FILE, Manifest, parse_manifest
+from adapterhub_lite.bundles.naming import parse_ref
 from adapterhub_lite.bundles.signing import PublicKeyLike, config_dir, load_public_keys
 from adapterhub_lite.bundles.verify import check_bundle
 from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError
-from adapterhub_lite.registry.registry import Published, parse_ref
+from adapterhub_lite.registry.records import Published
 
 ENV_TOKEN = "ADAPTERHUB_TOKEN"
 TOKEN_FILE = "hub-tokens.json"
@@ -82,7 +83,7 @@ def load_token(hub: str) -> str | None:
 def _check_ref(ref: str) -> None:
     """Refuse a malformed reference before it goes on the wire (INVALID: it can name nothing)."""
     try:
-        parse_ref(ref)
+        parse_ref(ref, RegistryError)
     except RegistryError as exc:
         raise RegistryError(exc.message, hint=exc.hint, kind=ErrorKind.INVALID) from None
 
@@ -420,13 +421,3 @@ class _Progress:
             self._bar.close()
         return data
 
-
-def open_registry(location: str | Path | None = None, **kwargs: Any) -> Any:
-    """A registry by location: a hub URL gives a `RemoteRegistry` (token from $ADAPTERHUB_TOKEN or
-    `adapterhub login`), anything else `Registry.open(location, **kwargs)`."""
-    from adapterhub_lite.registry.registry import ENV_REGISTRY, Registry
-
-    raw = location if location is not None else os.environ.get(ENV_REGISTRY)
-    if is_hub_url(raw):
-        return RemoteRegistry(str(raw))
-    return Registry.open(location, **kwargs)

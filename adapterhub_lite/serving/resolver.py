@@ -48,10 +48,9 @@ class AdapterResolver(LoRAResolver):
     @property
     def registry(self) -> Any:
         if self._registry is None:
-            from adapterhub_lite.registry.remote import open_registry
+            from adapterhub_lite.registry import Registry
 
-            # A directory or a hub URL (http(s)://, token from $ADAPTERHUB_TOKEN).
-            self._registry = open_registry(self.config.registry)
+            self._registry = Registry.open(self.config.registry)
         return self._registry
 
     def base_fingerprint(self) -> str:
