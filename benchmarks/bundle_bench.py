@@ -7,14 +7,21 @@ gets a real PEFT LoRA adapter of rank 256 on every linear layer, saved in fp32 b
 200 MB of tensors. In the same run, on the same (page-cached) bytes:
 
 - ``raw sha256``: read `adapter_model.safetensors` in 4 MiB chunks and hash it, nothing else (the baseline)
+- ``raw sha256 + value scan``: the same loop also feeding `bundles.values.ValueScan` (NaN/Inf refusal,
+  absurd-magnitude flag): the value check's own cost over the baseline
 - ``verify dir`` / ``verify archive``: `verify_bundle` with the server's base fingerprint and max rank
-  (schema, sizes, every sha256, card, safetensors header, vLLM-compatibility rules, signatures)
-- ``verify dir + vLLM``: the same with vLLM's own PEFTHelper asked too (vLLM imported beforehand)
+  (schema, sizes, every sha256 with the value scan in the same pass, card, safetensors header,
+  vLLM-compatibility rules, signatures)
+- ``verify dir + base shapes``: the same given the base directory too (every module's in/out features)
+- ``verify dir + vLLM``: the same with vLLM's own PEFTHelper asked too (run from vLLM's source by
+  `vllm_compat.peft`, vLLM not imported)
 - ``pack dir`` / ``pack archive``: `pack_bundle` (copy + hash + card + manifest); reported whole and without
   the time spent fingerprinting the base (a separate hash over the base's own weights)
 
-Target (issue 3): verify >= 0.8x raw hashing. Each figure is the best of `--repeats` interleaved rounds.
-Writes ``benchmarks/results/bundle_bench.json`` and ``bundle_bench.png``.
+Target (issue 3, kept by issue 9 with the value scan): verify >= 0.8x raw hashing. Each figure is the best
+of `--repeats` interleaved rounds, so load from other processes (the machine may be shared) hits every
+variant alike; the ratios, not the absolute times, are the result. Writes
+``benchmarks/results/bundle_bench.json`` and ``bundle_bench.png``.
 """
 
 from __future__ import annotations
@@ -75,6 +82,21 @@ def raw_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def raw_hash_and_scan(path: Path, tensors, data_start: int) -> str:
+    from adapterhub_lite.bundles.values import ValueScan
+
+    scan = ValueScan(tensors, data_start, str(path))
+    h = hashlib.sha256()
+    with path.open("rb", buffering=0) as f:
+        buf = bytearray(1 << 22)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            scan.update(view[:n])
+    scan.finish()
+    return h.hexdigest()
+
+
 def timed(variants: dict, repeats: int) -> dict[str, float]:
     """Best time of each variant over `repeats` rounds; rounds interleave the variants, so that load from
     other processes on the machine hits them all alike."""
@@ -110,6 +132,10 @@ def main() -> None:
         nbytes = weights.stat().st_size
         print(f"adapter: {nbytes / 1e6:.1f} MB of tensors", flush=True)
         raw_hash(weights)  # warm the page cache: every variant reads the same cached bytes
+        from adapterhub_lite.bundles.tensors import read_header
+
+        tensors, _ = read_header(weights)
+        data_start = 8 + int.from_bytes(weights.read_bytes()[:8], "little")
 
         base_fp = fingerprint(base)
         kw = dict(namespace="bench", name="big", version="1.0.0", base_dir=base, vllm_check=False)
@@ -124,11 +150,16 @@ def main() -> None:
         variants = {
             "base fingerprint": (lambda: fingerprint(base), None),
             "raw sha256": (lambda: raw_hash(weights), None),
+            "raw sha256 + value scan": (lambda: raw_hash_and_scan(weights, tensors, data_start), None),
             "verify dir": (lambda: verify_bundle(bundle_dir, vllm_check=False, **verify), None),
+            "verify dir + base shapes": (
+                lambda: verify_bundle(bundle_dir, vllm_check=False, base_dir=base, **verify),
+                None,
+            ),
             "verify archive": (lambda: verify_bundle(bundle_tar, vllm_check=False, **verify), None),
         }
         if vllm_available():
-            verify_bundle(bundle_dir, vllm_check=True, **verify)  # imports vLLM once, outside the timing
+            verify_bundle(bundle_dir, vllm_check=True, **verify)  # compiles vLLM's check once
             variants["verify dir + vLLM"] = (
                 lambda: verify_bundle(bundle_dir, vllm_check=True, **verify),
                 None,
@@ -158,6 +189,7 @@ def main() -> None:
         "ratio_vs_raw_sha256": {k: t_raw / v for k, v in rows.items()},
         "target": {"verify_vs_raw": TARGET},
         "met": {k: t_raw / rows[k] >= TARGET for k in rows if k.startswith("verify")},
+        "note": "measured on a machine shared with other jobs: compare ratios from one run, not seconds",
         "machine": {
             "python": sys.version.split()[0],
             "platform": platform.platform(),
@@ -175,7 +207,10 @@ def main() -> None:
 
     names = list(rows)
     ratios = [results["ratio_vs_raw_sha256"][n] for n in names]
-    colors = ["#888888"] + ["#2b7bba" if n.startswith("verify") else "#e08a2c" for n in names[1:]]
+    colors = [
+        "#888888" if n.startswith("raw") else "#2b7bba" if n.startswith("verify") else "#e08a2c"
+        for n in names
+    ]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     bars = ax.barh(names[::-1], ratios[::-1], color=colors[::-1])
     for bar, n in zip(bars, names[::-1], strict=True):
@@ -197,6 +232,7 @@ def main() -> None:
             f"{n:<28} {rows[n]:7.3f} s  {results['mb_per_s'][n]:7.0f} MB/s  "
             f"{results['ratio_vs_raw_sha256'][n]:.2f}x raw"
         )
+    print("(machine shared with other jobs: the ratios are the result)")
     print(
         f"base fingerprint: {t_fp:.3f} s; verify target {TARGET}x: "
         f"{'met' if all(results['met'].values()) else 'NOT met'}"

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from adapterhub_lite.display import safe
 from cli.common import print_json, run_cli
 
 _TRUSTED_HELP = (
@@ -60,9 +61,10 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     ) -> None:
         """Pack an adapter directory into a verified bundle pinned to its base model."""
-        from adapterhub_lite.bundles import pack_bundle, verify_bundle
+        from adapterhub_lite.bundles import check_bundle, pack_bundle
 
         name = name or adapter_dir.resolve().name
+        warnings: list[str] = []
         out = out or Path(f"{name}-{version}.bundle" + (".tar" if archive else ""))
         pack_bundle(
             adapter_dir,
@@ -78,14 +80,26 @@ def register(app: typer.Typer) -> None:
             description=description,
             tags=tag or [],
             progress=not as_json,
+            on_warning=warnings.append,
         )
-        m = verify_bundle(out, vllm_check=False)
+        m = check_bundle(out, vllm_check=False).manifest
         if as_json:
-            print_json({"path": str(out), "ref": m.ref, "digest": m.digest, "base": m.base.model_dump()})
+            print_json(
+                {
+                    "path": str(out),
+                    "ref": m.ref,
+                    "digest": m.digest,
+                    "base": m.base.model_dump(),
+                    "warnings": warnings,
+                }
+            )
         else:
             typer.echo(
-                f"packed {m.ref} -> {out}\n  digest {m.digest}\n  base   {m.base.name} ({m.base.fingerprint})"
+                f"packed {m.ref} -> {safe(out, None)}\n  digest {m.digest}\n"
+                f"  base   {safe(m.base.name)} ({m.base.fingerprint})"
             )
+            for line in warnings:
+                typer.echo(f"warning: {safe(line, 400)}", err=True)
 
     @app.command("verify")
     @run_cli
@@ -122,16 +136,23 @@ def register(app: typer.Typer) -> None:
                     "digest": m.digest,
                     "form": result.form,
                     "signers": result.signers,
+                    "base_checked": result.base_checked,
+                    "warnings": result.warnings,
                     "manifest": m.model_dump(mode="json"),
                 }
             )
         else:
+            # Everything but the digests and counts comes from the bundle: escaped, bounded.
+            targets = safe(", ".join(m.adapter.target_modules))
             typer.echo(
-                f"ok: {m.ref} ({result.form})\n  digest  {m.digest}\n  base    {m.base.name} "
-                f"({m.base.fingerprint})\n  adapter rank {m.adapter.rank} on "
-                f"{', '.join(m.adapter.target_modules)}, {m.adapter.parameter_count:,} parameters\n"
+                f"ok: {m.ref} ({result.form})\n  digest  {m.digest}\n  base    {safe(m.base.name)} "
+                f"({m.base.fingerprint}){' shapes checked' if result.base_checked else ''}\n"
+                f"  adapter rank {m.adapter.rank} on {targets}, {m.adapter.parameter_count:,} parameters\n"
+                f"  license {safe(m.license)}\n"
                 f"  signed  {', '.join(result.signers) or 'no'}"
             )
+            for line in result.warnings:
+                typer.echo(f"warning: {safe(line, 400)}", err=True)
 
     @app.command("sign")
     @run_cli
@@ -142,7 +163,7 @@ def register(app: typer.Typer) -> None:
         """Add your signature to a bundle directory (its digest does not change)."""
         from adapterhub_lite.bundles import sign_bundle
 
-        typer.echo("signed by " + ", ".join(sign_bundle(bundle, key)))
+        typer.echo("signed by " + ", ".join(sign_bundle(bundle, key)))  # key ids: hex, made here
 
     keys_app = typer.Typer(help="Ed25519 signing keys, kept in the user's config dir (private keys 0600).")
     app.add_typer(keys_app, name="keys")
@@ -161,7 +182,8 @@ def register(app: typer.Typer) -> None:
             print_json({"name": k.name, "key_id": k.key_id, "public_key": k.public_key, "path": str(k.path)})
         else:
             typer.echo(
-                f"created {k.name}: {k.key_id}\n  public key {k.public_key}\n  private key {k.path} (0600)"
+                f"created {k.name}: {k.key_id}\n  public key {k.public_key}\n"
+                f"  private key {safe(k.path, None)} (0600)"
             )
 
     @keys_app.command("list")
@@ -177,7 +199,9 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json([{"name": k.name, "key_id": k.key_id, "public_key": k.public_key} for k in keys])
         elif not keys:
-            typer.echo(f"no keys in {keys_dir()} (create one with `adapterhub keys generate NAME`)")
+            typer.echo(
+                f"no keys in {safe(keys_dir(), None)} (create one with `adapterhub keys generate NAME`)"
+            )
         else:
             for k in keys:
-                typer.echo(f"{k.name}\t{k.key_id}\t{k.public_key}")
+                typer.echo(f"{safe(k.name)}\t{k.key_id}\t{k.public_key}")

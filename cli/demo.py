@@ -18,8 +18,13 @@ def register(app: typer.Typer) -> None:
             Path, typer.Option(help="where runs, bundles, the registry and the tenants are kept")
         ] = Path(".adapterhub-demo"),
         method: Annotated[str, typer.Option(help="qlora (4-bit NF4 base) or lora")] = "qlora",
+        verbose: Annotated[
+            bool, typer.Option("--verbose", "-v", help="also show third-party warnings and loader bars")
+        ] = False,
     ) -> None:
         """Train, pack, sign, publish, serve per tenant with vLLM, hot-swap live, and show the metrics."""
         from adapterhub_lite.demo import run_demo
+        from adapterhub_lite.quiet import quiet_third_party
 
-        run_demo(workdir, method=method, log=typer.echo)
+        with quiet_third_party(verbose):
+            run_demo(workdir, method=method, log=typer.echo)

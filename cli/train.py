@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     @run_cli
     def train_cmd(
-        recipe: Annotated[Path, typer.Argument(help="recipe YAML (see adapters/*/recipe.yaml)")],
+        recipe: Annotated[Path, typer.Argument(help="recipe YAML (examples: adapterhub_lite/examples/)")],
         base: Annotated[
             str | None, typer.Option(help="base model directory ('embedded': the built-in one)")
         ] = None,

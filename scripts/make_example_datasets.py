@@ -1,6 +1,6 @@
-"""Generate the example datasets under adapters/ from the synthetic world the embedded base learned.
+"""Generate the example datasets (adapterhub_lite/examples/) from the synthetic world the base learned.
 
-    .venv/bin/python scripts/make_example_datasets.py [--out adapters]
+    .venv/bin/python scripts/make_example_datasets.py [--out DIR]   # default: adapterhub_lite/examples
 
 Each target task asks about facts the base read as prose during pretraining, in a form it never saw
 (question/answer, chat, word -> antonym), so a few examples teach the form and held-out facts test
@@ -14,7 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
+from adapterhub_lite.atomic import write_text
 from adapterhub_lite.base.world import ANIMALS, COUNTRIES, OPPOSITES, domain_documents
+from adapterhub_lite.examples import EXAMPLES_DIR
 
 
 def capitals() -> list[dict]:
@@ -57,16 +59,12 @@ DATASETS = {
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "adapters")
+    ap.add_argument("--out", type=Path, default=EXAMPLES_DIR)
     args = ap.parse_args()
     for name, make in DATASETS.items():
         rows = make()

@@ -1,4 +1,4 @@
-"""Train every example adapter under adapters/ on the embedded base and print base vs adapter metrics.
+"""Train every example adapter (adapterhub_lite/examples/) on the embedded base; print metrics.
 
     .venv/bin/python scripts/train_examples.py [--method lora|qlora] [--only capitals,antonyms] [--out runs]
 
@@ -13,9 +13,8 @@ import json
 import time
 from pathlib import Path
 
+from adapterhub_lite.examples import EXAMPLES_DIR
 from adapterhub_lite.training import load_recipe, train
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
@@ -25,7 +24,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs"))
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
-    recipes = sorted((ROOT / "adapters").glob("*/recipe.yaml"))
+    recipes = sorted(EXAMPLES_DIR.glob("*/recipe.yaml"))
     if args.only:
         wanted = set(args.only.split(","))
         recipes = [r for r in recipes if r.parent.name in wanted]

@@ -119,3 +119,40 @@ def trained_dir(tiny_base, lora_dir, tmp_path_factory) -> Path:
             json.dumps(training_record(tiny_base, fingerprint(tiny_base)))
         )
     return out
+
+
+def reseal(bundle: Path, files: dict[str, bytes] | None = None, **manifest_changes) -> Path:
+    """Rewrite files of a bundle directory and make manifest and card agree with them again.
+
+    This is what an attacker who can write a bundle does: every hash matches, so verification has to
+    catch the problem by what the files say, not by a hash.
+    """
+    import hashlib
+
+    from adapterhub_lite.bundles.card import render_card
+    from adapterhub_lite.bundles.manifest import Manifest
+
+    for name, data in (files or {}).items():
+        (bundle / name).write_bytes(data)
+    raw = json.loads((bundle / "manifest.json").read_text())
+    raw.update(manifest_changes)
+    (bundle / "README.md").write_bytes(render_card(Manifest.model_validate(raw)))
+    raw["files"] = [
+        {
+            "path": f["path"],
+            "size": len(d := (bundle / f["path"]).read_bytes()),
+            "sha256": hashlib.sha256(d).hexdigest(),
+        }
+        for f in raw["files"]
+    ]
+    (bundle / "manifest.json").write_bytes(Manifest.model_validate(raw).to_json())
+    (bundle / "signatures.json").unlink(missing_ok=True)
+    return bundle
+
+
+def safetensors_bytes(header: dict | bytes, data: bytes = b"") -> bytes:
+    """A safetensors file from a header (a dict, or raw JSON bytes for malformed ones) and data."""
+    import struct
+
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data

@@ -124,3 +124,109 @@ def test_archive_header_and_padding_flips_are_refused(signed, pos, value):
         a = Path(td) / "a.tar"
         a.write_bytes(_mutate(data, "flip", offset, value, b""))
         _refused(a, trusted)
+
+
+# ------------------------------------------------------------------ hostile JSON in config and header
+# JSON values of every type, nested, with unicode and control characters in strings and keys.
+_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats(allow_nan=False) | _TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+_NOT_STR_OR_LIST = JSON.filter(
+    lambda v: (
+        not isinstance(v, str | list) or (isinstance(v, list) and any(not isinstance(x, str) for x in v))
+    )
+)
+# For each field: values that can never be right for this adapter (rank 4 on q_proj and v_proj).
+CONFIG_MUTATIONS = {
+    "r": JSON.filter(lambda v: not (type(v) is int and v == 4)),
+    "peft_type": JSON.filter(lambda v: v != "LORA"),
+    "target_modules": _NOT_STR_OR_LIST
+    | st.lists(_TEXT.filter(lambda s: not s.isprintable() or not s), min_size=1, max_size=3),
+    "rank_pattern": JSON.filter(
+        lambda v: (
+            v is not None and not (isinstance(v, dict) and all(type(x) is int and x > 0 for x in v.values()))
+        )
+    ),
+    "use_rslora": JSON.filter(lambda v: v is not None and not isinstance(v, bool)),
+    "layers_to_transform": JSON.filter(
+        lambda v: (
+            v is not None
+            and type(v) is not int
+            and not (isinstance(v, list) and all(type(x) is int for x in v))
+        )
+    ),
+    "lora_alpha": JSON.filter(lambda v: not (type(v) in (int, float) and 0 < v <= 1 << 20)),
+}
+TENSOR_FIELDS = ["dtype", "shape", "data_offsets", "<entry>", "<new key>"]
+
+
+def _refused_unchanged(bundle: Path, reg_dir: Path) -> None:
+    """Verify and publish both refuse with a one-line project error; the registry stays empty."""
+    from adapterhub_lite.errors import AdapterHubError
+    from adapterhub_lite.registry import Registry
+
+    for attempt in (
+        lambda: verify_bundle(bundle, vllm_check=False),
+        lambda: Registry.open(reg_dir).publish(bundle),
+    ):
+        try:
+            attempt()
+        except AdapterHubError as exc:
+            assert "\n" not in exc.message, exc.message
+        else:
+            raise AssertionError(f"a hostile bundle was accepted: {bundle}")
+    reg = Registry.open(reg_dir)
+    assert reg.search() == [] and not [p for p in (reg_dir / "blobs").rglob("*") if p.is_file()]
+
+
+@pytest.mark.slow  # a registry per example
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), field=st.sampled_from(sorted(CONFIG_MUTATIONS)), depth=st.integers(0, 40))
+def test_hostile_config_values_are_one_line_refusals(signed, data, field, depth):
+    import json
+
+    import bundle_fixtures as fx
+
+    src, _, _ = signed
+    value = data.draw(CONFIG_MUTATIONS[field])
+    for _ in range(depth // 4):  # sometimes wrap it deep
+        value = [value]
+    with tempfile.TemporaryDirectory() as td:
+        d = Path(td) / "b"
+        shutil.copytree(src, d)
+        config = {**json.loads((d / "adapter_config.json").read_text()), field: value}
+        fx.reseal(
+            d, {"adapter_config.json": json.dumps(config, ensure_ascii=data.draw(st.booleans())).encode()}
+        )
+        _refused_unchanged(d, Path(td) / "reg")
+
+
+@pytest.mark.slow  # a registry per example
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), field=st.sampled_from(TENSOR_FIELDS), value=JSON)
+def test_hostile_safetensors_header_values_are_one_line_refusals(signed, data, field, value):
+    import json
+
+    import bundle_fixtures as fx
+
+    src, _, _ = signed
+    with tempfile.TemporaryDirectory() as td:
+        d = Path(td) / "b"
+        shutil.copytree(src, d)
+        raw = (d / "adapter_model.safetensors").read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + n])
+        name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
+        if field == "<entry>":
+            header[name] = value
+        elif field == "<new key>":
+            header[data.draw(_TEXT.filter(lambda k: k not in header))] = value
+        else:
+            if value == header[name][field]:
+                value = [value]
+            header[name][field] = value
+        fx.reseal(d, {"adapter_model.safetensors": fx.safetensors_bytes(header, raw[8 + n :])})
+        _refused_unchanged(d, Path(td) / "reg")

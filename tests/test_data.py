@@ -20,6 +20,7 @@ from adapterhub_lite.data import (
     train_eval_split,
 )
 from adapterhub_lite.errors import DatasetError
+from adapterhub_lite.examples import EXAMPLES_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -192,6 +193,6 @@ def test_example_datasets_are_what_the_script_generates(tmp_path):
         capture_output=True,
     )
     for name in ("capitals", "animal-sounds", "antonyms", "ship-log"):
-        committed = ROOT / "adapters" / name / "data.jsonl"
+        committed = EXAMPLES_DIR / name / "data.jsonl"
         assert (tmp_path / name / "data.jsonl").read_bytes() == committed.read_bytes(), name
         assert len(load_dataset(committed)) >= 30

@@ -11,6 +11,7 @@ from adapterhub_lite.demo import run_demo
 
 @pytest.mark.slow
 @pytest.mark.vllm
+@pytest.mark.e2e
 def test_demo_runs_the_whole_path(tmp_path):
     lines: list[str] = []
     summary = run_demo(tmp_path / "demo", log=lines.append)

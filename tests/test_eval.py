@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 import torch
-from training_fixtures import ROOT
 from typer.testing import CliRunner
 
 from adapterhub_lite.base import EMBEDDED_BASE_DIR, load_base, load_tokenizer
 from adapterhub_lite.data import generation_case, load_dataset, tokenize_examples
 from adapterhub_lite.evaluation import cut_at_stop, evaluate, greedy_answers, token_loss
+from adapterhub_lite.examples import EXAMPLES_DIR
 from cli.main import app
 
 runner = CliRunner()
@@ -83,7 +83,7 @@ def test_base_that_answers_right_scores_1_and_wrong_scores_0(base, tmp_path):
 @pytest.mark.slow
 def test_adapter_that_answers_right_scores_1_and_wrong_scores_0(capitals_lora, tmp_path):  # noqa: F811
     preds = capitals_lora.record["predictions"]["adapter"]
-    rows = {ex.line: ex for ex in load_dataset(ROOT / "adapters" / "capitals" / "data.jsonl").examples}
+    rows = {ex.line: ex for ex in load_dataset(EXAMPLES_DIR / "capitals" / "data.jsonl").examples}
     prompts = [rows[p["line"]].prompt for p in preds]
     # The adapter's own held-out answers become the key: it is right on all; the base does not know them.
     right = write(
@@ -107,7 +107,7 @@ def test_adapter_that_answers_right_scores_1_and_wrong_scores_0(capitals_lora, t
 @pytest.mark.slow
 def test_eval_matches_the_trainers_own_held_out_numbers(capitals_lora, tmp_path):  # noqa: F811
     lines = {p["line"] for p in capitals_lora.record["predictions"]["adapter"]}
-    src = (ROOT / "adapters" / "capitals" / "data.jsonl").read_text().splitlines()
+    src = (EXAMPLES_DIR / "capitals" / "data.jsonl").read_text().splitlines()
     held = tmp_path / "held.jsonl"
     held.write_text("".join(src[i - 1] + "\n" for i in sorted(lines)))
     report = eval_cli("--adapter", str(capitals_lora.output_dir), "--data", str(held))
@@ -118,7 +118,7 @@ def test_eval_matches_the_trainers_own_held_out_numbers(capitals_lora, tmp_path)
 
 
 def test_raw_text_has_loss_and_perplexity_but_no_exact_match():
-    report = eval_cli("--data", str(ROOT / "adapters" / "ship-log" / "data.jsonl"))
+    report = eval_cli("--data", str(EXAMPLES_DIR / "ship-log" / "data.jsonl"))
     m = report["metrics"]["base"]
     assert m["exact_match"] is None and m["perplexity"] == pytest.approx(math.exp(m["loss"]))
     assert report["data"]["format"] == "text" and report["adapter"] is None
@@ -126,7 +126,7 @@ def test_raw_text_has_loss_and_perplexity_but_no_exact_match():
 
 @pytest.mark.slow
 def test_eval_refuses_what_is_not_an_adapter_or_another_base(capitals_lora, tmp_path):  # noqa: F811
-    data = str(ROOT / "adapters" / "capitals" / "data.jsonl")
+    data = str(EXAMPLES_DIR / "capitals" / "data.jsonl")
     res = runner.invoke(app, ["eval", "--adapter", str(tmp_path), "--data", data])
     assert (
         res.exit_code == 1 and "not a PEFT adapter directory" in res.output and "Traceback" not in res.output

@@ -8,11 +8,12 @@ import pytest
 from typer.testing import CliRunner
 
 from adapterhub_lite.errors import RecipeError
+from adapterhub_lite.examples import EXAMPLES_DIR
 from adapterhub_lite.training import Recipe, load_recipe, recipe_from_dict
 from cli.main import app
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "adapters").glob("*/recipe.yaml"))
+EXAMPLES = sorted(EXAMPLES_DIR.glob("*/recipe.yaml"))
 
 
 def write(path: Path, text: str) -> Path:

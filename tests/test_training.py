@@ -8,13 +8,13 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_fixtures import ROOT
 
 from adapterhub_lite.base import EMBEDDED_BASE_DIR, fingerprint, load_base, load_tokenizer
 from adapterhub_lite.base.world import COUNTRIES
 from adapterhub_lite.data import generation_case, load_dataset
 from adapterhub_lite.errors import RecipeError, TrainingError
 from adapterhub_lite.evaluation import cut_at_stop, greedy_answers
+from adapterhub_lite.examples import EXAMPLES_DIR
 from adapterhub_lite.training import NegativeTransferWarning, load_recipe, train
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ RECORD_KEYS = {
 
 
 def recipe(task: str, out, **overrides):
-    return load_recipe(ROOT / "adapters" / task / "recipe.yaml", {"output_dir": out, **overrides})
+    return load_recipe(EXAMPLES_DIR / task / "recipe.yaml", {"output_dir": out, **overrides})
 
 
 def losses_of(run) -> list[float]:

@@ -20,7 +20,7 @@ from adapterhub_lite.base import load_base, load_tokenizer, resolve_base_dir
 from adapterhub_lite.base.pretrain import PretrainConfig, build_model
 from adapterhub_lite.errors import RecipeError
 from adapterhub_lite.training import recipe_from_dict
-from adapterhub_lite.transfer import (
+from benchmarks.transfer import (
     STRATEGIES,
     StudyConfig,
     cipher_examples,
@@ -31,10 +31,10 @@ from adapterhub_lite.transfer import (
     untie_output_head,
     write_report,
 )
-from adapterhub_lite.transfer.cipher import ALPHABET
-from adapterhub_lite.transfer.report import PLOTS
-from adapterhub_lite.transfer.study import load_tasks
-from adapterhub_lite.transfer.tasks import cipher_task, write_split
+from benchmarks.transfer.cipher import ALPHABET
+from benchmarks.transfer.plots import PLOTS
+from benchmarks.transfer.study import load_tasks
+from benchmarks.transfer.tasks import cipher_task, write_split
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +114,7 @@ def test_untied_head_probe_trains_the_head_and_nothing_else():
     assert torch.equal(model.get_input_embeddings().weight, embed_before)
 
 
+@pytest.mark.slow  # trains the embedded base for real (a few steps of a full fine-tune)
 def test_head_only_finetune_leaves_the_body_exactly_as_pretrained(tmp_path):
     base_dir = resolve_base_dir("embedded")
     split = write_split(cipher_task(40), 0, tmp_path, 8)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from adapterhub_lite.examples import EXAMPLES_DIR
 from adapterhub_lite.training import TrainResult, load_recipe, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,11 +17,11 @@ _RUNS: dict[str, TrainResult] = {}
 
 
 def train_example(task: str, out_root: Path, key: str | None = None, **overrides) -> TrainResult:
-    """Train ``adapters/<task>/recipe.yaml`` (with overrides) once per session and key."""
+    """Train ``adapterhub_lite/examples/<task>/recipe.yaml`` (with overrides) once per session and key."""
     key = key or task
     if key not in _RUNS:
         recipe = load_recipe(
-            ROOT / "adapters" / task / "recipe.yaml", {"output_dir": out_root / key, **overrides}
+            EXAMPLES_DIR / task / "recipe.yaml", {"output_dir": out_root / key, **overrides}
         )
         _RUNS[key] = train(recipe, progress=False)
     return _RUNS[key]

@@ -10,7 +10,7 @@ from adapterhub_lite.bundles.archive import extract_archive, scan_archive, write
 from adapterhub_lite.bundles.manifest import MANIFEST_FILE, SCHEMA_VERSION, Manifest, parse_manifest
 from adapterhub_lite.bundles.naming import DEFAULT_VERSION, Ref, parse_ref, semver_key
 from adapterhub_lite.bundles.pack import pack_bundle, sign_bundle
-from adapterhub_lite.bundles.signing import generate_key, list_keys
+from adapterhub_lite.bundles.signing import TrustedKey, generate_key, list_keys, trusted_key
 from adapterhub_lite.bundles.verify import Verification, check_bundle, verify_bundle
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Manifest",
     "Ref",
+    "TrustedKey",
     "Verification",
     "check_bundle",
     "extract_archive",
@@ -30,6 +31,7 @@ __all__ = [
     "scan_archive",
     "semver_key",
     "sign_bundle",
+    "trusted_key",
     "verify_bundle",
     "write_archive",
 ]

@@ -13,6 +13,13 @@ from typing import Any
 from adapterhub_lite.bundles.manifest import Manifest
 
 CARD_FILE = "README.md"
+CARD_VERSION = 2
+CARD_VERSIONS = (2, 1)
+
+
+def card_matches(card: bytes, manifest: Manifest) -> bool:
+    """Whether `card` is the card of `manifest` in any version this tool has written."""
+    return any(card == render_card(manifest, card_version=v) for v in CARD_VERSIONS)
 
 
 def _yaml_str(value: str) -> str:
@@ -47,13 +54,20 @@ def _metrics_table(training: dict[str, Any]) -> list[str]:
     return rows
 
 
-def render_card(manifest: Manifest) -> bytes:
-    """The card's exact bytes for this manifest (deterministic)."""
+def render_card(manifest: Manifest, *, card_version: int = CARD_VERSION) -> bytes:
+    """The card's exact bytes for this manifest (deterministic).
+
+    Version 2 adds `base_model_relation: adapter` (so the Hugging Face Hub lists the bundle as an
+    adapter of its base); version 1 is what bundles packed before it carry, and still verify with.
+    """
     a = manifest.adapter
     tags = ["lora", "adapterhub", *[t for t in manifest.tags if t not in ("lora", "adapterhub")]]
+    if card_version >= 2:
+        tags = [*tags[:2], "peft", *[t for t in tags[2:] if t != "peft"]]
     lines = [
         "---",
         f"base_model: {_yaml_str(manifest.base.name)}",
+        *(["base_model_relation: adapter"] if card_version >= 2 else []),
         "library_name: peft",
         f"license: {_yaml_str(manifest.license)}",
         "pipeline_tag: text-generation",

@@ -12,19 +12,31 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapterhub_lite.bundles.adapter_config import (
+    CONFIG_FILE,
+    MAX_CONFIG_BYTES,
+    feature_problems,
+    parse_config,
+)
+from adapterhub_lite.bundles.manifest import load_json_bounded
+from adapterhub_lite.bundles.patterns import check_name, pattern_value, targeted
 from adapterhub_lite.bundles.tensors import FLOAT_DTYPES, TensorInfo, read_header
 from adapterhub_lite.errors import BundleError
 
-CONFIG_FILE = "adapter_config.json"
+__all__ = ["CONFIG_FILE", "MAX_CONFIG_BYTES", "WEIGHTS_FILE", "check_adapter", "parse_config"]
+
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-MAX_CONFIG_BYTES = 1024 * 1024
+# Architectures whose transformers implementation stores these layers as Conv1D, weight [in, out]
+# (peft then saves fan_in_fan_out=true); every other family uses nn.Linear, weight [out, in].
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+MAX_PROBLEMS_SHOWN = 3
 # vLLM's `--max-lora-rank` takes one of these values (vllm.config.lora.MaxLoRARanks).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -35,10 +47,6 @@ _LORA_EMBED_TENSOR = re.compile(
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 _EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out", "word_embeddings", "output")
 _RESAVE = "re-save the adapter with `model.save_pretrained(dir)` (safetensors) and pack it again"
-
-# PEFT features that change what the adapter computes and that vLLM does not implement. Mirrors
-# `PEFTHelper._validate_features` (vLLM 0.32) so that the check holds where vLLM is not installed.
-_UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 def pickle_files(names: Iterable[str]) -> list[str]:
@@ -58,83 +66,46 @@ def refuse_pickles(names: Iterable[str], where: str) -> None:
         )
 
 
-def parse_config(data: bytes, label: str = CONFIG_FILE) -> dict[str, Any]:
-    """Parse adapter_config.json bytes into a dict, refusing anything that is not a LoRA config."""
-    if len(data) > MAX_CONFIG_BYTES:
-        raise BundleError(f"{label}: {len(data)} bytes is too large for an adapter config", hint=_RESAVE)
-    try:
-        config = json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BundleError(f"{label}: not valid JSON ({exc})", hint=_RESAVE) from None
-    except RecursionError:
-        raise BundleError(f"{label}: JSON nested too deeply", hint=_RESAVE) from None
-    if not isinstance(config, dict):
-        raise BundleError(f"{label}: not a JSON object", hint=_RESAVE)
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise BundleError(
-            f"{label}: peft_type is {peft_type!r}; vLLM serves LoRA adapters only",
-            hint="train a LoRA adapter (peft.LoraConfig) instead",
-        )
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if type(value) not in (int, float) or value <= 0 or (key == "r" and type(value) is not int):
-            raise BundleError(f"{label}: {key} must be a positive number, got {value!r}", hint=_RESAVE)
-    return config
-
-
-def _feature_problems(config: dict[str, Any], label: str) -> list[str]:
-    problems = []
-    if config.get("use_dora"):
-        problems.append(
-            f"{label}: use_dora is true; vLLM does not serve DoRA adapters "
-            "(train with use_dora=False, or merge the adapter into the base instead)"
-        )
-    if config.get("modules_to_save"):
-        problems.append(
-            f"{label}: modules_to_save={config['modules_to_save']!r} stores full copies of those modules, "
-            "which vLLM multi-LoRA does not serve (train without modules_to_save; for new tokens use a base "
-            "that already has them)"
-        )
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        problems.append(f"{label}: LoRA bias terms are not served by vLLM (train with bias='none')")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_UNSUPPORTED_INITS):
-        problems.append(
-            f"{label}: init_lora_weights={init!r} changes the base weights when loaded; convert it "
-            "to a plain LoRA with PEFT's path_initial_model_for_weight_conversion"
-        )
-    for key, what in (
-        ("alora_invocation_tokens", "Activated LoRA (aLoRA)"),
-        ("layer_replication", "layer_replication"),
-        ("use_bdlora", "block-diagonal LoRA"),
-        ("use_qalora", "QALoRA"),
-        ("trainable_token_indices", "trainable tokens"),
-    ):
-        if config.get(key):
-            problems.append(f"{label}: {key} is set; vLLM does not serve {what}")
-    return problems
-
-
 def _expected_rank(config: dict[str, Any], module: str) -> int:
-    for key, value in (config.get("rank_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return config["r"]
+    value = pattern_value(config.get("rank_pattern") or {}, module)
+    return config["r"] if value is None else value
+
+
+@dataclass(frozen=True)
+class BaseShapes:
+    """What the shape check needs to know about a base: weight shapes, tied embeddings, layer kind."""
+
+    shapes: dict[str, tuple[int, ...]]
+    tied: bool = False
+    conv1d: bool = False
+    architectures: list[str] = field(default_factory=list)
+    model_type: str = ""
 
 
 @functools.lru_cache(maxsize=8)
-def _base_shapes_cached(base_dir: str, stamp: tuple) -> tuple[dict[str, tuple[int, ...]], bool]:
+def _base_shapes_cached(base_dir: str, stamp: tuple) -> BaseShapes:
     shapes: dict[str, tuple[int, ...]] = {}
     for f in sorted(Path(base_dir).glob("*.safetensors")):
         for t in read_header(f)[0]:
             shapes[t.name] = t.shape
-    config = json.loads((Path(base_dir) / "config.json").read_text(encoding="utf-8"))
-    return shapes, bool(config.get("tie_word_embeddings", False))
+    config_path = Path(base_dir) / "config.json"
+    config = load_json_bounded(
+        config_path.read_bytes(), str(config_path), hint="check the base model directory"
+    )
+    config = config if isinstance(config, dict) else {}
+    archs = config.get("architectures")
+    model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else ""
+    return BaseShapes(
+        shapes,
+        tied=bool(config.get("tie_word_embeddings", False)),
+        conv1d=model_type in CONV1D_MODEL_TYPES,
+        architectures=[a for a in archs if isinstance(a, str)] if isinstance(archs, list) else [],
+        model_type=model_type,
+    )
 
 
-def base_weight_shapes(base_dir: Path) -> tuple[dict[str, tuple[int, ...]], bool]:
-    """Shapes of the base model's weights (from safetensors headers) and whether embeddings are tied."""
+def base_weight_shapes(base_dir: Path) -> BaseShapes:
+    """Shapes of the base model's weights (from safetensors headers), tied embeddings, Conv1D layers."""
     files = sorted(Path(base_dir).glob("*.safetensors"))
     stamp = tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files)
     return _base_shapes_cached(str(base_dir), stamp)
@@ -144,8 +115,8 @@ def _base_weight(module: str, shapes: dict[str, tuple[int, ...]], tied: bool) ->
     candidates = [f"{module}.weight"]
     if module.startswith("model."):
         candidates.append(f"{module[len('model.') :]}.weight")
-    if tied and module.split(".")[-1] == "lm_head":
-        candidates += [n for n in shapes if n.endswith("embed_tokens.weight")]
+    if tied and module.split(".")[-1] in ("lm_head", "embed_out", "output"):
+        candidates += [n for n in shapes if n.endswith(("embed_tokens.weight", "wte.weight"))]
     for c in candidates:
         if c in shapes:
             return shapes[c]
@@ -156,18 +127,107 @@ def check_adapter(
     config: dict[str, Any],
     tensors: list[TensorInfo],
     *,
-    base_shapes: tuple[dict[str, tuple[int, ...]], bool] | None = None,
+    base_shapes: BaseShapes | None = None,
     base_label: str = "the base model",
     max_lora_rank: int | None = None,
     vllm_check: bool | None = None,
     config_label: str = CONFIG_FILE,
     weights_label: str = WEIGHTS_FILE,
 ) -> dict[str, Any]:
-    """Check that vLLM can serve the adapter; return its shape for the manifest.
+    """Check that config, tensors and base agree and that vLLM can serve the adapter; return its shape.
 
-    Raises BundleError listing every problem found, each naming the file or tensor and what to do.
+    Agreement: every weighted module is one `target_modules` selects (as peft selects them), its rank
+    is what `r`/`rank_pattern` say, and with `base_shapes` it exists in the base with matching in/out
+    features (Conv1D bases store [in, out]: `fan_in_fan_out`). Raises one BundleError, one line, naming
+    the first problems (file or tensor, field, what to do).
     """
-    problems = _feature_problems(config, config_label)
+    problems = feature_problems(config, config_label)
+    modules = _lora_modules(tensors, weights_label, problems)
+    ranks: list[int] = []
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    if base_shapes is not None and not problems and fan_in_fan_out != base_shapes.conv1d:
+        problems.append(
+            f"{config_label}: fan_in_fan_out is {str(fan_in_fan_out).lower()}, but {base_label} "
+            f"({base_shapes.model_type or 'unknown type'}) stores its layers as "
+            f"{'Conv1D [in, out]' if base_shapes.conv1d else 'Linear [out, in]'} "
+            "(made for another architecture?)"
+        )
+    for module, pair in sorted(modules.items()):
+        if set(pair) != {"A", "B"}:
+            missing = "B" if "A" in pair else "A"
+            problems.append(f"{weights_label}: module {module!r} has no lora_{missing} tensor ({_RESAVE})")
+            continue
+        a, b = pair["A"], pair["B"]
+        embedding = a.name.endswith("lora_embedding_A")
+        rank = a.shape[0]
+        if b.shape[1] != rank:
+            problems.append(
+                f"{weights_label}: tensor {b.name!r} has shape {list(b.shape)}, which does not "
+                f"match {a.name!r} {list(a.shape)} (rank {rank})"
+            )
+            continue
+        if not targeted(config, module):
+            problems.append(
+                f"{weights_label}: module {module!r} carries LoRA weights, but {config_label} "
+                f"target_modules {_short(config.get('target_modules'))} does not select it "
+                "(config and weights disagree)"
+            )
+            continue
+        expected = _expected_rank(config, module)
+        if rank != expected:
+            problems.append(
+                f"{weights_label}: tensor {a.name!r} has rank {rank} but {config_label} says "
+                f"r={expected} for this module ({_RESAVE})"
+            )
+        if max_lora_rank is not None and rank > max_lora_rank:
+            problems.append(
+                f"{weights_label}: tensor {a.name!r} has rank {rank}, above the server's max_lora_rank "
+                f"{max_lora_rank} (retrain with r<={max_lora_rank}, or start vLLM with --max-lora-rank "
+                f"{next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), rank)})"
+            )
+        ranks.append(rank)
+        if base_shapes is not None:
+            problem = _base_problem(module, a, b, embedding, base_shapes, base_label, weights_label)
+            if problem:
+                problems.append(problem)
+    if vllm_check is None:
+        vllm_check = vllm_available()
+    if vllm_check and not problems:
+        vllm_problem = vllm_refusal(config, max_lora_rank)
+        if vllm_problem:
+            problems.append(f"{config_label}: vLLM's own check refuses this adapter: {vllm_problem}")
+    if problems:
+        more = len(problems) - MAX_PROBLEMS_SHOWN
+        raise BundleError(
+            "the adapter cannot be served by vLLM multi-LoRA: "
+            + "; ".join(problems[:MAX_PROBLEMS_SHOWN])
+            + (f" (and {more} more)" if more > 0 else ""),
+            hint="fix each problem listed (each names the file or tensor), then pack again",
+        )
+    targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    layers = sorted({int(x.group(1)) for m in modules if (x := _LAYER.search("." + m + "."))})
+    return {
+        "peft_type": "LORA",
+        "rank": max(ranks),
+        "alpha": float(config["lora_alpha"]),
+        "use_rslora": bool(config.get("use_rslora", False)),
+        "target_modules": targets,
+        "layers": layers,
+        "modules": len(modules),
+        "parameter_count": sum(t.numel for t in tensors),
+        "dtypes": sorted({t.dtype for t in tensors}),
+    }
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _lora_modules(
+    tensors: list[TensorInfo], weights_label: str, problems: list[str]
+) -> dict[str, dict[str, TensorInfo]]:
+    """The LoRA A/B pairs by module; anything that is not a LoRA matrix is a problem."""
     modules: dict[str, dict[str, TensorInfo]] = {}
     for t in tensors:
         m = _LORA_TENSOR.match(t.name) or _LORA_EMBED_TENSOR.match(t.name)
@@ -189,90 +249,51 @@ def check_adapter(
                 )
         elif t.dtype not in FLOAT_DTYPES:
             problems.append(f"{where} has dtype {t.dtype}; LoRA weights must be floating point ({_RESAVE})")
-        elif len(t.shape) != 2:
-            problems.append(f"{where} has shape {list(t.shape)}; LoRA weights are matrices ({_RESAVE})")
+        elif len(t.shape) != 2 or 0 in t.shape:
+            problems.append(
+                f"{where} has shape {list(t.shape)}; LoRA weights are non-empty matrices ({_RESAVE})"
+            )
         else:
+            check_name(m.group("module"), where)
             slot = "A" if m.group("kind").endswith("A") else "B"
             modules.setdefault(m.group("module"), {})[slot] = t
     if not tensors:
         problems.append(f"{weights_label}: holds no tensors ({_RESAVE})")
+    return modules
 
-    ranks: list[int] = []
-    shapes, tied = base_shapes if base_shapes else ({}, False)
-    for module, pair in sorted(modules.items()):
-        if set(pair) != {"A", "B"}:
-            missing = "B" if "A" in pair else "A"
-            problems.append(f"{weights_label}: module {module!r} has no lora_{missing} tensor ({_RESAVE})")
-            continue
-        a, b = pair["A"], pair["B"]
-        embedding = a.name.endswith("lora_embedding_A")
-        rank = a.shape[0]
-        if b.shape[1] != rank:
-            problems.append(
-                f"{weights_label}: tensor {b.name!r} has shape {list(b.shape)}, which does not "
-                f"match {a.name!r} {list(a.shape)} (rank {rank})"
-            )
-            continue
-        expected = _expected_rank(config, module)
-        if rank != expected:
-            problems.append(
-                f"{weights_label}: tensor {a.name!r} has rank {rank} but {config_label} says "
-                f"r={expected} for this module ({_RESAVE})"
-            )
-        if max_lora_rank is not None and rank > max_lora_rank:
-            problems.append(
-                f"{weights_label}: tensor {a.name!r} has rank {rank}, above the server's max_lora_rank "
-                f"{max_lora_rank} (retrain with r<={max_lora_rank}, or start vLLM with --max-lora-rank "
-                f"{next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), rank)})"
-            )
-        ranks.append(rank)
-        if base_shapes is not None:
-            w = _base_weight(module, shapes, tied)
-            if w is None:
-                problems.append(
-                    f"{weights_label}: tensor {a.name!r} targets module {module!r}, which "
-                    f"{base_label} does not have (is this adapter for another architecture?)"
-                )
-            elif len(w) != 2:
-                problems.append(
-                    f"{weights_label}: tensor {a.name!r} targets {module!r}, which is not a linear "
-                    f"or embedding layer in {base_label}"
-                )
-            else:
-                # Linear weight is [out, in]: A is [r, in], B is [out, r]. Embedding is [vocab, dim]:
-                # A is [r, vocab], B is [dim, r].
-                want_in, want_out = (w[0], w[1]) if embedding else (w[1], w[0])
-                if a.shape[1] != want_in or b.shape[0] != want_out:
-                    problems.append(
-                        f"{weights_label}: tensors of module {module!r} have shapes {list(a.shape)} and "
-                        f"{list(b.shape)}, which do not fit its weight {list(w)} in {base_label} "
-                        "(the adapter was made for a different base)"
-                    )
-    if vllm_check is None:
-        vllm_check = vllm_available()
-    if vllm_check and not problems:
-        vllm_problem = vllm_refusal(config, max_lora_rank)
-        if vllm_problem:
-            problems.append(f"{config_label}: vLLM's own check refuses this adapter: {vllm_problem}")
-    if problems:
-        lines = "\n  - ".join(problems)
-        raise BundleError(
-            f"the adapter cannot be served by vLLM multi-LoRA:\n  - {lines}",
-            hint="fix each problem listed (each names the file or tensor), then pack again",
+
+def _base_problem(
+    module: str,
+    a: TensorInfo,
+    b: TensorInfo,
+    embedding: bool,
+    base: BaseShapes,
+    base_label: str,
+    weights_label: str,
+) -> str | None:
+    w = _base_weight(module, base.shapes, base.tied)
+    if w is None:
+        return (
+            f"{weights_label}: tensor {a.name!r} targets module {module!r}, which "
+            f"{base_label} does not have (is this adapter for another architecture?)"
         )
-    targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    layers = sorted({int(x.group(1)) for m in modules if (x := _LAYER.search("." + m + "."))})
-    return {
-        "peft_type": "LORA",
-        "rank": max(ranks),
-        "alpha": float(config["lora_alpha"]),
-        "use_rslora": bool(config.get("use_rslora", False)),
-        "target_modules": targets,
-        "layers": layers,
-        "modules": len(modules),
-        "parameter_count": sum(t.numel for t in tensors),
-        "dtypes": sorted({t.dtype for t in tensors}),
-    }
+    if len(w) != 2:
+        return (
+            f"{weights_label}: tensor {a.name!r} targets {module!r}, which is not a linear "
+            f"or embedding layer in {base_label}"
+        )
+    # Linear weight is [out, in]: A is [r, in], B is [out, r]. Conv1D (GPT-2) is [in, out]. An
+    # embedding is [vocab, dim]: A is [r, vocab], B is [dim, r]. A tied or untied lm_head is Linear.
+    leaf = module.rsplit(".", 1)[-1]
+    in_first = embedding or (base.conv1d and leaf not in _EMBEDDING_NAMES)
+    want_in, want_out = (w[0], w[1]) if in_first else (w[1], w[0])
+    if a.shape[1] != want_in or b.shape[0] != want_out:
+        return (
+            f"{weights_label}: tensors of module {module!r} have shapes {list(a.shape)} and "
+            f"{list(b.shape)}, which do not fit its weight {list(w)} in {base_label} "
+            f"(expects A [r, {want_in}] and B [{want_out}, r]; the adapter was made for a different base)"
+        )
+    return None
 
 
 def vllm_available() -> bool:
@@ -280,16 +301,20 @@ def vllm_available() -> bool:
 
 
 def vllm_refusal(config: dict[str, Any], max_lora_rank: int | None) -> str | None:
-    """vLLM's own verdict on the adapter config: None if it accepts it, else its message."""
-    from vllm.config.lora import LoRAConfig
-    from vllm.lora.peft_helper import PEFTHelper
+    """vLLM's own verdict on the adapter config: None if it accepts it, else its message (one line)."""
+    from adapterhub_lite.vllm_compat.peft import peft_refusal
 
     # vLLM only takes listed ranks: ask as a server started with the smallest one that allows our limit.
     limit = max_lora_rank or VLLM_MAX_LORA_RANKS[-1]
     server_rank = next((r for r in VLLM_MAX_LORA_RANKS if r >= limit), VLLM_MAX_LORA_RANKS[-1])
-    try:
-        helper = PEFTHelper.from_dict(dict(config))
-        helper.validate_legal(LoRAConfig(max_lora_rank=server_rank))
-    except (ValueError, TypeError) as exc:
-        return str(exc)
-    return None
+    return peft_refusal(config, server_rank)
+
+
+def serving_problem(base: BaseShapes) -> str | None:
+    """Why vLLM would not serve LoRA adapters on this base at all (None: it would, or vLLM cannot say)."""
+    from adapterhub_lite.vllm_compat.peft import architecture_lora_support
+
+    if not base.architectures:
+        return None
+    verdict, reason = architecture_lora_support(base.architectures)
+    return reason if verdict is False else None

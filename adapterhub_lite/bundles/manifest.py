@@ -152,21 +152,49 @@ def json_depth(data: bytes) -> int:
     return deepest
 
 
+class _Refused(ValueError):
+    pass
+
+
+def _no_constants(name: str) -> Any:
+    raise _Refused(f"{name} is not a JSON number")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _Refused(f"key {dup[:60]!r} appears twice in one object")
+    return out
+
+
 def load_json_bounded(
-    data: bytes, label: str, max_bytes: int = MAX_MANIFEST_BYTES, max_depth: int = MAX_JSON_DEPTH
+    data: bytes,
+    label: str,
+    max_bytes: int = MAX_MANIFEST_BYTES,
+    max_depth: int = MAX_JSON_DEPTH,
+    hint: str = _REPACK,
 ) -> Any:
-    """Parse JSON after checking its size and nesting depth; errors name `label`."""
+    """Parse JSON after checking its size and nesting depth; errors name `label` and fit on one line.
+
+    Also refused: NaN/Infinity (not JSON, but Python's parser takes them) and a key repeated in one
+    object (parsers disagree on which copy wins, so two readers could see two different files).
+    """
     if len(data) > max_bytes:
-        raise BundleError(f"{label}: {len(data)} bytes is over the {max_bytes}-byte limit", hint=_REPACK)
+        raise BundleError(f"{label}: {len(data)} bytes is over the {max_bytes}-byte limit", hint=hint)
     depth = json_depth(data)
     if depth > max_depth:
         raise BundleError(
-            f"{label}: JSON nested {depth} levels deep, over the limit of {max_depth}", hint=_REPACK
+            f"{label}: JSON nested {depth} levels deep, over the limit of {max_depth}", hint=hint
         )
     try:
-        return json.loads(data)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BundleError(f"{label}: not valid JSON ({exc})", hint=_REPACK) from None
+        return json.loads(data, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+    except _Refused as exc:
+        raise BundleError(f"{label}: {exc}", hint=hint) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise BundleError(f"{label}: not valid JSON ({reason})", hint=hint) from None
 
 
 def parse_manifest(data: bytes, label: str = MANIFEST_FILE, *, require_canonical: bool = True) -> Manifest:

@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from adapterhub_lite.bundles.compat import (
     parse_config,
     pickle_files,
     refuse_pickles,
+    serving_problem,
 )
 from adapterhub_lite.bundles.manifest import (
     BUNDLE_FILES,
@@ -43,9 +44,11 @@ from adapterhub_lite.bundles.manifest import (
     parse_manifest,
 )
 from adapterhub_lite.bundles.naming import check_name, check_tag, check_version
+from adapterhub_lite.bundles.public_record import public_config, public_record
 from adapterhub_lite.bundles.signing import SIGNATURES_FILE, SigningKeyLike, load_signing_key, sign_digest
 from adapterhub_lite.bundles.signing import signatures_bytes as _signatures_bytes
-from adapterhub_lite.bundles.tensors import read_header
+from adapterhub_lite.bundles.tensors import header_length, parse_header
+from adapterhub_lite.bundles.values import ValueScan
 from adapterhub_lite.errors import BaseModelError, BundleError, os_errors_as
 
 RECORD_FILE = "training_record.json"
@@ -122,12 +125,16 @@ def pack_bundle(
     tags: Iterable[str] = (),
     vllm_check: bool | None = None,
     progress: bool = False,
+    on_warning: Callable[[str], object] | None = None,
 ) -> Path:
     """Pack a PEFT LoRA adapter directory into a bundle at `out_path`; return `out_path`.
 
     Refuses (BundleError, nothing written) pickled weights, adapters vLLM cannot serve (see
     `compat.check_adapter`), a training record for another base, invalid names, and an existing
-    `out_path`. With `archive=True` the bundle is one reproducible tar file.
+    `out_path`. With `archive=True` the bundle is one reproducible tar file. Non-finite weights are
+    refused while the weights are copied; absurd magnitudes and a base vLLM serves no LoRA on are
+    passed to `on_warning` (one line each). The training record is recorded without local paths
+    (`public_record`), and `base_model_name_or_path` names the base.
     """
     with os_errors_as(
         BundleError,
@@ -165,7 +172,13 @@ def pack_bundle(
 
         config_bytes = (adapter_dir / CONFIG_FILE).read_bytes()
         config = parse_config(config_bytes, str(adapter_dir / CONFIG_FILE))
-        tensors, _ = read_header(adapter_dir / WEIGHTS_FILE)
+        weights_path = adapter_dir / WEIGHTS_FILE
+        with weights_path.open("rb") as f:
+            prefix = f.read(8)
+            header_len = header_length(prefix, weights_path.stat().st_size, str(weights_path))
+            prefix += f.read(header_len)
+        tensors, _ = parse_header(prefix, weights_path.stat().st_size, str(weights_path))
+        scan = ValueScan(tensors, 8 + header_len, str(weights_path))
         record = None
         if (adapter_dir / RECORD_FILE).is_file():
             record = load_json_bounded(
@@ -180,10 +193,11 @@ def pack_bundle(
                     hint="remove it, or train again with `adapterhub train`",
                 )
         base_path, base_name, base_fp = _base_for(base_dir, record, adapter_dir)
+        base_shapes = base_weight_shapes(base_path)
         shape = check_adapter(
             config,
             tensors,
-            base_shapes=base_weight_shapes(base_path),
+            base_shapes=base_shapes,
             base_label=f"base {base_name!r}",
             max_lora_rank=max_lora_rank,
             vllm_check=vllm_check,
@@ -191,6 +205,10 @@ def pack_bundle(
             weights_label=str(adapter_dir / WEIGHTS_FILE),
         )
         signer = load_signing_key(signing_key) if signing_key is not None else None
+        warn = on_warning or (lambda _line: None)
+        unservable = serving_problem(base_shapes) if vllm_check is not False else None
+        if unservable:
+            warn(f"{unservable}; this bundle is for use with peft only")
 
         fields: dict[str, Any] = dict(
             namespace=namespace,
@@ -201,18 +219,20 @@ def pack_bundle(
             license=license,
             base=BaseRef(name=base_name, fingerprint=base_fp),
             adapter=AdapterInfo(**shape),
-            training=record,
+            training=public_record(record),
             tool_version=__version__,
             created=_created(record),
         )
         # The card depends on every manifest field but `files`, so it is known before any weight is hashed.
         draft = Manifest(files=[FileEntry(path=p, size=0, sha256="0" * 64) for p in BUNDLE_FILES], **fields)
-        small = {CARD_FILE: render_card(draft), CONFIG_FILE: config_bytes}
+        small = {CARD_FILE: render_card(draft), CONFIG_FILE: public_config(config_bytes, config, base_name)}
         size = (adapter_dir / WEIGHTS_FILE).stat().st_size
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with tqdm(total=size, unit="B", unit_scale=True, desc=f"pack {name}", disable=not progress) as bar:
             writer = _write_archive if archive else _write_directory
-            writer(out_path, adapter_dir / WEIGHTS_FILE, size, small, fields, signer, bar.update)
+            writer(out_path, adapter_dir / WEIGHTS_FILE, size, small, fields, signer, bar.update, scan)
+        for line in scan.finish().warnings(str(weights_path)):
+            warn(line)
         return out_path
 
 
@@ -225,14 +245,15 @@ def _finish(entries: list[FileEntry], fields: dict[str, Any], signer) -> tuple[b
     return data, sigs
 
 
-def _hashing(chunks: Iterator[bytes], h: hashlib._Hash) -> Iterator[bytes]:
+def _hashing(chunks: Iterator[bytes], h: hashlib._Hash, scan: ValueScan) -> Iterator[bytes]:
     for chunk in chunks:
         h.update(chunk)
+        scan.update(chunk)
         yield chunk
 
 
 def _write_directory(
-    out_path: Path, weights: Path, size: int, small: dict[str, bytes], fields, signer, progress
+    out_path: Path, weights: Path, size: int, small: dict[str, bytes], fields, signer, progress, scan
 ) -> None:
     staging = Path(tempfile.mkdtemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp"))
     try:
@@ -243,7 +264,7 @@ def _write_directory(
         h = hashlib.sha256()
         written = 0
         with (staging / WEIGHTS_FILE).open("wb") as out:
-            for chunk in _hashing(file_chunks(weights, progress), h):
+            for chunk in _hashing(file_chunks(weights, progress), h, scan):
                 out.write(chunk)
                 written += len(chunk)
         if written != size:
@@ -261,7 +282,7 @@ def _write_directory(
 
 
 def _write_archive(
-    out_path: Path, weights: Path, size: int, small: dict[str, bytes], fields, signer, progress
+    out_path: Path, weights: Path, size: int, small: dict[str, bytes], fields, signer, progress, scan
 ) -> None:
     # One pass over the weights: sorted entry order puts README.md and adapter_config.json before the
     # weights and manifest.json (which needs their hash) after them.
@@ -271,7 +292,7 @@ def _write_archive(
             w.add(fname, len(small[fname]), [small[fname]])
             entries.append(_entry_for(Path(fname), small[fname]))
         h = hashlib.sha256()
-        w.add(WEIGHTS_FILE, size, _hashing(file_chunks(weights, progress), h))
+        w.add(WEIGHTS_FILE, size, _hashing(file_chunks(weights, progress), h, scan))
         entries.append(FileEntry(path=WEIGHTS_FILE, size=size, sha256=h.hexdigest()))
         manifest, sigs = _finish(entries, fields, signer)
         w.add(MANIFEST_FILE, len(manifest), [manifest])

@@ -2,7 +2,9 @@
 
 A signature signs `b"adapterhub-bundle-v1\\0" + digest`, so signing never changes the bundle's identity and
 a signature cannot be replayed for another kind of message. Signatures live in `signatures.json` beside
-the manifest. Private keys are kept under the user's config directory (`$ADAPTERHUB_CONFIG_DIR`, else
+the manifest. A verifier trusts keys as `TrustedKey`s: a public key plus the namespaces it may sign for
+(None: any namespace, how keys trusted before scoping existed are read). Private keys are kept under
+the user's config directory (`$ADAPTERHUB_CONFIG_DIR`, else
 `$XDG_CONFIG_HOME/adapterhub`, else `~/.config/adapterhub`), in `keys/`, mode 0600.
 """
 
@@ -147,8 +149,66 @@ def load_public_key(key: PublicKeyLike) -> Ed25519PublicKey:
         ) from None
 
 
-def load_public_keys(keys: Iterable[PublicKeyLike] | None) -> list[Ed25519PublicKey]:
-    return [load_public_key(k) for k in keys or []]
+@dataclass(frozen=True)
+class TrustedKey:
+    """A public key trusted to sign bundles of `namespaces` (None: of any namespace, the legacy form)."""
+
+    public_key: Ed25519PublicKey
+    namespaces: frozenset[str] | None = None
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.public_key)
+
+    def allows(self, namespace: str | None) -> bool:
+        """Whether this key may vouch for a bundle of `namespace` (None: namespace unknown)."""
+        if self.namespaces is None:
+            return True
+        return namespace is not None and namespace in self.namespaces
+
+    def to_json(self) -> dict[str, object]:
+        """The form a registry config stores: `{"public_key": hex, "namespaces": [...] or null}`."""
+        ns = sorted(self.namespaces) if self.namespaces is not None else None
+        return {"public_key": public_hex(self.public_key), "namespaces": ns}
+
+    def describe(self) -> str:
+        if self.namespaces is None:
+            return f"{self.key_id} (any namespace)"
+        return f"{self.key_id} (namespaces {', '.join(sorted(self.namespaces)) or 'none'})"
+
+
+TrustedKeyLike = TrustedKey | PublicKeyLike | dict
+
+
+def trusted_key(key: TrustedKeyLike, namespaces: Iterable[str] | None = None) -> TrustedKey:
+    """A TrustedKey from a TrustedKey, a public key (hex, file, key name; scoped by `namespaces`), or
+    the stored form `{"public_key": hex, "namespaces": [...] | null}`."""
+    if isinstance(key, TrustedKey):
+        return key
+    if isinstance(key, dict):
+        if set(key) - {"public_key", "namespaces"} or not isinstance(key.get("public_key"), str):
+            raise BundleError(
+                f"trusted key entry {sorted(key)!r} is malformed",
+                hint='use {"public_key": "<64 hex>", "namespaces": ["acme"]} (namespaces null: any)',
+            )
+        namespaces = key.get("namespaces")
+        if namespaces is not None and not isinstance(namespaces, list):
+            raise BundleError(
+                "trusted key entry: namespaces must be a list of names or null",
+                hint='use {"public_key": "<64 hex>", "namespaces": ["acme"]}',
+            )
+        key = key["public_key"]
+    if namespaces is not None:
+        namespaces = frozenset(check_name(n, "namespace") for n in namespaces)
+    return TrustedKey(load_public_key(key), namespaces)
+
+
+def load_public_keys(keys: Iterable[TrustedKeyLike] | None) -> list[TrustedKey]:
+    """Trusted keys from any mix of TrustedKeys, public keys (unscoped) and stored entries."""
+    return [trusted_key(k) for k in keys or []]
+
+
+load_trusted_keys = load_public_keys
 
 
 def sign_digest(key: Ed25519PrivateKey, digest: str) -> dict[str, str]:
@@ -167,13 +227,20 @@ def signatures_bytes(signatures: list[dict[str, str]]) -> bytes:
 
 
 def check_signatures(
-    data: bytes | None, digest: str, trusted: list[Ed25519PublicKey], label: str = SIGNATURES_FILE
+    data: bytes | None,
+    digest: str,
+    trusted: Iterable[TrustedKeyLike] | None,
+    label: str = SIGNATURES_FILE,
+    *,
+    namespace: str | None = None,
 ) -> list[str]:
     """Verify every signature in `signatures.json`; return the signers' key ids.
 
     Any bad signature is refused, trusted or not. With `trusted` keys, at least one of them must have
-    signed the bundle.
+    signed the bundle *and* be trusted for its `namespace` (a scoped key never vouches for a bundle
+    whose namespace is not given).
     """
+    trusted = load_trusted_keys(trusted)
     signers: list[str] = []
     if data is not None:
         body = load_json_bounded(data, label, max_bytes=64 * 1024, max_depth=4)
@@ -210,15 +277,26 @@ def check_signatures(
                 f"{label}: not in canonical form (edited by hand, or corrupt)", hint="sign the bundle again"
             )
     if trusted:
-        trusted_ids = {key_id(k) for k in trusted}
+        by_id: dict[str, list[TrustedKey]] = {}
+        for k in trusted:
+            by_id.setdefault(k.key_id, []).append(k)
         if not signers:
             raise BundleError(
                 "the bundle is unsigned, but signatures from trusted keys are required",
                 hint="sign it with `adapterhub pack --sign KEY` using a trusted key",
             )
-        if not trusted_ids & set(signers):
+        known = [k for s in signers for k in by_id.get(s, [])]
+        if not known:
             raise BundleError(
                 f"the bundle is signed by {', '.join(signers)}, none of which is trusted here",
                 hint="add the publisher's public key to the trusted keys, or sign it with a trusted key",
+            )
+        if not any(k.allows(namespace) for k in known):
+            where = f"namespace {namespace!r}" if namespace is not None else "a bundle of unknown namespace"
+            raise BundleError(
+                f"{label}: the bundle is signed by {', '.join(sorted({k.describe() for k in known}))}, "
+                f"which is not trusted for {where}",
+                hint=f"sign it with a key trusted for {namespace!r}, or trust the key for it "
+                f"(`adapterhub registry trust KEY --namespace {namespace}`)",
             )
     return signers

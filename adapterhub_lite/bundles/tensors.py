@@ -6,15 +6,19 @@ a `BundleError` naming the file and the tensor instead of a Rust panic or a `Saf
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapterhub_lite.bundles.manifest import load_json_bounded
 from adapterhub_lite.errors import BundleError
 
 MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_TENSORS = 65536
+MAX_TENSOR_NAME = 300
+# {"name": {"shape": [..]}} is 3 levels; one more is slack, anything deeper is not a safetensors header.
+_HEADER_DEPTH = 4
 DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
@@ -56,32 +60,41 @@ def parse_header(prefix: bytes, file_size: int, label: str) -> tuple[list[Tensor
     n = header_length(prefix, file_size, label)
     if len(prefix) < 8 + n:
         raise BundleError(f"{label}: truncated safetensors header", hint=_FIX)
-    try:
-        header = json.loads(prefix[8 : 8 + n])
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BundleError(f"{label}: safetensors header is not valid JSON ({exc})", hint=_FIX) from None
+    header = load_json_bounded(
+        bytes(prefix[8 : 8 + n]), f"{label}: safetensors header", MAX_HEADER_BYTES, _HEADER_DEPTH, _FIX
+    )
     if not isinstance(header, dict):
         raise BundleError(f"{label}: safetensors header is not a JSON object", hint=_FIX)
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise BundleError(f"{label}: safetensors __metadata__ is not an object", hint=_FIX)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BundleError(f"{label}: safetensors __metadata__ is not an object of strings", hint=_FIX)
+    if len(header) > MAX_TENSORS:
+        raise BundleError(f"{label}: {len(header)} tensors, over the limit of {MAX_TENSORS}", hint=_FIX)
     tensors: list[tuple[int, int, TensorInfo]] = []
     for name, info in header.items():
-        where = f"{label}: tensor {name!r}"
+        where = f"{label}: tensor {name[:MAX_TENSOR_NAME]!r}"
+        if len(name) > MAX_TENSOR_NAME or not name.isprintable():
+            raise BundleError(
+                f"{where}: a tensor name is at most {MAX_TENSOR_NAME} printable characters", hint=_FIX
+            )
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise BundleError(f"{where}: malformed header entry", hint=_FIX)
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPE_SIZES:
-            raise BundleError(f"{where}: unknown dtype {dtype!r}", hint=_FIX)
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise BundleError(f"{where}: malformed shape {shape!r}", hint=_FIX)
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise BundleError(f"{where}: unknown dtype {str(dtype)[:40]!r}", hint=_FIX)
+        if (
+            not isinstance(shape, list)
+            or len(shape) > 8
+            or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape)
+        ):
+            raise BundleError(f"{where}: malformed shape {str(shape)[:60]}", hint=_FIX)
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(type(o) is int and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
-            raise BundleError(f"{where}: malformed data_offsets {offsets!r}", hint=_FIX)
+            raise BundleError(f"{where}: malformed data_offsets {str(offsets)[:60]}", hint=_FIX)
         t = TensorInfo(name, dtype, tuple(shape))
         if offsets[1] - offsets[0] != t.numel * DTYPE_SIZES[dtype]:
             raise BundleError(

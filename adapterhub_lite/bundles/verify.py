@@ -10,10 +10,10 @@ import hashlib
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from adapterhub_lite.bundles import archive as _archive
-from adapterhub_lite.bundles.card import CARD_FILE, render_card
+from adapterhub_lite.bundles.card import CARD_FILE, card_matches
 from adapterhub_lite.bundles.compat import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -21,10 +21,17 @@ from adapterhub_lite.bundles.compat import (
     check_adapter,
     parse_config,
     refuse_pickles,
+    serving_problem,
 )
 from adapterhub_lite.bundles.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, parse_manifest
-from adapterhub_lite.bundles.signing import SIGNATURES_FILE, PublicKeyLike, check_signatures, load_public_keys
-from adapterhub_lite.bundles.tensors import header_length, parse_header
+from adapterhub_lite.bundles.signing import (
+    SIGNATURES_FILE,
+    TrustedKeyLike,
+    check_signatures,
+    load_trusted_keys,
+)
+from adapterhub_lite.bundles.tensors import TensorInfo, header_length, parse_header
+from adapterhub_lite.bundles.values import ValueScan
 from adapterhub_lite.errors import BundleError, os_errors_as
 
 _CHUNK = 1 << 22
@@ -120,18 +127,30 @@ class Verification:
     manifest: Manifest
     signers: list[str] = field(default_factory=list)
     form: str = "directory"
+    # The base fingerprint the tensors were shape-checked against (None: no base given).
+    base_checked: str | None = None
+    # Flagged but not refused (absurd weight magnitudes, a base vLLM serves no LoRA on): one line each.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def digest(self) -> str:
         return self.manifest.digest
 
 
-def open_source(path: str | Path) -> _Source:
+def open_source(path: str | Path, shown_as: str | None = None) -> _Source:
     path = Path(path)
     if path.is_dir():
-        return _DirSource(path)
-    if path.is_file():
-        return _ArchiveSource(path)
+        src: _Source = _DirSource(path)
+    elif path.is_file():
+        src = _ArchiveSource(path)
+    else:
+        src = None  # type: ignore[assignment]
+    if src is not None:
+        if shown_as is not None:
+            # A directory extracted from `shown_as` (an archive): name its members `bundle.tar:member`.
+            src.label = shown_as
+            src.where = lambda name: f"{shown_as}:{name}"  # type: ignore[method-assign]
+        return src
     raise BundleError(f"bundle not found: {path}", hint="pass a bundle directory or a bundle archive (.tar)")
 
 
@@ -141,16 +160,21 @@ def check_bundle(
     base_dir: str | Path | None = None,
     base_fingerprint: str | None = None,
     max_lora_rank: int | None = None,
-    trusted_keys: Iterable[PublicKeyLike] | None = None,
+    trusted_keys: Iterable[TrustedKeyLike] | None = None,
     vllm_check: bool | None = None,
     progress: Callable[[int], object] | None = None,
+    for_serving: bool = False,
+    shown_as: str | None = None,
 ) -> Verification:
-    """Verify a bundle and report its manifest, signers and form (see `verify_bundle`)."""
+    """Verify a bundle and report its manifest, signers, form, the base it was checked against and any
+    warnings (see `verify_bundle`). `shown_as` names the bundle in messages (the archive a directory
+    was extracted from). With `for_serving` and a known base, a base architecture on which vLLM serves
+    no LoRA adapters is refused, not only flagged."""
     with os_errors_as(
         BundleError, "cannot read the bundle", hint="check that the path exists and is readable"
     ):
-        trusted = load_public_keys(trusted_keys)
-        src = open_source(path)
+        trusted = load_trusted_keys(trusted_keys)
+        src = open_source(path, shown_as)
         names = src.names()
         refuse_pickles(names, src.label)
         if MANIFEST_FILE not in names:
@@ -198,15 +222,34 @@ def check_bundle(
                     f"{src.where(entry.path)}: {actual} bytes is too large for this file", hint=_REPACK
                 )
 
+        # The weights' header is read before the hash pass so that their values are checked in it.
+        weights_size = src.size(WEIGHTS_FILE)
+        tensors: list[TensorInfo] | None = None
+        header_error: BundleError | None = None
+        try:
+            header_len = header_length(src.prefix(WEIGHTS_FILE, 8), weights_size, src.where(WEIGHTS_FILE))
+            tensors, _ = parse_header(
+                src.prefix(WEIGHTS_FILE, 8 + header_len), weights_size, src.where(WEIGHTS_FILE)
+            )
+            scan: ValueScan | None = ValueScan(tensors, 8 + header_len, src.where(WEIGHTS_FILE))
+        except BundleError as exc:
+            header_error, scan = exc, None  # reported after the hashes: "tampered" says more
         small: dict[str, bytes] = {}
         for entry in manifest.files:
             h = hashlib.sha256()
             keep = entry.path != WEIGHTS_FILE
+            feed = scan.update if scan is not None and not keep else None
             parts = []
             for chunk in src.chunks(entry.path):
                 h.update(chunk)
                 if keep:
                     parts.append(bytes(chunk))
+                elif feed is not None:
+                    try:
+                        feed(chunk)
+                    except BundleError as exc:
+                        # Non-finite values in a file whose hash also fails: the hash is the news.
+                        header_error, feed, scan = exc, None, None
                 if progress:
                     progress(len(chunk))
             if h.hexdigest() != entry.sha256:
@@ -216,19 +259,19 @@ def check_bundle(
                 )
             if keep:
                 small[entry.path] = b"".join(parts)
+        if header_error is not None:
+            raise header_error
+        assert tensors is not None and scan is not None
+        values = scan.finish()
 
-        if small[CARD_FILE] != render_card(manifest):
+        if not card_matches(small[CARD_FILE], manifest):
             raise BundleError(
                 f"{src.where(CARD_FILE)}: the card does not match {MANIFEST_FILE} (one of them was edited)",
                 hint=_REPACK,
             )
 
         config = parse_config(small[CONFIG_FILE], src.where(CONFIG_FILE))
-        weights_size = src.size(WEIGHTS_FILE)
-        header_len = header_length(src.prefix(WEIGHTS_FILE, 8), weights_size, src.where(WEIGHTS_FILE))
-        tensors, _ = parse_header(
-            src.prefix(WEIGHTS_FILE, 8 + header_len), weights_size, src.where(WEIGHTS_FILE)
-        )
+        _check_named_base(config, manifest, src.where(CONFIG_FILE))
         base_shapes = base_weight_shapes(Path(base_dir)) if base_dir is not None else None
         shape = check_adapter(
             config,
@@ -240,6 +283,17 @@ def check_bundle(
             config_label=src.where(CONFIG_FILE),
             weights_label=src.where(WEIGHTS_FILE),
         )
+        warnings = values.warnings(src.where(WEIGHTS_FILE))
+        if base_shapes is not None and (vllm_check is not False or for_serving):
+            unservable = serving_problem(base_shapes)
+            if unservable and for_serving:
+                raise BundleError(
+                    f"{manifest.ref} cannot be served by vLLM: {unservable}",
+                    hint="use the bundle with peft (`PeftModel.from_pretrained(base, bundle_dir)`), or "
+                    "train the adapter on a base family vLLM serves LoRA for (Llama, Qwen2, Mistral...)",
+                )
+            if unservable:
+                warnings.append(f"{unservable}; this bundle is for use with peft only")
         recorded = manifest.adapter.model_dump()
         for key, value in shape.items():
             if recorded[key] != value:
@@ -250,8 +304,38 @@ def check_bundle(
                 )
 
         sig_data = src.read(SIGNATURES_FILE, 64 * 1024) if SIGNATURES_FILE in names else None
-        signers = check_signatures(sig_data, manifest.digest, trusted, src.where(SIGNATURES_FILE))
-        return Verification(manifest, signers, "directory" if isinstance(src, _DirSource) else "archive")
+        signers = check_signatures(
+            sig_data, manifest.digest, trusted, src.where(SIGNATURES_FILE), namespace=manifest.namespace
+        )
+        return Verification(
+            manifest,
+            signers,
+            "directory" if isinstance(src, _DirSource) else "archive",
+            base_checked=base_fingerprint if base_shapes is not None else None,
+            warnings=warnings,
+        )
+
+
+def _check_named_base(config: dict, manifest: Manifest, label: str) -> None:
+    """`base_model_name_or_path` is what `AutoPeftModelForCausalLM` downloads and loads as the base: it
+    must be the base the manifest pins, not another model a bundle could point its users at. Bundles
+    packed before pack rewrote it carry the trainer's local path or "None": still accepted."""
+    named = config.get("base_model_name_or_path")
+    legacy = named in (None, "", "None") or (
+        isinstance(named, str) and (named.startswith(("/", "~")) or PureWindowsPath(named).drive != "")
+    )
+    if not legacy and named != manifest.base.name:
+        raise BundleError(
+            f"{label}: base_model_name_or_path is {str(named)[:80]!r}, but the bundle is for base "
+            f"{manifest.base.name!r} (peft's AutoPeftModel would load that other model)",
+            hint=_REPACK,
+        )
+    task = config.get("task_type")
+    if task not in (None, "CAUSAL_LM"):
+        raise BundleError(
+            f"{label}: task_type is {str(task)[:40]!r}; bundles hold causal-LM adapters (CAUSAL_LM)",
+            hint="train with LoraConfig(task_type='CAUSAL_LM'), then pack again",
+        )
 
 
 def verify_bundle(
@@ -260,15 +344,18 @@ def verify_bundle(
     base_dir: str | Path | None = None,
     base_fingerprint: str | None = None,
     max_lora_rank: int | None = None,
-    trusted_keys: Iterable[PublicKeyLike] | None = None,
+    trusted_keys: Iterable[TrustedKeyLike] | None = None,
     vllm_check: bool | None = None,
+    for_serving: bool = False,
 ) -> Manifest:
     """Verify a bundle directory or archive and return its manifest; raise BundleError naming the problem.
 
     `base_dir`/`base_fingerprint` refuse a bundle made for another base (`base_dir` also checks that every
-    targeted module exists with the right shape). `max_lora_rank` is the server's limit. With
-    `trusted_keys`, a valid signature by one of them is required. `vllm_check` (default: when vLLM is
-    importable) also asks vLLM's own PEFTHelper.
+    targeted module exists with the right shape; give both to skip fingerprinting a known base).
+    `max_lora_rank` is the server's limit. With `trusted_keys` (public keys, or `TrustedKey`s scoped to
+    namespaces), a valid signature by one of them that is trusted for the manifest's namespace is
+    required. `vllm_check` (default: when vLLM is installed) also asks vLLM's own PEFT check.
+    Non-finite weights are always refused. `for_serving` also refuses a base vLLM serves no LoRA on.
     """
     return check_bundle(
         path,
@@ -277,4 +364,5 @@ def verify_bundle(
         max_lora_rank=max_lora_rank,
         trusted_keys=trusted_keys,
         vllm_check=vllm_check,
+        for_serving=for_serving,
     ).manifest

@@ -29,11 +29,15 @@ def publish(reg: Registry, bundle_path: Path, progress: bool) -> Published:
     try:
         with tempfile.TemporaryDirectory(prefix="adapterhub-publish-") as td:
             try:
+                shown_as = None
                 if bundle_path.is_file():
                     bundle_dir = _archive.extract_archive(bundle_path, Path(td) / "bundle")
+                    shown_as = str(bundle_path)  # errors name `bundle.tar:member`, not the temp folder
                 else:
                     bundle_dir = bundle_path
-                result = check_bundle(bundle_dir, trusted_keys=reg.trusted_keys, vllm_check=False)
+                result = check_bundle(
+                    bundle_dir, trusted_keys=reg.trusted_keys, vllm_check=False, shown_as=shown_as
+                )
             except BundleError as exc:
                 raise RegistryError(
                     f"refusing to publish {bundle_path}: {exc.message}", hint=exc.hint, kind=exc.kind

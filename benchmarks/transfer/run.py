@@ -1,6 +1,6 @@
 """The transfer-learning study, one command: results.json, PNG plots and REPORT.md.
 
-    python -m benchmarks.transfer.run                 # the full study (3 seeds, minutes on 2 CPU cores)
+    python -m benchmarks.transfer.run                 # the full study (3 seeds; REPORT.md gives its time)
     python -m benchmarks.transfer.run --smoke         # every experiment at toy size (the test suite's)
     python -m benchmarks.transfer.run --seeds 5 --out /tmp/study
     python -m benchmarks.transfer.run --report-only   # redraw REPORT.md and the plots from results.json
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from adapterhub_lite.errors import AdapterHubError
-    from adapterhub_lite.transfer import StudyConfig, run_study, summarize, write_report, write_results
+    from benchmarks.transfer import StudyConfig, run_study, summarize, write_report, write_results
 
     hf_logging.disable_progress_bar()  # one bar for the study, not one per model load
     try:

@@ -19,9 +19,9 @@ from adapterhub_lite.base import load_base, load_tokenizer
 from adapterhub_lite.data import load_dataset
 from adapterhub_lite.evaluation import evaluate, evaluate_file
 from adapterhub_lite.training import NegativeTransferWarning, recipe_from_dict, train
-from adapterhub_lite.transfer.finetune import finetune
-from adapterhub_lite.transfer.forgetting import adapter_source_loss, source_loss
-from adapterhub_lite.transfer.tasks import Task, write_split
+from benchmarks.transfer.finetune import finetune
+from benchmarks.transfer.forgetting import adapter_source_loss, source_loss
+from benchmarks.transfer.tasks import Task, write_split
 
 STRATEGIES: dict[str, str] = {
     "zero-shot": "the base alone, no training",
@@ -85,18 +85,6 @@ class RunContext:
     lr_scheduler: str = "constant"
     keep_runs: bool = False
     recipe_overrides: dict[str, dict] = field(default_factory=dict)  # per task, e.g. the control's lr
-
-
-def linear_module_names(model) -> list[str]:
-    """The linear layers peft's ``all-linear`` adapts: every ``nn.Linear`` but the output head."""
-    head = model.get_output_embeddings()
-    return sorted(
-        {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and module is not head
-        }
-    )
 
 
 def _row(spec: RunSpec, **values) -> dict:
