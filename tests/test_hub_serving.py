@@ -66,7 +66,7 @@ def served(tmp_path_factory):
         old = os.environ.get("ADAPTERHUB_TOKEN")
         os.environ["ADAPTERHUB_TOKEN"] = hub.token("acme", "read")  # inherited by the vLLM process
         try:
-            server = VLLMServer(opts).start()
+            server = VLLMServer(opts, startup_timeout=900).start()  # the shared 2-core machine is slow
         finally:
             if old is None:
                 os.environ.pop("ADAPTERHUB_TOKEN")
