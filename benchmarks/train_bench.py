@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,13 +47,10 @@ def rss_now_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    # VmHWM, not ru_maxrss: the latter survives exec, so a child would start at the parent's RSS (which
-    # built the model: gigabytes for a large one).
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # The trainer's own measure (VmHWM, not ru_maxrss: see adapterhub_lite/training/record.py).
+    from adapterhub_lite.training.record import peak_rss_mb as vm_hwm_mb
+
+    return vm_hwm_mb()
 
 
 # --------------------------------------------------------------------------------------------- setup

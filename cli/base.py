@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -23,21 +21,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     ) -> None:
-        """Show a base model's fingerprint (what bundles pin), architecture and size."""
-        from adapterhub_lite.base import fingerprint, resolve_base_dir
+        """Check a base model and show its fingerprint (what bundles pin), architecture and size."""
+        from adapterhub_lite.base.check import describe_base
 
-        path = resolve_base_dir(model_dir)
-        config = json.loads((path / "config.json").read_text())
-        weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-        data = {
-            "path": str(path),
-            "fingerprint": fingerprint(path),
-            "architectures": config.get("architectures"),
-            "model_type": config.get("model_type"),
-            "hidden_size": config.get("hidden_size"),
-            "num_hidden_layers": config.get("num_hidden_layers"),
-            "weights_bytes": weights,
-        }
+        data = describe_base(model_dir)
         if as_json:
             print_json(data)
         else:

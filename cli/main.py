@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import base, bundle, cluster, demo, registry, serve, tenant, train
+from cli import base, bundle, cluster, demo, hub, registry, serve, tenant, train
 
 app = typer.Typer(
     name="adapterhub",
@@ -16,5 +16,5 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (demo, base, train, bundle, registry, serve, cluster, tenant):
+for _module in (demo, base, train, bundle, registry, hub, serve, cluster, tenant):
     _module.register(app)

@@ -15,7 +15,8 @@ RegistryOpt = Annotated[
     typer.Option(
         "--registry",
         envvar="ADAPTERHUB_REGISTRY",
-        help="registry: a directory, sqlite:///DIR or postgresql://... [default: ~/.adapterhub/registry]",
+        help="registry: a directory, sqlite:///DIR, postgresql://..., or a hub URL http(s)://... "
+        "[default: ~/.adapterhub/registry]",
     ),
 ]
 BlobsOpt = Annotated[

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-import yaml
 
 from cli.common import print_json, run_cli
 
@@ -15,23 +14,6 @@ from cli.common import print_json, run_cli
 def _quiet_optional_kernels() -> None:
     # bitsandbytes warns at import that an optional CPU kernel package is absent; nothing is wrong.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-
-def _split_list(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
-
-
-def _parse_sets(pairs: list[str] | None) -> dict[str, Any]:
-    """``--set field=value`` pairs; values are read as YAML (numbers, lists, booleans)."""
-    from adapterhub_lite.errors import RecipeError
-
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise RecipeError(f"--set {pair!r}: expected FIELD=VALUE")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return out
 
 
 def _print_summary(record: dict, output_dir: Path) -> None:
@@ -50,9 +32,13 @@ def _print_summary(record: dict, output_dir: Path) -> None:
         )
     g = m["transfer_gain"]
     typer.echo(f"{'gain':>10} {fmt(g['loss'], '+.4f'):>9} {'':>9} {fmt(g['exact_match'], '+.3f'):>7}")
+    procs = record.get("processes", {}).get("world_size", 1)
     typer.echo(
         f"{record['steps']} steps in {record['train_seconds']:.1f}s "
-        f"({record['tokens_per_second']} tokens/s), peak RSS {record['peak_rss_mb']:.0f} MiB"
+        f"({record['tokens_per_second']} tokens/s"
+        + (f" over {procs} processes" if procs > 1 else "")
+        + f"), peak RSS {record['peak_rss_mb']:.0f} MiB"
+        + (" (main process)" if procs > 1 else "")
     )
     for w in record.get("warnings", []):
         typer.secho(f"WARNING: {w}", err=True, fg=typer.colors.RED, bold=True)
@@ -88,6 +74,19 @@ def register(app: typer.Typer) -> None:
         eval_fraction: Annotated[float | None, typer.Option()] = None,
         output_dir: Annotated[Path | None, typer.Option(help="default: runs/<name>")] = None,
         device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+        format: Annotated[
+            str | None,
+            typer.Option(help="auto, prompt_completion, chat (OpenAI messages), alpaca, sharegpt or text"),
+        ] = None,
+        skip_bad_lines: Annotated[
+            bool | None, typer.Option("--skip-bad-lines", help="skip and report bad records")
+        ] = None,
+        overlong: Annotated[
+            str | None, typer.Option(help="examples over max_seq_len: truncate or drop")
+        ] = None,
+        processes: Annotated[
+            int, typer.Option(help="data-parallel processes on this machine (gloo on CPU, NCCL on GPUs)")
+        ] = 1,
         set_: Annotated[
             list[str] | None,
             typer.Option("--set", help="any recipe field: --set warmup_steps=10 (repeatable)"),
@@ -101,33 +100,26 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a LoRA/QLoRA adapter from a recipe; flags override the recipe's fields."""
         _quiet_optional_kernels()
-        from adapterhub_lite.training import load_recipe, train
+        import sys
 
-        target = target_modules
-        overrides: dict[str, Any] = {
-            "base": base,
-            "method": method,
-            "data": data,
-            "eval_data": eval_data,
-            "rank": rank,
-            "alpha": alpha,
-            "dropout": dropout,
-            "target_modules": target if target in (None, "all-linear") else _split_list(target),
-            "layers_to_transform": [int(x) for x in _split_list(layers)] if layers else None,
-            "learning_rate": learning_rate,
-            "epochs": epochs,
-            "max_steps": max_steps,
-            "batch_size": batch_size,
-            "gradient_accumulation_steps": grad_accum,
-            "max_seq_len": max_seq_len,
-            "seed": seed,
-            "eval_fraction": eval_fraction,
-            "output_dir": output_dir,
-            "device": device,
-            **_parse_sets(set_),
-        }
-        loaded = load_recipe(recipe, overrides)
+        from adapterhub_lite.training import load_recipe, recipe_overrides, train
+        from adapterhub_lite.training.launch import child_argv, launch_processes
+
+        flags = dict(
+            base=base, method=method, data=data, eval_data=eval_data, rank=rank, alpha=alpha,
+            dropout=dropout, target_modules=target_modules, layers_to_transform=layers,
+            learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+            gradient_accumulation_steps=grad_accum, max_seq_len=max_seq_len, seed=seed,
+            eval_fraction=eval_fraction, output_dir=output_dir, device=device, format=format,
+            skip_bad_lines=skip_bad_lines, overlong=overlong,
+        )  # fmt: skip
+        loaded = load_recipe(recipe, recipe_overrides(flags, set_))
+        if processes != 1:  # the children print the summary (the main one) or their error
+            launch_processes(processes, child_argv(sys.argv), loaded.resolved_output_dir)
+            return
         result = train(loaded, resume=resume, progress=progress, overwrite=overwrite)
+        if not result.main:
+            return
         if as_json:
             print_json(result.record)
         else:
@@ -143,7 +135,9 @@ def register(app: typer.Typer) -> None:
         adapter: Annotated[
             Path | None, typer.Option(help="PEFT adapter or bundle directory; omitted: the base alone")
         ] = None,
-        format: Annotated[str, typer.Option(help="auto, prompt_completion, chat or text")] = "auto",
+        format: Annotated[
+            str, typer.Option(help="auto, prompt_completion, chat (OpenAI messages), alpaca, sharegpt, text")
+        ] = "auto",
         quantization: Annotated[
             str | None, typer.Option(help="none or nf4 (default: nf4 for a QLoRA adapter, else none)")
         ] = None,

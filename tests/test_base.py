@@ -75,7 +75,8 @@ def test_fingerprint_changes_with_config_or_tokenizer(tiny_model_dir, tmp_path):
     assert fingerprint(d) != fp
     d2 = _copy(tiny_model_dir, tmp_path / "tok")
     tok = json.loads((d2 / "tokenizer.json").read_text())
-    tok["model"]["vocab"]["zzzz"] = 99999
+    # A change the tokenizer still loads with (a new token id past the embeddings is refused by check_base).
+    tok["model"]["dropout"] = 0.5
     (d2 / "tokenizer.json").write_text(json.dumps(tok))
     assert fingerprint(d2) != fp
 
@@ -197,3 +198,69 @@ def test_pretraining_reproduces_bit_for_bit_and_learns(tmp_path):
     assert fingerprint(tmp_path / "a") == fingerprint(tmp_path / "b")
     assert a["heldout_loss"] == b["heldout_loss"]
     assert a["heldout_loss"] < a["random_init_heldout_loss"] - 0.2
+
+
+# --- a base is checked before any work starts ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (lambda d: (d / "tokenizer.json").unlink(), "has no tokenizer (tokenizer.json, tokenizer.model"),
+        (lambda d: (d / "model.safetensors").unlink(), "has no weights (model.safetensors or pytorch_model"),
+        (lambda d: (d / "config.json").write_text("{oops"), "config.json: not valid JSON"),
+        (lambda d: (d / "config.json").write_text("{}"), "config.json: no 'model_type'"),
+        (lambda d: (d / "tokenizer.json").write_text("{}"), "tokenizer.json: not a usable tokenizer"),
+        (
+            lambda d: (d / "config.json").write_text(
+                json.dumps({**json.loads((d / "config.json").read_text()), "vocab_size": 100})
+            ),
+            "the tokenizer has ids up to 299 but the model has 100 embedding rows",
+        ),
+    ],
+    ids=["no-tokenizer", "no-weights", "config-not-json", "no-model-type", "bad-tokenizer", "ids-past-vocab"],
+)
+def test_unusable_bases_are_refused_in_one_line(tiny_model_dir, tmp_path, breakage, message):
+    d = _copy(tiny_model_dir, tmp_path / "broken")
+    breakage(d)
+    with pytest.raises(BaseModelError) as err:
+        resolve_base_dir(d)
+    assert message in err.value.message and "\n" not in err.value.message
+
+
+def test_a_missing_shard_is_named(tiny_model_dir, tmp_path):
+    d = _copy(tiny_model_dir, tmp_path / "sharded")
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(BaseModelError, match="lacks weight shard.*model-00002-of-00002.safetensors"):
+        resolve_base_dir(d)
+
+
+def test_train_refuses_a_base_without_tokenizer_before_writing_anything(tiny_model_dir, tmp_path):
+    from adapterhub_lite.training import recipe_from_dict, train
+
+    d = _copy(tiny_model_dir, tmp_path / "no-tok")
+    (d / "tokenizer.json").unlink()
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": " b"}\n' * 4)
+    recipe = recipe_from_dict(
+        {"data": str(tmp_path / "d.jsonl"), "base": str(d), "output_dir": str(tmp_path / "o")}
+    )
+    with pytest.raises(BaseModelError, match="has no tokenizer"):
+        train(recipe, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_base_info_reads_no_torch_and_counts_the_tokenizer():
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from cli.main import app; from adapterhub_lite.base.check import describe_base; "
+        "info = describe_base(None); assert 'torch' not in sys.modules, 'torch imported'; "
+        "print(json.dumps(info))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout)
+    assert info["name"] == "ahl-tiny-llama" and info["tokenizer_size"] == info["vocab_size"] == 1454
+    assert info["fingerprint"] == fingerprint(EMBEDDED_BASE_DIR)

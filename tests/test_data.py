@@ -196,3 +196,125 @@ def test_example_datasets_are_what_the_script_generates(tmp_path):
         committed = EXAMPLES_DIR / name / "data.jsonl"
         assert (tmp_path / name / "data.jsonl").read_bytes() == committed.read_bytes(), name
         assert len(load_dataset(committed)) >= 30
+
+
+# --- the data people bring: files read through `datasets`, and the formats of other tools ---------------
+
+ROWS = [{"prompt": "Q: up?\nA:", "completion": " down"}, {"prompt": "Q: hot?\nA:", "completion": " cold"}]
+
+
+def test_json_array_csv_parquet_and_saved_folder_read_the_same(tmp_path):
+    import datasets
+
+    (tmp_path / "a.json").write_text(json.dumps(ROWS))
+    datasets.Dataset.from_list(ROWS).to_csv(str(tmp_path / "a.csv"), index=False)
+    datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "a.parquet"))
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dict"))
+    jsonl = load_dataset(write(tmp_path / "a.jsonl", *ROWS))
+    for name in ("a.json", "a.csv", "a.parquet", "saved", "dict"):
+        ds = load_dataset(tmp_path / name)
+        assert ds.format == "prompt_completion" and ds.examples == jsonl.examples or [
+            (e.prompt, e.completion) for e in ds.examples
+        ] == [(e.prompt, e.completion) for e in jsonl.examples], name
+        assert ds.digest.startswith("sha256:")
+    assert not list(tmp_path.glob("**/*.arrow-cache*"))
+
+
+def test_rows_of_each_file_type_are_named_by_line_or_row(tmp_path):
+    bad = [*ROWS, {"prompt": "x", "completion": ""}]
+    (tmp_path / "b.json").write_text(json.dumps(bad))
+    with pytest.raises(DatasetError, match=r"b.json:\[2\]: 'completion' is empty"):
+        load_dataset(tmp_path / "b.json")
+    (tmp_path / "b.csv").write_text('prompt,completion\na,b\n"multi\nline",c\nx,\n')
+    with pytest.raises(DatasetError, match=r"b.csv:5: a prompt_completion record without 'completion'"):
+        load_dataset(tmp_path / "b.csv")
+    with pytest.raises(DatasetError, match=r"unknown dataset file type '.txt'") as err:
+        load_dataset(write(tmp_path / "d.txt", "hello"))
+    assert ".jsonl" in err.value.hint and "save_to_disk" in err.value.hint
+
+
+def test_alpaca_is_trained_as_a_chat(tok, tmp_path):
+    rows = [
+        {"instruction": "Give the opposite.", "input": "up", "output": "down"},
+        {"instruction": "Say hi.", "input": "", "output": "hi", "system": "Be brief."},
+    ]
+    ds = load_dataset(write(tmp_path / "alpaca.jsonl", *rows))
+    assert ds.format == "alpaca"
+    assert ds.examples[0].messages == (
+        {"role": "user", "content": "Give the opposite.\n\nup"},
+        {"role": "assistant", "content": "down"},
+    )
+    assert ds.examples[1].messages[0] == {"role": "system", "content": "Be brief."}
+    (f,) = tokenize_example(ds.examples[0], tok, 128)
+    assert trained_text(tok, f) == "down<|end|>\n"
+    assert generation_case(ds.examples[1], tok).answer == "hi"
+
+
+def test_sharegpt_is_trained_as_a_chat_with_its_system(tok, tmp_path):
+    row = {
+        "system": "You translate.",
+        "conversations": [
+            {"from": "human", "value": "cat?"},
+            {"from": "gpt", "value": "chat"},
+            {"from": "human", "value": "dog?"},
+            {"from": "gpt", "value": "chien"},
+        ],
+    }
+    ds = load_dataset(write(tmp_path / "sg.jsonl", row))
+    assert ds.format == "sharegpt"
+    roles = [m["role"] for m in ds.examples[0].messages]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    (f,) = tokenize_example(ds.examples[0], tok, 256)
+    assert trained_text(tok, f) == "chat<|end|>\nchien<|end|>\n"
+    with pytest.raises(DatasetError, match=r"1: conversations\[0\]: unknown speaker 'robot'"):
+        load_dataset(write(tmp_path / "bad.jsonl", {"conversations": [{"from": "robot", "value": "x"}]}))
+
+
+def test_openai_messages_with_a_system_message(tok, tmp_path):
+    row = {"messages": [{"role": "system", "content": "Short answers."}, {"role": "user", "content": "2+2?"},
+                        {"role": "assistant", "content": "4"}]}  # fmt: skip
+    ds = load_dataset(write(tmp_path / "m.jsonl", row))
+    (f,) = tokenize_example(ds.examples[0], tok, 128)
+    assert trained_text(tok, f) == "4<|end|>\n"
+    assert "Short answers." in tok.decode(f.input_ids)
+
+
+def test_the_format_can_be_named_and_a_mismatch_is_an_error(tmp_path):
+    path = write(tmp_path / "d.jsonl", *ROWS)
+    assert load_dataset(path, "prompt_completion").format == "prompt_completion"
+    with pytest.raises(DatasetError, match="1: a prompt_completion record in a alpaca dataset"):
+        load_dataset(path, "alpaca")
+
+
+def test_unknown_records_hint_at_every_format(tmp_path):
+    with pytest.raises(DatasetError) as err:
+        load_dataset(write(tmp_path / "d.jsonl", {"question": "q", "answer": "a"}))
+    for name in ("prompt_completion", "chat", "alpaca", "sharegpt", "text"):
+        assert name in err.value.hint
+
+
+def test_bad_lines_are_skipped_and_reported_when_asked(tmp_path):
+    path = write(tmp_path / "d.jsonl", ROWS[0], "{not json", {"prompt": "x", "completion": " "}, ROWS[1])
+    with pytest.raises(DatasetError, match=r"d.jsonl:2: not valid JSON") as err:
+        load_dataset(path)
+    assert "skip_bad_lines" in err.value.hint
+    ds = load_dataset(path, skip_bad_lines=True)
+    assert [e.line for e in ds.examples] == [1, 4] and ds.n_skipped == 2
+    assert ds.skipped[0].startswith(f"{path}:2: not valid JSON") and ds.skipped[1].startswith(f"{path}:3: ")
+    with pytest.raises(DatasetError, match="no good examples"):
+        load_dataset(write(tmp_path / "all-bad.jsonl", "{x", "{y"), skip_bad_lines=True)
+
+
+def test_overlong_examples_are_counted_truncated_or_dropped(tok, tmp_path):
+    from adapterhub_lite.data import tokenize_dataset
+
+    long = {"prompt": "Q: x", "completion": " " + "answer " * 30}
+    ds = load_dataset(write(tmp_path / "d.jsonl", ROWS[0], long, ROWS[1]))
+    feats, report = tokenize_dataset(ds.examples, tok, 32)
+    assert len(feats) == 3 and max(len(f.input_ids) for f in feats) == 32
+    assert (report.truncated, report.dropped, report.lines) == (1, 0, [2])
+    assert "1 example(s) longer than max_seq_len=32: 1 truncated, 0 dropped (lines 2)" in report.warning()
+    feats, report = tokenize_dataset(ds.examples, tok, 32, overlong="drop")
+    assert [f.line for f in feats] == [1, 3] and (report.truncated, report.dropped) == (0, 1)
+    assert tokenize_dataset(ds.examples, tok, 256)[1].warning() is None

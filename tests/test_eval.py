@@ -129,7 +129,7 @@ def test_eval_refuses_what_is_not_an_adapter_or_another_base(capitals_lora, tmp_
     data = str(EXAMPLES_DIR / "capitals" / "data.jsonl")
     res = runner.invoke(app, ["eval", "--adapter", str(tmp_path), "--data", data])
     assert (
-        res.exit_code == 1 and "not a PEFT adapter directory" in res.output and "Traceback" not in res.output
+        res.exit_code == 65 and "not a PEFT adapter directory" in res.output and "Traceback" not in res.output
     )
     other = tmp_path / "other-base"
     shutil.copytree(EMBEDDED_BASE_DIR, other)
@@ -139,4 +139,4 @@ def test_eval_refuses_what_is_not_an_adapter_or_another_base(capitals_lora, tmp_
     res = runner.invoke(
         app, ["eval", "--adapter", str(capitals_lora.output_dir), "--base", str(other), "--data", data]
     )
-    assert res.exit_code == 1 and "was trained on base sha256:" in res.output
+    assert res.exit_code == 65 and "was trained on base sha256:" in res.output

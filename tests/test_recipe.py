@@ -106,15 +106,15 @@ def test_cli_reports_recipe_and_dataset_errors_without_traceback(tmp_path):
     runner = CliRunner()
     recipe = write(tmp_path / "r.yaml", "data: d.jsonl\nrank: 0\n")
     res = runner.invoke(app, ["train", str(recipe), "--set", "learnig_rate=1"])
-    assert res.exit_code == 1
+    assert res.exit_code == 65  # INVALID (sysexits EX_DATAERR)
     assert "error: invalid recipe" in res.output and "did you mean 'learning_rate'" in res.output
     assert "Traceback" not in res.output
 
     (tmp_path / "d.jsonl").write_text('{"prompt": "a", "completion": " b"}\n{"prompt": "a"}\n')
     res = runner.invoke(app, ["train", str(recipe), "--rank", "2", "--output-dir", str(tmp_path / "out")])
-    assert res.exit_code == 1
+    assert res.exit_code == 65  # INVALID (sysexits EX_DATAERR)
     assert f"error: {tmp_path / 'd.jsonl'}:2: a prompt_completion record without 'completion'" in res.output
     assert not (tmp_path / "out").exists()  # nothing written before the data is known to be good
 
     res = runner.invoke(app, ["train", str(recipe), "--set", "oops"])
-    assert res.exit_code == 1 and "expected FIELD=VALUE" in res.output
+    assert res.exit_code == 65  # INVALID (sysexits EX_DATAERR) and "expected FIELD=VALUE" in res.output

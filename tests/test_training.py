@@ -215,3 +215,89 @@ def test_layers_with_the_default_all_linear_targets(tmp_path):
     }
     names = load_file(run.output_dir / "adapter_model.safetensors").keys()
     assert {n.split(".layers.")[1].split(".")[0] for n in names} == {"2", "3"}
+
+
+def test_adapters_name_their_base_and_load_with_auto_peft_offline(capitals_lora, capitals_qlora, monkeypatch):  # noqa: E501
+    import socket
+
+    from peft import AutoPeftModelForCausalLM
+
+    lookups = []
+
+    def no_network(*args, **kwargs):
+        lookups.append(args[:2])
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    # AutoPeftModel resolves the recorded name as a folder: run it where the base's folder is.
+    monkeypatch.chdir(EMBEDDED_BASE_DIR.parent)
+    tok, cases = held_out_cases(capitals_lora)
+    for run in (capitals_lora, capitals_qlora):
+        config = json.loads((run.output_dir / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "ahl-tiny-llama" == run.record["base"]["name"]
+        model = AutoPeftModelForCausalLM.from_pretrained(str(run.output_dir)).eval()
+        if run is capitals_lora:  # the 4-bit adapter on the full-precision base answers differently
+            got = greedy_answers(model, tok, [c.prompt_ids for c in cases])
+            assert got == [p["got"] for p in run.record["predictions"]["adapter"]]
+    assert lookups == []
+
+
+def test_training_makes_no_network_lookups_and_says_nothing_of_hubs(tmp_path, monkeypatch, capfd):
+    import socket
+
+    lookups = []
+
+    def no_network(*args, **kwargs):
+        lookups.append(args[:2])
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    r = recipe("antonyms", tmp_path / "q", method="qlora", max_steps=1, max_seq_len=32)
+    run = train(r, progress=False)
+    assert lookups == []
+    assert "fetch" not in capfd.readouterr().err.lower()
+    config = json.loads((run.output_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "ahl-tiny-llama"
+
+
+def test_a_failed_run_leaves_only_complete_checkpoints(tmp_path, monkeypatch):
+    from adapterhub_lite.training import trainer
+    from adapterhub_lite.training.checkpoint import list_checkpoints
+
+    real = trainer.optimizer_step
+
+    def fails_at_step_2(*args, **kwargs):
+        if args[4] == 1:
+            raise TrainingError("injected failure at step 2")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "optimizer_step", fails_at_step_2)
+    with pytest.raises(TrainingError, match="injected"):
+        train(recipe("antonyms", tmp_path / "one", max_steps=3, checkpoint_every=1), progress=False)
+    assert [c.step for c in list_checkpoints(tmp_path / "one" / "checkpoints")] == [1]
+    assert sorted(p.name for p in (tmp_path / "one" / "checkpoints").iterdir()) == ["step-000001"]
+    assert not (tmp_path / "one" / "adapter_model.safetensors").exists()
+    # Failing before the first checkpoint leaves nothing at all behind.
+    with pytest.raises(TrainingError, match="injected"):
+        train(recipe("antonyms", tmp_path / "none", max_steps=3, checkpoint_every=2), progress=False)
+    assert not (tmp_path / "none").exists()
+
+
+def test_training_record_names_formats_skips_and_overlong(tmp_path):
+    pairs = [("up", "down"), ("hot", "cold"), ("big", "small"), ("fast", "slow"), ("wet", "dry")] * 3
+    rows = [{"instruction": "Opposite of", "input": w, "output": o} for w, o in pairs]
+    rows.append({"instruction": "Opposite of", "input": "long " * 60, "output": "short"})
+    lines = [json.dumps(r) for r in rows] + ["{broken"]
+    (tmp_path / "alpaca.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "held.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:4]) + "\n")
+    r = recipe("antonyms", tmp_path / "a", data=tmp_path / "alpaca.jsonl", eval_data=tmp_path / "held.jsonl",
+               max_steps=1, max_seq_len=48, skip_bad_lines=True, overlong="drop")  # fmt: skip
+    rec = train(r, progress=False).record
+    ds = rec["dataset"]
+    assert ds["format"] == "alpaca" and ds["skipped_lines"] == 1
+    assert ds["skipped"][0].startswith(f"{tmp_path / 'alpaca.jsonl'}:17: not valid JSON")
+    assert ds["overlong"] == {
+        "policy": "drop", "max_seq_len": 48, "truncated": 0, "dropped": 1, "lines": [16]
+    }  # fmt: skip
+    assert any("1 bad record(s) skipped" in w for w in rec["warnings"])
+    assert any("longer than max_seq_len=48: 0 truncated, 1 dropped (lines 16)" in w for w in rec["warnings"])

@@ -1,4 +1,4 @@
-"""Where the embedded base model lives, and how a user's base reference becomes a directory."""
+"""Where the embedded base model lives, and how a user's base reference becomes a checked directory."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ EMBEDDED_BASE_DIR = Path(__file__).parent / "assets" / EMBEDDED_BASE_NAME
 
 
 def resolve_base_dir(base: str | Path | None) -> Path:
-    """Turn a base reference (None, "embedded", or a local directory) into an existing model directory.
+    """Turn a base reference (None, "embedded", or a local directory) into a usable model directory.
 
-    Nothing is fetched from a model hub: a name that is not a local directory is an error.
+    Nothing is fetched from a model hub: a name that is not a local directory is an error, and so is a
+    directory without a config, weights or a usable tokenizer (`check_base`).
     """
+    from adapterhub_lite.base.check import check_base
+
     if base is None or str(base) in ("embedded", EMBEDDED_BASE_NAME):
         path = EMBEDDED_BASE_DIR
     else:
@@ -25,9 +28,16 @@ def resolve_base_dir(base: str | Path | None) -> Path:
             hint="point to a local Hugging Face model directory (config.json + weights); "
             "models are never downloaded from a hub",
         )
-    if not (path / "config.json").is_file():
-        raise BaseModelError(
-            f"{path} has no config.json, so it is not a Hugging Face model directory",
-            hint="save the model with `model.save_pretrained(dir)` and `tokenizer.save_pretrained(dir)`",
-        )
-    return path.resolve()
+    path = path.resolve()
+    check_base(path)
+    return path
+
+
+def base_name(base_dir: str | Path) -> str:
+    """The name an adapter records for its base (``base_model_name_or_path``): the directory's name.
+
+    Never a local path (it means nothing on another machine) and never "None"; the fingerprint in the
+    training record is what pins the exact weights.
+    """
+    path = Path(base_dir).resolve()
+    return EMBEDDED_BASE_NAME if path == EMBEDDED_BASE_DIR.resolve() else path.name

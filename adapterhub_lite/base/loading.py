@@ -77,7 +77,9 @@ def _load_nf4_lean(path: Path, files: list[Path], kwargs: dict):
             handle = stack.enter_context(safe_open(str(file), framework="pt", device="cpu", backend="pread"))
             state_dict.update({key: handle.get_slice(key) for key in handle.keys()})
         model = model_class.from_pretrained(None, config=config, state_dict=state_dict, **kwargs)
+    # from_pretrained(None, ...) leaves "None" where peft reads the base's name from.
     model.config.name_or_path = str(path)
+    model.name_or_path = str(path)
     return model
 
 

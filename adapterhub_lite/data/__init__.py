@@ -1,4 +1,5 @@
-"""Datasets: the JSONL formats, tokenization with completion-only loss masks, and the train/eval split."""
+"""Datasets: files read through `datasets`, the record formats, tokenization with completion-only loss
+masks, and the train/eval split."""
 
 from adapterhub_lite.data.collate import collate
 from adapterhub_lite.data.formats import FORMATS, Dataset, Example, Format, file_digest, load_dataset
@@ -7,7 +8,10 @@ from adapterhub_lite.data.tokenize import (
     IGNORE_INDEX,
     Features,
     GenerationCase,
+    LengthReport,
+    Overlong,
     generation_case,
+    tokenize_dataset,
     tokenize_example,
     tokenize_examples,
 )
@@ -20,10 +24,13 @@ __all__ = [
     "Features",
     "Format",
     "GenerationCase",
+    "LengthReport",
+    "Overlong",
     "collate",
     "file_digest",
     "generation_case",
     "load_dataset",
+    "tokenize_dataset",
     "tokenize_example",
     "tokenize_examples",
     "train_eval_split",

@@ -8,9 +8,10 @@ the answer starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
-from adapterhub_lite.data.formats import Example
+from adapterhub_lite.data.formats import MAX_REPORTED, Example
 from adapterhub_lite.errors import DatasetError
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
@@ -92,14 +93,10 @@ def _start_ids(tokenizer) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 
-def tokenize_example(
-    example: Example, tokenizer, max_seq_len: int, *, train_on_prompt: bool = False
-) -> list[Features]:
-    """Token ids and labels of one example; raw text longer than ``max_seq_len`` becomes several windows.
+Overlong = Literal["truncate", "drop"]
 
-    Prompt/completion and chat examples longer than ``max_seq_len`` are cut at the right; one left with no
-    trainable token is dropped (an empty list is returned).
-    """
+
+def _encode_example(example: Example, tokenizer, train_on_prompt: bool) -> tuple[list[int], list[int]]:
     ids = _start_ids(tokenizer)
     labels = [IGNORE_INDEX] * len(ids)
     for i, (text, trainable) in enumerate(segments(example, tokenizer)):
@@ -112,29 +109,111 @@ def tokenize_example(
     if example.format != "chat" and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
+    return ids, labels
+
+
+def _cut(example: Example, ids: list[int], labels: list[int], max_seq_len: int, overlong: Overlong):
     if example.format == "text" and len(ids) > max_seq_len:
         return [
             Features(ids[i : i + max_seq_len], labels[i : i + max_seq_len], example.line)
             for i in range(0, len(ids), max_seq_len)
             if len(ids[i : i + max_seq_len]) > 1
         ]
+    if len(ids) > max_seq_len and overlong == "drop":
+        return []
     feats = Features(ids[:max_seq_len], labels[:max_seq_len], example.line)
     return [feats] if feats.n_trainable > 0 else []
+
+
+def tokenize_example(
+    example: Example,
+    tokenizer,
+    max_seq_len: int,
+    *,
+    train_on_prompt: bool = False,
+    overlong: Overlong = "truncate",
+) -> list[Features]:
+    """Token ids and labels of one example; raw text longer than ``max_seq_len`` becomes several windows.
+
+    Prompt/completion and chat examples longer than ``max_seq_len`` are cut at the right (``truncate``)
+    or dropped (``drop``); one left with no trainable token is dropped too (an empty list is returned).
+    """
+    ids, labels = _encode_example(example, tokenizer, train_on_prompt)
+    return _cut(example, ids, labels, max_seq_len, overlong)
+
+
+@dataclass
+class LengthReport:
+    """Examples longer than ``max_seq_len``: how many were cut or dropped, and the first lines of each."""
+
+    policy: str
+    max_seq_len: int
+    truncated: int = 0
+    dropped: int = 0
+    lines: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "policy": self.policy,
+            "max_seq_len": self.max_seq_len,
+            "truncated": self.truncated,
+            "dropped": self.dropped,
+            "lines": self.lines,
+        }
+
+    def warning(self) -> str | None:
+        """One line for the user and the training record, or None when nothing was too long."""
+        if not (self.truncated or self.dropped):
+            return None
+        lines = ", ".join(map(str, self.lines)) + (
+            ", ..." if self.truncated + self.dropped > len(self.lines) else ""
+        )
+        return (
+            f"{self.truncated + self.dropped} example(s) longer than max_seq_len={self.max_seq_len}: "
+            f"{self.truncated} truncated, {self.dropped} dropped (lines {lines}); "
+            "raise max_seq_len, or set overlong: truncate|drop in the recipe"
+        )
+
+
+def tokenize_dataset(
+    examples: list[Example],
+    tokenizer,
+    max_seq_len: int,
+    *,
+    train_on_prompt: bool = False,
+    overlong: Overlong = "truncate",
+) -> tuple[list[Features], LengthReport]:
+    """Tokenize many examples, counting those longer than ``max_seq_len`` (raw text is windowed, not cut).
+
+    Raises DatasetError if every example is cut away.
+    """
+    out: list[Features] = []
+    report = LengthReport(overlong, max_seq_len)
+    for ex in examples:
+        ids, labels = _encode_example(ex, tokenizer, train_on_prompt)
+        feats = _cut(ex, ids, labels, max_seq_len, overlong)
+        if ex.format != "text" and len(ids) > max_seq_len:
+            if feats:
+                report.truncated += 1
+            else:
+                report.dropped += 1
+            if len(report.lines) < MAX_REPORTED:
+                report.lines.append(ex.line)
+        out.extend(feats)
+    if examples and not out:
+        raise DatasetError(
+            f"every example is longer than max_seq_len={max_seq_len}"
+            + (" before its answer starts" if overlong == "truncate" else ""),
+            hint="raise max_seq_len in the recipe",
+        )
+    return out, report
 
 
 def tokenize_examples(
     examples: list[Example], tokenizer, max_seq_len: int, *, train_on_prompt: bool = False
 ) -> list[Features]:
-    """Tokenize many examples; raises DatasetError if every one is cut away by ``max_seq_len``."""
-    out: list[Features] = []
-    for ex in examples:
-        out.extend(tokenize_example(ex, tokenizer, max_seq_len, train_on_prompt=train_on_prompt))
-    if examples and not out:
-        raise DatasetError(
-            f"every example is longer than max_seq_len={max_seq_len} before its answer starts",
-            hint="raise max_seq_len in the recipe",
-        )
-    return out
+    """Tokenize many examples (over-long ones truncated); raises DatasetError if every one is cut away."""
+    return tokenize_dataset(examples, tokenizer, max_seq_len, train_on_prompt=train_on_prompt)[0]
 
 
 @dataclass(frozen=True)

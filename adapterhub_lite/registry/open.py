@@ -31,12 +31,19 @@ def open_registry(
 ) -> Registry:
     """Open (or create) the registry at `location` (> $ADAPTERHUB_REGISTRY > ~/.adapterhub/registry).
 
-    `location` is a directory, `sqlite:///DIR` or `postgresql://...` (see `registry.config`).
+    `location` is a directory, `sqlite:///DIR` or `postgresql://...` (see `registry.config`), or a hub
+    URL `http(s)://...`, which gives a `remote.RemoteRegistry` with the same interface.
     `blobs` is where files are stored (default `<directory>/blobs`; any fsspec URL, or a filesystem
     object; required to create a registry on a database server); a URL given when the registry is
     created is remembered in its config. `trusted_keys` (default: the config's) makes publish and pull
     require a trusted signature.
     """
+    raw = location if location is not None else os.environ.get(ENV_REGISTRY)
+    if isinstance(raw, str) and raw.startswith(("http://", "https://")):
+        # A hub: the same interface over HTTP (token from $ADAPTERHUB_TOKEN or `adapterhub login`).
+        from adapterhub_lite.registry.remote import RemoteRegistry
+
+        return RemoteRegistry(raw, trusted_keys=trusted_keys)  # type: ignore[return-value]
     where = parse_location(location)
     if blobs is None and os.environ.get(ENV_BLOBS):
         blobs = os.environ[ENV_BLOBS]

@@ -1,61 +1,203 @@
-"""Grouped multi-LoRA matmuls for vLLM's CPU build: one GEMM per adapter in the batch, not a weight copy
-per token.
+"""Grouped multi-LoRA arithmetic for vLLM's CPU build: rows grouped by adapter once per step, one batched
+matrix product per LoRA matrix, never a weight copy per token.
 
-vLLM's CPU punica wrapper uses its PyTorch reference ops (`vllm.lora.ops.torch_ops`), which gather a
-copy of the LoRA matrix for every token (`weights[indices]`, shape tokens x out x rank) and multiply
-token by token. A batch only ever holds a few distinct adapters (at most `--max-loras`), so grouping
-the tokens by adapter and doing one matrix product per group reads each LoRA matrix once. Same
-signatures and the same results (up to float rounding) as the reference ops; the plugin installs
-them on the CPU platform only (GPUs use vLLM's Triton kernels), and `ADAPTERHUB_CPU_LORA_OPS=0`
-keeps vLLM's own. Measured by `benchmarks/cpu_lora_ops_bench.py` (per batch size) and
-`benchmarks/serving_bench.py` (the server with and without them).
+vLLM's CPU punica wrapper uses its PyTorch reference ops (`vllm.lora.ops.torch_ops`), which gather a copy
+of the LoRA matrix for every token (`weights[indices]`, tokens x out x rank) and run shrink and expand as
+two separate calls per slice, each with its own index expansion. A batch only holds a few distinct
+adapters (at most `--max-loras`), so here the rows are grouped by adapter slot once per step
+(`group_rows`) and each LoRA layer costs one gather of its input, one `bmm` per matrix and one
+`index_add_` of its output (`lora_linear`).
+
+Grouping is by index, never by masking: a row only ever meets its own adapter's weights, so an adapter
+whose weights hold NaN or inf cannot touch another row (a masked product would: 0 * NaN is NaN). A
+negative slot means "no adapter" (vLLM's documented meaning; its CPU reference gathers `weights[-1]`
+instead, i.e. the last slot's adapter): such rows are left exactly as they were.
+
+This module is plain torch; `adapterhub_lite/vllm_compat/lora_ops.py` installs it into vLLM. Measured by
+`benchmarks/cpu_lora_ops_bench.py` (per op) and `benchmarks/serving_bench.py` (the server).
 """
 
 from __future__ import annotations
 
-import logging
-import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-log = logging.getLogger(__name__)
-
 ENV_SWITCH = "ADAPTERHUB_CPU_LORA_OPS"
-# Below these sizes the reference gather is as fast or faster (benchmarks/cpu_lora_ops_bench.py).
-_MIN_GROUPED_TOKENS = 128
-_MIN_TOKENS_PER_GROUP = 16
+# Many small groups (decode) run as one padded batched product, which computes groups x longest-group
+# rows: worth it while the groups are short and the padding small; larger groups (prefill) run as one
+# product per group, which needs no padding and no reordering copy.
+_MAX_PADDING = 2.0
+_MAX_PADDED_GROUP = 32
 
 
-def _lora_products(
-    inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+@dataclass(frozen=True)
+class Grouping:
+    """The rows of a batch grouped by adapter slot (rows without an adapter are in no group)."""
+
+    n: int  # rows in the batch
+    slots: list[int]  # distinct slots >= 0, ascending
+    counts: list[int]  # rows per slot
+    rows: torch.Tensor  # rows with an adapter, sorted by slot (stable)
+    slot_index: torch.Tensor  # the slots as a tensor (for gathering weights)
+    padded: torch.Tensor | None  # (groups, longest) row indices, short groups padded with their own rows
+    positions: torch.Tensor | None  # where each of `rows` sits in padded.view(-1)
+    contiguous: bool  # slots == 0..groups-1: weights can be used as a view, no gather
+
+    @property
+    def empty(self) -> bool:
+        return not self.slots
+
+
+def group_rows(indices: torch.Tensor) -> Grouping:
+    """Group the rows of a batch by their adapter slot (`indices[i]`, negative: no adapter)."""
+    indices = indices.reshape(-1)
+    n = int(indices.shape[0])
+    rows = torch.nonzero(indices >= 0).reshape(-1)
+    if rows.numel() == 0:
+        empty = torch.empty(0, dtype=torch.long)
+        return Grouping(n, [], [], empty, empty, None, None, True)
+    values = indices[rows]
+    order = torch.argsort(values, stable=True)
+    rows, values = rows[order], values[order]
+    slot_t, count_t = torch.unique_consecutive(values, return_counts=True)
+    slots, counts = slot_t.tolist(), count_t.tolist()
+    contiguous = slots == list(range(len(slots)))
+    longest = max(counts)
+    padded = positions = None
+    if len(slots) > 1 and longest <= _MAX_PADDED_GROUP and len(slots) * longest <= _MAX_PADDING * len(rows):
+        starts = torch.cumsum(count_t, 0) - count_t
+        group_of = torch.repeat_interleave(torch.arange(len(slots)), count_t)
+        rank_in_group = torch.arange(len(rows)) - starts[group_of]
+        positions = group_of * longest + rank_in_group
+        # Padding rows repeat the group's first row: computed, never read back, and only ever with the
+        # group's own weights.
+        padded = rows[starts].repeat_interleave(longest).view(len(slots), longest).clone()
+        padded.view(-1)[positions] = rows
+    return Grouping(n, slots, counts, rows, slot_t, padded, positions, contiguous)
+
+
+def _stacked(weights: torch.Tensor) -> torch.Tensor:
+    """vLLM's stacked LoRA weights (slots, 1, out, in) or (slots, out, in) as (slots, out, in)."""
+    return weights.squeeze(1) if weights.dim() == 4 else weights
+
+
+def _for_groups(weights: torch.Tensor, g: Grouping) -> torch.Tensor:
+    """The rows of stacked `weights` for the grouping's slots, (groups, ...)."""
+    return weights[: len(g.slots)] if g.contiguous else weights.index_select(0, g.slot_index)
+
+
+def _prepared(
+    lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], output_slices: Sequence[int]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A layer's LoRA pairs as the products want them: every slice's A stacked along the rank,
+    (slots, k*r, in), for one shrink; each B transposed, (slots, r, out_i), contiguous (a batched product
+    with a transposed view takes a slow path). vLLM pads every adapter to --max-lora-rank with zeros; r
+    is cut to the largest rank any slot uses (NaN counts as used), so the columns cut added nothing.
+    Cached on the first B until vLLM writes any of the tensors (loading or resetting a slot bumps the
+    version counter)."""
+    key = tuple((t._version, t.data_ptr()) for t in (*lora_a, *lora_b)) + (tuple(output_slices),)
+    cached = getattr(lora_b[0], "_adapterhub_prepared", None)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    a3 = [_stacked(a) for a in lora_a]
+    used = torch.nonzero(torch.stack([a.ne(0).any(dim=2).any(dim=0) for a in a3]).any(dim=0)).reshape(-1)
+    rank = int(used.max()) + 1 if used.numel() else 1
+    a_cat = a3[0][:, :rank] if len(a3) == 1 else torch.cat([a[:, :rank] for a in a3], dim=1)
+    b_ts = [
+        _stacked(b)[:, :size, :rank].transpose(1, 2).contiguous()
+        for b, size in zip(lora_b, output_slices, strict=True)
+    ]
+    lora_b[0]._adapterhub_prepared = (key, a_cat, b_ts)
+    return a_cat, b_ts
+
+
+def _expand(h: torch.Tensor, b_ts: list[torch.Tensor], batched: bool) -> torch.Tensor:
+    """Each slice's rank block of `h` times its B^T, side by side along the last dimension."""
+    rank = b_ts[0].shape[-2]
+    product = torch.bmm if batched else torch.matmul
+    outs = [product(h[..., i * rank : (i + 1) * rank], b) for i, b in enumerate(b_ts)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def _add_pair(
+    y: torch.Tensor, x: torch.Tensor, g: Grouping, a: torch.Tensor, b_ts: list[torch.Tensor], scale: float
+) -> None:
+    """``y[row] += scale * x[row] @ A[slot].T @ B[slot].T`` for the grouped rows, computed in float32;
+    `a` is (slots, k*r, in), `b_ts` k tensors (slots, r, out_i)."""
+    x = x.to(dtype=torch.float32)
+    a, b_ts = a.to(dtype=torch.float32), [b.to(dtype=torch.float32) for b in b_ts]
+    if len(g.slots) == 1 and len(g.rows) == g.n:
+        s = g.slots[0]
+        h = x @ a[s].t()
+        y += _expand(h * scale if scale != 1.0 else h, [b[s] for b in b_ts], batched=False).to(y.dtype)
+        return
+    if g.padded is not None:
+        groups, longest = g.padded.shape
+        h = x.index_select(0, g.padded.view(-1)).view(groups, longest, -1)
+        h = torch.bmm(h, _for_groups(a, g).transpose(1, 2))
+        if scale != 1.0:
+            h = h * scale
+        h = _expand(h, [_for_groups(b, g) for b in b_ts], batched=True).view(groups * longest, -1)
+        y.index_add_(0, g.rows, h.index_select(0, g.positions).to(dtype=y.dtype))
+        return
+    start = 0
+    for s, count in zip(g.slots, g.counts, strict=True):
+        rows = g.rows[start : start + count]
+        start += count
+        h = x.index_select(0, rows) @ a[s].t()
+        if scale != 1.0:
+            h = h * scale
+        y.index_add_(0, rows, _expand(h, [b[s] for b in b_ts], batched=False).to(dtype=y.dtype))
+
+
+def _single(x: torch.Tensor, g: Grouping, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x[row] @ W[slot].T`` for the grouped rows, in `g.rows` order; `w` is (slots, out, in)."""
+    x = x.to(dtype=dtype)
+    if len(g.slots) == 1:
+        h = x if len(g.rows) == g.n else x.index_select(0, g.rows)
+        return h @ w[g.slots[0]].to(dtype=dtype).t()
+    chunks = x.index_select(0, g.rows).split(g.counts)
+    return torch.cat([h @ w[s].to(dtype=dtype).t() for s, h in zip(g.slots, chunks, strict=True)])
+
+
+def lora_linear(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    g: Grouping,
+    lora_a_stacked: Sequence[torch.Tensor],
+    lora_b_stacked: Sequence[torch.Tensor],
+    scale: float,
+    output_slices: Sequence[int],
+    offset_start: int = 0,
 ) -> torch.Tensor:
-    """Row b of the result is ``weights[indices[b]] @ inputs[b]`` in `dtype` (the reference ops' einsum
-    ``"bi, boi -> bo"``), computed with one matmul per distinct index (negative indices count from the
-    end, as in the reference's gather). Only the weights used are cast, as in the reference."""
-    inputs = inputs.to(dtype=dtype)
-    if weights.dim() == 4:
-        weights = weights.squeeze(dim=1)
-    n = inputs.shape[0]
-    groups = counts = None
-    if n >= _MIN_GROUPED_TOKENS and indices.shape[0] == n:
-        groups, counts = torch.unique(indices, return_counts=True)
-    # Small batches (decode) and batches of many adapters with few tokens each: gathering a weight copy
-    # per token costs less than sorting and a loop of matmuls. Shapes the grouped path does not cover
-    # get the reference computation too.
-    if groups is None or (groups.numel() > 1 and n < _MIN_TOKENS_PER_GROUP * groups.numel()):
-        return torch.einsum("bi, boi -> bo", inputs, weights[indices].to(dtype=dtype))
-    if groups.numel() == 1:
-        return inputs @ weights[int(groups[0])].to(dtype=dtype).t()
-    order = torch.argsort(indices, stable=True)
-    out_sorted = torch.cat(
-        [
-            chunk @ weights[index].to(dtype=dtype).t()
-            for index, chunk in zip(groups.tolist(), inputs[order].split(counts.tolist()), strict=True)
-        ]
-    )
-    out = torch.empty_like(out_sorted)
-    out[order] = out_sorted
+    """``y[:, slice i] += scale * x @ A_i[slot].T @ B_i[slot].T`` for each row with an adapter, in place.
+
+    The semantics of vLLM's ``PunicaWrapperBase.add_lora_linear``: slice i of the output starts at
+    ``offset_start + sum(output_slices[:i])``; `x` is (rows, in), `y` (rows, out); A_i is
+    (slots, 1, rank, in), B_i (slots, 1, out_i, rank); the rank is padded to vLLM's max rank, and B_i's
+    output may be padded too (only the first ``output_slices[i]`` columns count).
+    """
+    if g.empty:
+        return y
+    a_cat, b_ts = _prepared(lora_a_stacked, lora_b_stacked, output_slices)
+    _add_pair(y[:, offset_start : offset_start + sum(output_slices)], x, g, a_cat, b_ts, scale)
+    return y
+
+
+def lora_products(inputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype):
+    """Row i is ``weights[indices[i]] @ inputs[i]`` in `dtype`, or zeros where ``indices[i] < 0``."""
+    g = group_rows(indices)
+    w = _stacked(weights)
+    out = torch.zeros(inputs.shape[0], w.shape[1], dtype=dtype)
+    if not g.empty:
+        out.index_copy_(0, g.rows, _single(inputs, g, w, dtype))
     return out
+
+
+# The reference ops' signatures (vllm.lora.ops.torch_ops), for the paths that still call them one matrix
+# at a time (vLLM's sgmv ops call these; so do the logits and embedding LoRA layers).
 
 
 def bgmv_shrink(
@@ -65,8 +207,8 @@ def bgmv_shrink(
     lora_indices_tensor: torch.Tensor,
     scaling: float = 1.0,
 ) -> None:
-    outputs = _lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    output_tensor[:, : outputs.shape[1]] = scaling * outputs[:]
+    outputs = lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    output_tensor[:, : outputs.shape[1]] = scaling * outputs
 
 
 def bgmv_expand(
@@ -76,7 +218,7 @@ def bgmv_expand(
     lora_indices_tensor: torch.Tensor,
     add_inputs: bool = True,
 ) -> None:
-    outputs = _lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     limit = output_tensor.shape[0]
     if outputs.shape[0] == 1 and output_tensor.shape[0] != 1:
         limit = 1
@@ -97,38 +239,24 @@ def bgmv_expand_slice(
     slice_size: int,
     add_inputs: bool = True,
 ) -> None:
-    outputs = _lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
+    outputs = lora_products(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
     if add_inputs:
-        output_tensor[:, slice_offset : slice_offset + slice_size] += outputs[:]
+        output_tensor[:, slice_offset : slice_offset + slice_size] += outputs
     else:
-        output_tensor[:, slice_offset : slice_offset + slice_size] = outputs[:]
+        output_tensor[:, slice_offset : slice_offset + slice_size] = outputs
 
 
 GROUPED = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
 
 
 def install() -> bool:
-    """Use the grouped ops in vLLM's CPU punica wrapper (and in its sgmv ops, which call the bgmv ones).
-
-    Does nothing (returns False) when switched off by ``ADAPTERHUB_CPU_LORA_OPS=0``, off the CPU
-    platform, or when vLLM's modules do not have the shape this was written against.
-    """
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return False
+    """Install these ops into vLLM's CPU LoRA path (`adapterhub_lite.vllm_compat.lora_ops.install`);
+    False, with vLLM's own code kept, when that is not possible."""
     try:
-        from vllm.platforms import current_platform
+        from adapterhub_lite.vllm_compat import lora_ops
+    except Exception as exc:  # another vLLM version: the seam refuses it, vLLM's own ops stay
+        import logging
 
-        if not current_platform.is_cpu():
-            return False
-        from vllm.lora.ops.torch_ops import lora_ops
-        from vllm.lora.punica_wrapper import punica_cpu
-    except Exception as exc:  # vLLM without LoRA support or another layout: keep its own ops
-        log.info("adapterhub: vLLM's CPU LoRA ops left as they are (%s)", exc)
+        logging.getLogger(__name__).info("adapterhub: vLLM's CPU LoRA code left as it is (%s)", exc)
         return False
-    if not all(hasattr(m, name) for m in (lora_ops, punica_cpu) for name in GROUPED):
-        return False
-    for module in (lora_ops, punica_cpu):
-        for name, fn in GROUPED.items():
-            setattr(module, name, fn)
-    log.info("adapterhub: grouped CPU LoRA ops installed (%s=0 to keep vLLM's own)", ENV_SWITCH)
-    return True
+    return lora_ops.install()

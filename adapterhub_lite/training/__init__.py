@@ -1,6 +1,6 @@
 """Training LoRA/QLoRA adapters from a recipe: `load_recipe(path, overrides)` then `train(recipe)`."""
 
-from adapterhub_lite.training.recipe import Recipe, load_recipe, recipe_from_dict
+from adapterhub_lite.training.recipe import Recipe, load_recipe, recipe_from_dict, recipe_overrides
 from adapterhub_lite.training.trainer import NegativeTransferWarning, TrainResult, total_steps, train
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "TrainResult",
     "load_recipe",
     "recipe_from_dict",
+    "recipe_overrides",
     "total_steps",
     "train",
 ]

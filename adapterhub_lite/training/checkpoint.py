@@ -1,13 +1,15 @@
 """Checkpoints: the adapter weights plus everything needed to continue exactly where training stopped.
 
 ``checkpoints/step-000040/`` holds ``adapter_model.safetensors`` (the LoRA weights), ``trainer_state.pt``
-(optimizer, scheduler and RNG states) and ``state.json`` (step, loss history, the recipe settings it was
-made with). It is written to a temporary directory and renamed, so a crash never leaves half a checkpoint.
+(optimizer, scheduler and the RNG states of every process) and ``state.json`` (step, loss history, the
+recipe settings and process count it was made with). Its files are written and fsynced in a temporary
+directory that is then renamed, so a crash or a killed process never leaves a checkpoint that looks whole.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from adapterhub_lite.atomic import fsync_dir
 from adapterhub_lite.errors import TrainingError
 
 
@@ -39,8 +42,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """Write ``ckpt_dir/step-NNNNNN`` atomically and keep only the newest ``keep`` checkpoints."""
+def _fsync_files(folder: Path) -> None:
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_dir(folder)
+
+
+def save_checkpoint(
+    ckpt_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep: int, rng: list[dict]
+) -> Path:
+    """Write ``ckpt_dir/step-NNNNNN`` atomically and keep only the newest ``keep`` checkpoints.
+
+    ``rng`` holds the RNG states of every process, by rank (one process: one state).
+    """
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -49,15 +64,19 @@ def save_checkpoint(ckpt_dir: Path, step: int, model, optimizer, scheduler, stat
     tmp = ckpt_dir / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    # save_embedding_layers=False: "auto" would look the base's name up on a model hub.
+    peft_state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    weights = {k: v.detach().contiguous().cpu() for k, v in peft_state.items()}
     save_file(weights, tmp / "adapter_model.safetensors")
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
         tmp / "trainer_state.pt",
     )
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1) + "\n")
+    _fsync_files(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    fsync_dir(ckpt_dir)
     for old in list_checkpoints(ckpt_dir)[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)
     return final
@@ -74,8 +93,12 @@ def list_checkpoints(ckpt_dir: Path) -> list[Checkpoint]:
     return sorted(out, key=lambda c: c.step)
 
 
-def load_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler) -> None:
-    """Restore adapter weights, optimizer, scheduler and RNG states from a checkpoint."""
+def load_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler, rank: int = 0) -> None:
+    """Restore adapter weights, optimizer, scheduler and this process's RNG states from a checkpoint.
+
+    A checkpoint made by another number of processes gives rank r the state of rank r modulo that number
+    (only the dropout masks depend on it).
+    """
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -95,4 +118,5 @@ def load_checkpoint(ckpt: Checkpoint, model, optimizer, scheduler) -> None:
             f"cannot resume from {ckpt.path}: {exc}",
             hint="delete that checkpoint to resume from an older one",
         ) from exc
-    set_rng_state(trainer_state["rng"])
+    rng = trainer_state["rng"]
+    set_rng_state(rng[rank % len(rng)] if isinstance(rng, list) else rng)

@@ -42,6 +42,12 @@ def linear_module_names(model) -> list[str]:
     return sorted(names)
 
 
+def _has_conv1d(model) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return any(isinstance(m, Conv1D) for m in model.modules())
+
+
 def lora_config(recipe: Recipe, model=None):
     """The peft LoraConfig of a recipe (``target_modules="all-linear"``: every linear layer but the head)."""
     from peft import LoraConfig
@@ -51,6 +57,8 @@ def lora_config(recipe: Recipe, model=None):
         # peft refuses layers_to_transform with a string target; spell the linear layers out instead.
         targets = linear_module_names(model)
     return LoraConfig(
+        # GPT-2-style Conv1D layers store weights as [in, out]; peft must know (and records it).
+        fan_in_fan_out=model is not None and _has_conv1d(model),
         r=recipe.rank,
         lora_alpha=recipe.alpha,
         lora_dropout=recipe.dropout,

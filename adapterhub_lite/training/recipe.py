@@ -30,10 +30,15 @@ class Recipe(BaseModel):
     # data
     data: Path
     eval_data: Path | None = None
-    format: Literal["auto", "prompt_completion", "chat", "text"] = "auto"
+    format: Literal["auto", "prompt_completion", "chat", "alpaca", "sharegpt", "text"] = "auto"
+    # Records that cannot be read or checked: an error naming file:line (False), or skipped and reported.
+    skip_bad_lines: bool = False
     train_on_prompt: bool = False
     eval_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     max_seq_len: int = Field(default=256, ge=8)
+    # Examples longer than max_seq_len (raw text is windowed instead): cut at the right, or left out.
+    # Either way they are counted, warned about and recorded.
+    overlong: Literal["truncate", "drop"] = "truncate"
     # adapter
     rank: int = Field(default=8, ge=1, le=1024)
     alpha: float = Field(default=16.0, gt=0)
@@ -47,6 +52,7 @@ class Recipe(BaseModel):
     warmup_steps: int = Field(default=0, ge=0)
     epochs: float = Field(default=1.0, gt=0.0)
     max_steps: int | None = Field(default=None, ge=1)
+    # Per process: the global batch is batch_size x processes x gradient_accumulation_steps.
     batch_size: int = Field(default=8, ge=1)
     gradient_accumulation_steps: int = Field(default=1, ge=1)
     max_grad_norm: float | None = Field(default=1.0, gt=0.0)
@@ -101,7 +107,11 @@ class Recipe(BaseModel):
         return self.output_dir if self.output_dir is not None else Path("runs") / self.name
 
     def lora_settings(self) -> dict:
-        """The fields that define the adapter and its optimisation: a checkpoint must match them."""
+        """The fields that define the adapter and its optimisation: a checkpoint must match them.
+
+        ``batch_size`` is not among them: a checkpoint must match the global micro-batch (batch_size x
+        processes), which the trainer checks, so a run may continue on another number of processes.
+        """
         return self.model_dump(
             mode="json",
             include={
@@ -109,6 +119,8 @@ class Recipe(BaseModel):
                 "method",
                 "data",
                 "format",
+                "skip_bad_lines",
+                "overlong",
                 "train_on_prompt",
                 "eval_fraction",
                 "max_seq_len",
@@ -121,7 +133,6 @@ class Recipe(BaseModel):
                 "weight_decay",
                 "lr_scheduler",
                 "warmup_steps",
-                "batch_size",
                 "gradient_accumulation_steps",
                 "seed",
             },
@@ -183,3 +194,34 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
             value = str(Path(value).expanduser().resolve())
         raw[key] = value
     return recipe_from_dict(raw, source=str(path))
+
+
+def _split_list(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def recipe_overrides(flags: dict[str, Any], sets: list[str] | None = None) -> dict[str, Any]:
+    """Command-line flags (None: not given) and ``--set FIELD=VALUE`` pairs as recipe overrides.
+
+    ``target_modules`` and ``layers_to_transform`` may be comma-separated strings; ``--set`` values are
+    read as YAML (numbers, lists, booleans) and win over the flags.
+    """
+    out = {k: v for k, v in flags.items() if v is not None}
+    target = out.get("target_modules")
+    if isinstance(target, str) and target != "all-linear":
+        out["target_modules"] = _split_list(target)
+    layers = out.get("layers_to_transform")
+    if isinstance(layers, str):
+        try:
+            out["layers_to_transform"] = [int(x) for x in _split_list(layers)]
+        except ValueError:
+            raise RecipeError(f"--layers {layers!r}: expected comma-separated layer indices") from None
+    for pair in sets or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set {pair!r}: expected FIELD=VALUE")
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise RecipeError(f"--set {pair!r}: the value is not valid YAML") from None
+    return out

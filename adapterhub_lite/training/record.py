@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
-import json
-import os
 import resource
 import sys
 from pathlib import Path
 
+from adapterhub_lite.atomic import atomic_open, write_json
+
 RECORD_SCHEMA = 1
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB."""
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process so far (VmHWM), in MiB.
+
+    Not ``ru_maxrss``: on Linux it survives exec, so a process started from a large parent (pytest,
+    a launcher) would report the parent's peak. ``ru_maxrss`` only where there is no /proc (macOS).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes.
     return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, data, durable=True)
 
 
 def plot_loss_curve(
@@ -55,7 +63,6 @@ def plot_loss_curve(
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_open(path) as fh:
+        fig.savefig(fh, format="png")
     plt.close(fig)
-    os.replace(tmp, path)

@@ -1,0 +1,88 @@
+"""The hub: the registry as an HTTP service (API, namespace-scoped tokens, a server-rendered web catalog).
+
+`create_app(registry, HubConfig(...))` is the ASGI app; `serve(...)` runs it with uvicorn. Clients do not
+import this package: they speak HTTP through `adapterhub_lite.registry.remote`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adapterhub_lite.hub.app import HubConfig, create_app, state_dir_for
+from adapterhub_lite.hub.tokens import SCOPES, TOKENS_FILE, HubError, TokenInfo, TokenStore
+
+__all__ = [
+    "SCOPES",
+    "HubConfig",
+    "HubError",
+    "TokenInfo",
+    "TokenStore",
+    "create_app",
+    "serve",
+    "state_dir_for",
+    "token_store",
+]
+
+
+def _state_dir(registry_location: str | Path | None, state_dir: str | Path | None) -> Path:
+    if state_dir is not None:
+        return Path(state_dir)
+    raw = str(registry_location or "")
+    if raw.startswith("file://"):
+        raw = raw[len("file://") :]
+    if not raw or "://" in raw:
+        raise HubError(
+            f"the registry {raw or '(none)'} is not a directory, so the hub has no default state folder",
+            hint="pass --state DIR (tokens and uploads live there)",
+        )
+    return state_dir_for(Path(raw).expanduser())
+
+
+def token_store(registry_location: str | Path, state_dir: str | Path | None = None) -> TokenStore:
+    """The token store of the hub over `registry_location` (or in `state_dir`)."""
+    return TokenStore(_state_dir(registry_location, state_dir) / TOKENS_FILE)
+
+
+def serve(
+    registry_location: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    state_dir: str | Path | None = None,
+    max_upload: int | None = None,
+    public_url: str = "",
+    log_level: str = "warning",
+) -> None:
+    """Run the hub over the registry at `registry_location` until interrupted."""
+    import uvicorn
+
+    from adapterhub_lite.registry import Registry
+
+    state = _state_dir(registry_location, state_dir)
+    registry = Registry.open(registry_location)
+    config = HubConfig(state_dir=state, public_url=public_url)
+    if max_upload is not None:
+        config.max_upload = max_upload
+    app = create_app(registry, config)
+    _warm_vllm_validator()
+    # timeout_keep_alive bounds idle connections; the upload's own idle timeout bounds slow bodies.
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_keep_alive=5,
+        limit_concurrency=256,
+        access_log=False,
+    )
+
+
+def _warm_vllm_validator() -> None:
+    """Import vLLM's validator in the background: the first publish would otherwise wait for it."""
+    import threading
+
+    from adapterhub_lite.bundles import compat
+
+    if compat.vllm_available():
+        probe = {"r": 8, "lora_alpha": 8, "target_modules": ["q_proj"], "peft_type": "LORA"}
+        threading.Thread(target=compat.vllm_refusal, args=(probe, None), daemon=True).start()

@@ -1,0 +1,150 @@
+"""Receiving a published bundle: stream the archive to a private temp file (bounded in size and time),
+extract it with the bundle part's strict reader, ask vLLM's own validator, and hand the directory to the
+registry, whose publish verifies everything else and makes the version visible in one transaction.
+
+Whatever happens (an error, a client that goes away, a timeout), the upload's temp files are removed;
+nothing is visible before the registry's commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from adapterhub_lite.bundles.archive import extract_archive
+from adapterhub_lite.bundles.compat import CONFIG_FILE, WEIGHTS_FILE, check_adapter, parse_config
+from adapterhub_lite.bundles.manifest import MANIFEST_FILE, parse_manifest
+from adapterhub_lite.bundles.tensors import read_header
+from adapterhub_lite.errors import AdapterHubError, BundleError, ErrorKind
+from adapterhub_lite.hub.tokens import HubError
+
+DEFAULT_MAX_UPLOAD = 2 * 1024**3
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+
+
+class Uploads:
+    """The folder where uploads land before the registry takes them."""
+
+    def __init__(
+        self,
+        root: Path,
+        max_bytes: int = DEFAULT_MAX_UPLOAD,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        vllm_check: bool | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.vllm_check = vllm_check
+        self.max_bytes = max_bytes
+        self.idle_timeout_s = idle_timeout_s
+        if self.root.exists():  # left by a hub that was killed mid-upload
+            shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True, mode=0o700)
+
+    def leftovers(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir())
+
+    async def receive(self, chunks: AsyncIterator[bytes], declared: int | None) -> Path:
+        """Write the request body to a new temp file; refuse it past the size limit or when it stalls."""
+        if declared is not None and declared > self.max_bytes:
+            raise _too_large(declared, self.max_bytes)
+        path = self.root / f"{uuid.uuid4().hex}.tar"
+        received = 0
+        try:
+            with path.open("wb") as out:
+                it = chunks.__aiter__()
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(it.__anext__(), self.idle_timeout_s)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        raise HubError(
+                            f"upload stalled: no data for {self.idle_timeout_s:g} s",
+                            hint="publish again from a steadier connection",
+                            kind=ErrorKind.INVALID,
+                        ) from None
+                    received += len(chunk)
+                    if received > self.max_bytes:
+                        raise _too_large(received, self.max_bytes)
+                    out.write(chunk)
+            if declared is not None and received != declared:
+                raise HubError(
+                    f"truncated upload: received {received} of {declared} bytes",
+                    hint="publish again",
+                    kind=ErrorKind.INVALID,
+                )
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+
+    def publish(self, registry: Any, archive: Path, authorize: Callable[[str], None]) -> tuple[Any, Path]:
+        """Extract, check the caller may publish under the manifest's namespace (`authorize`), check
+        with vLLM, publish (blocking); return (Published, the verified bundle directory).
+
+        The caller owns the returned directory (the hub keeps it as its serving copy).
+        """
+        bundle = archive.with_suffix(".d")
+        try:
+            try:
+                extract_archive(archive, bundle)
+            except BundleError as exc:
+                raise BundleError(exc.message.replace(str(archive), "upload"), hint=exc.hint) from None
+            finally:
+                archive.unlink(missing_ok=True)
+            authorize(_namespace(bundle))
+            _vllm_check(bundle, self.vllm_check)
+            published = registry.publish(bundle)
+        except AdapterHubError as exc:
+            shutil.rmtree(bundle, ignore_errors=True)
+            # The temp names mean nothing to the client: say "upload" instead.
+            exc.message = exc.message.replace(str(bundle), "upload")
+            raise
+        except BaseException:
+            shutil.rmtree(bundle, ignore_errors=True)
+            raise
+        return published, bundle
+
+    def discard(self, path: Path) -> None:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            os.unlink(path)
+
+
+def _too_large(n: int, limit: int) -> HubError:
+    return HubError(
+        f"upload of {n} bytes is over this hub's limit of {limit} bytes",
+        hint="ask the hub's operator to raise --max-upload",
+        kind=ErrorKind.INVALID,
+    )
+
+
+def _namespace(bundle: Path) -> str:
+    if not (bundle / MANIFEST_FILE).is_file():
+        raise BundleError(
+            f"upload: not a bundle (no {MANIFEST_FILE})",
+            hint="make a bundle archive with `adapterhub pack DIR --archive`",
+        )
+    return parse_manifest((bundle / MANIFEST_FILE).read_bytes(), f"upload:{MANIFEST_FILE}").namespace
+
+
+def _vllm_check(bundle: Path, vllm_check: bool | None) -> None:
+    """What `verify` adds to the registry's checks: vLLM's own validator on the config and weights."""
+    config_path, weights = bundle / CONFIG_FILE, bundle / WEIGHTS_FILE
+    if not config_path.is_file() or not weights.is_file():
+        return  # the registry's verification names what is missing
+    config = parse_config(config_path.read_bytes(), f"upload:{CONFIG_FILE}")
+    tensors, _ = read_header(weights, f"upload:{WEIGHTS_FILE}")
+    check_adapter(
+        config,
+        tensors,
+        vllm_check=vllm_check,
+        config_label=f"upload:{CONFIG_FILE}",
+        weights_label=f"upload:{WEIGHTS_FILE}",
+    )

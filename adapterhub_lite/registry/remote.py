@@ -1,0 +1,423 @@
+"""A registry on a hub, over HTTP: the same public interface as `Registry`, for every command and the
+serving resolver.
+
+The token comes from `$ADAPTERHUB_TOKEN`, else from `adapterhub login`'s file (mode 0600). Downloads
+land in a partial folder beside the destination and resume with HTTP Range after an interruption; every
+file's sha256 is checked against the hub's listing, then the whole bundle is verified locally (as a
+local pull does) before it is renamed into place.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from adapterhub_lite.bundles.archive import write_archive
+from adapterhub_lite.bundles.manifest import MANIFEST_FILE, Manifest, parse_manifest
+from adapterhub_lite.bundles.naming import parse_ref
+from adapterhub_lite.bundles.signing import PublicKeyLike, config_dir, load_public_keys
+from adapterhub_lite.bundles.verify import check_bundle
+from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError
+from adapterhub_lite.registry.records import Published
+
+ENV_TOKEN = "ADAPTERHUB_TOKEN"
+TOKEN_FILE = "hub-tokens.json"
+_CHUNK = 1 << 20
+_PUBLISHED_FIELDS = {f.name for f in fields(Published)} - {"id"}
+
+
+def is_hub_url(location: object) -> bool:
+    return isinstance(location, str) and location.startswith(("http://", "https://"))
+
+
+def token_path() -> Path:
+    return config_dir() / TOKEN_FILE
+
+
+def save_token(token: str, hub: str | None = None) -> Path:
+    """Store a token for `hub` (or for every hub) in a file only its owner can read."""
+    path = token_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            data = {}
+    if hub:
+        data.setdefault("hubs", {})[hub.rstrip("/")] = token
+    else:
+        data["default"] = token
+    fd = os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(f"{path}.tmp", path)
+    return path
+
+
+def load_token(hub: str) -> str | None:
+    if os.environ.get(ENV_TOKEN):
+        return os.environ[ENV_TOKEN].strip()
+    path = token_path()
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return (data.get("hubs") or {}).get(hub.rstrip("/")) or data.get("default")
+
+
+def _check_ref(ref: str) -> None:
+    """Refuse a malformed reference before it goes on the wire (INVALID: it can name nothing)."""
+    try:
+        parse_ref(ref, RegistryError)
+    except RegistryError as exc:
+        raise RegistryError(exc.message, hint=exc.hint, kind=ErrorKind.INVALID) from None
+
+
+def _published(d: dict[str, Any]) -> Published:
+    kw = {k: v for k, v in d.items() if k in _PUBLISHED_FIELDS}
+    kw["tags"] = tuple(kw.get("tags") or ())
+    return Published(**kw)
+
+
+class RemoteRegistry:
+    """A hub's registry, through its HTTP API (see `adapterhub_lite.hub.api`)."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        trusted_keys: Iterable[PublicKeyLike] | None = None,
+        timeout_s: float = 300.0,
+    ) -> None:
+        self.location = self.url = url.rstrip("/")
+        self.token = token if token is not None else load_token(self.url)
+        self.trusted_keys = load_public_keys(trusted_keys)
+        self._timeout_s = timeout_s
+        headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=10.0)
+        )
+
+    @classmethod
+    def open(cls, location: str, **kwargs: Any) -> RemoteRegistry:
+        return cls(location, **kwargs)
+
+    # ---------------------------------------------------------------- transport
+    def _error(self, r: httpx.Response) -> RegistryError:
+        try:
+            e = r.json()["error"]
+            kind = ErrorKind(e["kind"])
+            return RegistryError(str(e["message"]), hint=e.get("hint"), kind=kind)
+        except (ValueError, KeyError, TypeError):
+            return RegistryError(f"hub {self.url} answered HTTP {r.status_code}", kind=ErrorKind.UNAVAILABLE)
+
+    def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            raise RegistryError(
+                f"cannot reach the hub at {self.url}: {exc}",
+                hint="check the URL and that `adapterhub hub serve` runs there",
+                kind=ErrorKind.UNAVAILABLE,
+            ) from None
+        if r.status_code >= 400:
+            raise self._error(r)
+        return r
+
+    def _get(self, path: str, **params: Any) -> Any:
+        return self._call("GET", path, params={k: v for k, v in params.items() if v is not None}).json()
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        return self._call("POST", path, json=body).json()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # Bulk bytes go through http.client (readinto, large blocks): httpx's pure-Python body handling
+    # takes about twice the CPU per byte, which is most of a pull's time on a small machine.
+    def _connection(self) -> http.client.HTTPConnection:
+        u = urlsplit(self.url)
+        cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        return cls(u.hostname or "", u.port, timeout=self._timeout_s, blocksize=_CHUNK)
+
+    def _headers(self, extra: dict[str, str]) -> dict[str, str]:
+        auth = {"authorization": f"Bearer {self.token}"} if self.token else {}
+        return {**auth, **extra}
+
+    def _bulk(self, method: str, path: str, headers: dict[str, str], body: Any) -> tuple[int, bytes]:
+        conn = self._connection()
+        try:
+            try:
+                conn.request(
+                    method, urlsplit(self.url).path + path, body=body, headers=self._headers(headers)
+                )
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the hub answered (a refusal) before taking the whole body: read that answer
+            r = conn.getresponse()
+            return r.status, r.read(1024 * 1024)
+        except (OSError, http.client.HTTPException) as exc:
+            raise RegistryError(
+                f"cannot reach the hub at {self.url}: {exc}",
+                hint="check the URL and that `adapterhub hub serve` runs there",
+                kind=ErrorKind.UNAVAILABLE,
+            ) from None
+        finally:
+            conn.close()
+
+    def _error_from(self, status: int, data: bytes) -> RegistryError:
+        return self._error(httpx.Response(status, content=data))
+
+    # ---------------------------------------------------------------- reading
+    def resolve(self, ref: str) -> Published:
+        _check_ref(ref)
+        return _published(self._get("/api/v1/resolve", ref=ref))
+
+    def manifest(self, ref: str) -> Manifest:
+        p = self.resolve(ref)
+        data = self._call("GET", "/api/v1/manifest", params={"ref": p.ref}).content
+        m = parse_manifest(data, f"{self.url}:{p.ref}:{MANIFEST_FILE}")
+        if m.digest != p.digest:
+            raise RegistryError(
+                f"the hub's manifest of {p.ref} does not match its digest", kind=ErrorKind.INTERNAL
+            )
+        return m
+
+    def search(
+        self, text: str = "", base: str | None = None, tag: str | None = None
+    ) -> builtins.list[Published]:
+        return [_published(d) for d in self._get("/api/v1/search", q=text, base=base, tag=tag)]
+
+    def versions(self, namespace: str | None = None) -> builtins.list[Published]:
+        return [_published(d) for d in self._get("/api/v1/versions", namespace=namespace)]
+
+    list = versions  # the name before the registry's rename
+
+    def namespaces(self) -> builtins.list[str]:
+        return builtins.list(self._get("/api/v1/namespaces"))
+
+    def shared_with(self, ref: str) -> builtins.list[str]:
+        return builtins.list(self._get("/api/v1/shared-with", ref=ref))
+
+    def readable(self, namespace: str, base: str | None = None) -> builtins.list[Published]:
+        return [_published(d) for d in self._get("/api/v1/readable", namespace=namespace, base=base)]
+
+    def can_read(self, namespace: str, ref: str) -> bool:
+        try:
+            return bool(self._get("/api/v1/can-read", namespace=namespace, ref=ref)["readable"])
+        except RegistryError as exc:
+            if exc.kind in (ErrorKind.NOT_FOUND, ErrorKind.INVALID):
+                return False
+            raise
+
+    # ---------------------------------------------------------------- changes
+    def publish(self, bundle_path: str | Path, *, progress: bool = False) -> Published:
+        """Upload a bundle (archive, or a directory archived on the fly); the hub verifies and publishes."""
+        src = Path(bundle_path)
+        with tempfile.TemporaryDirectory(prefix="adapterhub-upload-") as td:
+            if src.is_dir():
+                names = sorted(p.name for p in src.iterdir())
+                archive = write_archive(src, names, Path(td) / "bundle.tar")
+            elif src.is_file():
+                archive = src
+            else:
+                raise RegistryError(
+                    f"bundle not found: {src}",
+                    kind=ErrorKind.INVALID,
+                    hint="pass a bundle directory or archive (from `adapterhub pack`)",
+                )
+            size = archive.stat().st_size
+            with archive.open("rb") as body:
+                status, data = self._bulk(
+                    "PUT",
+                    "/api/v1/publish",
+                    {"content-length": str(size), "content-type": "application/x-tar"},
+                    body=_Progress(body, size, progress, f"publish {src.name}"),
+                )
+        if status >= 400:
+            raise self._error_from(status, data)
+        r = json.loads(data)
+        return _published(r)
+
+    def yank(self, ref: str, *, reason: str = "", undo: bool = False) -> Published:
+        return _published(self._post("/api/v1/yank", {"ref": ref, "reason": reason, "undo": undo}))
+
+    def share(self, ref: str, with_namespace: str, *, revoke: bool = False) -> None:
+        self._post("/api/v1/share", {"ref": ref, "with": with_namespace, "revoke": revoke})
+
+    def set_public(self, ref: str, public: bool = True) -> None:
+        self._post("/api/v1/share", {"ref": ref, "public": public})
+
+    def check(self, **_: Any) -> Any:
+        raise RegistryError(
+            "`registry check` runs on the hub's machine, on its registry directory", kind=ErrorKind.INVALID
+        )
+
+    def trust(self, public_key: PublicKeyLike) -> str:
+        raise RegistryError(
+            "trusted keys of a hub are set on the hub's machine "
+            "(`adapterhub registry trust KEY --registry DIR`)",
+            kind=ErrorKind.INVALID,
+        )
+
+    # ---------------------------------------------------------------- pull
+    def pull(
+        self,
+        ref: str,
+        dest_dir: str | Path,
+        *,
+        base_fingerprint: str | None = None,
+        max_lora_rank: int | None = None,
+        vllm_check: bool | None = None,
+        progress: bool = False,
+    ) -> Path:
+        """Download a version into `dest_dir` (resuming an interrupted download), verify it, rename it in."""
+        p = self.resolve(ref)
+        dest = Path(dest_dir)
+        verify = dict(
+            base_fingerprint=base_fingerprint,
+            max_lora_rank=max_lora_rank,
+            trusted_keys=self.trusted_keys,
+            vllm_check=vllm_check,
+        )
+        if dest.exists():
+            return self._existing(dest, p, verify)
+        listing = self._get("/api/v1/files", ref=p.ref)
+        if listing.get("digest") != p.digest:
+            raise RegistryError(
+                f"the hub changed {p.ref} while it was being pulled; pull again", kind=ErrorKind.CONFLICT
+            )
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.parent / f".{dest.name}.{p.digest.removeprefix('sha256:')[:16]}.partial"
+        partial.mkdir(exist_ok=True)
+        for f in listing["files"]:
+            self._download(p, str(f["path"]), int(f["size"]), str(f["sha256"]), partial, progress)
+        try:
+            m = check_bundle(partial, **verify).manifest
+        except BundleError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise RegistryError(
+                f"{p.ref} failed verification after download: {exc.message}",
+                hint=exc.hint,
+                kind=ErrorKind.INVALID,
+            ) from None
+        if m.digest != p.digest:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise RegistryError(
+                f"{p.ref}: downloaded bundle has digest {m.digest}, the hub says {p.digest}",
+                kind=ErrorKind.INVALID,
+            )
+        os.chmod(partial, 0o755)
+        try:
+            os.rename(partial, dest)
+        except OSError:
+            if dest.exists():  # a concurrent pull won
+                shutil.rmtree(partial, ignore_errors=True)
+                return self._existing(dest, p, verify)
+            raise
+        return dest
+
+    def _download(self, p: Published, name: str, size: int, sha: str, partial: Path, progress: bool) -> None:
+        if "/" in name or name.startswith(".") or name not in _ALLOWED_FILES:
+            raise RegistryError(
+                f"the hub listed an unexpected file {name!r} for {p.ref}", kind=ErrorKind.INVALID
+            )
+        path = partial / name
+        have = path.stat().st_size if path.exists() else 0
+        if have > size:
+            path.unlink()
+            have = 0
+        h = hashlib.sha256()
+        if have:
+            with path.open("rb") as f:
+                while chunk := f.read(_CHUNK):
+                    h.update(chunk)
+        if have < size:
+            path_q = urlsplit(self.url).path + f"/api/v1/file/{p.namespace}/{p.name}/{p.version}/{name}"
+            conn = self._connection()
+            try:
+                conn.request(
+                    "GET", path_q, headers=self._headers({"range": f"bytes={have}-"} if have else {})
+                )
+                r = conn.getresponse()
+                if r.status >= 400:
+                    raise self._error_from(r.status, r.read(64 * 1024))
+                if r.status == 200 and have:  # the hub ignored the range: start over
+                    have, h = 0, hashlib.sha256()
+                buf = bytearray(_CHUNK)
+                view = memoryview(buf)
+                with path.open("ab" if have else "wb", buffering=0) as out:
+                    while have <= size and (n := r.readinto(buf)):
+                        h.update(view[:n])
+                        out.write(view[:n])
+                        have += n
+            except (OSError, http.client.HTTPException) as exc:
+                raise RegistryError(
+                    f"download of {p.ref}:{name} was interrupted ({exc})",
+                    hint="run the same pull again: it resumes where it stopped",
+                    kind=ErrorKind.UNAVAILABLE,
+                ) from None
+            finally:
+                conn.close()
+        if have != size or h.hexdigest() != sha:
+            path.unlink(missing_ok=True)
+            raise RegistryError(
+                f"{p.ref}:{name}: downloaded bytes do not match the hub's sha256/size (corrupt transfer)",
+                hint="pull again",
+                kind=ErrorKind.UNAVAILABLE,
+            )
+
+    def _existing(self, dest: Path, p: Published, verify: dict) -> Path:
+        try:
+            m = check_bundle(dest, **verify).manifest
+        except BundleError as exc:
+            raise RegistryError(
+                f"{dest} already exists and is not a valid copy of {p.ref}: {exc.message}",
+                hint="remove it, or pull into another directory",
+                kind=ErrorKind.CONFLICT,
+            ) from None
+        if m.digest != p.digest:
+            raise RegistryError(
+                f"{dest} already exists and holds {m.ref}, not {p.ref}",
+                hint="remove it, or pull into another directory",
+                kind=ErrorKind.CONFLICT,
+            )
+        return dest
+
+
+_ALLOWED_FILES = frozenset(
+    ("README.md", "adapter_config.json", "adapter_model.safetensors", "manifest.json", "signatures.json")
+)
+
+
+class _Progress:
+    """A file object for http.client's body that reports progress as it is read."""
+
+    def __init__(self, f: Any, size: int, show: bool, desc: str) -> None:
+        from tqdm import tqdm
+
+        self._f = f
+        self._bar = tqdm(total=size, unit="B", unit_scale=True, desc=desc, disable=not show)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._bar.update(len(data))
+        if not data:
+            self._bar.close()
+        return data
+

@@ -1,0 +1,119 @@
+"""`adapterhub hub serve|token|tokens|revoke` and `adapterhub login`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli.common import print_json, run_cli
+
+RegistryDir = Annotated[
+    str | None,
+    typer.Option("--registry", envvar="ADAPTERHUB_REGISTRY", help="registry directory the hub serves"),
+]
+StateOpt = Annotated[
+    str | None, typer.Option("--state", help="hub state folder (tokens, uploads) [default: REGISTRY/hub]")
+]
+
+
+def _location(registry: str | None) -> str:
+    from adapterhub_lite.registry import default_location
+
+    return str(registry or default_location())
+
+
+def register(app: typer.Typer) -> None:
+    hub_app = typer.Typer(help="The hub: the registry as an HTTP service with a web catalog.")
+    app.add_typer(hub_app, name="hub")
+
+    @hub_app.command("serve")
+    @run_cli
+    def serve(
+        registry: RegistryDir = None,
+        port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+        host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+        state: StateOpt = None,
+        max_upload: Annotated[int | None, typer.Option(help="largest accepted upload, bytes")] = None,
+        public_url: Annotated[str, typer.Option(help="URL shown in the catalog's commands")] = "",
+    ) -> None:
+        """Serve the registry over HTTP (API under /api/v1, web catalog at /, GET /health)."""
+        from adapterhub_lite.hub import serve as run
+
+        typer.echo(f"hub on http://{host}:{port} over {_location(registry)}", err=True)
+        run(
+            _location(registry),
+            host=host,
+            port=port,
+            state_dir=state,
+            max_upload=max_upload,
+            public_url=public_url,
+        )
+
+    @hub_app.command("token")
+    @run_cli
+    def token(
+        namespace: Annotated[str, typer.Argument(help="the namespace the token acts for")],
+        scope: Annotated[str, typer.Option(help="read | publish | admin")] = "read",
+        note: Annotated[str, typer.Option(help="what the token is for")] = "",
+        registry: RegistryDir = None,
+        state: StateOpt = None,
+    ) -> None:
+        """Create a token; it is shown once (the last line of the output)."""
+        from adapterhub_lite.display import safe
+        from adapterhub_lite.hub import token_store
+
+        secret, info = token_store(_location(registry), state).create(namespace, scope, note)
+        typer.echo(
+            f"created {info.scope} token {info.id} for namespace {safe(info.namespace)}; "
+            "it is shown once, store it now:"
+        )
+        typer.echo(secret)
+
+    @hub_app.command("tokens")
+    @run_cli
+    def tokens(
+        registry: RegistryDir = None,
+        state: StateOpt = None,
+        as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    ) -> None:
+        """List tokens (ids, namespaces, scopes; never the tokens themselves)."""
+        from adapterhub_lite.display import safe
+        from adapterhub_lite.hub import token_store
+
+        rows = token_store(_location(registry), state).list()
+        if as_json:
+            print_json([t.to_dict() for t in rows])
+            return
+        for t in rows:
+            typer.echo(
+                f"{t.id}  {safe(t.namespace):<24} {t.scope:<8} {t.created}"
+                f"{'  REVOKED' if t.revoked else ''}  {safe(t.note)}"
+            )
+
+    @hub_app.command("revoke")
+    @run_cli
+    def revoke(
+        token_id: Annotated[str, typer.Argument(help="token id (from `hub tokens`) or the token")],
+        registry: RegistryDir = None,
+        state: StateOpt = None,
+    ) -> None:
+        """Revoke a token: the next request with it is refused."""
+        from adapterhub_lite.hub import token_store
+
+        info = token_store(_location(registry), state).revoke(token_id)
+        typer.echo(f"revoked token {info.id}")
+
+    @app.command("login")
+    @run_cli
+    def login(
+        token: Annotated[
+            str, typer.Option(prompt=True, hide_input=True, envvar="ADAPTERHUB_TOKEN", help="the hub token")
+        ],
+        hub: Annotated[str | None, typer.Option(help="only for this hub URL [default: every hub]")] = None,
+    ) -> None:
+        """Store a hub token (file mode 0600) for commands given an http(s):// registry."""
+        from adapterhub_lite.registry.remote import save_token
+
+        path = save_token(token.strip(), hub)
+        typer.echo(f"token stored in {path}")

@@ -1,0 +1,342 @@
+"""The hub over real HTTP: health, tokens, scopes, publish, pull with Range and resume, search, yank, share,
+the remote client and the CLI against a hub URL."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import httpx
+import pytest
+from hub_fixtures import running_hub, with_loss_history
+from typer.testing import CliRunner
+
+from adapterhub_lite.bundles import pack_bundle, verify_bundle
+from adapterhub_lite.errors import ErrorKind, RegistryError
+from cli.main import app as cli_app
+
+
+@pytest.fixture(scope="module")
+def bundles(trained_dir, lora_dir, tiny_base, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hub-bundles")
+    rich = with_loss_history(trained_dir, root / "rich-adapter")
+    out = {}
+    for v in ("1.0.0", "1.1.0"):
+        out[v] = pack_bundle(
+            rich,
+            root / f"geo-{v}.tar",
+            namespace="acme",
+            name="geo",
+            version=v,
+            base_dir=tiny_base,
+            description="capitals of the world",
+            tags=["geo"],
+            archive=True,
+            vllm_check=False,
+        )
+    out["globex"] = pack_bundle(
+        lora_dir,
+        root / "globex.tar",
+        namespace="globex",
+        name="bot",
+        version="1.0.0",
+        base_dir=tiny_base,
+        archive=True,
+        vllm_check=False,
+    )
+    out["dir"] = pack_bundle(
+        lora_dir,
+        root / "dirbundle",
+        namespace="acme",
+        name="dirpub",
+        version="0.1.0",
+        base_dir=tiny_base,
+        vllm_check=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, bundles):
+    with running_hub(tmp_path_factory.mktemp("hub") / "registry") as h:
+        acme = h.client("acme", "publish")
+        acme.publish(bundles["1.0.0"])
+        acme.publish(bundles["1.1.0"])
+        h.client("globex", "publish").publish(bundles["globex"])
+        yield h
+
+
+def test_health_and_whoami(hub):
+    assert hub.get("/health").json() == {"status": "ok"}
+    assert hub.get("/api/v1/whoami").json() == {"namespace": None, "scope": None}
+    r = hub.get("/api/v1/whoami", token=hub.token("acme", "read"))
+    assert r.json() == {"namespace": "acme", "scope": "read"}
+
+
+def test_token_cli_shows_once_stores_hash_lists_and_revokes(tmp_path):
+    reg = tmp_path / "reg"
+    runner = CliRunner()
+    r = runner.invoke(cli_app, ["hub", "token", "acme", "--scope", "publish", "--registry", str(reg)])
+    assert r.exit_code == 0, r.output
+    token = r.output.strip().splitlines()[-1]
+    assert token.startswith("ahub_") and len(token) > 40
+    db = reg / "hub" / "tokens.sqlite"
+    assert (db.stat().st_mode & 0o777) == 0o600
+    assert token.encode() not in db.read_bytes()
+    secret = token.split("_", 2)[2]
+    stored = sqlite3.connect(db).execute("SELECT hash FROM tokens").fetchone()[0]
+    assert stored == hashlib.sha256(secret.encode()).hexdigest()
+    listed = runner.invoke(cli_app, ["hub", "tokens", "--registry", str(reg), "--json"])
+    rows = json.loads(listed.output)
+    assert [(t["namespace"], t["scope"], t["revoked"]) for t in rows] == [("acme", "publish", False)]
+    assert token not in listed.output
+    assert runner.invoke(cli_app, ["hub", "revoke", rows[0]["id"], "--registry", str(reg)]).exit_code == 0
+    rows = json.loads(runner.invoke(cli_app, ["hub", "tokens", "--registry", str(reg), "--json"]).output)
+    assert rows[0]["revoked"] is True
+    bad = runner.invoke(cli_app, ["hub", "token", "acme", "--scope", "root", "--registry", str(reg)])
+    assert bad.exit_code == 65 and "unknown scope" in bad.output
+
+
+def test_private_adapters_are_404_exactly_like_missing_ones(hub):
+    missing = hub.get("/api/v1/resolve", params={"ref": "acme/nothing@1.0.0"})
+    private = hub.get("/api/v1/resolve", params={"ref": "acme/geo@1.0.0"})
+    assert missing.status_code == private.status_code == 404
+    assert missing.json()["error"]["kind"] == private.json()["error"]["kind"] == "not_found"
+    # Same message shape: only the reference the caller typed differs.
+    assert private.json()["error"]["message"] == "no acme/geo@1.0.0 on this hub"
+    assert missing.json()["error"]["message"] == "no acme/nothing@1.0.0 on this hub"
+    other = hub.get(
+        "/api/v1/file/acme/geo/1.0.0/adapter_model.safetensors", token=hub.token("globex", "read")
+    )
+    assert other.status_code == 404
+    assert hub.client().search("geo") == []
+    assert [p.ref for p in hub.client("acme").search("geo")] == ["acme/geo@1.1.0"]
+
+
+def test_scopes_sharing_and_public(hub):
+    acme, globex = hub.client("acme", "publish"), hub.client("globex", "read")
+    with pytest.raises(RegistryError) as e:
+        globex.resolve("acme/geo")
+    assert e.value.kind == ErrorKind.NOT_FOUND
+    acme.share("acme/geo", "globex")
+    assert globex.resolve("acme/geo").ref == "acme/geo@1.1.0"
+    assert globex.can_read("globex", "acme/geo@1.0.0")
+    assert hub.client().versions("acme") == []  # still private for anonymous callers
+    acme.share("acme/geo", "globex", revoke=True)
+    with pytest.raises(RegistryError):
+        globex.resolve("acme/geo")
+    # A read token changes nothing; a publish token changes only its namespace.
+    with pytest.raises(RegistryError) as e:
+        hub.client("acme", "read").yank("acme/geo@1.0.0")
+    assert e.value.kind == ErrorKind.FORBIDDEN
+    with pytest.raises(RegistryError) as e:
+        hub.client("globex", "publish").yank("acme/geo@1.0.0")  # cannot even see it: 404, not 403
+    assert e.value.kind == ErrorKind.NOT_FOUND
+    hub.client("globex", "publish").set_public("globex/bot")
+    with pytest.raises(RegistryError) as e:
+        acme.yank("globex/bot@1.0.0")  # readable (public), not theirs: 403
+    assert e.value.kind == ErrorKind.FORBIDDEN
+    assert [p.ref for p in hub.client().search("")] == ["globex/bot@1.0.0"]
+    admin = hub.client("ops", "admin")
+    assert {p.ref for p in admin.versions()} >= {"acme/geo@1.0.0", "acme/geo@1.1.0", "globex/bot@1.0.0"}
+
+
+def test_yank_flags_and_moves_the_default(hub):
+    acme = hub.client("acme", "publish")
+    p = acme.yank("acme/geo@1.1.0", reason="bad capitals")
+    assert p.yanked and p.yank_reason == "bad capitals"
+    assert acme.resolve("acme/geo").ref == "acme/geo@1.0.0"
+    assert [v.yanked for v in acme.versions("acme") if v.name == "geo"] == [False, True]
+    acme.yank("acme/geo@1.1.0", undo=True)
+    assert acme.resolve("acme/geo").ref == "acme/geo@1.1.0"
+
+
+def test_pull_checks_every_file_and_resumes_with_range(hub, bundles, tmp_path):
+    acme = hub.client("acme", "read")
+    statuses: list[int] = []
+    connect = acme._connection
+
+    def recording_connection():
+        conn = connect()
+        getresponse = conn.getresponse
+
+        def recorded():
+            r = getresponse()
+            statuses.append(r.status)
+            return r
+
+        conn.getresponse = recorded
+        return conn
+
+    acme._connection = recording_connection
+    out = acme.pull("acme/geo@1.0.0", tmp_path / "geo")
+    assert verify_bundle(out).digest == acme.resolve("acme/geo@1.0.0").digest
+    # An interrupted download: the partial folder holds half of the weights. The next pull asks for the
+    # rest with a Range request (206) and the result verifies.
+    p = acme.resolve("acme/geo@1.0.0")
+    partial = tmp_path / f".again.{p.digest.removeprefix('sha256:')[:16]}.partial"
+    partial.mkdir()
+    weights = (out / "adapter_model.safetensors").read_bytes()
+    (partial / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 2])
+    statuses.clear()
+    again = acme.pull("acme/geo@1.0.0", tmp_path / "again")
+    assert 206 in statuses
+    assert (again / "adapter_model.safetensors").read_bytes() == weights
+    assert not partial.exists()
+    # The Range answer itself, byte for byte.
+    r = hub.get(
+        "/api/v1/file/acme/geo/1.0.0/adapter_model.safetensors",
+        token=hub.token("acme", "read"),
+        headers={"range": "bytes=100-199"},
+    )
+    assert r.status_code == 206 and r.content == weights[100:200]
+
+
+def test_pull_refuses_bytes_that_do_not_match_the_listing(hub, tmp_path):
+    acme = hub.client("acme", "read")
+    p = acme.resolve("acme/geo@1.0.0")
+    partial = tmp_path / f".bad.{p.digest.removeprefix('sha256:')[:16]}.partial"
+    partial.mkdir()
+    size = acme._get("/api/v1/files", ref=p.ref)["files"]
+    weights = next(f for f in size if f["path"] == "adapter_model.safetensors")
+    (partial / "adapter_model.safetensors").write_bytes(b"\xff" * (weights["size"] // 2))  # wrong prefix
+    with pytest.raises(RegistryError, match="do not match the hub's sha256"):
+        acme.pull(p.ref, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    assert acme.pull(p.ref, tmp_path / "bad").is_dir()  # the bad part was dropped; a new pull works
+
+
+def test_publish_a_directory_and_idempotence(hub, bundles):
+    acme = hub.client("acme", "publish")
+    first = acme.publish(bundles["dir"])
+    again = acme.publish(bundles["dir"])
+    assert first.ref == again.ref == "acme/dirpub@0.1.0" and first.digest == again.digest
+    assert hub.uploads_left() == []
+
+
+def test_errors_are_json_with_the_cli_message(hub, bundles):
+    r = httpx.put(
+        hub.url + "/api/v1/publish",
+        content=Path(bundles["1.0.0"]).read_bytes(),
+        headers={"authorization": "Bearer ahub_nothing_here"},
+    )
+    assert r.status_code == 401
+    assert r.json()["error"] == {
+        "kind": "unauthenticated",
+        "message": "invalid or revoked token",
+        "hint": "create one with `adapterhub hub token NAMESPACE`",
+    }
+    r = hub.get("/api/v1/nope")
+    assert r.status_code == 404 and r.json()["error"]["kind"] == "not_found"
+
+
+def test_cli_commands_take_a_hub_url(hub, bundles, tmp_path, monkeypatch):
+    runner = CliRunner()
+    monkeypatch.setenv("ADAPTERHUB_TOKEN", hub.token("acme", "publish"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "cfg"))
+    out = runner.invoke(cli_app, ["publish", str(bundles["1.0.0"]), "--registry", hub.url, "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["ref"] == "acme/geo@1.0.0"
+    pulled = runner.invoke(
+        cli_app, ["pull", "acme/geo@1.0.0", "-o", str(tmp_path / "g"), "--registry", hub.url]
+    )
+    assert pulled.exit_code == 0, pulled.output
+    assert verify_bundle(tmp_path / "g").ref == "acme/geo@1.0.0"
+    shown = runner.invoke(cli_app, ["show", "acme/geo", "--registry", hub.url, "--json"])
+    assert json.loads(shown.output)["ref"] == "acme/geo@1.1.0"
+    monkeypatch.setenv("ADAPTERHUB_TOKEN", hub.token("globex", "read"))
+    missing = runner.invoke(
+        cli_app, ["pull", "acme/geo@1.0.0", "-o", str(tmp_path / "x"), "--registry", hub.url]
+    )
+    assert missing.exit_code == 66 and "no acme/geo@1.0.0 on this hub" in missing.output
+    # `adapterhub login` stores the token in a 0600 file that later commands use.
+    monkeypatch.delenv("ADAPTERHUB_TOKEN")
+    login = runner.invoke(cli_app, ["login", "--token", hub.token("acme", "read")])
+    assert login.exit_code == 0, login.output
+    stored = tmp_path / "cfg" / "adapterhub" / "hub-tokens.json"
+    assert (stored.stat().st_mode & 0o777) == 0o600
+    listed = runner.invoke(cli_app, ["list", "acme", "--registry", hub.url, "--json"])
+    assert "acme/geo@1.0.0" in {p["ref"] for p in json.loads(listed.output)}
+    assert os.environ.get("ADAPTERHUB_TOKEN") is None
+
+
+def test_hub_with_trusted_keys_refuses_unsigned_and_shows_the_signer(tmp_path, lora_dir, tiny_base):
+    from adapterhub_lite.bundles.signing import generate_key
+    from adapterhub_lite.registry import Registry
+
+    key = generate_key("hubkey", tmp_path / "keys")
+    Registry.open(tmp_path / "registry").trust(key.public_key)
+    unsigned = pack_bundle(
+        lora_dir,
+        tmp_path / "u.tar",
+        namespace="acme",
+        name="sig",
+        version="1.0.0",
+        base_dir=tiny_base,
+        archive=True,
+        vllm_check=False,
+    )
+    signed = pack_bundle(
+        lora_dir,
+        tmp_path / "s.tar",
+        namespace="acme",
+        name="sig",
+        version="1.0.0",
+        base_dir=tiny_base,
+        archive=True,
+        vllm_check=False,
+        signing_key=key.path,
+    )
+    with running_hub(tmp_path / "registry") as h:
+        acme = h.client("acme", "publish")
+        with pytest.raises(RegistryError, match="unsigned") as e:
+            acme.publish(unsigned)
+        assert e.value.kind == ErrorKind.INVALID and h.uploads_left() == []
+        assert acme.publish(signed).signed
+        acme.set_public("acme/sig")
+        page = h.get("/acme/sig").text
+        assert key.key_id in page and "trusted by this hub" in page
+
+
+@pytest.mark.slow  # a fresh Python process importing the stack: 5-20 s here
+def test_hub_serve_command_answers_health(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from hub_fixtures import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from cli.main import app; app()",
+            "hub",
+            "serve",
+            "--registry",
+            str(tmp_path / "reg"),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json() == {"status": "ok"}:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("`adapterhub hub serve` did not answer /health within 60 s")
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=10)
+        assert page.status_code == 200 and "default-src 'none'" in page.headers["content-security-policy"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

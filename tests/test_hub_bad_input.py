@@ -1,0 +1,257 @@
+"""Hostile and broken requests to a real hub: one test each; nothing half-visible, nothing left behind."""
+
+from __future__ import annotations
+
+import io
+import socket
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from hub_fixtures import running_hub
+
+from adapterhub_lite.bundles import pack_bundle
+from adapterhub_lite.errors import ErrorKind, RegistryError
+
+MAX_UPLOAD = 4 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def archives(lora_dir, tiny_base, tmp_path_factory) -> dict[str, Path]:
+    import bundle_fixtures as fx
+
+    root = tmp_path_factory.mktemp("hub-bad")
+    other = fx.make_adapter(tiny_base, root / "other-adapter", seed=11)
+    return {
+        "good": pack_bundle(
+            lora_dir,
+            root / "good.tar",
+            namespace="acme",
+            name="good",
+            version="1.0.0",
+            base_dir=tiny_base,
+            archive=True,
+            vllm_check=False,
+        ),
+        "race-a": pack_bundle(
+            lora_dir,
+            root / "ra.tar",
+            namespace="acme",
+            name="race",
+            version="1.0.0",
+            base_dir=tiny_base,
+            archive=True,
+            vllm_check=False,
+        ),
+        "race-b": pack_bundle(
+            other,
+            root / "rb.tar",
+            namespace="acme",
+            name="race",
+            version="1.0.0",
+            base_dir=tiny_base,
+            archive=True,
+            vllm_check=False,
+        ),
+        "globex": pack_bundle(
+            lora_dir,
+            root / "globex.tar",
+            namespace="globex",
+            name="x",
+            version="1.0.0",
+            base_dir=tiny_base,
+            archive=True,
+            vllm_check=False,
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    with running_hub(
+        tmp_path_factory.mktemp("hub-bad") / "registry", max_upload=MAX_UPLOAD, idle_timeout_s=3.0
+    ) as h:
+        yield h
+
+
+def _put(hub, body: bytes, token: str, **headers) -> httpx.Response:
+    return httpx.put(
+        hub.url + "/api/v1/publish",
+        content=body,
+        timeout=60,
+        headers={"authorization": f"Bearer {token}", **headers},
+    )
+
+
+def _nothing_published(hub) -> bool:
+    """Nothing but the race test's winner was ever published on this hub."""
+    return {p.ref for p in hub.client("ops", "admin").versions()} <= {"acme/race@1.0.0"}
+
+
+def _wait_no_uploads(hub, timeout: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while hub.uploads_left() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return hub.uploads_left()
+
+
+def test_oversized_upload_is_refused_and_leaves_nothing(hub, tmp_path):
+    r = _put(hub, b"\0" * (MAX_UPLOAD + 1), hub.token("acme", "publish"))
+    assert r.status_code == 422 and "over this hub's limit" in r.json()["error"]["message"]
+
+    # Without a Content-Length (chunked), the limit holds while streaming.
+    def chunks():
+        for _ in range(MAX_UPLOAD // 65536 + 2):
+            yield b"\0" * 65536
+
+    r = _put(hub, chunks(), hub.token("acme", "publish"))
+    assert r.status_code == 422 and "over this hub's limit" in r.json()["error"]["message"]
+    # The client reads the hub's early refusal (sent before the body was taken) as the error it is.
+    big = tmp_path / "big.tar"
+    big.write_bytes(b"\0" * (MAX_UPLOAD + 1))
+    with pytest.raises(RegistryError, match="over this hub's limit") as e:
+        hub.client("acme", "publish").publish(big)
+    assert e.value.kind == ErrorKind.INVALID
+    assert _wait_no_uploads(hub) == [] and _nothing_published(hub)
+
+
+def test_truncated_archive_is_refused(hub, archives):
+    data = archives["good"].read_bytes()
+    r = _put(hub, data[: len(data) - 3000], hub.token("acme", "publish"))
+    assert r.status_code == 422
+    assert r.json()["error"]["message"].startswith("upload: truncated archive")
+    assert _wait_no_uploads(hub) == [] and _nothing_published(hub)
+
+
+def _tar(entries: list[tarfile.TarInfo], payload: bytes = b"x") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        for info in entries:
+            if info.isreg():
+                info.size = len(payload)
+                t.addfile(info, io.BytesIO(payload))
+            else:
+                t.addfile(info)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda: [tarfile.TarInfo("../evil")], "escapes the bundle"),
+        (lambda: [tarfile.TarInfo("/etc/passwd")], "absolute path"),
+        (lambda: [_sym("manifest.json", "/etc/passwd")], "symlink"),
+        (lambda: [tarfile.TarInfo(f"f{i:03d}") for i in range(40)], "entries"),
+    ],
+    ids=["dotdot", "absolute", "symlink", "too-many"],
+)
+def test_hostile_archives_are_refused_before_anything_is_written(hub, make, words):
+    r = _put(hub, _tar(make()), hub.token("acme", "publish"))
+    assert r.status_code == 422, r.text
+    assert words in r.json()["error"]["message"]
+    assert _wait_no_uploads(hub) == [] and _nothing_published(hub)
+
+
+def _sym(name: str, target: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, target
+    return info
+
+
+def test_token_of_another_namespace_cannot_publish(hub, archives):
+    r = _put(hub, archives["globex"].read_bytes(), hub.token("acme", "publish"))
+    assert r.status_code == 403
+    assert r.json()["error"]["message"] == "a token of namespace 'acme' cannot change 'globex'"
+    assert _wait_no_uploads(hub) == [] and _nothing_published(hub)
+
+
+def test_revoked_token_is_refused(hub, archives):
+    secret, info = hub.app.state.hub.tokens.create("acme", "publish")
+    assert hub.get("/api/v1/whoami", token=secret).json()["namespace"] == "acme"
+    hub.app.state.hub.tokens.revoke(info.id)
+    r = _put(hub, archives["good"].read_bytes(), secret)
+    assert r.status_code == 401 and r.json()["error"]["message"] == "invalid or revoked token"
+    assert hub.get("/api/v1/whoami", token=secret).status_code == 401
+    assert _nothing_published(hub)
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "acme/../etc@1.0.0",
+        "../../x/y@1.0.0",
+        "acme/ge\x1bo@1.0.0",
+        "acme/geo\x00@1.0.0",
+        "\u0430cme/geo@1.0.0",  # Cyrillic а, looks like the Latin a of acme
+        "acme/ge\u200bo@1.0.0",
+    ],  # zero-width space
+    ids=["dotdot-name", "dotdot-namespace", "escape", "nul", "cyrillic", "zero-width"],
+)
+def test_names_with_dotdot_controls_or_lookalikes_are_refused(hub, ref):
+    r = hub.get("/api/v1/resolve", params={"ref": ref}, token=hub.token("ops", "admin"))
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["kind"] == "invalid"
+    with pytest.raises(RegistryError) as e:
+        hub.client("acme", "read").resolve(ref)
+    assert e.value.kind == ErrorKind.INVALID
+
+
+def test_two_concurrent_publishes_of_one_version_exactly_one_wins(hub, archives):
+    token = hub.token("acme", "publish")
+    barrier = threading.Barrier(2)
+    results: dict[str, httpx.Response] = {}
+
+    def go(key: str) -> None:
+        data = archives[key].read_bytes()
+        barrier.wait()
+        results[key] = _put(hub, data, token)
+
+    threads = [threading.Thread(target=go, args=(k,)) for k in ("race-a", "race-b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [k for k, r in results.items() if r.status_code == 201]
+    assert len(winners) == 1, {k: r.text for k, r in results.items()}
+    winner = winners[0]
+    loser = next(r for k, r in results.items() if k != winner)
+    assert loser.status_code == 409 and "versions are immutable" in loser.json()["error"]["message"]
+    stored = hub.client("acme", "read").resolve("acme/race@1.0.0")
+    assert stored.digest == results[winner].json()["digest"]
+    assert _wait_no_uploads(hub) == []
+
+
+def test_client_disconnecting_mid_upload_leaves_nothing(hub, archives):
+    data = archives["good"].read_bytes()
+    host, port = hub.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(
+            f"PUT /api/v1/publish HTTP/1.1\r\nhost: {host}\r\ncontent-length: {len(data)}\r\n"
+            f"authorization: Bearer {hub.token('acme', 'publish')}\r\n\r\n".encode()
+        )
+        s.sendall(data[: len(data) // 2])
+        deadline = time.monotonic() + 5
+        while not hub.uploads_left() and time.monotonic() < deadline:  # the upload is under way
+            time.sleep(0.02)
+        assert hub.uploads_left()
+    assert _wait_no_uploads(hub) == []
+    with pytest.raises(RegistryError):
+        hub.client("acme", "read").resolve("acme/good@1.0.0")
+
+
+def test_stalled_upload_times_out(hub, archives):
+    data = archives["good"].read_bytes()
+    host, port = hub.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(
+            f"PUT /api/v1/publish HTTP/1.1\r\nhost: {host}\r\ncontent-length: {len(data)}\r\n"
+            f"authorization: Bearer {hub.token('acme', 'publish')}\r\n\r\n".encode()
+        )
+        s.sendall(data[:1000])
+        s.settimeout(20)
+        answer = s.recv(4096).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 422") and "upload stalled" in answer
+    assert _wait_no_uploads(hub) == [] and _nothing_published(hub)
