@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import shlex
-import signal
-import time
 from typing import Annotated
 
 import typer
 
+from adapterhub_lite.serving.config import ENV_ADMIN_KEY, ServingConfig
+from adapterhub_lite.serving.launcher import ServeOptions
 from cli.common import run_cli
+
+# Defaults live in ServeOptions / ServingConfig; the flags only read them.
+_D = ServeOptions
+_C = ServingConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -19,16 +23,18 @@ def register(app: typer.Typer) -> None:
         base: Annotated[
             str | None, typer.Option(help="base model directory; default: the embedded base")
         ] = None,
-        host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+        host: Annotated[str, typer.Option(help="address to listen on")] = _D.host,
         port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
-        max_loras: Annotated[int, typer.Option(help="distinct adapters in one batch")] = 4,
-        max_lora_rank: Annotated[int, typer.Option(help="largest adapter rank served")] = 16,
-        max_cpu_loras: Annotated[int, typer.Option(help="adapters vLLM keeps in memory")] = 8,
+        max_loras: Annotated[int, typer.Option(help="distinct adapters in one batch")] = _D.max_loras,
+        max_lora_rank: Annotated[int, typer.Option(help="largest adapter rank served")] = _D.max_lora_rank,
+        max_cpu_loras: Annotated[int, typer.Option(help="adapters vLLM keeps in memory")] = _D.max_cpu_loras,
         max_loaded: Annotated[
             int | None, typer.Option(help="hot set: adapters kept loaded (default: --max-cpu-loras)")
-        ] = None,
-        idle_seconds: Annotated[int, typer.Option(help="unload an adapter unused this long")] = 600,
-        max_model_len: Annotated[int, typer.Option(help="context length")] = 512,
+        ] = _C.max_loaded,
+        idle_seconds: Annotated[
+            int, typer.Option(help="unload an adapter unused this long")
+        ] = _C.idle_seconds,
+        max_model_len: Annotated[int, typer.Option(help="context length")] = _D.max_model_len,
         registry: Annotated[
             str | None, typer.Option(help="registry location (else $ADAPTERHUB_REGISTRY)")
         ] = None,
@@ -37,61 +43,67 @@ def register(app: typer.Typer) -> None:
         ] = None,
         admin_key: Annotated[
             str | None,
-            typer.Option(
-                envvar="ADAPTERHUB_ADMIN_KEY", help="admin key; a random one is made and printed if unset"
-            ),
+            typer.Option(envvar=ENV_ADMIN_KEY, help="admin key; a random one is made and printed if unset"),
         ] = None,
         cache_dir: Annotated[str | None, typer.Option(help="verified-bundle cache directory")] = None,
-        cache_max_mb: Annotated[int, typer.Option(help="bound of the bundle cache on disk")] = 2048,
+        cache_max_mb: Annotated[
+            int, typer.Option(help="bound of the bundle cache on disk")
+        ] = _C.cache_max_mb,
         trusted_key: Annotated[
             list[str] | None, typer.Option(help="public key file; when given, bundles must be signed by one")
         ] = None,
+        log: Annotated[str | None, typer.Option(help="vLLM's log file (default: in $TMPDIR)")] = None,
         print_command: Annotated[
             bool, typer.Option("--print-command", help="print the env and vLLM command line, do not start")
         ] = False,
+        verbose: Annotated[bool, typer.Option("--verbose", help="show vLLM's own output too")] = False,
     ) -> None:
         """Serve the base model and every tenant's adapters, from one vLLM server (Ctrl-C stops)."""
-        from adapterhub_lite.serving.launcher import ServeOptions, VLLMServer, build_command
+        from adapterhub_lite.serving.launcher import VLLMServer, build_command
+        from adapterhub_lite.serving.supervise import describe_phases, run_until_stopped
 
-        opts = ServeOptions(
+        config = ServingConfig(
+            admin_key=admin_key,
+            tenants_db=tenants_db,
+            registry=registry,
             base_dir=base or "embedded",
+            cache_max_mb=cache_max_mb,
+            max_loaded=max_loaded,
+            idle_seconds=idle_seconds,
+            trusted_keys=list(trusted_key or []),
+        )
+        if cache_dir:
+            config.cache_dir = cache_dir
+        opts = ServeOptions(
+            config=config,
             host=host,
             port=port,
             max_loras=max_loras,
             max_lora_rank=max_lora_rank,
             max_cpu_loras=max_cpu_loras,
-            max_loaded=max_loaded,
-            idle_seconds=idle_seconds,
             max_model_len=max_model_len,
-            registry=registry,
-            tenants_db=tenants_db,
-            admin_key=admin_key,
-            cache_dir=cache_dir,
-            cache_max_mb=cache_max_mb,
-            trusted_keys=list(trusted_key or []),
+            log_path=log,
+            verbose=verbose,
         )
         if print_command:
             cmd, env = build_command(opts)
-            env.setdefault("ADAPTERHUB_ADMIN_KEY", "<choose-a-long-random-secret>")
+            env.setdefault(ENV_ADMIN_KEY, "<choose-a-long-random-secret>")
             typer.echo(" ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())) + " \\")
             typer.echo("  " + shlex.join(cmd))
             return
         server = VLLMServer(opts)
         typer.echo(f"starting vLLM on {server.url} (log: {server.log_path}) ...")
-        with server:
+
+        def ready() -> None:
+            typer.echo(describe_phases(server.phases))
             typer.echo(f"serving on {server.url}/v1  (OpenAI API; tenants use their own keys)")
             if not admin_key:
                 typer.echo(f"admin key (shown once): {server.admin_key}")
-            stop = []
-            signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-            try:
-                while not stop and server.process is not None and server.process.poll() is None:
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                typer.echo("stopping ...")
-            code = server.process.poll() if server.process is not None else None
-        if code not in (None, 0):
+
+        code = run_until_stopped(server, typer.echo, on_ready=ready)
+        if code is not None:
             typer.secho(
                 f"vLLM exited with code {code}; log: {server.log_path}", err=True, fg=typer.colors.RED
             )
             raise typer.Exit(code=1)
+        typer.echo("stopped")

@@ -95,23 +95,17 @@ def register(app: typer.Typer) -> None:
             for alias, ref in sorted(r["aliases"].items()):
                 typer.echo(f"    {alias} -> {ref}")
 
-    def _promote(tenant: str, alias: str, ref: str, db: str | None, registry: str | None) -> None:
+    @tenant_app.command("promote")
+    @run_cli
+    def promote_cmd(tenant: str, alias: str, ref: str, db: DbOpt = None, registry: RegOpt = None) -> None:
+        """Point ALIAS at REF live (hot swap); rolling back is promoting the previous version again."""
         from adapterhub_lite.serving.view import promote
 
         full, previous = promote(_store(db), _registry(registry), tenant, alias, ref)
         typer.echo(f"{tenant}: {alias} -> {full}" + (f" (was {previous})" if previous else ""))
 
-    @tenant_app.command("promote")
-    @run_cli
-    def promote_cmd(tenant: str, alias: str, ref: str, db: DbOpt = None, registry: RegOpt = None) -> None:
-        """Point ALIAS at REF live (hot swap); rolling back is promoting the previous version again."""
-        _promote(tenant, alias, ref, db, registry)
-
-    @tenant_app.command("alias")
-    @run_cli
-    def alias_cmd(tenant: str, alias: str, ref: str, db: DbOpt = None, registry: RegOpt = None) -> None:
-        """Create or move an alias (same as `promote`)."""
-        _promote(tenant, alias, ref, db, registry)
+    # `alias` is the same command under the name people look for when they create one.
+    tenant_app.command("alias", help="Create or move an alias (the same command as `promote`).")(promote_cmd)
 
     @tenant_app.command("unalias")
     @run_cli

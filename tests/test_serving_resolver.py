@@ -96,12 +96,12 @@ def test_resolver_refuses_rank_over_server_limit(setup):
 
 def test_view_follows_registry_sharing(setup):
     from adapterhub_lite.serving.tenancy import TenantStore
-    from adapterhub_lite.serving.view import RegistryView, promote, resolve_model
+    from adapterhub_lite.serving.view import CachedRegistry, promote, resolve_model
 
     reg, refs = setup["reg"], setup["refs"]
     store = TenantStore.open(setup["root"] / "tenants.db")
     acme, _ = store.add_tenant("acme")
-    view = RegistryView(reg)
+    view = CachedRegistry(reg)
     # own namespace: by full ref and by name (pinned to newest); another namespace: invisible
     assert resolve_model(refs["plain"], acme, {}, {"base"}, view).name == refs["plain"]
     assert resolve_model("acme/plain", acme, {}, {"base"}, view).name == refs["plain"]

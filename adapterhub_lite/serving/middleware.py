@@ -3,25 +3,25 @@
 For every HTTP request it
 - authenticates the `Authorization: Bearer` key: the admin key, or a tenant's key (else 401);
 - lets a tenant reach only `/v1/completions`, `/v1/chat/completions` and `/v1/models` (else 403);
-  load/unload, `/adapterhub/v1/*` management routes and everything else are admin-only;
+  load/unload, `/adapterhub/v1/*` management routes (admin.py) and everything else are admin-only;
 - resolves the request's `model` in the tenant's view (alias -> immutable full reference); outside the
   view the answer is the same 404 whether or not the model exists elsewhere;
 - applies the tenant's rate limits (429 with Retry-After);
 - verifies (and caches) the bundle before vLLM sees its name, so a bad bundle gets a clear 422 and is
-  never loaded;
-- rewrites `model` to the full reference and passes the request on; the response, streaming or not,
-  goes back untouched while its usage is counted in Prometheus;
-- unloads cold adapters beyond the configured hot set.
+  never loaded; other failures answer by their kind (a locked registry 503 with Retry-After);
+- makes room in the hot set before vLLM loads a new adapter (eviction.py), then rewrites `model` to
+  the full reference and passes the request on (forwarding.py);
+- holds `/health` at 503 until a warm-up request has gone through a LoRA slot (warmup.py).
 
 Why middleware and not a `vllm.endpoint_plugins` plugin: an endpoint plugin can only add routes, while
 tenancy has to see, refuse or rewrite every request before vLLM's own routes do; `--middleware` is the
-hook vLLM offers for that, and it keeps the user's own `vllm serve` command line working.
+hook vLLM offers for that, and it keeps the user's own vLLM command line working.
 
 Alias moves made by `adapterhub tenant promote` in another process are seen by the very next request:
-the store is probed with `PRAGMA data_version` (about 4 us measured) and re-read (about 35 us) only when
-it changed. A polled cache with a TTL would have been as cheap but would serve the old version for up to
-a TTL after a promote; an admin "reload" route would need the CLI to know every server. The promote ->
-first-token time is in benchmarks/results/serving.json (hot_swap_s).
+the store is probed for a changed data version (cheap) and re-read only when it changed. A polled cache
+with a TTL would serve the old version for up to a TTL after a promote; an admin "reload" route would
+need the CLI to know every server. The promote -> first-token time is measured by
+benchmarks/serving_bench.py (hot_swap_s).
 """
 
 from __future__ import annotations
@@ -31,30 +31,44 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from adapterhub_lite.errors import AdapterHubError, BundleError, RegistryError
+from adapterhub_lite.errors import AdapterHubError, ErrorKind
+from adapterhub_lite.serving import warmup
+from adapterhub_lite.serving.admin import ADMIN_PREFIX, admin_route
+from adapterhub_lite.serving.asgi import (
+    MAX_BODY_BYTES,
+    App,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    bearer,
+    read_body,
+    send_error,
+    send_json,
+    send_project_error,
+)
 from adapterhub_lite.serving.config import ServingConfig
 from adapterhub_lite.serving.eviction import Evictor
+from adapterhub_lite.serving.forwarding import forward
 from adapterhub_lite.serving.metrics import ServingMetrics, default_metrics
 from adapterhub_lite.serving.ratelimit import RateLimiter
-from adapterhub_lite.serving.resolver import AdapterResolver, get_resolver
 from adapterhub_lite.serving.tenancy import Tenant, TenantStore, hash_key
-from adapterhub_lite.serving.usage import UsageMeter, ask_for_stream_usage, without_usage_event
-from adapterhub_lite.serving.view import RegistryView, Target, resolve_model
+from adapterhub_lite.serving.usage import ask_for_stream_usage
+from adapterhub_lite.serving.view import CachedRegistry, Target, resolve_model
+from adapterhub_lite.vllm_compat.server import Engine
+
+if TYPE_CHECKING:
+    from adapterhub_lite.serving.resolver import AdapterResolver
 
 logger = logging.getLogger("adapterhub.serving")
 
-Scope = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
 PUBLIC_PATHS = {"/health", "/ping", "/version"}
+HEALTH_PATHS = {"/health", "/ping"}
 INFERENCE_PATHS = {"/v1/completions", "/v1/chat/completions"}
 MODELS_PATH = "/v1/models"
-ADMIN_PREFIX = "/adapterhub/v1/"
-MAX_BODY_BYTES = 8 * 1024 * 1024
+_AUTH_HEADERS = [(b"www-authenticate", b"Bearer")]
 
 
 class TenancyMiddleware:
@@ -62,7 +76,7 @@ class TenancyMiddleware:
 
     def __init__(
         self,
-        app: Any,
+        app: App,
         config: ServingConfig | None = None,
         store: TenantStore | None = None,
         resolver: AdapterResolver | None = None,
@@ -71,33 +85,43 @@ class TenancyMiddleware:
         self.app = app
         self.config = config or ServingConfig.from_env()
         if not self.config.admin_key:
-            logger.warning("adapterhub: ADAPTERHUB_ADMIN_KEY is not set; admin routes are closed to everyone")
+            logger.warning("adapterhub: the admin key is not set; admin routes are closed to everyone")
         self._admin_key = self.config.admin_key.encode() if self.config.admin_key else None
         self.store = store or TenantStore.open(self.config.tenants_db)
-        self.resolver = resolver or get_resolver()
+        if resolver is None:
+            from adapterhub_lite.serving.resolver import get_resolver  # imports vLLM
+
+            resolver = get_resolver()
+        self.resolver = resolver
         self.metrics = metrics or default_metrics()
         self.limiter = RateLimiter()
-        self.evictor = Evictor(self.config.max_loaded, self.config.idle_seconds)
-        self._registry_view: RegistryView | None = None
-        self._version = -1
+        self.evictor = Evictor(self.config.hot_set_size(), self.config.idle_seconds)
+        self.ready = not self.config.warmup
+        self.tenants_version = -1
+        self._registry: CachedRegistry | None = None
         self._tenants_by_hash: dict[str, Tenant] = {}
         self._aliases: dict[str, dict[str, str]] = {}
-        self._idle_task: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None
 
     # -- state -------------------------------------------------------------------------------------
 
     @property
-    def registry_view(self) -> RegistryView:
-        if self._registry_view is None:
-            self._registry_view = RegistryView(lambda: self.resolver.registry)
-        return self._registry_view
+    def registry(self) -> CachedRegistry:
+        if self._registry is None:
+            self._registry = CachedRegistry(lambda: self.resolver.registry)
+        return self._registry
 
-    def _refresh(self) -> None:
+    def refresh(self, force: bool = False) -> int:
+        """Re-read tenants and aliases if the store changed (always with `force`); the store's version."""
         version = self.store.data_version()
-        if version != self._version:
+        if force or version != self.tenants_version:
             self._tenants_by_hash.clear()
             self._aliases = self.store.all_aliases()
-            self._version = version
+            self.tenants_version = version
+            if force and self._registry is not None:
+                self._registry.clear()
+        return self.tenants_version
 
     def _tenant_for(self, key: str) -> Tenant | None:
         digest = hash_key(key)
@@ -108,14 +132,8 @@ class TenancyMiddleware:
                 self._tenants_by_hash[digest] = tenant
         return tenant
 
-    @staticmethod
-    def _serving_models(scope: Scope) -> Any:
-        app = scope.get("app")
-        return getattr(getattr(app, "state", None), "openai_serving_models", None)
-
-    def _base_names(self, scope: Scope) -> set[str]:
-        models = self._serving_models(scope)
-        names = {m.name for m in models.base_model_paths} if models is not None else set()
+    def _base_names(self, engine: Engine | None) -> set[str]:
+        names = engine.base_names() if engine is not None else set()
         if self.config.served_name:
             names.add(self.config.served_name)
         return names
@@ -124,7 +142,7 @@ class TenancyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, self._lifespan_send(scope, send))
             return
         if scope["type"] != "http":
             # WebSockets (realtime audio) carry no tenant model mapping: closed to tenants.
@@ -132,38 +150,37 @@ class TenancyMiddleware:
             return
         path: str = scope["path"]
         if path in PUBLIC_PATHS:
-            await self.app(scope, receive, send)
+            if path in HEALTH_PATHS and not self.ready:
+                await send_json(send, 503, {"status": "warming up"}, [(b"retry-after", b"1")])
+            else:
+                await self.app(scope, receive, send)
             return
-        self._ensure_idle_task(scope)
-        key = _bearer(scope)
+        self._ensure_sweeper(scope)
+        key = bearer(scope)
         if key is None:
             self.metrics.rejected.labels("", "no_key").inc()
-            await _error(
+            await send_error(
                 send,
                 401,
                 "missing API key: send `Authorization: Bearer <key>`",
                 "AuthenticationError",
-                headers=[(b"www-authenticate", b"Bearer")],
+                headers=_AUTH_HEADERS,
             )
             return
         if self._admin_key is not None and hmac.compare_digest(key.encode("latin-1"), self._admin_key):
             if path.startswith(ADMIN_PREFIX):
-                await self._admin_route(scope, receive, send)
+                await admin_route(self, scope, receive, send)
             elif path in INFERENCE_PATHS and scope["method"] == "POST":
                 await self._inference(scope, receive, send, tenant=None)
             else:
                 await self.app(scope, receive, send)
             return
-        self._refresh()
+        self.refresh()
         tenant = self._tenant_for(key)
         if tenant is None:
             self.metrics.rejected.labels("", "bad_key").inc()
-            await _error(
-                send,
-                401,
-                "invalid or revoked API key",
-                "AuthenticationError",
-                headers=[(b"www-authenticate", b"Bearer")],
+            await send_error(
+                send, 401, "invalid or revoked API key", "AuthenticationError", headers=_AUTH_HEADERS
             )
             return
         if path == MODELS_PATH and scope["method"] == "GET":
@@ -172,7 +189,7 @@ class TenancyMiddleware:
             await self._inference(scope, receive, send, tenant=tenant)
         else:
             self.metrics.rejected.labels(tenant.name, "admin_route").inc()
-            await _error(send, 403, f"{path} needs the admin key", "PermissionDeniedError")
+            await send_error(send, 403, f"{path} needs the admin key", "PermissionDeniedError")
 
     # -- tenant routes -----------------------------------------------------------------------------
 
@@ -180,7 +197,7 @@ class TenancyMiddleware:
         now = int(time.time())
         data = []
         if tenant.base_access:
-            for name in sorted(self._base_names(scope)):
+            for name in sorted(self._base_names(Engine.from_scope(scope))):
                 data.append({"id": name, "object": "model", "created": now, "owned_by": "adapterhub"})
         for alias, ref in sorted(self._aliases.get(tenant.name, {}).items()):
             data.append(
@@ -189,10 +206,10 @@ class TenancyMiddleware:
         # Then every adapter the tenant may name as `namespace/name` (own, shared, public) for this base.
         # The first call hashes the base's weights: off the event loop.
         fingerprint = await asyncio.to_thread(self._served_fingerprint)
-        for package, ref in self.registry_view.readable(tenant.namespace, fingerprint):
+        for package, ref in self.registry.readable(tenant.namespace, fingerprint):
             owner = package.split("/", 1)[0]
             data.append({"id": package, "object": "model", "created": now, "owned_by": owner, "root": ref})
-        await _json(send, 200, {"object": "list", "data": data})
+        await send_json(send, 200, {"object": "list", "data": data})
 
     def _served_fingerprint(self) -> str | None:
         """The served base's fingerprint, or None (no filter) where the server was not told its base."""
@@ -202,10 +219,10 @@ class TenancyMiddleware:
             return None
 
     async def _inference(self, scope: Scope, receive: Receive, send: Send, tenant: Tenant | None) -> None:
-        body = await _read_body(receive)
+        body = await read_body(receive)
         label = tenant.name if tenant else "admin"
         if body is None:
-            await _error(send, 413, f"request body over {MAX_BODY_BYTES} bytes", "BadRequestError")
+            await send_error(send, 413, f"request body over {MAX_BODY_BYTES} bytes", "BadRequestError")
             return
         try:
             payload = json.loads(body)
@@ -213,30 +230,31 @@ class TenancyMiddleware:
             if not isinstance(model, str):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
-            await _error(send, 400, "the body must be a JSON object with a string `model`", "BadRequestError")
+            await send_error(
+                send, 400, "the body must be a JSON object with a string `model`", "BadRequestError"
+            )
             return
 
+        engine = Engine.from_scope(scope)
         if tenant is None:
-            target = self._admin_target(scope, model)
+            target = self._admin_target(engine, model)
         else:
-            # Inline: aliases are in memory and registry answers are memoized (a miss is one SQLite read).
+            # Inline: aliases are in memory and registry answers are memoized (a miss is one index read).
             target = resolve_model(
-                model,
-                tenant,
-                self._aliases.get(tenant.name, {}),
-                self._base_names(scope),
-                self.registry_view,
+                model, tenant, self._aliases.get(tenant.name, {}), self._base_names(engine), self.registry
             )
         if target is None:
             self.metrics.rejected.labels(label, "unknown_model").inc()
-            await _error(send, 404, f"The model `{model}` does not exist.", "NotFoundError", param="model")
+            await send_error(
+                send, 404, f"The model `{model}` does not exist.", "NotFoundError", param="model"
+            )
             return
 
         if tenant is not None:
             wait = self.limiter.admit(tenant.name, tenant.requests_per_minute, tenant.tokens_per_minute)
             if wait is not None:
                 self.metrics.rejected.labels(label, "rate_limited").inc()
-                await _error(
+                await send_error(
                     send,
                     429,
                     f"rate limit exceeded; retry in {int(wait)} s",
@@ -245,238 +263,107 @@ class TenancyMiddleware:
                 )
                 return
 
-        adapter_label = "" if target.is_base else target.name
-        if not target.is_base:
+        if target.managed:
             self.evictor.begin(target.name)
         try:
-            if not target.is_base and not await self._ensure_loadable(scope, send, target, label):
+            if target.managed and not await self._admit_adapter(engine, send, target, label):
                 return
             payload["model"] = target.name
             hide_usage = ask_for_stream_usage(payload)
-            await self._forward(
-                scope, receive, send, json.dumps(payload).encode(), label, adapter_label, tenant, hide_usage
+            prompt, completion = await forward(
+                self.app,
+                scope,
+                receive,
+                send,
+                json.dumps(payload).encode(),
+                metrics=self.metrics,
+                tenant_label=label,
+                adapter_label=target.name if target.managed else "",
+                hide_usage=hide_usage,
             )
+            if tenant is not None:
+                self.limiter.charge_tokens(tenant.name, tenant.tokens_per_minute, prompt + completion)
         finally:
-            if not target.is_base:
+            if target.managed:
                 self.evictor.end(target.name)
-        await self._evict(scope)
 
-    def _admin_target(self, scope: Scope, model: str) -> Target | None:
-        if model in self._base_names(scope):
-            return Target(model, True)
-        full = self.registry_view.full_ref(model) if "/" in model else None
+    def _admin_target(self, engine: Engine | None, model: str) -> Target | None:
+        if model in self._base_names(engine):
+            return Target(model, managed=False)
+        full = self.registry.full_ref(model) if "/" in model else None
         if full:
-            return Target(full, False)
-        models = self._serving_models(scope)
-        if models is not None and model in models.lora_requests:
-            return Target(model, True)  # loaded by the admin under a name of its own: pass through
+            return Target(full, managed=True)
+        if engine is not None and engine.is_loaded(model):
+            return Target(model, managed=False)  # loaded by the admin under a name of its own
         return None
 
-    async def _ensure_loadable(self, scope: Scope, send: Send, target: Target, label: str) -> bool:
-        """Verify the bundle unless vLLM already holds it; on failure answer the client and return False."""
-        models = self._serving_models(scope)
-        if models is not None and target.name in models.lora_requests:
+    async def _admit_adapter(self, engine: Engine | None, send: Send, target: Target, label: str) -> bool:
+        """Verify the bundle (unless vLLM holds it) and make room for it in the hot set; on failure
+        answer the client by the error's kind and return False."""
+        if engine is not None and engine.is_loaded(target.name):
             return True
+        if engine is not None:
+            self.resolver.loaded_refs = lambda: [*engine.loaded(), *self.evictor.in_flight]
         try:
             await asyncio.to_thread(self.resolver.fetch, target.name)
-        except RegistryError:
-            self.metrics.errors.labels(label, target.name, "not_found").inc()
-            await _error(
-                send, 404, f"The model `{target.name}` does not exist.", "NotFoundError", param="model"
-            )
-            return False
-        except BundleError as exc:
-            self.metrics.errors.labels(label, target.name, "bundle_rejected").inc()
-            await _error(
-                send,
-                422,
-                f"adapter {target.name} cannot be served: {exc.message}",
-                "AdapterRejectedError",
-                param="model",
-            )
-            return False
+            if engine is not None:
+                for name in await self.evictor.make_room(engine, target.name):
+                    self.metrics.adapter_evictions.labels(name).inc()
+                self.metrics.loaded_adapters.set(len(engine.loaded()))
         except AdapterHubError as exc:
-            self.metrics.errors.labels(label, target.name, "unavailable").inc()
-            await _error(
-                send, 503, f"adapter {target.name} is unavailable: {exc.message}", "ServiceUnavailable"
-            )
+            self.metrics.errors.labels(label, target.name, exc.kind.value).inc()
+            if exc.kind is ErrorKind.NOT_FOUND:
+                message = f"The model `{target.name}` does not exist."
+                await send_project_error(send, exc, message, param="model")
+            elif exc.kind is ErrorKind.INVALID:
+                message = f"adapter {target.name} cannot be served: {exc.message}"
+                await send_project_error(send, exc, message, param="model", err_type="AdapterRejectedError")
+            else:
+                await send_project_error(send, exc, f"adapter {target.name} is unavailable: {exc.message}")
             return False
         self.metrics.adapter_loads.labels(target.name).inc()
         return True
 
-    async def _forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        body: bytes,
-        label: str,
-        adapter: str,
-        tenant: Tenant | None,
-        hide_usage: bool = False,
-    ) -> None:
-        headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"authorization")]
-        headers.append((b"content-length", str(len(body)).encode()))
-        inner_scope = dict(scope, headers=headers)
-        sent = False
+    # -- background work ---------------------------------------------------------------------------
 
-        async def inner_receive() -> MutableMapping[str, Any]:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            # vLLM watches for the client going away to cancel generation: pass the real signal on.
-            return await receive()
-
-        usage = UsageMeter()
-
-        async def inner_send(message: MutableMapping[str, Any]) -> None:
-            usage.observe(message)
-            if hide_usage and usage.streaming and message["type"] == "http.response.body":
-                message = {**message, "body": without_usage_event(message.get("body", b""))}
-            await send(message)
-
-        try:
-            await self.app(inner_scope, inner_receive, inner_send)
-        finally:
-            status = usage.status or 500
-            self.metrics.requests.labels(label, adapter, str(status)).inc()
-            if status >= 400:
-                self.metrics.errors.labels(label, adapter, f"http_{status}").inc()
-            prompt, completion = usage.tokens()
-            self.metrics.prompt_tokens.labels(label, adapter).inc(prompt)
-            self.metrics.completion_tokens.labels(label, adapter).inc(completion)
-            if tenant is not None:
-                self.limiter.charge_tokens(tenant.name, tenant.tokens_per_minute, prompt + completion)
-
-    # -- eviction ----------------------------------------------------------------------------------
-
-    async def _evict(self, scope: Scope) -> None:
-        models = self._serving_models(scope)
-        if models is None:
-            return
-        self.resolver.loaded_refs = lambda: list(models.lora_requests)
-        for name in await self.evictor.enforce(models):
-            self.metrics.adapter_evictions.labels(name).inc()
-        self.metrics.loaded_adapters.set(len(models.lora_requests))
-
-    def _ensure_idle_task(self, scope: Scope) -> None:
+    def _ensure_sweeper(self, scope: Scope) -> None:
         # Idle adapters must go even when no request comes to trigger eviction.
-        if self._idle_task is None or self._idle_task.done():
+        if self._sweeper is None or self._sweeper.done():
             period = max(1.0, min(30.0, self.config.idle_seconds / 2))
 
             async def loop() -> None:
                 while True:
                     await asyncio.sleep(period)
                     try:
-                        await self._evict(scope)
+                        await self.sweep(Engine.from_scope(scope))
                     except Exception:  # never let the sweeper die silently
                         logger.exception("adapterhub: eviction sweep failed")
 
-            self._idle_task = asyncio.get_running_loop().create_task(loop())
+            self._sweeper = asyncio.get_running_loop().create_task(loop())
 
-    # -- admin routes ------------------------------------------------------------------------------
+    async def sweep(self, engine: Engine | None) -> list[str]:
+        """Unload idle adapters (and any over the hot set); returns their names."""
+        if engine is None:
+            return []
+        self.resolver.loaded_refs = lambda: [*engine.loaded(), *self.evictor.in_flight]
+        evicted = await self.evictor.enforce(engine)
+        for name in evicted:
+            self.metrics.adapter_evictions.labels(name).inc()
+        self.metrics.loaded_adapters.set(len(engine.loaded()))
+        return evicted
 
-    async def _admin_route(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"][len(ADMIN_PREFIX) :]
-        models = self._serving_models(scope)
-        if path == "status" and scope["method"] == "GET":
-            loaded = list(models.lora_requests) if models is not None else []
-            await _json(
-                send,
-                200,
-                {
-                    "loaded": loaded,
-                    "in_flight": dict(self.evictor.in_flight),
-                    "capacity": self.evictor.capacity,
-                    "idle_seconds": self.evictor.idle_seconds,
-                    "cache": [p.name for p in self.resolver.cache.entries()],
-                    "tenants_version": self._version,
-                },
-            )
-        elif path == "evict" and scope["method"] == "POST":
-            body = await _read_body(receive) or b"{}"
-            try:
-                name = json.loads(body)["adapter"]
-            except (ValueError, KeyError, TypeError):
-                await _error(send, 400, 'body must be {"adapter": "<full reference>"}', "BadRequestError")
-                return
-            if models is None or name not in models.lora_requests:
-                await _error(send, 404, f"adapter {name} is not loaded", "NotFoundError")
-                return
-            if self.evictor.in_flight[name]:
-                await _error(send, 409, f"adapter {name} has requests in flight", "ConflictError")
-                return
-            self.evictor.last_used[name] = 0.0  # oldest
-            capacity, self.evictor.capacity = self.evictor.capacity, 0
-            try:
-                evicted = await self.evictor.enforce(models)
-            finally:
-                self.evictor.capacity = capacity
-            await _json(send, 200, {"evicted": evicted})
-        elif path == "refresh" and scope["method"] == "POST":
-            self._version = -1
-            self._refresh()
-            if self._registry_view is not None:
-                self._registry_view.clear()
-            await _json(send, 200, {"tenants_version": self._version})
-        else:
-            await _error(send, 404, f"no admin route {scope['path']}", "NotFoundError")
+    def _lifespan_send(self, scope: Scope, send: Send) -> Send:
+        async def lifespan_send(message: Message) -> None:
+            await send(message)
+            if message["type"] == "lifespan.startup.complete" and not self.ready:
+                task = asyncio.get_running_loop().create_task(self._warm_up(scope.get("app")))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
+        return lifespan_send
 
-def _bearer(scope: Scope) -> str | None:
-    for k, v in scope["headers"]:
-        if k == b"authorization":
-            value = v.decode("latin-1")
-            if value[:7].lower() == "bearer " and value[7:].strip():
-                return value[7:].strip()
-    return None
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            break
-    return b"".join(chunks)
-
-
-async def _json(send: Send, status: int, data: Any, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps(data).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _error(
-    send: Send,
-    status: int,
-    message: str,
-    err_type: str,
-    param: str | None = None,
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    # The OpenAI error shape, as vLLM itself answers, so official clients raise the usual exceptions.
-    await _json(
-        send,
-        status,
-        {"error": {"message": message, "type": err_type, "param": param, "code": status}},
-        headers,
-    )
+    async def _warm_up(self, app: Any) -> None:
+        try:
+            await warmup.warm_up(self.app, app, self.config)
+        finally:
+            self.ready = True  # whatever the outcome: a failed warm-up must not keep the server down

@@ -3,21 +3,47 @@
 vLLM calls `register()` in each of its processes (API server, engine core, workers). Only the API
 server consults resolvers, and registering there is cheap (nothing is opened until the first adapter
 is resolved); the model runs in the others, where the CPU build gets grouped LoRA ops
-(`cpu_lora_ops.py`).
+(`cpu_lora_ops.py`). Under adapter churn the worker loads and frees adapter weights by the thousand:
+in every process the C heap returns large freed blocks to the OS (training/allocator.py), and the
+worker trims the heap after each LoRA load and unload (`ADAPTERHUB_HEAP_TRIM=0` turns that off;
+benchmarks/soak_bench.py measures the RSS slope with and without). vLLM's `vllm:lora_requests_info`
+metric keeps only its current sample.
 """
 
 from __future__ import annotations
 
+import logging
+
 RESOLVER_NAME = "adapterhub"
+
+
+def _log_to_stderr() -> None:
+    """adapterhub's INFO lines (warm-up, unloads) go where vLLM's own go: the server's output."""
+    logger = logging.getLogger("adapterhub")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def register() -> None:
     """Register the resolver and the CPU LoRA ops (idempotent: vLLM may call this more than once)."""
-    from vllm.lora.resolver import LoRAResolverRegistry
-
     from adapterhub_lite.serving import cpu_lora_ops
+    from adapterhub_lite.serving.config import ServingConfig
     from adapterhub_lite.serving.resolver import get_resolver
+    from adapterhub_lite.training.allocator import return_large_blocks_to_os
+    from adapterhub_lite.vllm_compat.server import (
+        bound_lora_info_metric,
+        register_resolver,
+        trim_heap_after_lora_changes,
+    )
 
-    if RESOLVER_NAME not in LoRAResolverRegistry.get_supported_resolvers():
-        LoRAResolverRegistry.register_resolver(RESOLVER_NAME, get_resolver())
+    _log_to_stderr()
+    return_large_blocks_to_os()
+    register_resolver(RESOLVER_NAME, get_resolver())
+    bound_lora_info_metric()
+    if ServingConfig.from_env().heap_trim:
+        trim_heap_after_lora_changes()
     cpu_lora_ops.install()

@@ -1,11 +1,12 @@
 """The vLLM `LoRAResolver`: a full reference -> registry pull -> verified local copy -> `LoRARequest`.
 
-vLLM asks every registered resolver when a request names a model it has not loaded (with
-`VLLM_ALLOW_RUNTIME_LORA_UPDATING` on). This one accepts only immutable references
+vLLM asks every registered resolver when a request names a model it has not loaded (with runtime
+LoRA updating on; vllm_compat.launch sets it). This one accepts only immutable references
 `namespace/name@version`, so a name vLLM caches is never reused for other weights. Before a bundle is
 handed to vLLM it is verified: file hashes, the signature when trusted keys are configured, the base
 fingerprint against the served base, and vLLM's own compatibility rules for the server's max rank. A
-bundle that fails is never loaded.
+bundle that fails is never loaded. Errors keep their kind (a locked registry stays "unavailable", a full
+disk "internal"), so the middleware answers 503 or 500 for them, not "cannot be served".
 """
 
 from __future__ import annotations
@@ -14,23 +15,24 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from vllm.lora.request import LoRARequest
-from vllm.lora.resolver import LoRAResolver
-
-from adapterhub_lite.errors import AdapterHubError, BundleError, RegistryError, ServingError
+from adapterhub_lite.errors import AdapterHubError, ErrorKind, ServingError
 from adapterhub_lite.serving.cache import BundleCache
 from adapterhub_lite.serving.config import ServingConfig
 from adapterhub_lite.serving.tenancy import is_full_ref
+from adapterhub_lite.vllm_compat.server import lora_request, resolver_base
 
 logger = logging.getLogger("adapterhub.serving")
+# A bundle verified this recently is not verified again: the middleware fetches just before vLLM's
+# resolve_lora does, and one verification per load is enough.
 _REVERIFY_AFTER_S = 30.0
 
 
-class AdapterResolver(LoRAResolver):
+class AdapterResolver(resolver_base()):  # type: ignore[misc]
     """Resolves `namespace/name@version` through the registry into a bounded, verified disk cache."""
 
     def __init__(self, config: ServingConfig, registry: Any | None = None) -> None:
@@ -42,8 +44,17 @@ class AdapterResolver(LoRAResolver):
         self._locks_guard = threading.Lock()
         self._verified_at: dict[str, float] = {}
         self.digests: dict[str, str] = {}  # ref -> digest of what was verified
-        # Set by the middleware once it sees vLLM's state: refs vLLM has loaded (their files must stay).
+        # Set by the middleware once it sees vLLM's state: refs vLLM has loaded or is about to load
+        # (their files must stay).
         self.loaded_refs: Callable[[], Iterable[str]] = lambda: ()
+        self._fetching: Counter[str] = Counter()  # digests being verified or handed to vLLM now
+        self.cache.pins = self._pinned
+
+    def _pinned(self) -> list[str]:
+        refs = list(self.loaded_refs())
+        with self._locks_guard:
+            fetching = list(self._fetching)
+        return [self.digests[r] for r in refs if r in self.digests] + fetching
 
     @property
     def registry(self) -> Any:
@@ -73,26 +84,33 @@ class AdapterResolver(LoRAResolver):
     def fetch(self, ref: str) -> Path:
         """A verified local bundle directory for the full reference `ref` (blocking; pulls on a miss).
 
-        Raises RegistryError for an unknown reference, BundleError for a bundle that fails verification
-        (corrupt blobs, bad signature, another base, rank over the server's); a failing copy is dropped
-        from the cache so nothing bad stays on disk.
+        Raises the registry's error for an unknown reference (kind NOT_FOUND), a locked or unreachable
+        registry (UNAVAILABLE) or a failing disk (INTERNAL); BundleError (INVALID) for a bundle that
+        fails verification (corrupt blobs, bad signature, another base, rank over the server's). A
+        failing copy is dropped from the cache so nothing bad stays on disk.
         """
         if not is_full_ref(ref):
-            raise ServingError(f"{ref!r} is not a full reference namespace/name@version")
+            raise ServingError(
+                f"{ref!r} is not a full reference namespace/name@version", kind=ErrorKind.INVALID
+            )
         from adapterhub_lite.bundles import verify_bundle
 
         with self._lock_for(ref):
-            published = self.registry.resolve(ref)  # RegistryError: unknown reference
+            published = self.registry.resolve(ref)
             digest = published.digest
+            with self._locks_guard:
+                self._fetching[digest] += 1
             try:
                 path = self.cache.get(digest)
                 if path is None:
-                    pinned = [self.digests[r] for r in self.loaded_refs() if r in self.digests]
                     path = self.cache.put(
-                        digest, lambda tmp: Path(self.registry.pull(ref, tmp / "bundle")), pinned=pinned
+                        digest,
+                        lambda tmp: Path(self.registry.pull(ref, tmp / "bundle")),
+                        size=int(getattr(published, "size", 0) or 0),
+                        label=ref,
                     )
-                # Verified on every load, not only on download: the disk cache is not trusted either.
-                # (The middleware fetches just before vLLM's resolve_lora does: once is enough then.)
+                # Verified after download and again on a load more than _REVERIFY_AFTER_S after the
+                # last check: the disk cache is not trusted either.
                 if time.monotonic() - self._verified_at.get(ref, -1e9) > _REVERIFY_AFTER_S:
                     verify_bundle(
                         path,
@@ -101,19 +119,23 @@ class AdapterResolver(LoRAResolver):
                         trusted_keys=self.config.trusted_keys or None,
                     )
                     self._verified_at[ref] = time.monotonic()
-            except RegistryError as exc:
-                self._verified_at.pop(ref, None)
-                # The reference exists, so a failure from here on is about its content.
-                self.cache.remove(digest)
-                raise BundleError(exc.message, hint=exc.hint) from None
-            except AdapterHubError:
+            except AdapterHubError as exc:
                 self._verified_at.pop(ref, None)
                 self.cache.remove(digest)
+                if exc.kind is ErrorKind.NOT_FOUND:
+                    # The reference resolved, so what is missing now is part of its content (a blob):
+                    # the bundle cannot be served, which is not "no such model".
+                    exc.kind = ErrorKind.INVALID
                 raise
+            finally:
+                with self._locks_guard:
+                    self._fetching[digest] -= 1
+                    if self._fetching[digest] <= 0:
+                        del self._fetching[digest]
             self.digests[ref] = digest
             return path
 
-    async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+    async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
         """vLLM's hook: a request to load `lora_name`, or None when it is not ours or fails to verify."""
         if not is_full_ref(lora_name):
             return None
@@ -125,7 +147,7 @@ class AdapterResolver(LoRAResolver):
             logger.warning("adapterhub: refusing to load %s: %s", lora_name, exc)
             return None
         # lora_int_id is replaced by vLLM with a fresh id from its own counter.
-        return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(path))
+        return lora_request(lora_name, str(path))
 
 
 _RESOLVER: AdapterResolver | None = None

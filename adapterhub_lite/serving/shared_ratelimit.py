@@ -123,7 +123,9 @@ class SharedRateLimiter:
             self._outage = True
             log.warning(
                 "rate-limit store %s unreachable (%s); failing %s until it is back",
-                redact(self.url), type(exc).__name__, self.failure,
+                redact(self.url),
+                type(exc).__name__,
+                self.failure,
             )
         if self.failure == "closed":
             raise ServingError(

@@ -21,14 +21,20 @@ _MAX_MEMO = 10_000
 
 @dataclass(frozen=True)
 class Target:
-    """What a request's `model` resolves to: the base model, or an adapter by full reference."""
+    """What a request's `model` resolves to, and whether adapterhub manages it.
+
+    `managed` is True for a registry adapter (by full reference): it is verified before vLLM loads
+    it and counts in the hot set. False for the base model and for adapters the admin loaded under a
+    name of their own: those pass through to vLLM as they are.
+    """
 
     name: str  # the name vLLM sees
-    is_base: bool
+    managed: bool
 
 
-class RegistryView:
-    """Registry questions with a short cache, so a busy server asks the registry a few times a minute."""
+class CachedRegistry:
+    """Registry answers (newest version, may-read, readable list) reused for a few seconds, so a busy
+    server asks the registry a few times a minute; a share withdrawn is seen within `_TTL_SECONDS`."""
 
     def __init__(self, registry: Any) -> None:
         # A zero-argument callable is called on first use, so a server that only serves the base model
@@ -91,7 +97,7 @@ class RegistryView:
 
 
 def resolve_model(
-    model: str, tenant: Tenant, aliases: dict[str, str], base_names: set[str], registry: RegistryView | None
+    model: str, tenant: Tenant, aliases: dict[str, str], base_names: set[str], registry: CachedRegistry | None
 ) -> Target | None:
     """The target of `model` in `tenant`'s view, or None if the tenant may not use it."""
     ref = aliases.get(model)
@@ -101,13 +107,13 @@ def resolve_model(
         own = ref.startswith(tenant.namespace + "/")
         if not own and registry is not None and not registry.can_read(tenant.namespace, ref):
             return None
-        return Target(ref, False)
+        return Target(ref, True)
     if model in base_names:
-        return Target(model, True) if tenant.base_access else None
+        return Target(model, False) if tenant.base_access else None
     if "/" in model and registry is not None:
         full = registry.full_ref(model)
         if full and registry.can_read(tenant.namespace, full):
-            return Target(full, False)
+            return Target(full, True)
     return None
 
 

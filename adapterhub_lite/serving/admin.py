@@ -1,0 +1,69 @@
+"""The admin routes under /adapterhub/v1/ (admin key only): status, evict, refresh."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from adapterhub_lite.errors import AdapterHubError
+from adapterhub_lite.serving.asgi import (
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    send_error,
+    send_json,
+    send_project_error,
+)
+from adapterhub_lite.vllm_compat.server import Engine
+
+if TYPE_CHECKING:
+    from adapterhub_lite.serving.middleware import TenancyMiddleware
+
+ADMIN_PREFIX = "/adapterhub/v1/"
+
+
+async def admin_route(mw: TenancyMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer one admin request."""
+    route = (scope["method"], scope["path"][len(ADMIN_PREFIX) :])
+    engine = Engine.from_scope(scope)
+    if route == ("GET", "status"):
+        await send_json(
+            send,
+            200,
+            {
+                "loaded": engine.loaded() if engine is not None else [],
+                "loading": sorted(mw.evictor.loading),
+                "in_flight": dict(mw.evictor.in_flight),
+                "capacity": mw.evictor.capacity,
+                "idle_seconds": mw.evictor.idle_seconds,
+                "cache": [p.name for p in mw.resolver.cache.entries()],
+                "cache_bytes": mw.resolver.cache.total_bytes(),
+                "cache_max_bytes": mw.resolver.cache.max_bytes,
+                "tenants_version": mw.tenants_version,
+                "ready": mw.ready,
+            },
+        )
+    elif route == ("POST", "evict"):
+        body = await read_body(receive) or b"{}"
+        try:
+            name = json.loads(body)["adapter"]
+            if not isinstance(name, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            await send_error(send, 400, 'body must be {"adapter": "<full reference>"}', "BadRequestError")
+            return
+        try:
+            evicted = engine is not None and await mw.evictor.evict(engine, name)
+        except AdapterHubError as exc:
+            await send_project_error(send, exc, exc.message)
+            return
+        if not evicted:
+            await send_error(send, 404, f"adapter {name} is not loaded", "NotFoundError")
+            return
+        mw.metrics.adapter_evictions.labels(name).inc()
+        await send_json(send, 200, {"evicted": [name]})
+    elif route == ("POST", "refresh"):
+        await send_json(send, 200, {"tenants_version": mw.refresh(force=True)})
+    else:
+        await send_error(send, 404, f"no admin route {scope['path']}", "NotFoundError")
