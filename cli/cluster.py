@@ -34,6 +34,12 @@ def up(
     ray_address: Annotated[
         str | None, typer.Option(help="join a running Ray cluster ('auto', ray://host:10001); default: local")
     ] = None,
+    rate_limit_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ADAPTERHUB_RATE_LIMIT_URL", help="redis://...: one limit per tenant for all replicas"
+        ),
+    ] = None,
     admin_key: Annotated[
         str | None, typer.Option(envvar="ADAPTERHUB_ADMIN_KEY", help="admin key for every replica")
     ] = None,
@@ -53,6 +59,7 @@ def up(
         registry=registry,
         tenants_db=tenants_db,
         admin_key=admin_key,
+        rate_limit_url=rate_limit_url,
         **{k: v for k, v in given.items() if v is not None},
     )
     quiet_ray_env()

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from adapterhub_lite.serving.config import ENV_ADMIN_KEY, ServingConfig
+from adapterhub_lite.serving.config import ENV_ADMIN_KEY, ENV_RATE_LIMIT_URL, ServingConfig
 from adapterhub_lite.serving.launcher import ServeOptions
 from cli.common import run_cli
 
@@ -52,6 +52,16 @@ def register(app: typer.Typer) -> None:
         trusted_key: Annotated[
             list[str] | None, typer.Option(help="public key file; when given, bundles must be signed by one")
         ] = None,
+        rate_limit_url: Annotated[
+            str | None,
+            typer.Option(
+                envvar=ENV_RATE_LIMIT_URL,
+                help="redis://HOST:PORT/DB: per-tenant limits shared by every replica (default: in-process)",
+            ),
+        ] = None,
+        rate_limit_failure: Annotated[
+            str, typer.Option(help="while Redis is unreachable: 'open' admits, 'closed' answers 503")
+        ] = _C.rate_limit_failure,
         log: Annotated[str | None, typer.Option(help="vLLM's log file (default: in $TMPDIR)")] = None,
         print_command: Annotated[
             bool, typer.Option("--print-command", help="print the env and vLLM command line, do not start")
@@ -71,6 +81,8 @@ def register(app: typer.Typer) -> None:
             max_loaded=max_loaded,
             idle_seconds=idle_seconds,
             trusted_keys=list(trusted_key or []),
+            rate_limit_url=rate_limit_url,
+            rate_limit_failure=rate_limit_failure,
         )
         if cache_dir:
             config.cache_dir = cache_dir

@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 PROMPT = [5, 120, 240, 360, 480, 600]
 N_TOKENS = 6
 REPLICA_HEADER = "x-adapterhub-replica"
+RPM = 4  # the limited tenant's requests a minute: one refills every 15 s
 
 
 def _adapters(base: Path, out: Path, seeds: dict[str, int]) -> tuple[dict[str, Path], dict[str, list[int]]]:
@@ -54,7 +55,7 @@ def _adapters(base: Path, out: Path, seeds: dict[str, int]) -> tuple[dict[str, P
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, redis_server):
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
     from adapterhub_lite.bundles import pack_bundle
     from adapterhub_lite.cluster.launch import Cluster, ClusterOptions
@@ -84,6 +85,7 @@ def cluster(tmp_path_factory):
     store = TenantStore.open(root / "tenants.db")
     _, acme = store.add_tenant("acme", base_access=True)
     _, globex = store.add_tenant("globex")
+    _, limited = store.add_tenant("limited", base_access=True, requests_per_minute=RPM)
     for alias in ("a", "b", "c"):
         store.set_alias("acme", alias, refs[alias])
     serve_opts = ServeOptions(
@@ -97,12 +99,13 @@ def cluster(tmp_path_factory):
         max_loaded=2,
         max_lora_rank=16,
         max_model_len=256,
+        rate_limit_url=redis_server.url,
     )
     opts = ClusterOptions(serve=serve_opts, replicas=2, port=free_port(), state_dir=str(root / "state"))
     with Cluster(opts) as running:
         yield {
             "cluster": running,
-            "keys": {"acme": acme, "globex": globex},
+            "keys": {"acme": acme, "globex": globex, "limited": limited},
             "refs": refs,
             "expected": expected,
             "store": store,
@@ -227,3 +230,14 @@ def test_a_replica_killed_under_load_fails_cleanly_and_comes_back(cluster):
         assert status == 200 and tokens == expected[alias]
         after[alias] = replica
     assert set(after.values()) <= {r["replica"] for r in running.replicas()}
+
+
+def test_a_rate_limit_is_one_bucket_across_replicas(cluster):
+    """N requests a minute across two replicas is N successes, not 2N (limits shared through Redis)."""
+    replicas, key = cluster["cluster"].replicas(), cluster["keys"]["limited"]
+    start = time.monotonic()
+    statuses = [_complete(replicas[i % 2]["url"], key, "base")[2] for i in range(3 * RPM)]
+    elapsed = time.monotonic() - start
+    ok = statuses.count(200)
+    assert RPM <= ok <= RPM + int(elapsed * RPM / 60.0), statuses
+    assert set(statuses) == {200, 429}

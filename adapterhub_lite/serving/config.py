@@ -14,6 +14,9 @@
     ADAPTERHUB_TRUSTED_KEYS=key1.pem:key2.pem        when set, bundles must be signed by one of these
     ADAPTERHUB_WARMUP=1                              0: /health is ready without the LoRA warm-up
     ADAPTERHUB_HEAP_TRIM=1                           0: vLLM's worker keeps freed heap pages (see plugin.py)
+    ADAPTERHUB_RATE_LIMIT_URL=redis://host:6379/0    per-tenant limits shared by every replica (unset:
+                                                     in-process, per API-server process)
+    ADAPTERHUB_RATE_LIMIT_FAILURE=open               Redis unreachable: `open` admits, `closed` answers 503
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_PLUGINS=adapterhub
     python -m vllm.entrypoints.launchers.api_server.entry --model $ADAPTERHUB_BASE_DIR --enable-lora \
         --max-lora-rank 16 --max-loras 4 --max-cpu-loras 8 \
@@ -45,6 +48,8 @@ ENV_IDLE_SECONDS = "ADAPTERHUB_IDLE_SECONDS"
 ENV_TRUSTED_KEYS = "ADAPTERHUB_TRUSTED_KEYS"
 ENV_WARMUP = "ADAPTERHUB_WARMUP"
 ENV_HEAP_TRIM = "ADAPTERHUB_HEAP_TRIM"
+ENV_RATE_LIMIT_URL = "ADAPTERHUB_RATE_LIMIT_URL"
+ENV_RATE_LIMIT_FAILURE = "ADAPTERHUB_RATE_LIMIT_FAILURE"
 
 DEFAULT_HOT_SET = 8  # hot set when neither ADAPTERHUB_MAX_LOADED nor --max-cpu-loras says
 
@@ -81,6 +86,8 @@ class ServingConfig:
     trusted_keys: list[str] = field(default_factory=list)
     warmup: bool = True
     heap_trim: bool = True
+    rate_limit_url: str | None = None  # redis://...: one bucket per tenant across replicas
+    rate_limit_failure: str = "open"  # what limits do while Redis is unreachable: open or closed
 
     def hot_set_size(self) -> int:
         """Adapters kept loaded in vLLM at most."""
@@ -105,6 +112,8 @@ class ServingConfig:
             trusted_keys=keys,
             warmup=_flag(env.get(ENV_WARMUP)),
             heap_trim=_flag(env.get(ENV_HEAP_TRIM)),
+            rate_limit_url=env.get(ENV_RATE_LIMIT_URL) or None,
+            rate_limit_failure=env.get(ENV_RATE_LIMIT_FAILURE) or cls.rate_limit_failure,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -123,5 +132,7 @@ class ServingConfig:
             ENV_TRUSTED_KEYS: os.pathsep.join(self.trusted_keys) if self.trusted_keys else None,
             ENV_WARMUP: "1" if self.warmup else "0",
             ENV_HEAP_TRIM: "1" if self.heap_trim else "0",
+            ENV_RATE_LIMIT_URL: self.rate_limit_url,
+            ENV_RATE_LIMIT_FAILURE: self.rate_limit_failure if self.rate_limit_url else None,
         }
         return {k: v for k, v in pairs.items() if v is not None}

@@ -53,7 +53,7 @@ from adapterhub_lite.serving.config import ServingConfig
 from adapterhub_lite.serving.eviction import Evictor
 from adapterhub_lite.serving.forwarding import forward
 from adapterhub_lite.serving.metrics import ServingMetrics, default_metrics
-from adapterhub_lite.serving.ratelimit import RateLimiter
+from adapterhub_lite.serving.ratelimit import open_limiter
 from adapterhub_lite.serving.tenancy import Tenant, TenantStore, hash_key
 from adapterhub_lite.serving.usage import ask_for_stream_usage
 from adapterhub_lite.serving.view import CachedRegistry, Target, resolve_model
@@ -94,7 +94,7 @@ class TenancyMiddleware:
             resolver = get_resolver()
         self.resolver = resolver
         self.metrics = metrics or default_metrics()
-        self.limiter = RateLimiter()
+        self.limiter = open_limiter(self.config.rate_limit_url, self.config.rate_limit_failure)
         self.evictor = Evictor(self.config.hot_set_size(), self.config.idle_seconds)
         self.ready = not self.config.warmup
         self.tenants_version = -1
@@ -175,8 +175,13 @@ class TenancyMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
-        self.refresh()
-        tenant = self._tenant_for(key)
+        try:
+            self.refresh()
+            tenant = self._tenant_for(key)
+        except AdapterHubError as exc:  # the tenant store is unreachable (a stopped database): 503, not 500
+            self.metrics.rejected.labels("", "store_unavailable").inc()
+            await send_project_error(send, exc, f"the tenant store is unavailable: {exc.message}")
+            return
         if tenant is None:
             self.metrics.rejected.labels("", "bad_key").inc()
             await send_error(
@@ -251,7 +256,13 @@ class TenancyMiddleware:
             return
 
         if tenant is not None:
-            wait = self.limiter.admit(tenant.name, tenant.requests_per_minute, tenant.tokens_per_minute)
+            try:
+                rpm, tpm = tenant.requests_per_minute, tenant.tokens_per_minute
+                wait = await self.limiter.admit(tenant.name, rpm, tpm)
+            except AdapterHubError as exc:  # shared limits configured to fail closed, and Redis is away
+                self.metrics.rejected.labels(label, "limits_unavailable").inc()
+                await send_project_error(send, exc, exc.message)
+                return
             if wait is not None:
                 self.metrics.rejected.labels(label, "rate_limited").inc()
                 await send_error(
@@ -282,7 +293,7 @@ class TenancyMiddleware:
                 hide_usage=hide_usage,
             )
             if tenant is not None:
-                self.limiter.charge_tokens(tenant.name, tenant.tokens_per_minute, prompt + completion)
+                await self.limiter.charge_tokens(tenant.name, tenant.tokens_per_minute, prompt + completion)
         finally:
             if target.managed:
                 self.evictor.end(target.name)

@@ -12,6 +12,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from adapterhub_lite.serving.shared_ratelimit import SharedRateLimiter
 
 
 @dataclass
@@ -62,3 +66,25 @@ class RateLimiter:
         """Charge the tokens a finished request used."""
         if tpm and tokens > 0:
             self._bucket(tenant, "tok", tpm, time.monotonic()).level -= tokens
+
+
+class InProcessLimiter:
+    """`RateLimiter` behind the awaited interface the middleware uses for both kinds of limiter."""
+
+    def __init__(self) -> None:
+        self.buckets = RateLimiter()
+
+    async def admit(self, tenant: str, rpm: int | None, tpm: int | None) -> float | None:
+        return self.buckets.admit(tenant, rpm, tpm)
+
+    async def charge_tokens(self, tenant: str, tpm: int | None, tokens: int) -> None:
+        self.buckets.charge_tokens(tenant, tpm, tokens)
+
+
+def open_limiter(url: str | None, failure: str = "open") -> InProcessLimiter | SharedRateLimiter:
+    """In-process token buckets without a URL; one Redis bucket per tenant for the fleet with one."""
+    if not url:
+        return InProcessLimiter()
+    from adapterhub_lite.serving.shared_ratelimit import SharedRateLimiter
+
+    return SharedRateLimiter(url, failure=failure)  # type: ignore[arg-type]
