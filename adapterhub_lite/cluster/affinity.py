@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from adapterhub_lite.serving.tenancy import Tenant, TenantStore, hash_key
+from adapterhub_lite.serving.tenancy import TenantStore
+from adapterhub_lite.serving.tenant_cache import TenantCache
 from adapterhub_lite.serving.view import CachedRegistry, resolve_model
 
 INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 MAX_BODY_BYTES = 8 * 1024 * 1024
-_MAX_TENANTS = 10_000
 
 
 def _bearer(authorization: str | None) -> str | None:
@@ -42,30 +42,9 @@ class AffinityKeyer:
     """Maps (API key, model) to the reference vLLM will see; re-reads tenants when the store changes."""
 
     def __init__(self, store: TenantStore, registry: Any, base_names: set[str]) -> None:
-        self.store = store
+        self.tenants = TenantCache(store)
         self.view = CachedRegistry(registry)
         self.base_names = set(base_names)
-        self._version = -1
-        self._tenants: dict[str, Tenant] = {}
-        self._aliases: dict[str, dict[str, str]] = {}
-
-    def _refresh(self) -> None:
-        version = self.store.data_version()
-        if version != self._version:
-            self._tenants.clear()
-            self._aliases = self.store.all_aliases()
-            self._version = version
-
-    def _tenant(self, key: str) -> Tenant | None:
-        digest = hash_key(key)
-        tenant = self._tenants.get(digest)
-        if tenant is None:
-            tenant = self.store.authenticate(key)
-            if tenant is not None:  # unknown keys are not remembered: random keys must not grow memory
-                if len(self._tenants) >= _MAX_TENANTS:
-                    self._tenants.clear()
-                self._tenants[digest] = tenant
-        return tenant
 
     def key(self, path: str, authorization: str | None, body: bytes) -> str | None:
         """The affinity key of a request, or None when it has none (not inference, unknown, refused)."""
@@ -74,9 +53,9 @@ class AffinityKeyer:
         api_key, model = _bearer(authorization), requested_model(body)
         if api_key is None or model is None:
             return None
-        self._refresh()
-        tenant = self._tenant(api_key)
+        self.tenants.refresh()
+        tenant = self.tenants.tenant(api_key)
         if tenant is None:
             return None
-        target = resolve_model(model, tenant, self._aliases.get(tenant.name, {}), self.base_names, self.view)
+        target = resolve_model(model, tenant, self.tenants.aliases(tenant.name), self.base_names, self.view)
         return target.name if target is not None else None

@@ -54,7 +54,8 @@ from adapterhub_lite.serving.eviction import Evictor
 from adapterhub_lite.serving.forwarding import forward
 from adapterhub_lite.serving.metrics import ServingMetrics, default_metrics
 from adapterhub_lite.serving.ratelimit import open_limiter
-from adapterhub_lite.serving.tenancy import Tenant, TenantStore, hash_key
+from adapterhub_lite.serving.tenancy import Tenant, TenantStore
+from adapterhub_lite.serving.tenant_cache import TenantCache
 from adapterhub_lite.serving.usage import ask_for_stream_usage
 from adapterhub_lite.serving.view import CachedRegistry, Target, resolve_model
 from adapterhub_lite.vllm_compat.server import Engine
@@ -97,10 +98,8 @@ class TenancyMiddleware:
         self.limiter = open_limiter(self.config.rate_limit_url, self.config.rate_limit_failure)
         self.evictor = Evictor(self.config.hot_set_size(), self.config.idle_seconds)
         self.ready = not self.config.warmup
-        self.tenants_version = -1
+        self.tenants = TenantCache(self.store)
         self._registry: CachedRegistry | None = None
-        self._tenants_by_hash: dict[str, Tenant] = {}
-        self._aliases: dict[str, dict[str, str]] = {}
         self._background: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
 
@@ -112,25 +111,15 @@ class TenancyMiddleware:
             self._registry = CachedRegistry(lambda: self.resolver.registry)
         return self._registry
 
+    @property
+    def tenants_version(self) -> int:
+        return self.tenants.version
+
     def refresh(self, force: bool = False) -> int:
         """Re-read tenants and aliases if the store changed (always with `force`); the store's version."""
-        version = self.store.data_version()
-        if force or version != self.tenants_version:
-            self._tenants_by_hash.clear()
-            self._aliases = self.store.all_aliases()
-            self.tenants_version = version
-            if force and self._registry is not None:
-                self._registry.clear()
-        return self.tenants_version
-
-    def _tenant_for(self, key: str) -> Tenant | None:
-        digest = hash_key(key)
-        tenant = self._tenants_by_hash.get(digest)
-        if tenant is None:
-            tenant = self.store.authenticate(key)
-            if tenant is not None:  # unknown keys are not cached: random keys must not grow memory
-                self._tenants_by_hash[digest] = tenant
-        return tenant
+        if force and self._registry is not None:
+            self._registry.clear()
+        return self.tenants.refresh(force)
 
     def _base_names(self, engine: Engine | None) -> set[str]:
         names = engine.base_names() if engine is not None else set()
@@ -177,7 +166,7 @@ class TenancyMiddleware:
             return
         try:
             self.refresh()
-            tenant = self._tenant_for(key)
+            tenant = self.tenants.tenant(key)
         except AdapterHubError as exc:  # the tenant store is unreachable (a stopped database): 503, not 500
             self.metrics.rejected.labels("", "store_unavailable").inc()
             await send_project_error(send, exc, f"the tenant store is unavailable: {exc.message}")
@@ -204,7 +193,7 @@ class TenancyMiddleware:
         if tenant.base_access:
             for name in sorted(self._base_names(Engine.from_scope(scope))):
                 data.append({"id": name, "object": "model", "created": now, "owned_by": "adapterhub"})
-        for alias, ref in sorted(self._aliases.get(tenant.name, {}).items()):
+        for alias, ref in sorted(self.tenants.aliases(tenant.name).items()):
             data.append(
                 {"id": alias, "object": "model", "created": now, "owned_by": tenant.namespace, "root": ref}
             )
@@ -246,7 +235,7 @@ class TenancyMiddleware:
         else:
             # Inline: aliases are in memory and registry answers are memoized (a miss is one index read).
             target = resolve_model(
-                model, tenant, self._aliases.get(tenant.name, {}), self._base_names(engine), self.registry
+                model, tenant, self.tenants.aliases(tenant.name), self._base_names(engine), self.registry
             )
         if target is None:
             self.metrics.rejected.labels(label, "unknown_model").inc()
