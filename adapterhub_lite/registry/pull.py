@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterhub_lite.bundles.manifest import MANIFEST_FILE
+from adapterhub_lite.bundles.manifest import MANIFEST_FILE, Manifest
 from adapterhub_lite.bundles.signing import SIGNATURES_FILE
 from adapterhub_lite.bundles.verify import check_bundle
 from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError
@@ -82,7 +82,8 @@ def _signed_for_namespace(reg: Registry, bundle_dir: Path, m: Any) -> None:
         reg.trusted.require(data, m.digest, m.namespace, f"{m.ref} cannot be pulled")
 
 
-def _existing(reg: Registry, dest: Path, p: Published, verify: dict[str, Any]) -> Path:
+def existing_copy(dest: Path, p: Published, verify: dict[str, Any]) -> Manifest:
+    """The manifest of a valid copy of `p` already at `dest`; CONFLICT if `dest` holds anything else."""
     try:
         m = check_bundle(dest, **verify).manifest
     except BundleError as exc:
@@ -97,7 +98,11 @@ def _existing(reg: Registry, dest: Path, p: Published, verify: dict[str, Any]) -
             hint="remove it, or pull into another directory",
             kind=ErrorKind.CONFLICT,
         )
-    _signed_for_namespace(reg, dest, m)
+    return m
+
+
+def _existing(reg: Registry, dest: Path, p: Published, verify: dict[str, Any]) -> Path:
+    _signed_for_namespace(reg, dest, existing_copy(dest, p, verify))
     return dest
 
 

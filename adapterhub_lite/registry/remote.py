@@ -30,6 +30,7 @@ from adapterhub_lite.bundles.naming import parse_ref
 from adapterhub_lite.bundles.signing import PublicKeyLike, config_dir, load_public_keys
 from adapterhub_lite.bundles.verify import check_bundle
 from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError
+from adapterhub_lite.registry.pull import existing_copy
 from adapterhub_lite.registry.records import Published
 
 ENV_TOKEN = "ADAPTERHUB_TOKEN"
@@ -383,20 +384,7 @@ class RemoteRegistry:
             )
 
     def _existing(self, dest: Path, p: Published, verify: dict) -> Path:
-        try:
-            m = check_bundle(dest, **verify).manifest
-        except BundleError as exc:
-            raise RegistryError(
-                f"{dest} already exists and is not a valid copy of {p.ref}: {exc.message}",
-                hint="remove it, or pull into another directory",
-                kind=ErrorKind.CONFLICT,
-            ) from None
-        if m.digest != p.digest:
-            raise RegistryError(
-                f"{dest} already exists and holds {m.ref}, not {p.ref}",
-                hint="remove it, or pull into another directory",
-                kind=ErrorKind.CONFLICT,
-            )
+        existing_copy(dest, p, verify)
         return dest
 
 
