@@ -40,6 +40,7 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
         self.cache = BundleCache(config.cache_dir, config.cache_max_mb * 1024 * 1024)
         self._registry = registry
         self._fingerprint: str | None = None
+        self._base_dir: Path | None = None
         self._ref_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._verified_at: dict[str, float] = {}
@@ -76,6 +77,15 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
                 )
             self._fingerprint = fingerprint(resolve_base_dir(self.config.base_dir))
         return self._fingerprint
+
+    def base_dir(self) -> Path:
+        """The served base's directory (resolved once; base_fingerprint says why it must be known)."""
+        if self._base_dir is None:
+            from adapterhub_lite.base import resolve_base_dir
+
+            self.base_fingerprint()
+            self._base_dir = Path(resolve_base_dir(str(self.config.base_dir)))
+        return self._base_dir
 
     def _lock_for(self, ref: str) -> threading.Lock:
         with self._locks_guard:
@@ -114,7 +124,9 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
                 if time.monotonic() - self._verified_at.get(ref, -1e9) > _REVERIFY_AFTER_S:
                     verify_bundle(
                         path,
+                        base_dir=self.base_dir(),  # every targeted module exists in the base, shapes agree
                         base_fingerprint=self.base_fingerprint(),
+                        for_serving=True,
                         max_lora_rank=self.config.max_lora_rank,
                         trusted_keys=self.config.trusted_keys or None,
                     )
