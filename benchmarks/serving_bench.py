@@ -50,7 +50,7 @@ from serving_load import (  # noqa: E402
 )
 
 from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer, cpu_lora_ops  # noqa: E402
-from adapterhub_lite.serving.launcher import PLUGIN_NAME  # noqa: E402
+from adapterhub_lite.vllm_compat.launch import PLUGIN_NAME  # noqa: E402
 
 TARGETS = {
     "plugin_16_over_base": 0.8,

@@ -38,7 +38,7 @@ def served(tmp_path_factory):
 
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
     from adapterhub_lite.serving import ServeOptions, VLLMServer
-    from adapterhub_lite.serving.launcher import PLUGIN_NAME
+    from adapterhub_lite.vllm_compat.launch import PLUGIN_NAME
 
     root = tmp_path_factory.mktemp("cpu-lora-serving")
     base = Path(EMBEDDED_BASE_DIR)
