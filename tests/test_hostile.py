@@ -18,7 +18,7 @@ import pytest
 
 from adapterhub_lite.bundles import TrustedKey, check_bundle, pack_bundle, sign_bundle, trusted_key
 from adapterhub_lite.bundles.signing import generate_key, load_public_key
-from adapterhub_lite.errors import AdapterHubError, BundleError
+from adapterhub_lite.errors import AdapterHubError, BundleError, ErrorKind
 
 PACK = dict(version="1.0.0", vllm_check=False)
 
@@ -394,8 +394,11 @@ def test_serving_resolver_refuses_non_finite_weights(tmp_path):
         registry=str(tmp_path / "reg"), base_dir=str(EMBEDDED_BASE_DIR), cache_dir=str(tmp_path / "c")
     )
     res = AdapterResolver(cfg)
-    with pytest.raises(BundleError, match="non-finite") as exc:
+    # The pull verifies the download (a registry error) and the resolver verifies again: either way the
+    # bundle is refused as invalid (422), never loaded, and nothing stays in the cache.
+    with pytest.raises(AdapterHubError, match="non-finite") as exc:
         res.fetch(ref)
+    assert exc.value.kind is ErrorKind.INVALID
     assert "\n" not in exc.value.message
     assert res.cache.get(manifest.digest) is None
 
