@@ -8,6 +8,7 @@ samples, per vLLM process, RSS and open file descriptors; the disk cache's bytes
 server gets a fresh one); vLLM's loaded adapters; `/metrics` series. It reports, against the bounds:
 
     rss_slope_mib_per_1k_requests   per process, least squares after the first 20 % of the run
+    rss_slope_split_...             the same for anonymous and for file-backed resident pages
     rss_after_idle_vs_warm          per process, RSS after an idle pause / RSS after warm-up
     hot_set_max                     most adapters loaded at one sample (bound: --max-loaded)
     disk_cache_max_bytes            bound: --cache-max-mb
@@ -45,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from adapterhub_lite.serving import ServeOptions, ServingConfig, TenantStore, VLLMServer  # noqa: E402
 from adapterhub_lite.serving.processes import group_pids  # noqa: E402
+from adapterhub_lite.vllm_compat.memory import rss_parts  # noqa: E402
 
 PROMPT = [5, 120, 240, 360, 480, 600]
 N_TOKENS = 4
@@ -195,12 +197,15 @@ def _fds(pid: int) -> int:
 
 def sample(server: VLLMServer, cache: Path, tmpdir: Path, admin: dict, requests_done: int) -> dict:
     leader = server.process.pid
-    rss, fds = {}, 0
+    rss, anon, files, fds = {}, {}, {}, 0
     for pid in group_pids(leader):
         value = _rss_mib(pid)
         if value is not None:
             role = _role(pid, leader)
             rss[role] = rss.get(role, 0.0) + value
+            parts = rss_parts(pid)  # anonymous (heap, Python) vs file-backed (mapped code and files)
+            anon[role] = anon.get(role, 0.0) + parts.get("RssAnon", 0) / 2**20
+            files[role] = files.get(role, 0.0) + parts.get("RssFile", 0) / 2**20
             fds += _fds(pid)
     cache_bytes, _ = _dir_bytes(cache)
     tmp_bytes, tmp_files = _dir_bytes(tmpdir)
@@ -211,6 +216,8 @@ def sample(server: VLLMServer, cache: Path, tmpdir: Path, admin: dict, requests_
         "t": time.monotonic(),
         "requests": requests_done,
         "rss_mib": rss,
+        "rss_anon_mib": anon,
+        "rss_file_mib": files,
         "fds": fds,
         "cache_bytes": cache_bytes,
         "tmpdir_bytes": tmp_bytes,
@@ -380,9 +387,13 @@ def summarize(args, samples, counts, errors, wrong, load_s, n_adapters, bundle_b
     load = [s for s in samples if s["phase"] == "load"]
     warm = load[len(load) // 5 :] if len(load) >= 5 else load
     roles = sorted({r for s in samples for r in s["rss_mib"]})
-    slopes = {
-        r: slope_per_1k([(s["requests"], s["rss_mib"][r]) for s in warm if r in s["rss_mib"]]) for r in roles
-    }
+
+    def slopes_of(key: str) -> dict[str, float | None]:
+        return {
+            r: slope_per_1k([(s["requests"], s[key][r]) for s in warm if r in s.get(key, {})]) for r in roles
+        }
+
+    slopes = slopes_of("rss_mib")
     after_warm = {r: warm[0]["rss_mib"].get(r) for r in roles} if warm else {}
     idle = [s for s in samples if s["phase"] == "idle"]
     after_idle = {r: idle[-1]["rss_mib"].get(r) for r in roles} if idle else {}
@@ -406,6 +417,10 @@ def summarize(args, samples, counts, errors, wrong, load_s, n_adapters, bundle_b
             "idle_seconds": args.idle_seconds,
         },
         "rss_slope_mib_per_1k_requests": {r: None if v is None else round(v, 3) for r, v in slopes.items()},
+        "rss_slope_split_mib_per_1k_requests": {
+            part: {r: None if v is None else round(v, 3) for r, v in slopes_of(f"rss_{part}_mib").items()}
+            for part in ("anon", "file")
+        },
         "rss_after_warmup_mib": {r: None if v is None else round(v, 1) for r, v in after_warm.items()},
         "rss_after_idle_mib": {r: None if v is None else round(v, 1) for r, v in after_idle.items()},
         "rss_after_idle_vs_warm": {

@@ -34,6 +34,7 @@ def register() -> None:
     from adapterhub_lite.serving.config import ServingConfig
     from adapterhub_lite.serving.resolver import get_resolver
     from adapterhub_lite.training.allocator import return_large_blocks_to_os
+    from adapterhub_lite.vllm_compat.memory import probe_from_env
     from adapterhub_lite.vllm_compat.server import (
         bound_lora_info_metric,
         register_resolver,
@@ -46,4 +47,5 @@ def register() -> None:
     bound_lora_info_metric()
     if ServingConfig.from_env().heap_trim:
         trim_heap_after_lora_changes()
+    probe_from_env()  # a diagnostic, off unless ADAPTERHUB_MEMORY_PROBE is set
     cpu_lora_ops.install()

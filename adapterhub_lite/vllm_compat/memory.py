@@ -1,0 +1,214 @@
+"""Where vLLM's worker memory goes under adapter churn: glibc heap figures and a probe around LoRA loads.
+
+- `mallinfo2()`: glibc's own account of its heap (bytes in use, free in the arenas, mmapped), so RSS
+  growth can be split into live allocations, fragmentation and pages never returned;
+- `rss_bytes()`: this process's resident set;
+- `install_lora_probe(path)`: in vLLM's worker (vLLM 0.32: `vllm.v1.worker.gpu_worker.Worker`, which
+  the CPU worker inherits), after every `add_lora` / `remove_lora` append one JSON line to `path` with
+  RSS and `mallinfo2`; every `ADAPTERHUB_MEMORY_PROBE_EVERY` changes also the live Python objects by
+  type, and, with `ADAPTERHUB_MEMORY_PROBE_TRACEMALLOC=N` (frames), the allocation sites that grew
+  since the first report. `ADAPTERHUB_MEMORY_PROBE=/path/probe.jsonl` turns it on (the plugin reads
+  it); a diagnostic, off by default (benchmarks/lora_churn_memory.py uses it).
+
+On another vLLM release the probe is not installed and says so in one log line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import tracemalloc
+from collections import Counter
+from typing import Any
+
+logger = logging.getLogger("adapterhub.serving")
+
+ENV_PROBE = "ADAPTERHUB_MEMORY_PROBE"
+ENV_PROBE_EVERY = "ADAPTERHUB_MEMORY_PROBE_EVERY"
+ENV_PROBE_TRACEMALLOC = "ADAPTERHUB_MEMORY_PROBE_TRACEMALLOC"
+
+# struct mallinfo2 (glibc >= 2.33), in order: every field a size_t.
+_MALLINFO2_FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO2_FIELDS]
+
+
+def _libc() -> Any | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def mallinfo2() -> dict[str, int] | None:
+    """glibc's heap figures (bytes): `arena` (heap from sbrk), `hblkhd` (mmapped blocks), `uordblks` (in
+    use), `fordblks` (free, kept in the arenas), `keepcost` (trimmable top); None off glibc >= 2.33."""
+    libc = _libc()
+    fn = getattr(libc, "mallinfo2", None) if libc is not None else None
+    if fn is None:
+        return None
+    fn.restype = _MallInfo2
+    info = fn()
+    return {name: int(getattr(info, name)) for name in _MALLINFO2_FIELDS}
+
+
+def rss_bytes(pid: int | str = "self") -> int | None:
+    """Resident set size of `pid` (this process by default), from /proc; None where unreadable."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def rss_parts(pid: int | str = "self") -> dict[str, int]:
+    """RssAnon / RssFile / RssShmem (bytes) from /proc/PID/status, and the count of memory mappings:
+    growth in mapped files or in mappings points outside the C heap."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("RssAnon:", "RssFile:", "RssShmem:", "Threads:")):
+                    name, value = line.split(":", 1)
+                    parts = value.split()
+                    out[name] = int(parts[0]) * (1024 if len(parts) > 1 else 1)
+        with open(f"/proc/{pid}/maps") as f:
+            out["maps"] = sum(1 for _ in f)
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def _type_counts() -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for obj in gc.get_objects():
+        t = type(obj)
+        counts[f"{t.__module__}.{t.__qualname__}"] += 1
+    return counts
+
+
+class LoraProbe:
+    """Appends one JSON line per LoRA change (and a detailed one every `every` changes) to `path`."""
+
+    def __init__(self, path: str, every: int = 200, frames: int = 0) -> None:
+        self.path = path
+        self.every = max(1, every)
+        self.changes = 0
+        self._lock = threading.Lock()
+        self._types0: Counter[str] | None = None
+        self._snap0: tracemalloc.Snapshot | None = None
+        self.frames = frames  # tracing starts at the first change: only the worker makes any
+
+    def record(self, op: str, seconds: float) -> None:
+        if self.frames > 0 and not tracemalloc.is_tracing():
+            tracemalloc.start(self.frames)
+        self._record(op, seconds)
+
+    def _record(self, op: str, seconds: float) -> None:
+        with self._lock:
+            self.changes += 1
+            line: dict[str, Any] = {
+                "t": time.time(),
+                "n": self.changes,
+                "op": op,
+                "s": round(seconds, 4),
+                "rss": rss_bytes(),
+                **rss_parts(),
+                "mallinfo2": mallinfo2(),
+            }
+            if tracemalloc.is_tracing():
+                line["traced"] = tracemalloc.get_traced_memory()[0]
+            if self.changes % self.every == 0:
+                line.update(self._detail())
+            with open(self.path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def _detail(self) -> dict[str, Any]:
+        gc.collect()
+        types = _type_counts()
+        out: dict[str, Any] = {"objects": sum(types.values())}
+        if self._types0 is None:
+            self._types0 = types
+        else:
+            grown = (types - self._types0).most_common(15)
+            out["objects_grown"] = grown
+        if tracemalloc.is_tracing():
+            snap = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(False, tracemalloc.__file__)]
+            )
+            if self._snap0 is None:
+                self._snap0 = snap
+            else:
+                stats = snap.compare_to(self._snap0, "traceback")[:12]
+                out["tracemalloc_grown"] = [
+                    {"bytes": s.size_diff, "count": s.count_diff, "where": s.traceback.format()[-6:]}
+                    for s in stats
+                ]
+        return out
+
+
+def _worker_class() -> Any | None:
+    try:
+        from vllm.v1.worker.gpu_worker import Worker
+    except ImportError:
+        return None
+    if not (callable(getattr(Worker, "add_lora", None)) and callable(getattr(Worker, "remove_lora", None))):
+        return None
+    return Worker
+
+
+def install_lora_probe(path: str, every: int = 200, frames: int = 0) -> bool:
+    """Record memory after each LoRA load/unload in vLLM's worker (see the module's docstring); returns
+    whether it was installed (idempotent)."""
+    worker = _worker_class()
+    if worker is None:
+        from adapterhub_lite.vllm_compat import VLLM
+
+        logger.warning(
+            "adapterhub: memory probe not installed: vLLM %s has no Worker.add_lora/remove_lora",
+            VLLM[1] if VLLM else "(none)",
+        )
+        return False
+    if getattr(worker.add_lora, "_adapterhub_probe", False):
+        return True
+    probe = LoraProbe(path, every=every, frames=frames)
+
+    def probed(method: Any, op: str) -> Any:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                probe.record(op, time.perf_counter() - t0)
+
+        wrapper._adapterhub_probe = True  # type: ignore[attr-defined]
+        wrapper._adapterhub = getattr(method, "_adapterhub", False)  # type: ignore[attr-defined]
+        return wrapper
+
+    worker.add_lora = probed(worker.add_lora, "add")
+    worker.remove_lora = probed(worker.remove_lora, "remove")
+    return True
+
+
+def probe_from_env() -> bool:
+    """Install the probe when ADAPTERHUB_MEMORY_PROBE names a file (a diagnostic; off by default)."""
+    path = os.environ.get(ENV_PROBE)
+    if not path:
+        return False
+    try:
+        every = int(os.environ.get(ENV_PROBE_EVERY) or 200)
+        frames = int(os.environ.get(ENV_PROBE_TRACEMALLOC) or 0)
+    except ValueError:
+        every, frames = 200, 0
+    return install_lora_probe(path, every=every, frames=frames)
