@@ -39,6 +39,7 @@ from soak_bench import N_TOKENS, PROMPT, _role, _rss_mib, setup, slope_per_1k  #
 
 from adapterhub_lite.serving import ServeOptions, VLLMServer  # noqa: E402
 from adapterhub_lite.serving.processes import group_pids  # noqa: E402
+from adapterhub_lite.vllm_compat.memory import rss_parts  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,12 +64,19 @@ def parse_args() -> argparse.Namespace:
 
 
 def rss_by_role(leader: int) -> dict[str, float]:
+    """RSS per process role, and its anonymous / file-backed parts (`role:anon`, `role:file`), MiB."""
     out: dict[str, float] = {}
     for pid in group_pids(leader):
         value = _rss_mib(pid)
         if value is not None:
             role = _role(pid, leader)
-            out[role] = out.get(role, 0.0) + value
+            parts = rss_parts(pid)
+            for key, mib in (
+                (role, value),
+                (f"{role}:anon", parts.get("RssAnon", 0) / 2**20),
+                (f"{role}:file", parts.get("RssFile", 0) / 2**20),
+            ):
+                out[key] = out.get(key, 0.0) + mib
     return out
 
 
@@ -79,6 +87,10 @@ def probe_slopes(lines: list[dict], warmup_loads: int) -> dict:
         return {}
     tail = [(i, ln) for i, ln in enumerate(adds) if i >= warmup_loads]
     out = {"rss": slope_per_1k([(i, ln["rss"] / 2**20) for i, ln in tail])}
+    for key in ("RssAnon", "RssFile", "maps", "Threads"):
+        if key in tail[0][1]:
+            scale = 2**20 if key.startswith("Rss") else 1
+            out[key] = slope_per_1k([(i, ln[key] / scale) for i, ln in tail])
     if tail[0][1].get("mallinfo2"):
         for key in ("arena", "hblkhd", "uordblks", "fordblks", "keepcost"):
             out[key] = slope_per_1k([(i, ln["mallinfo2"][key] / 2**20) for i, ln in tail])

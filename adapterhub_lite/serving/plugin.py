@@ -6,8 +6,9 @@ is resolved); the model runs in the others, where the CPU build gets grouped LoR
 (`cpu_lora_ops.py`). Under adapter churn the worker loads and frees adapter weights by the thousand:
 in every process the C heap returns large freed blocks to the OS (training/allocator.py), and the
 worker trims the heap after each LoRA load and unload (`ADAPTERHUB_HEAP_TRIM=0` turns that off;
-benchmarks/soak_bench.py measures the RSS slope with and without). vLLM's `vllm:lora_requests_info`
-metric keeps only its current sample.
+benchmarks/soak_bench.py measures the RSS slope with and without); adapter files are read without
+safetensors' `get_tensor`, which keeps a little memory per tensor for good (vllm_compat/memory.py).
+vLLM's `vllm:lora_requests_info` metric keeps only its current sample.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def register() -> None:
     from adapterhub_lite.serving.config import ServingConfig
     from adapterhub_lite.serving.resolver import get_resolver
     from adapterhub_lite.training.allocator import return_large_blocks_to_os
-    from adapterhub_lite.vllm_compat.memory import probe_from_env
+    from adapterhub_lite.vllm_compat.memory import install_lora_file_reader, probe_from_env
     from adapterhub_lite.vllm_compat.server import (
         bound_lora_info_metric,
         register_resolver,
@@ -47,5 +48,6 @@ def register() -> None:
     bound_lora_info_metric()
     if ServingConfig.from_env().heap_trim:
         trim_heap_after_lora_changes()
+    install_lora_file_reader()
     probe_from_env()  # a diagnostic, off unless ADAPTERHUB_MEMORY_PROBE is set
     cpu_lora_ops.install()

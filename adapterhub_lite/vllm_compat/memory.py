@@ -1,5 +1,13 @@
-"""Where vLLM's worker memory goes under adapter churn: glibc heap figures and a probe around LoRA loads.
+"""vLLM's worker memory under adapter churn: an adapter reader that leaks nothing, and the probes that
+found the leak.
 
+- `install_lora_file_reader()`: vLLM 0.32 reads an adapter's weights with `safetensors.safe_open(...)`
+  and `get_tensor` (`vllm.lora.lora_model.LoRAModel.from_local_checkpoint`); in safetensors 0.8 every
+  `get_tensor` keeps two small Python objects alive for good, so each adapter load leaves about 1 KiB
+  (two per tensor) in the worker, without bound. The reader that replaces it there (`OwnedSafetensors`)
+  parses the file's header itself and reads each tensor into memory it owns (no mmap either, so a
+  cached file the disk cache deletes is not held by the worker); measured by
+  benchmarks/lora_churn_memory.py and benchmarks/soak_bench.py;
 - `mallinfo2()`: glibc's own account of its heap (bytes in use, free in the arenas, mmapped), so RSS
   growth can be split into live allocations, fragmentation and pages never returned;
 - `rss_bytes()`: this process's resident set;
@@ -10,7 +18,7 @@
   since the first report. `ADAPTERHUB_MEMORY_PROBE=/path/probe.jsonl` turns it on (the plugin reads
   it); a diagnostic, off by default (benchmarks/lora_churn_memory.py uses it).
 
-On another vLLM release the probe is not installed and says so in one log line.
+On a vLLM whose loader reads adapters otherwise, neither is installed, with one log line saying so.
 """
 
 from __future__ import annotations
@@ -21,10 +29,12 @@ import gc
 import json
 import logging
 import os
+import struct
 import sys
 import threading
 import time
 import tracemalloc
+import types
 from collections import Counter
 from typing import Any
 
@@ -156,6 +166,151 @@ class LoraProbe:
                     for s in stats
                 ]
         return out
+
+
+# safetensors dtype names -> torch dtype attribute names (the common ones; others go to safetensors).
+_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+_MAX_HEADER = 100 * 2**20  # safetensors' own bound on the JSON header
+
+
+class OwnedSafetensors:
+    """`safetensors.safe_open(path, framework="pt")` for reading a file once: `keys()`, `get_tensor(name)`
+    and `metadata()`, each tensor read into memory of its own (no mmap, nothing kept after the read).
+
+    ValueError naming the file when the header or a tensor's extent is malformed.
+    """
+
+    def __init__(self, path: str | os.PathLike, framework: str = "pt", device: str = "cpu") -> None:
+        if framework not in ("pt", "torch") or str(device) != "cpu":
+            raise ValueError(f"OwnedSafetensors reads torch tensors to the CPU, not {framework}/{device}")
+        self.path = os.fspath(path)
+        self._file = open(self.path, "rb")  # noqa: SIM115 - closed by __exit__/close
+        try:
+            self._header, self._data_start, self._size = self._read_header()
+        except BaseException:
+            self._file.close()
+            raise
+        self._fallback: dict[str, Any] | None = None
+
+    def _bad(self, what: str) -> ValueError:
+        return ValueError(f"{self.path}: not a valid safetensors file ({what})")
+
+    def _read_header(self) -> tuple[dict[str, Any], int, int]:
+        size = os.fstat(self._file.fileno()).st_size
+        head = self._file.read(8)
+        if len(head) != 8:
+            raise self._bad("shorter than its header")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise self._bad("header length out of bounds")
+        try:
+            header = json.loads(self._file.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise self._bad("header is not JSON") from None
+        if not isinstance(header, dict):
+            raise self._bad("header is not an object")
+        return header, 8 + n, size
+
+    def __enter__(self) -> OwnedSafetensors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+        self._fallback = None
+
+    def keys(self) -> list[str]:
+        return sorted(k for k in self._header if k != "__metadata__")
+
+    def metadata(self) -> dict[str, str] | None:
+        return self._header.get("__metadata__")
+
+    def get_tensor(self, name: str) -> Any:
+        import torch
+
+        info = self._header.get(name) if name != "__metadata__" else None
+        if not isinstance(info, dict):
+            raise KeyError(name)
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = [int(d) for d in info["shape"]]
+            dtype_name = info["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise self._bad(f"entry {name!r}") from None
+        dtype = getattr(torch, _DTYPES.get(dtype_name, ""), None)
+        if dtype is None:  # a rarer dtype: safetensors' own decoder, on the bytes read once
+            return self._from_safetensors(name)
+        tensor = torch.empty(shape, dtype=dtype)
+        nbytes = tensor.numel() * tensor.element_size()
+        if not (0 <= begin <= end and end - begin == nbytes and self._data_start + end <= self._size):
+            raise self._bad(f"extent of {name!r}")
+        if nbytes:
+            self._file.seek(self._data_start + begin)
+            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            if self._file.readinto(view) != nbytes:
+                raise self._bad(f"{name!r} truncated")
+        return tensor
+
+    def _from_safetensors(self, name: str) -> Any:
+        if self._fallback is None:
+            from safetensors.torch import load
+
+            self._file.seek(0)
+            self._fallback = load(self._file.read())
+        return self._fallback[name]
+
+
+def install_lora_file_reader() -> bool:
+    """Make vLLM's LoRA loader read adapter files with `OwnedSafetensors` (see the module's docstring);
+    returns whether it is installed (idempotent). On a vLLM whose loader does not call
+    `safetensors.safe_open` where 0.32's does, it leaves the loader alone and logs one line."""
+    try:
+        from vllm.lora import lora_model
+    except ImportError:
+        return False
+    current = getattr(lora_model, "safetensors", None)
+    if getattr(current, "_adapterhub", False):
+        return True
+    loader = getattr(getattr(lora_model, "LoRAModel", None), "from_local_checkpoint", None)
+    names = getattr(getattr(loader, "__func__", loader), "__code__", None)
+    if not isinstance(current, types.ModuleType) or names is None or "safe_open" not in names.co_names:
+        from adapterhub_lite.vllm_compat import VLLM
+
+        logger.warning(
+            "adapterhub: vLLM %s does not load adapters through safetensors.safe_open as 0.32 does; "
+            "its reader is left as is (each adapter load may keep about 1 KiB in the worker)",
+            VLLM[1] if VLLM else "(unknown)",
+        )
+        return False
+    lora_model.safetensors = _SafetensorsWithOwnedReads(current)
+    return True
+
+
+class _SafetensorsWithOwnedReads(types.ModuleType):
+    """The `safetensors` module as vLLM's lora_model sees it: `safe_open` is `OwnedSafetensors`."""
+
+    _adapterhub = True
+
+    def __init__(self, real: types.ModuleType) -> None:
+        super().__init__(real.__name__, real.__doc__)
+        self._real = real
+        self.safe_open = OwnedSafetensors
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
 
 
 def _worker_class() -> Any | None:
