@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from adapterhub_lite.errors import AdapterHubError, ErrorKind
 from adapterhub_lite.serving import warmup
 from adapterhub_lite.serving.admin import ADMIN_PREFIX, admin_route
+from adapterhub_lite.serving.admin_load import LOAD_LORA_PATH, admin_load_lora
 from adapterhub_lite.serving.asgi import (
     MAX_BODY_BYTES,
     App,
@@ -161,6 +162,8 @@ class TenancyMiddleware:
                 await admin_route(self, scope, receive, send)
             elif path in INFERENCE_PATHS and scope["method"] == "POST":
                 await self._inference(scope, receive, send, tenant=None)
+            elif path == LOAD_LORA_PATH and scope["method"] == "POST":
+                await admin_load_lora(self, scope, receive, send)  # a raw directory: checked first
             else:
                 await self.app(scope, receive, send)
             return
