@@ -279,18 +279,18 @@ def test_vllm_worker_makes_an_adapter_with_non_finite_weights_inert(adapters):
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-    saved = [
-        (cls, attr, cls.__dict__[attr])
-        for cls, attr in [
-            (KVCacheConfig, "needs_kv_cache_zeroing"),
-            (CPUModelRunner, "_init_kv_zero_meta"),
-            (WorkerLoRAManager, "_load_adapter"),
-        ]
-        if attr in cls.__dict__
+    patched = [
+        (KVCacheConfig, "needs_kv_cache_zeroing"),
+        (CPUModelRunner, "_init_kv_zero_meta"),
+        (WorkerLoRAManager, "_load_adapter"),
     ]
+    saved = [(cls, attr, cls.__dict__.get(attr)) for cls, attr in patched]
     try:
         assert install() == {"kv_zeroing": True, "lora_values": True}
         assert KVCacheConfig.needs_kv_cache_zeroing.fget(None) is True
     finally:
         for cls, attr, value in saved:
-            setattr(cls, attr, value)
+            if value is None:
+                delattr(cls, attr)
+            else:
+                setattr(cls, attr, value)
