@@ -184,15 +184,17 @@ def _loaded(lanes) -> list[str]:
     "case, match",
     [
         ("nan", r"adapter_model\.safetensors.*non-finite"),
-        ("wrong_shape", r"v_proj\.lora_B"),
+        ("wrong_shape", r"module '.*v_proj' have shapes"),
         ("pickled", r"adapter_model\.bin is a pickle file"),
         ("hub_id", r"not an absolute path to a directory"),
     ],
 )
 def test_admin_load_of_an_unfit_directory_is_refused_before_vllm(lanes, case, match):
+    from adapterhub_lite.errors import BundleError, http_status
+
     path = "someone/lora-on-the-hub" if case == "hub_id" else str(lanes[case])
     r = _admin_load(lanes, f"unfit-{case}", path)
-    assert r.status_code == 400, r.text
+    assert r.status_code == http_status(BundleError("")) == 422, r.text  # kind INVALID
     message = r.json()["error"]["message"]
     assert "\n" not in message
     assert re.search(match, message), message
@@ -207,7 +209,7 @@ def test_overflowing_adapter_in_the_same_batches_leaves_other_tenants_exact(lane
     assert loaded.status_code == 200, loaded.text  # finite weights: flagged, not refused
     assert "overflow" in _loaded(lanes)
     log = lanes["log"].read_text(errors="replace")
-    assert re.search(r"holds values up to \d(\.\d+)?e\+30", log), "no magnitude warning in the log"
+    assert re.search(r"holds values up to [\d.]+e\+(29|30)", log), "no magnitude warning in the log"
 
     wrong, poisoned = [], []
     for round_ in range(3):

@@ -6,7 +6,7 @@ that directory was loaded unscanned. Before the request is passed on, the direct
 config and safetensors weights (no pickles: vLLM would unpickle them), the config, tensors and served
 base must agree (`bundles.compat.check_adapter` with the base's shapes and the server's max rank) and the
 weights must be finite (`bundles.values.scan_file`). A refusal is one line naming the file and field,
-status 400; a server that does not know its base answers 503 rather than load unchecked.
+status 422 (kind INVALID); a server that does not know its base answers 503 rather than load unchecked.
 
 The check and vLLM's read of the files are separate opens, so a directory changed in between is not
 covered here; vLLM's worker makes an adapter with non-finite weights inert whatever path it came by
