@@ -296,3 +296,37 @@ def test_vllm_worker_makes_an_adapter_with_non_finite_weights_inert(adapters):
                 delattr(cls, attr)
             else:
                 setattr(cls, attr, value)
+
+
+@pytest.mark.slow
+def test_vllm_cpu_attention_reads_a_kv_block_past_the_sequence_end():
+    """Why new KV blocks are zeroed: vLLM 0.32's CPU kernel weights the positions of a sequence's last
+    block past its end by 0 and still reads them, so a NaN left there by the block's previous owner comes
+    through (0 * NaN). When this fails, vLLM masks them properly and `zero_new_kv_blocks` may go."""
+    import torch
+    import vllm._custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    heads, kv_heads, dim, block = 4, 2, 64, 128
+    isa = _get_attn_isa(torch.float32, block, dim)
+    gen = torch.Generator().manual_seed(0)
+    k, v, q = (torch.randn(n, h, dim, generator=gen) for n, h in ((6, kv_heads), (6, kv_heads), (1, heads)))
+
+    def attend(stale: float) -> torch.Tensor:
+        cache = torch.full((2, kv_heads, block, 2 * dim), stale)  # block 1 was someone else's
+        key_cache, value_cache = cache.view(2, kv_heads, 2 * block, dim).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, torch.arange(block, block + 6), isa)
+        out = torch.zeros(1, heads, dim)
+        starts, lens = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([6], dtype=torch.int32)
+        meta = ops.cpu_attn_get_scheduler_metadata(
+            1, heads, kv_heads, dim, lens, torch.float32, starts, True, -1, isa, False
+        )
+        ops.cpu_attention_with_kv_cache(
+            q, key_cache, value_cache, out, starts, lens, dim**-0.5, True, None, -1,
+            torch.tensor([[1]], dtype=torch.int32), 0.0, meta, None,
+        )  # fmt: skip
+        return out
+
+    assert torch.isfinite(attend(0.0)).all()
+    assert torch.equal(attend(0.0), attend(123.0))  # finite leftovers never mattered: zeroing changes nothing
+    assert torch.isnan(attend(float("nan"))).all(), "vLLM's CPU attention now masks past the end"
