@@ -49,9 +49,10 @@ def _loaded(modules: set[str], names: tuple[str, ...]) -> list[str]:
     return sorted(m for m in modules if any(m == n or m.startswith(n + ".") for n in names))
 
 
-def test_pack_and_verify_with_vllms_check_import_no_framework(lora_dir, tiny_base, tmp_path):
+def test_pack_and_verify_with_vllms_check_import_no_framework(trained_dir, tiny_base, tmp_path):
     bundle = tmp_path / "b.bundle"
-    packed = _run(tmp_path, "pack", str(lora_dir), "-o", str(bundle), "--base", str(tiny_base), "--json")
+    # As `adapterhub train` leaves it: the training record names the base (fingerprinted, shapes checked).
+    packed = _run(tmp_path, "pack", str(trained_dir), "-o", str(bundle), "--json")
     assert bundle.is_dir()
     verified = _run(tmp_path, "verify", str(bundle), "--base", str(tiny_base), "--json")
     for modules in (packed, verified):
