@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Iterator, MutableMapping
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 # command name -> the module under cli/ that registers it (tests/test_cli_lazy.py keeps this exact).
 COMMANDS: dict[str, str] = {
@@ -40,7 +40,7 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def module_commands(module: str) -> dict[str, typer.main.TyperCommand | TyperGroup]:
+def module_commands(module: str) -> dict[str, TyperCommand | TyperGroup]:
     """The click commands that `cli.<module>.register` defines, by name."""
     sub = typer.Typer()
     importlib.import_module(f"cli.{module}").register(sub)
