@@ -291,8 +291,15 @@ def main() -> None:
         ),
         "promote_visible_max_s": runs["affinity"]["promote_visible"]["max_s"],
         "config": {**vars(ARGS), "round_robin_means": "Ray Serve's default routing (power of two choices)"},
+        "command": " ".join(["benchmarks/cluster_bench.py", *sys.argv[1:]]),
         "machine": {
+            "note": (
+                "one machine: every replica, the ingress and the clients share its cores, so 2-vs-1 "
+                "throughput is bounded by the cores, not by the replicas; a shared machine, held alone "
+                "for this run (other engineers' light work went on)"
+            ),
             "cpus": os.cpu_count(),
+            "load_avg_at_start": LOAD_AT_START,
             "platform": platform.platform(),
             "load_avg_at_end": os.getloadavg(),
         },
@@ -307,6 +314,7 @@ def main() -> None:
 
 
 ARGS = parse_args()
+LOAD_AT_START = os.getloadavg()
 
 if __name__ == "__main__":
     main()
