@@ -7,7 +7,8 @@ is resolved); the model runs in the others, where the CPU build gets grouped LoR
 in every process the C heap returns large freed blocks to the OS (training/allocator.py), and the
 worker trims the heap after each LoRA load and unload (`ADAPTERHUB_HEAP_TRIM=0` turns that off;
 benchmarks/soak_bench.py measures the RSS slope with and without). vLLM's `vllm:lora_requests_info`
-metric keeps only its current sample.
+metric keeps only its current sample. When a launcher started vLLM, the API server stops itself if
+that launcher dies without stopping it (`parent_watch.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def register() -> None:
     """Register the resolver and the CPU LoRA ops (idempotent: vLLM may call this more than once)."""
     from adapterhub_lite.serving import cpu_lora_ops
     from adapterhub_lite.serving.config import ServingConfig
+    from adapterhub_lite.serving.parent_watch import watch_parent
     from adapterhub_lite.serving.resolver import get_resolver
     from adapterhub_lite.training.allocator import return_large_blocks_to_os
     from adapterhub_lite.vllm_compat.server import (
@@ -41,6 +43,7 @@ def register() -> None:
     )
 
     _log_to_stderr()
+    watch_parent()  # in the API server only: stop vLLM if its launcher is killed outright
     return_large_blocks_to_os()
     register_resolver(RESOLVER_NAME, get_resolver())
     bound_lora_info_metric()
