@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -143,13 +144,20 @@ class Cluster:
             return False
 
     def replicas(self) -> list[dict[str, Any]]:
-        """The replicas that recorded themselves: id, URL and pid of each."""
+        """The replicas that recorded themselves: id, URL, host and pids of each. The record of a
+        replica whose process on this host is gone (killed outright, so it could not remove it) is
+        dropped."""
         out = []
+        host = socket.gethostname()
         for path in sorted(Path(str(self.opts.state_dir)).glob("replica-*.json")):
             try:
-                out.append(json.loads(path.read_text()))
+                record = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue  # a replica being replaced
+            if record.get("host") == host and not _alive(record.get("pid")):
+                path.unlink(missing_ok=True)
+                continue
+            out.append(record)
         return out
 
     def stop(self) -> None:
@@ -172,6 +180,18 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def quiet_ray_env() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -71,9 +72,14 @@ class ReplicaServer:
         state_dir.mkdir(parents=True, exist_ok=True)
         path = state_dir / f"replica-{self.replica_id}.json"
         vllm_pid = self.server.process.pid if self.server.process else None
-        write_json(
-            path, {"replica": self.replica_id, "url": self.url, "pid": os.getpid(), "vllm_pid": vllm_pid}
-        )
+        record = {
+            "replica": self.replica_id,
+            "url": self.url,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "vllm_pid": vllm_pid,
+        }
+        write_json(path, record)
         return path
 
     async def hold(self, key: str) -> str:
@@ -114,6 +120,8 @@ class ReplicaServer:
             raise RuntimeError(f"vLLM /health answered {response.status_code}")
 
     def __del__(self) -> None:
+        # Not run when the actor's process is killed outright: then vLLM stops itself (parent_watch.py)
+        # and `Cluster.replicas()` drops the record of a process that is gone.
         server = getattr(self, "server", None)
         if server is not None:
             server.stop()

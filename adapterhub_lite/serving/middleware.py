@@ -349,8 +349,9 @@ class TenancyMiddleware:
             elif exc.kind is ErrorKind.INVALID:
                 message = f"adapter {target.name} cannot be served: {exc.message}"
                 await send_project_error(send, exc, message, param="model", err_type="AdapterRejectedError")
-            else:
-                await send_project_error(send, exc, f"adapter {target.name} is unavailable: {exc.message}")
+            else:  # the registry or its blob store failed: the details (where they are) go to the log
+                self._log_outage(exc)
+                await send_project_error(send, exc, f"adapter {target.name} is unavailable; retry later")
             return False
         self.metrics.adapter_loads.labels(target.name).inc()
         return True
