@@ -259,7 +259,11 @@ def test_a_database_outage_under_load_answers_503_then_recovers(cluster, postgre
     def load(offset: int) -> None:
         n = offset
         while not stop.is_set():
-            answer = _request(targets[n % len(targets)], key, "abc"[n % 3])
+            start = time.monotonic()
+            try:
+                answer = _request(targets[n % len(targets)], key, "abc"[n % 3])
+            except httpx.HTTPError as exc:  # a hang past the client's timeout, or a dropped connection
+                answer = {"status": type(exc).__name__, "seconds": time.monotonic() - start}
             seen.append((phase[0], answer))
             n += 1
 
