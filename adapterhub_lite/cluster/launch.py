@@ -46,6 +46,7 @@ class ClusterOptions:
     port: int = 8000
     state_dir: str | None = None  # where replicas record their URLs (default: a temp folder)
     startup_timeout: float = 600.0
+    cores_per_replica: int | None = None  # pin each replica's vLLM to its own cores (None: all cores)
 
 
 def make_keyer(tenants_db: str | None, registry: str | None, served_name: str) -> AffinityKeyer:
@@ -83,7 +84,11 @@ def build_app(opts: ClusterOptions, served_name: str) -> Any:
         IngressServer, name="ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024
     )
     keyer = functools.partial(make_keyer, opts.serve.tenants_db, opts.serve.registry, served_name)
-    return ingress.bind(replicas.bind(dataclasses.asdict(opts.serve), opts.state_dir), keyer, opts.affinity)
+    return ingress.bind(
+        replicas.bind(dataclasses.asdict(opts.serve), opts.state_dir, opts.cores_per_replica),
+        keyer,
+        opts.affinity,
+    )
 
 
 class Cluster:

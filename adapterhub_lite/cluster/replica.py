@@ -22,6 +22,7 @@ import httpx
 from adapterhub_lite.atomic import write_json
 from adapterhub_lite.serving.launcher import ServeOptions, VLLMServer
 
+OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU build: the cores its OpenMP threads run on
 REPLICA_HEADER = "x-adapterhub-replica"  # which replica answered: for operators and the affinity tests
 # Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy recomputes.
 _DROP = frozenset(
@@ -39,6 +40,16 @@ _DROP = frozenset(
 )
 
 
+def core_slice(cpus: list[int], local_rank: int, cores: int) -> str:
+    """The cores (of `cpus`) that replica `local_rank` of this host gives vLLM's OpenMP threads:
+    `cores` of them, disjoint from the other replicas' while there are enough, as vLLM's
+    `VLLM_CPU_OMP_THREADS_BIND` list. By default every vLLM binds its threads to every core of the
+    host, so replicas on one host spin on the same cores (benchmarks/cluster_bench.py measures it)."""
+    cores = max(1, min(cores, len(cpus)))
+    start = (local_rank % (len(cpus) // cores)) * cores
+    return ",".join(str(c) for c in cpus[start : start + cores])
+
+
 def forwardable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """`headers` without hop-by-hop ones."""
     return [(k, v) for k, v in headers if k.lower() not in _DROP]
@@ -52,10 +63,17 @@ def error_body(status: int, message: str) -> bytes:
 class ReplicaServer:
     """The replica's body (Ray wraps it with `serve.deployment` and `serve.multiplexed` in `launch`)."""
 
-    def __init__(self, options: dict[str, Any], state_dir: str | None = None) -> None:
+    def __init__(
+        self, options: dict[str, Any], state_dir: str | None = None, cores_per_replica: int | None = None
+    ) -> None:
         from ray import serve
 
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        if cores_per_replica:
+            local_rank = getattr(context.rank, "local_rank", 0)
+            cpus = sorted(os.sched_getaffinity(0))
+            os.environ[OMP_BIND_ENV] = core_slice(cpus, local_rank, cores_per_replica)
         opts = ServeOptions(**options)
         opts.port = None  # a free port of this host, chosen by the launcher
         if opts.cache_dir:  # each replica its own bounded cache: one folder must have one owner
