@@ -9,9 +9,9 @@ worker trims the heap after each LoRA load and unload (`ADAPTERHUB_HEAP_TRIM=0` 
 benchmarks/soak_bench.py measures the RSS slope with and without); adapter files are read without
 safetensors' `get_tensor`, which keeps a little memory per tensor for good (vllm_compat/memory.py).
 vLLM's `vllm:lora_requests_info` metric keeps only its current sample. One request's NaN/Inf never
-reaches another's (`vllm_compat/isolation.py`: new KV blocks are zeroed, adapters with non-finite weights made inert).
-When a launcher started vLLM, the API server stops itself if that launcher dies without stopping it
-(`parent_watch.py`).
+reaches another's (`vllm_compat/isolation.py`: new KV blocks are zeroed, adapters with non-finite
+weights made inert). When a launcher started vLLM, the API server stops itself if that launcher dies
+without stopping it (`parent_watch.py`).
 """
 
 from __future__ import annotations
