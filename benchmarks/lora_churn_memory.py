@@ -122,7 +122,7 @@ def main() -> None:
         idle_seconds=3600,
         cache_max_mb=64,
         max_model_len=256,
-        log_path=str(work / "vllm.log"),
+        log_path=str(work / "churn-vllm.log"),  # the soak, sharing a --workdir, keeps its own log
     )
     server = VLLMServer(opts)
     extra = dict(kv.split("=", 1) for kv in args.env)
