@@ -279,6 +279,7 @@ def main() -> None:
     counts = {"ok": 0, "wrong": 0, "errors": 0}
     errors: dict[str, int] = {}
     wrong: list[dict] = []
+    error_examples: list[dict] = []  # the first few, to tell a race from a bug without the log
     lock = threading.Lock()
     stop = threading.Event()
     samples: list[dict] = []
@@ -309,11 +310,17 @@ def main() -> None:
                         with lock:
                             counts["errors"] += 1
                             errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                            if len(error_examples) < 10:
+                                error_examples.append({"alias": alias, "error": repr(exc)[:300]})
                         continue
                     with lock:
                         if r.status_code != 200:
                             counts["errors"] += 1
                             errors[str(r.status_code)] = errors.get(str(r.status_code), 0) + 1
+                            if len(error_examples) < 10:
+                                error_examples.append(
+                                    {"alias": alias, "status": r.status_code, "body": r.text[:300]}
+                                )
                             continue
                         body = r.json()
                         got = body["choices"][0]["token_ids"]
@@ -358,6 +365,7 @@ def main() -> None:
     result = summarize(args, samples, counts, errors, wrong, load_s, n_adapters, bundle_bytes)
     result.update(
         {
+            "error_examples": error_examples,
             "heap_trim": ServingConfig.from_env().heap_trim,
             "shm_left_by_vllm_at_stop": shm_left,
             "startup_phases_s": server.phases,
