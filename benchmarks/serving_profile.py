@@ -102,7 +102,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=128, help="requests per profiled phase")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--max-loras", type=int, default=8)
+    p.add_argument("--max-loras", type=int, default=ServeOptions(base_dir="").max_loras)
     p.add_argument("--rate", type=int, default=50, help="py-spy samples per second")
     p.add_argument("--tokenizer-from", default=None)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving_profile.json"))
@@ -226,7 +226,8 @@ def markdown(report: dict) -> str:
     engine = [b for b, _ in ENGINE_BUCKETS] + ["idle (waiting for work)", "other"]
     lines = [
         f"Share of py-spy samples ({report['config']['rate']} Hz, wall clock, busiest thread per process; "
-        f"shared machine, load average {report['machine']['load_average_start_end']}). "
+        f"{'shared' if report['machine']['shared'] else 'machine held alone by the bench wrapper'}, "
+        f"load average {report['machine']['load_average_start_end']}). "
         f"`{cpu_lora_ops.ENV_SWITCH}={report['config'][cpu_lora_ops.ENV_SWITCH]} {report['command']}`.",
         "",
         "Throughput (tok/s): " + ", ".join(f"{p} {report['phases'][p]['tokens_per_s']}" for p in phases),
@@ -311,7 +312,7 @@ def main() -> None:
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
-            "shared": True,
+            "shared": os.environ.get("ADAPTERHUB_BENCH_QUIET") != "1",
             "load_average_start_end": [load_start, round(os.getloadavg()[0], 2)],
         },
         "config": {
