@@ -221,6 +221,34 @@ def _table(report: dict, proc: str, buckets: list[str]) -> list[str]:
     return lines
 
 
+def weight_bytes(cfg: dict) -> dict:
+    """Bytes of weights a decode step must read (float32): the base's linear layers once, and each
+    distinct adapter's LoRA matrices once (rank x (in + out) per target module). A decode row is one
+    token, so with a row or two per adapter nothing amortises an adapter's read: this is the floor the
+    LoRA arithmetic cannot go under on a CPU whose decode step streams weights from memory."""
+    h, i, layers, r = cfg["hidden"], cfg["intermediate"], cfg["layers"], cfg["rank"]
+    shapes = [(h, h)] * 4 + [(h, i)] * 2 + [(i, h)]  # q, k, v, o, gate, up, down (kv heads = heads)
+    base = layers * sum(a * b for a, b in shapes) * 4
+    adapter = layers * sum(r * (a + b) for a, b in shapes) * 4
+    return {"base_linear_mb": round(base / 1e6, 1), "one_adapter_mb": round(adapter / 1e6, 2)}
+
+
+def floor_lines(report: dict) -> list[str]:
+    wb = weight_bytes(report["config"])
+    n = report["config"]["adapters"]
+    per = wb["one_adapter_mb"] / wb["base_linear_mb"]
+    return [
+        "",
+        "The floor (`weight_bytes`): a decode step reads the base's linear weights once "
+        f"({wb['base_linear_mb']} MB) and every distinct adapter's LoRA weights once "
+        f"({wb['one_adapter_mb']} MB each, {100 * per:.1f}% of the base); the FLOPs are {100 * per:.1f}% per "
+        f"token too, but a decode batch has a token or two per adapter, so the reads do not amortise. With "
+        f"{n} adapters in a batch that is {100 * n * per:.0f}% more bytes than the base's linear layers; at "
+        f"the bandwidth the base's GEMMs get, the LoRA arithmetic takes at least {n * per:.2f}x the base's "
+        f"linear-layer time, whatever the number of ops.",
+    ]
+
+
 def markdown(report: dict) -> str:
     phases = list(report["phases"])
     engine = [b for b, _ in ENGINE_BUCKETS] + ["idle (waiting for work)", "other"]
@@ -243,6 +271,7 @@ def markdown(report: dict) -> str:
         "API server (event loop thread):",
         "",
         *_table(report, "api_server", [b for b, _ in API_BUCKETS] + ["idle (waiting for work)", "other"]),
+        *floor_lines(report),
     ]
     return "\n".join(lines) + "\n"
 
