@@ -97,8 +97,9 @@ def parse_args() -> argparse.Namespace:
 
 def median_phase(runs: list[dict]) -> dict:
     out = dict(runs[0])
-    for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "wall_s"):
-        out[k] = round(statistics.median(r[k] for r in runs), 1)
+    for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "wall_s", "running_mean", "waiting_mean"):
+        if all(k in r for r in runs):
+            out[k] = round(statistics.median(r[k] for r in runs), 1)
     out["runs"] = [r["tokens_per_s"] for r in runs]
     return out
 
@@ -192,6 +193,7 @@ def main() -> None:
             if plain_at:
                 run_phase(plain.url, [(None, f"a{i:03d}") for i in range(max(plain_at))], warm, seed=1)
 
+            admin = {plugin.url: plugin.admin_key}  # /metrics behind the middleware
             base_runs = {"plugin": [], "plain": []}
             per = {name: {n: [] for n in counts} for name in ("plugin", "plain")}
             for rep in range(args.repeats):
@@ -209,7 +211,7 @@ def main() -> None:
                     order.reverse()
                 for name, n, url, jobs in order:
                     seed = 10 + rep if n == "base" else 100 * int(n) + rep
-                    r = run_phase(url, jobs, args, seed=seed)
+                    r = run_phase(url, jobs, args, seed=seed, metrics_key=admin.get(url))
                     (base_runs[name] if n == "base" else per[name][n]).append(r)
                     what = "base model" if n == "base" else f"{n:>3} adapters"
                     print(

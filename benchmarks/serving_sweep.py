@@ -99,8 +99,11 @@ def main() -> None:
             warm = argparse.Namespace(**{**vars(args), "requests": max(counts), "max_tokens": 2})
             run_phase(server.url, [(k, "bot") for k in keys[: max(counts)]], warm, seed=1)
             for n in counts:
-                r = run_phase(server.url, [(k, "bot") for k in keys[:n]], args, seed=100 * n)
+                jobs = [(k, "bot") for k in keys[:n]]
+                r = run_phase(server.url, jobs, args, seed=100 * n, metrics_key=server.admin_key)
                 point["tokens_per_s"][str(n)] = r["tokens_per_s"]
+                point.setdefault("running_mean", {})[str(n)] = r.get("running_mean")
+                point.setdefault("waiting_mean", {})[str(n)] = r.get("waiting_mean")
                 point.setdefault("ttft_p50_ms", {})[str(n)] = r["ttft_p50_ms"]
                 print(f"{max_loras}/{max_cpu_loras} {n:>3} adapters: {r['tokens_per_s']:7.1f} tok/s")
             point["rss_mib_after"] = rss_mib(server)
