@@ -107,8 +107,8 @@ class ServeOptions:
             object.__setattr__(self, name, value)
         if self.max_loras is None or self.max_cpu_loras is None:
             loras, cpu_loras = default_lora_slots(on_cpu())
-            if self.max_loras is None:
-                object.__setattr__(self, "max_loras", loras)
+            if self.max_loras is None:  # a smaller --max-cpu-loras given alone bounds it
+                object.__setattr__(self, "max_loras", min(loras, self.max_cpu_loras or loras))
             if self.max_cpu_loras is None:
                 object.__setattr__(self, "max_cpu_loras", max(cpu_loras, self.max_loras))
 
