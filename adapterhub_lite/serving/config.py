@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterhub_lite.errors import ServingError
+from adapterhub_lite.registry.config import ENV_REGISTRY
 
 ENV_ADMIN_KEY = "ADAPTERHUB_ADMIN_KEY"
-ENV_TENANTS_DB = "ADAPTERHUB_TENANTS_DB"
-ENV_REGISTRY = "ADAPTERHUB_REGISTRY"
+ENV_TENANTS_DB = "ADAPTERHUB_TENANTS_DB"  # the one home of this name (tenancy.py reads it)
 ENV_BASE_DIR = "ADAPTERHUB_BASE_DIR"
 ENV_SERVED_NAME = "ADAPTERHUB_SERVED_NAME"
 ENV_CACHE_DIR = "ADAPTERHUB_CACHE_DIR"

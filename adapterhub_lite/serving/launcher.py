@@ -30,6 +30,7 @@ from adapterhub_lite.errors import ServingError
 from adapterhub_lite.serving import processes
 from adapterhub_lite.serving.config import ServingConfig, default_lora_slots
 from adapterhub_lite.serving.logpump import LogPump
+from adapterhub_lite.serving.parent_watch import ENV_PARENT_PID
 from adapterhub_lite.vllm_compat import launch
 
 logger = logging.getLogger("adapterhub.serving")
@@ -213,7 +214,8 @@ class VLLMServer:
         started = time.monotonic()
         self.process = subprocess.Popen(
             self.command,
-            env={**os.environ, **self.env},
+            # The pid lets vLLM stop itself if this process dies outright (parent_watch.py).
+            env={**os.environ, **self.env, ENV_PARENT_PID: str(os.getpid())},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
