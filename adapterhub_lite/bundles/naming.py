@@ -24,10 +24,11 @@ DEFAULT_VERSION = "0.1.0"
 
 
 def _fail(error: type[Exception], message: str, hint: str) -> NoReturn:
-    # pydantic validators pass ValueError, which takes no hint: the hint joins the message.
-    if issubclass(error, AdapterHubError):
-        raise error(message, hint=hint)
-    raise error(f"{message}; {hint}")
+    # pydantic validators pass ValueError, which takes no hint: the hint joins the message. Anything
+    # else is a project error class or a factory called like one.
+    if isinstance(error, type) and not issubclass(error, AdapterHubError):
+        raise error(f"{message}; {hint}")
+    raise error(message, hint=hint)
 
 
 def check_name(value: str, what: str = "name", error: type[Exception] = BundleError) -> str:
