@@ -279,7 +279,13 @@ def main() -> None:
         compat.vllm_refusal({"r": 8, "lora_alpha": 8, "target_modules": ["q_proj"]}, None)  # import vLLM once
     with tempfile.TemporaryDirectory(prefix="hub-bench-") as td:
         work = Path(td)
+        import bundle_fixtures as fx
+
+        small_base = fx.make_base(work / "small")
         base, adapter = build(work, args.hidden, args.layers, args.rank)
+        for f in small_base.iterdir():  # pack needs a tokenizer; the random base has none of its own
+            if f.is_file() and "token" in f.name:
+                shutil.copy(f, base / f.name)
         archive = pack_bundle(
             adapter,
             work / "big.tar",
@@ -293,9 +299,6 @@ def main() -> None:
         size = archive.stat().st_size
         print(f"bundle archive: {size / 1e6:.1f} MB", flush=True)
         result = {"bundle_bytes": size, "repeats": args.repeats, "versions": args.versions}
-        import bundle_fixtures as fx
-
-        small_base = fx.make_base(work / "small")
         small = fx.make_adapter(small_base, work / "small-adapter")
         warm = pack_bundle(small, work / "warm.tar", namespace="warm", name="up", version="1.0.0",
                            base_dir=small_base, archive=True, vllm_check=False)

@@ -87,7 +87,7 @@ def test_token_cli_shows_once_stores_hash_lists_and_revokes(tmp_path):
     assert (db.stat().st_mode & 0o777) == 0o600
     assert token.encode() not in db.read_bytes()
     secret = token.split("_", 2)[2]
-    stored = sqlite3.connect(db).execute("SELECT hash FROM tokens").fetchone()[0]
+    stored = sqlite3.connect(db).execute("SELECT hash FROM hub_tokens").fetchone()[0]
     assert stored == hashlib.sha256(secret.encode()).hexdigest()
     listed = runner.invoke(cli_app, ["hub", "tokens", "--registry", str(reg), "--json"])
     rows = json.loads(listed.output)
@@ -98,6 +98,64 @@ def test_token_cli_shows_once_stores_hash_lists_and_revokes(tmp_path):
     assert rows[0]["revoked"] is True
     bad = runner.invoke(cli_app, ["hub", "token", "acme", "--scope", "root", "--registry", str(reg)])
     assert bad.exit_code == 65 and "unknown scope" in bad.output
+
+
+def test_token_store_on_every_database_backend(db_location, tmp_path):
+    """The token store on SQLite and on a real PostgreSQL (the `backend` fixture): two hubs over one
+    database see each other's tokens and revocations, and a hub app authenticates through it."""
+    from starlette.testclient import TestClient
+
+    from adapterhub_lite.hub import HubConfig, TokenStore, create_app
+    from adapterhub_lite.hub.tokens import HubError
+    from adapterhub_lite.registry import Registry
+
+    first, second = TokenStore(db_location), TokenStore(db_location)  # two replicas, one database
+    token, info = first.create("acme", "publish", note="ci")
+    assert second.check(token) == info
+    assert [t.id for t in second.list()] == [info.id]
+    for bad in (token[:-1] + ("A" if token[-1] != "A" else "B"), token.replace(info.id, "0" * 12), "x"):
+        with pytest.raises(HubError) as e:
+            second.check(bad)
+        assert e.value.kind == ErrorKind.UNAUTHENTICATED
+    assert second.revoke(info.id).revoked
+    with pytest.raises(HubError) as e:
+        first.check(token)
+    assert e.value.kind == ErrorKind.UNAUTHENTICATED
+    with pytest.raises(HubError) as e:
+        first.revoke("nosuchid")
+    assert e.value.kind == ErrorKind.NOT_FOUND
+
+    reader, _ = first.create("acme", "read")
+    config = HubConfig(state_dir=tmp_path / "state", tokens_db=db_location)
+    with TestClient(create_app(Registry.open(tmp_path / "reg"), config)) as client:
+        r = client.get("/api/v1/whoami", headers={"authorization": f"Bearer {reader}"})
+        assert r.json() == {"namespace": "acme", "scope": "read"}
+        assert client.get("/api/v1/whoami", headers={"authorization": f"Bearer {token}"}).status_code == 401
+    assert not (tmp_path / "state" / "tokens.sqlite").exists()
+    first.close()
+    second.close()
+
+
+def test_token_store_keeps_tokens_of_a_store_made_before_the_database_layer(tmp_path):
+    from adapterhub_lite.hub import TokenStore
+
+    path = tmp_path / "tokens.sqlite"
+    secret = "s3cret"
+    con = sqlite3.connect(path)
+    con.execute(
+        "CREATE TABLE tokens (id TEXT PRIMARY KEY, namespace TEXT NOT NULL, scope TEXT NOT NULL,"
+        " hash TEXT NOT NULL, created TEXT NOT NULL, revoked INTEGER NOT NULL DEFAULT 0,"
+        " note TEXT NOT NULL DEFAULT '')"
+    )
+    con.execute(
+        "INSERT INTO tokens VALUES ('abc123', 'acme', 'read', ?, '2026-01-01T00:00:00Z', 0, '')",
+        (hashlib.sha256(secret.encode()).hexdigest(),),
+    )
+    con.commit()
+    con.close()
+    store = TokenStore(path)
+    assert store.check(f"ahub_abc123_{secret}").namespace == "acme"
+    assert [t.id for t in TokenStore(path).list()] == ["abc123"]
 
 
 def test_private_adapters_are_404_exactly_like_missing_ones(hub):

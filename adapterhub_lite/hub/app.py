@@ -52,6 +52,8 @@ class HubConfig:
     # vLLM's own validator on every publish (None: when vLLM is importable, as `verify` does).
     vllm_check: bool | None = None
     public_url: str = ""
+    # The token store's database (a path or URL); None: `tokens.sqlite` in `state_dir`.
+    tokens_db: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -61,7 +63,7 @@ class Hub:
     def __init__(self, registry: Any, config: HubConfig) -> None:
         self.registry = registry
         self.config = config
-        self.tokens = TokenStore(config.state_dir / TOKENS_FILE)
+        self.tokens = TokenStore(config.tokens_db or config.state_dir / TOKENS_FILE)
         self.uploads = Uploads(
             config.state_dir / "uploads", config.max_upload, config.idle_timeout_s, config.vllm_check
         )
