@@ -161,7 +161,12 @@ def seed_registry(location: Path, base: Path, adapter: Path, n_versions: int, n_
         shutil.rmtree(out)
         reg.set_public(f"{ns}/{name}")
     real = time.perf_counter() - t
-    with reg.index.write() as con:
+    import sqlite3
+
+    assert reg.index.db.path is not None  # the bench's registry is a folder: its index is SQLite
+    con = sqlite3.connect(reg.index.db.path)
+    con.row_factory = sqlite3.Row
+    with con:
         template = [dict(r) for r in con.execute("SELECT * FROM versions ORDER BY id")]
         files: dict[int, list] = {r["id"]: [] for r in template}
         for f in con.execute("SELECT * FROM files"):
@@ -186,6 +191,7 @@ def seed_registry(location: Path, base: Path, adapter: Path, n_versions: int, n_
                 [(vid, f["path"], f["sha256"], f["size"]) for f in files[old_id]],
             )
             con.execute("INSERT INTO tags (version_id, tag) VALUES (?,?)", (vid, word))
+    con.close()
     return {
         "real_publishes": min(n_real, n_versions),
         "real_seconds": real,

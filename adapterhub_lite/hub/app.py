@@ -94,13 +94,14 @@ class Hub:
     def manifest_of(self, ref: str, bundle_dir: Path) -> Manifest:
         return parse_manifest((bundle_dir / MANIFEST_FILE).read_bytes(), f"{ref}:{MANIFEST_FILE}")
 
-    def publish_checked(self, caller: Caller, archive: Path) -> tuple[Any, Path]:
-        """Publish an uploaded archive for `caller` (blocking); the verified bundle becomes a serving copy."""
+    def publish_checked(self, caller: Caller, staged: Any) -> tuple[Any, Path]:
+        """Publish an upload (`uploads.Staged`) for `caller` (blocking); the verified bundle becomes a
+        serving copy."""
 
         def authorize(namespace: str) -> None:
             caller.require_write(self.registry, namespace)
 
-        published, bundle = self.uploads.publish(self.registry, archive, authorize)
+        published, bundle = self.uploads.publish(self.registry, staged, authorize)
         self.cache.adopt(bundle, published.digest)
         self.catalog.refresh()
         return published, bundle

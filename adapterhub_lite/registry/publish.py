@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from adapterhub_lite.bundles import archive as _archive
 from adapterhub_lite.bundles.manifest import Manifest
 from adapterhub_lite.bundles.signing import SIGNATURES_FILE
-from adapterhub_lite.bundles.verify import check_bundle
+from adapterhub_lite.bundles.verify import Precomputed, check_bundle
 from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError
 from adapterhub_lite.registry.faults import fault_point
 from adapterhub_lite.registry.records import Published
@@ -24,8 +24,16 @@ if TYPE_CHECKING:
     from adapterhub_lite.registry.registry import Registry
 
 
-def publish(reg: Registry, bundle_path: Path, progress: bool) -> Published:
-    """Verify and publish a bundle (directory or archive); idempotent for identical content."""
+def publish(
+    reg: Registry,
+    bundle_path: Path,
+    progress: bool,
+    *,
+    precomputed: Precomputed | None = None,
+    owned: bool = False,
+) -> Published:
+    """Verify and publish a bundle (directory or archive); idempotent for identical content
+    (`precomputed` and `owned`: see `Registry.publish`)."""
     try:
         with tempfile.TemporaryDirectory(prefix="adapterhub-publish-") as td:
             try:
@@ -36,13 +44,18 @@ def publish(reg: Registry, bundle_path: Path, progress: bool) -> Published:
                 else:
                     bundle_dir = bundle_path
                 result = check_bundle(
-                    bundle_dir, trusted_keys=reg.trusted_keys, vllm_check=False, shown_as=shown_as
+                    bundle_dir,
+                    trusted_keys=reg.trusted_keys,
+                    vllm_check=False,
+                    shown_as=shown_as,
+                    precomputed=precomputed if bundle_path.is_dir() else None,
                 )
             except BundleError as exc:
                 raise RegistryError(
                     f"refusing to publish {bundle_path}: {exc.message}", hint=exc.hint, kind=exc.kind
                 ) from None
-            return store_verified(reg, bundle_dir, result.manifest, progress)
+            link = owned and bundle_path.is_dir()
+            return store_verified(reg, bundle_dir, result.manifest, progress, link=link)
     except OSError as exc:
         raise RegistryError(
             f"cannot publish {bundle_path}: {exc}",
@@ -59,9 +72,12 @@ def immutable_error(m: Manifest, existing: str) -> RegistryError:
     )
 
 
-def store_verified(reg: Registry, bundle_dir: Path, m: Manifest, progress: bool = False) -> Published:
+def store_verified(
+    reg: Registry, bundle_dir: Path, m: Manifest, progress: bool = False, link: bool = False
+) -> Published:
     """Store a bundle whose manifest `m` was already verified and make it visible (the second half of
-    `publish`; tests call it directly to plant content that publish's checks would refuse)."""
+    `publish`; tests call it directly to plant content that publish's checks would refuse). `link`:
+    the files are the caller's fsynced private copy; a local store hard-links them (no copy)."""
     from tqdm import tqdm
 
     existing = reg.index.digest_of(m.namespace, m.name, m.version)
@@ -77,7 +93,7 @@ def store_verified(reg: Registry, bundle_dir: Path, m: Manifest, progress: bool 
     fault_point("publish-start")
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"publish {m.ref}", disable=not progress) as bar:
         for f in m.files:
-            reg.blobs.put_file(bundle_dir / f.path, f.sha256, bar.update)
+            reg.blobs.put_file(bundle_dir / f.path, f.sha256, bar.update, link=link)
         manifest_sha = reg.blobs.put_bytes(manifest_bytes)
         sig_sha = reg.blobs.put_bytes(sig_bytes) if sig_bytes is not None else None
     fault_point("blobs-stored")

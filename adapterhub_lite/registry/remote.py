@@ -25,17 +25,20 @@ from urllib.parse import urlsplit
 import httpx
 
 from adapterhub_lite.bundles.archive import write_archive
+from adapterhub_lite.bundles.compat import WEIGHTS_FILE
 from adapterhub_lite.bundles.manifest import MANIFEST_FILE, Manifest, parse_manifest
 from adapterhub_lite.bundles.naming import parse_ref
 from adapterhub_lite.bundles.signing import PublicKeyLike, config_dir, load_public_keys
+from adapterhub_lite.bundles.values import ValueReport
 from adapterhub_lite.bundles.verify import check_bundle
 from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError
+from adapterhub_lite.registry.intake import FileIntake, precomputed
 from adapterhub_lite.registry.pull import existing_copy
 from adapterhub_lite.registry.records import Published
 
 ENV_TOKEN = "ADAPTERHUB_TOKEN"
 TOKEN_FILE = "hub-tokens.json"
-_CHUNK = 1 << 20
+_CHUNK = 1 << 22
 _PUBLISHED_FIELDS = {f.name for f in fields(Published)} - {"id"}
 
 
@@ -306,10 +309,16 @@ class RemoteRegistry:
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.parent / f".{dest.name}.{p.digest.removeprefix('sha256:')[:16]}.partial"
         partial.mkdir(exist_ok=True)
+        hashes: dict[str, str] = {}
+        scanned: ValueReport | BundleError | None = None
         for f in listing["files"]:
-            self._download(p, str(f["path"]), int(f["size"]), str(f["sha256"]), partial, progress)
+            name, sha = str(f["path"]), str(f["sha256"])
+            values = self._download(p, name, int(f["size"]), sha, partial, progress)
+            hashes[name] = sha  # checked against the bytes as they were written
+            scanned = values if name == WEIGHTS_FILE else scanned
         try:
-            m = check_bundle(partial, **verify).manifest
+            # The files' hashes and the weights' value scan were taken on the way in: not read again.
+            m = check_bundle(partial, **verify, precomputed=precomputed(hashes, scanned)).manifest
         except BundleError as exc:
             shutil.rmtree(partial, ignore_errors=True)
             raise RegistryError(
@@ -333,40 +342,50 @@ class RemoteRegistry:
             raise
         return dest
 
-    def _download(self, p: Published, name: str, size: int, sha: str, partial: Path, progress: bool) -> None:
+    def _download(
+        self, p: Published, name: str, size: int, sha: str, partial: Path, progress: bool
+    ) -> ValueReport | BundleError | None:
+        """Fetch one file (resuming a partial one) and check its sha256 and size; returns the weights'
+        value scan when it ran during the download (a fresh download of the weights)."""
         if "/" in name or name.startswith(".") or name not in _ALLOWED_FILES:
             raise RegistryError(
                 f"the hub listed an unexpected file {name!r} for {p.ref}", kind=ErrorKind.INVALID
             )
         path = partial / name
         have = path.stat().st_size if path.exists() else 0
-        if have > size:
+        if have > size or (have == size and _sha256_of(path) != sha):
             path.unlink()
             have = 0
-        h = hashlib.sha256()
-        if have:
-            with path.open("rb") as f:
-                while chunk := f.read(_CHUNK):
-                    h.update(chunk)
+        values: ValueReport | BundleError | None = None
         if have < size:
-            path_q = urlsplit(self.url).path + f"/api/v1/file/{p.namespace}/{p.name}/{p.version}/{name}"
+            url = urlsplit(self.url).path + f"/api/v1/file/{p.namespace}/{p.name}/{p.version}/{name}"
             conn = self._connection()
             try:
-                conn.request(
-                    "GET", path_q, headers=self._headers({"range": f"bytes={have}-"} if have else {})
-                )
+                conn.request("GET", url, headers=self._headers({"range": f"bytes={have}-"} if have else {}))
                 r = conn.getresponse()
                 if r.status >= 400:
                     raise self._error_from(r.status, r.read(64 * 1024))
                 if r.status == 200 and have:  # the hub ignored the range: start over
-                    have, h = 0, hashlib.sha256()
-                buf = bytearray(_CHUNK)
-                view = memoryview(buf)
-                with path.open("ab" if have else "wb", buffering=0) as out:
-                    while have <= size and (n := r.readinto(buf)):
-                        h.update(view[:n])
-                        out.write(view[:n])
-                        have += n
+                    have = 0
+                if have:  # resuming: hash what is there, append the rest
+                    h = _hasher_of(path)
+                    with path.open("ab", buffering=0) as out:
+                        while have <= size and (chunk := r.read(_CHUNK)):
+                            h.update(chunk)
+                            out.write(chunk)
+                            have += len(chunk)
+                    got = h.hexdigest()
+                else:
+                    label = f"{self.url}:{p.ref}:{name}"
+                    intake = FileIntake(path, size, label, scan_values=name == WEIGHTS_FILE)
+                    try:
+                        while have <= size and (chunk := r.read(_CHUNK)):
+                            intake.write(chunk)
+                            have += len(chunk)
+                    except BaseException:
+                        intake.abort()
+                        raise
+                    got, values = intake.finish()
             except (OSError, http.client.HTTPException) as exc:
                 raise RegistryError(
                     f"download of {p.ref}:{name} was interrupted ({exc})",
@@ -375,17 +394,32 @@ class RemoteRegistry:
                 ) from None
             finally:
                 conn.close()
-        if have != size or h.hexdigest() != sha:
+        else:
+            got = sha  # already whole: checked above
+        if have != size or got != sha:
             path.unlink(missing_ok=True)
             raise RegistryError(
                 f"{p.ref}:{name}: downloaded bytes do not match the hub's sha256/size (corrupt transfer)",
                 hint="pull again",
                 kind=ErrorKind.UNAVAILABLE,
             )
+        return values
 
     def _existing(self, dest: Path, p: Published, verify: dict) -> Path:
         existing_copy(dest, p, verify)
         return dest
+
+
+def _hasher_of(path: Path) -> Any:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h
+
+
+def _sha256_of(path: Path) -> str:
+    return str(_hasher_of(path).hexdigest())
 
 
 _ALLOWED_FILES = frozenset(
