@@ -74,28 +74,29 @@ class Uploads:
         batch: list[bytes] = []
         batched = received = 0
         try:
-            it = chunks.__aiter__()
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(it.__anext__(), self.idle_timeout_s)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    raise HubError(
-                        f"upload stalled: no data for {self.idle_timeout_s:g} s",
-                        hint="publish again from a steadier connection",
-                        kind=ErrorKind.INVALID,
-                    ) from None
-                received += len(chunk)
-                if received > self.max_bytes:
-                    raise _too_large(received, self.max_bytes)
-                batch.append(chunk)
-                batched += len(chunk)
-                if batched >= _BATCH:  # one worker-thread hop per batch, overlapping the next receive
-                    if pending is not None:
-                        await pending
-                    pending = loop.run_in_executor(None, unpacker.feed, b"".join(batch))
-                    batch, batched = [], 0
+            idle = self.idle_timeout_s
+            try:
+                # One deadline moved forward per chunk (a task per chunk, as wait_for makes, costs more
+                # than the chunk's bytes on a fast link).
+                async with asyncio.timeout(idle) as deadline:
+                    async for chunk in chunks:
+                        deadline.reschedule(loop.time() + idle)
+                        received += len(chunk)
+                        if received > self.max_bytes:
+                            raise _too_large(received, self.max_bytes)
+                        batch.append(chunk)
+                        batched += len(chunk)
+                        if batched >= _BATCH:  # one worker-thread hop per batch, overlapping the next
+                            if pending is not None:
+                                await pending
+                            pending = loop.run_in_executor(None, unpacker.feed, b"".join(batch))
+                            batch, batched = [], 0
+            except TimeoutError:
+                raise HubError(
+                    f"upload stalled: no data for {idle:g} s",
+                    hint="publish again from a steadier connection",
+                    kind=ErrorKind.INVALID,
+                ) from None
             if pending is not None:
                 await pending
                 pending = None
