@@ -398,3 +398,74 @@ def test_hub_serve_command_answers_health(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_search_pages_and_sees_changes_made_behind_the_hubs_back(tmp_path, bundles, monkeypatch):
+    import time
+
+    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import remote as remote_mod
+
+    registry_dir = tmp_path / "registry"
+    with running_hub(registry_dir) as h:
+        h.client("acme", "publish").publish(bundles["1.0.0"])
+        h.client("globex", "publish").publish(bundles["globex"])
+        admin = h.token("ops", "admin")
+        first = h.get("/api/v1/search", token=admin, params={"q": "", "limit": 1})
+        second = h.get("/api/v1/search", token=admin, params={"q": "", "limit": 1, "offset": 1})
+        assert first.headers["x-total-count"] == second.headers["x-total-count"] == "2"
+        assert [d["ref"] for d in first.json() + second.json()] == ["acme/geo@1.0.0", "globex/bot@1.0.0"]
+        monkeypatch.setattr(remote_mod, "_PAGE", 1)  # the client follows every page
+        assert [p.ref for p in h.client("ops", "admin").search("")] == ["acme/geo@1.0.0", "globex/bot@1.0.0"]
+        for bad in ("0", "501", "-1", "x"):
+            r = h.get("/api/v1/search", params={"q": "", "limit": bad})
+            assert r.status_code == 422 and "limit" in r.json()["error"]["message"]  # INVALID
+        assert h.get("/api/v1/search", params={"q": "bot"}).json() == []  # private so far
+        # Another process makes it public: the next searches see it (no hub call involved).
+        Registry.open(registry_dir).set_public("globex/bot")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if [d["ref"] for d in h.get("/api/v1/search", params={"q": "bot"}).json()] == [
+                "globex/bot@1.0.0"
+            ]:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the public adapter never showed in anonymous search")
+
+
+def test_catalog_matches_within_one_adapter_only():
+    from adapterhub_lite.hub.catalog import Catalog
+    from adapterhub_lite.registry.records import Published
+
+    def row(ns: str, name: str, desc: str, tags: tuple[str, ...], public: bool = True) -> Published:
+        return Published(
+            ns,
+            name,
+            "1.0.0",
+            f"sha256:{ns}{name}",
+            "b",
+            "fp",
+            False,
+            public,
+            1,
+            8,
+            "mit",
+            desc,
+            "",
+            "",
+            False,
+            tags,
+        )
+
+    rows = [row("a", "xy", "geo geo geo", ("geo",)), row("b", "zy", "Math", ("math",), public=False)]
+    cat = Catalog(lambda: rows)
+    assert [p.name for p in cat.search("geo")] == ["xy"]  # three hits in one adapter: listed once
+    assert [p.name for p in cat.search("math")] == ["zy"]  # case-insensitive
+    assert cat.search("math", public_only=True) == []
+    assert [p.name for p in cat.search("y")] == ["xy", "zy"]
+    assert cat.search("geo\nb/zy") == cat.search("math\x00b") == []  # never across fields or adapters
+    assert [p.name for p in cat.search("", tag="math")] == ["zy"]
+    assert [p.name for p in cat.search("a/", tag="geo")] == ["xy"]
+    assert cat.search("a/", tag="math") == []
+    assert cat.search("", base="other") == []

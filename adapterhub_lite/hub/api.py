@@ -20,6 +20,7 @@ from adapterhub_lite.bundles.naming import check_name
 from adapterhub_lite.bundles.signing import SIGNATURES_FILE
 from adapterhub_lite.errors import ErrorKind, RegistryError
 from adapterhub_lite.hub.access import Caller, not_found
+from adapterhub_lite.hub.app import MAX_RESULTS
 from adapterhub_lite.hub.tokens import HubError
 
 
@@ -160,14 +161,29 @@ async def manifest(request: Request) -> Response:
     return Response((d / MANIFEST_FILE).read_bytes(), media_type="application/json")
 
 
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = _param(request, name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise HubError(
+            f"query parameter {name!r} must be an integer from {low} to {high}", kind=ErrorKind.INVALID
+        )
+    return int(raw)
+
+
 async def search(request: Request) -> Response:
+    """Matches as a JSON list, one page of them (`limit`, `offset`); `x-total-count` says how many."""
     hub, caller = _hub(request), request.state.caller
     q, base, tag = _param(request, "q") or "", _param(request, "base"), _param(request, "tag")
+    limit = _int_param(request, "limit", MAX_RESULTS, 1, MAX_RESULTS)
+    offset = _int_param(request, "offset", 0, 0, 10**9)
     if caller.token is None:  # in memory only: no worker thread needed
-        rows = hub.search(caller, q, base, tag)
+        rows, total = hub.search(caller, q, base, tag, limit, offset)
     else:  # a token's view may ask the registry about shares
-        rows = await run_in_threadpool(hub.search, caller, q, base, tag)
-    return JSONResponse([hub.catalog.as_dict(p) for p in rows])
+        rows, total = await run_in_threadpool(hub.search, caller, q, base, tag, limit, offset)
+    body = b"[" + b",".join(hub.catalog.as_json(p) for p in rows) + b"]"
+    return Response(body, media_type="application/json", headers={"x-total-count": str(total)})
 
 
 async def versions(request: Request) -> Response:

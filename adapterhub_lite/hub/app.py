@@ -69,7 +69,7 @@ class Hub:
         )
         self.cache = BundleCache(config.state_dir / "bundles", config.cache_bytes)
         self.publish_slots = anyio.Semaphore(config.concurrent_publishes)
-        self.catalog = Catalog(lambda: self.versions(None))
+        self.catalog = Catalog(lambda: self.versions(None), changed=_change_probe(registry))
 
     @staticmethod
     def parse_ref(ref: str) -> Ref:
@@ -88,8 +88,21 @@ class Hub:
         # `versions` is the registry's name for it from now on; `list` before its rename landed.
         return reg.versions(namespace) if hasattr(reg, "versions") else reg.list(namespace)
 
-    def search(self, caller: Caller, q: str, base: str | None, tag: str | None) -> list:
-        return caller.visible(self.registry, self.catalog.search(q, base=base, tag=tag))[:MAX_RESULTS]
+    def search(
+        self,
+        caller: Caller,
+        q: str,
+        base: str | None,
+        tag: str | None,
+        limit: int = MAX_RESULTS,
+        offset: int = 0,
+    ) -> tuple[list, int]:
+        """One page of what `caller` may see among the matches, and how many matches there are."""
+        if caller.token is None:  # anonymous: the public snapshot needs no filtering
+            rows = self.catalog.search(q, base=base, tag=tag, public_only=True)
+        else:
+            rows = caller.visible(self.registry, self.catalog.search(q, base=base, tag=tag))
+        return rows[offset : offset + min(limit, MAX_RESULTS)], len(rows)
 
     def manifest_of(self, ref: str, bundle_dir: Path) -> Manifest:
         return parse_manifest((bundle_dir / MANIFEST_FILE).read_bytes(), f"{ref}:{MANIFEST_FILE}")
@@ -105,6 +118,17 @@ class Hub:
         self.cache.adopt(bundle, published.digest)
         self.catalog.refresh()
         return published, bundle
+
+
+def _change_probe(registry: Any) -> Any:
+    """The registry index's "did anything change?" probe, when it has one (a local `Registry`)."""
+    db = getattr(getattr(registry, "index", None), "db", None)
+    if db is None:
+        return None
+    from adapterhub_lite.db import ChangeFeed
+    from adapterhub_lite.registry.index import CHANGES_CHANNEL
+
+    return ChangeFeed(db, CHANGES_CHANNEL).version
 
 
 def error_response(exc: AdapterHubError) -> JSONResponse:

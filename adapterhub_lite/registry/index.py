@@ -22,6 +22,7 @@ from adapterhub_lite.registry.faults import fault_point
 from adapterhub_lite.registry.records import Published, now
 
 INDEX_FILE = "index.sqlite"
+CHANGES_CHANNEL = "adapterhub_registry"  # notified by every write (for `db.ChangeFeed` readers)
 SCHEMA_VERSION = 1
 
 metadata = sa.MetaData()
@@ -149,6 +150,7 @@ class Index:
 
     def put_config(self, config: dict[str, Any]) -> None:
         with self.db.write() as con:
+            self.db.notify(con, CHANGES_CHANNEL)
             con.execute(sa.delete(meta).where(meta.c.key == "config"))
             con.execute(sa.insert(meta).values(key="config", value=json.dumps(config)))
 
@@ -163,6 +165,7 @@ class Index:
         its `name@version` (by an earlier or a concurrent publish: the caller decides)."""
         try:
             with self.db.write() as con:
+                self.db.notify(con, CHANGES_CHANNEL)
                 found = con.execute(
                     sa.select(_v.digest).where(_one_version(m.namespace, m.name, m.version))
                 ).scalar()
@@ -331,6 +334,7 @@ class Index:
     def set_yanked(self, ns: str, name: str, version: str, yanked: bool, reason: str) -> bool:
         """Flag or unflag a version; False if there is no such version."""
         with self.db.write() as con:
+            self.db.notify(con, CHANGES_CHANNEL)
             done = con.execute(
                 sa.update(versions)
                 .where(_one_version(ns, name, version))
@@ -347,6 +351,7 @@ class Index:
     def set_share(self, ns: str, name: str, grantee: str, shared: bool) -> bool:
         """Grant (or revoke) `grantee` read access to a package; False if the package does not exist."""
         with self.db.write() as con:
+            self.db.notify(con, CHANGES_CHANNEL)
             if not con.execute(sa.select(_p.name).where(_p.namespace == ns, _p.name == name)).first():
                 return False
             con.execute(
@@ -366,6 +371,7 @@ class Index:
     def set_public(self, ns: str, name: str, public: bool) -> bool:
         """Make a package public (or private); False if it does not exist."""
         with self.db.write() as con:
+            self.db.notify(con, CHANGES_CHANNEL)
             done = con.execute(
                 sa.update(packages).where(_p.namespace == ns, _p.name == name).values(public=int(public))
             )

@@ -39,6 +39,7 @@ from adapterhub_lite.registry.records import Published
 ENV_TOKEN = "ADAPTERHUB_TOKEN"
 TOKEN_FILE = "hub-tokens.json"
 _CHUNK = 1 << 22
+_PAGE = 500
 _PUBLISHED_FIELDS = {f.name for f in fields(Published)} - {"id"}
 
 
@@ -205,7 +206,15 @@ class RemoteRegistry:
     def search(
         self, text: str = "", base: str | None = None, tag: str | None = None
     ) -> builtins.list[Published]:
-        return [_published(d) for d in self._get("/api/v1/search", q=text, base=base, tag=tag)]
+        out: builtins.list[Published] = []
+        while True:  # every page (the hub answers at most `_PAGE` per request)
+            params = {"q": text, "base": base, "tag": tag, "limit": _PAGE, "offset": len(out)}
+            r = self._call("GET", "/api/v1/search", params={k: v for k, v in params.items() if v is not None})
+            page = [_published(d) for d in r.json()]
+            out += page
+            total = int(r.headers.get("x-total-count", len(out)))
+            if not page or len(out) >= total:
+                return out
 
     def versions(self, namespace: str | None = None) -> builtins.list[Published]:
         return [_published(d) for d in self._get("/api/v1/versions", namespace=namespace)]
