@@ -1,9 +1,9 @@
 """Files written as their bytes arrive (a pull's download, a hub's upload), hashed and value-scanned in
 the same pass, so that verification never reads them again.
 
-`FileIntake` hands every chunk to two worker threads: one hashes it (hashlib releases the GIL on large
-buffers), the other writes it and, for the weights, runs the value scan (numpy's dot releases it too),
-while the caller's thread goes back to receiving. What it establishes goes to `check_bundle` as
+`FileIntake` hands every chunk to worker threads, one per pass: one hashes it (hashlib releases the GIL
+on large buffers), one writes it, and for the weights one runs the value scan (numpy's dot releases it
+too), while the caller's thread goes back to receiving. What it establishes goes to `check_bundle` as
 `Precomputed`, which then skips its own read of those files; every check still runs on these values.
 """
 
@@ -37,9 +37,12 @@ class FileIntake:
         self.size = 0
         self._out = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed in finish/abort
         self._sha = hashlib.sha256()
-        self._hasher = ThreadPoolExecutor(1, thread_name_prefix="intake-hash")
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="intake-write")
-        self._pending: deque[tuple[Future, Future]] = deque()
+        # One thread per pass over the bytes (hash, write, value scan): each keeps its own order, and
+        # all three release the GIL for their large buffers.
+        self._pools = [
+            ThreadPoolExecutor(1, thread_name_prefix="intake") for _ in range(3 if scan_values else 2)
+        ]
+        self._pending: deque[list[Future]] = deque()
         self._head: bytearray | None = bytearray() if scan_values else None
         self._scan: ValueScan | None = None
         self._scanning = scan_values
@@ -47,8 +50,10 @@ class FileIntake:
 
     def write(self, chunk: bytes | memoryview) -> None:
         self.size += len(chunk)
-        hashed = self._hasher.submit(self._sha.update, chunk)
-        self._pending.append((hashed, self._writer.submit(self._put, chunk)))
+        jobs = [self._pools[0].submit(self._sha.update, chunk), self._pools[1].submit(self._put, chunk)]
+        if self._scanning:
+            jobs.append(self._pools[2].submit(self._check, chunk))
+        self._pending.append(jobs)
         while len(self._pending) > _MAX_PENDING:
             self._wait_oldest()
 
@@ -60,7 +65,9 @@ class FileIntake:
         view = memoryview(chunk)
         while view:
             view = view[self._out.write(view) :]
-        if self._scanning and self.values_error is None:
+
+    def _check(self, chunk: bytes | memoryview) -> None:
+        if self.values_error is None:
             try:
                 self._feed(chunk)
             except BundleError as exc:
@@ -106,14 +113,14 @@ class FileIntake:
 
     def abort(self) -> None:
         """Stop (after the chunks in flight) and close; the caller removes the file."""
-        for pair in self._pending:
-            for f in pair:
+        for jobs in self._pending:
+            for f in jobs:
                 f.cancel()
         self._close()
 
     def _close(self) -> None:
-        self._hasher.shutdown(wait=True)
-        self._writer.shutdown(wait=True)
+        for pool in self._pools:
+            pool.shutdown(wait=True)
         self._out.close()
 
 
