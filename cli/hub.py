@@ -43,6 +43,10 @@ def register(app: typer.Typer) -> None:
         host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
         state: StateOpt = None,
         tokens_db: TokensDbOpt = None,
+        base: Annotated[
+            list[str] | None,
+            typer.Option(help="a base model this hub serves (repeatable): its publishes are shape-checked"),
+        ] = None,
         max_upload: Annotated[int | None, typer.Option(help="largest accepted upload, bytes")] = None,
         public_url: Annotated[str, typer.Option(help="URL shown in the catalog's commands")] = "",
     ) -> None:
@@ -56,6 +60,7 @@ def register(app: typer.Typer) -> None:
             port=port,
             state_dir=state,
             tokens_db=tokens_db,
+            bases=list(base or []),
             max_upload=max_upload,
             public_url=public_url,
         )

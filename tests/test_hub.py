@@ -469,3 +469,50 @@ def test_catalog_matches_within_one_adapter_only():
     assert [p.name for p in cat.search("a/", tag="geo")] == ["xy"]
     assert cat.search("a/", tag="math") == []
     assert cat.search("", base="other") == []
+
+
+def test_publish_records_the_bases_it_checked_against(tmp_path, bundles, tiny_base, other_base):
+    from adapterhub_lite.base import fingerprint
+    from adapterhub_lite.registry import Registry
+
+    fp = fingerprint(tiny_base)
+    reg = Registry.open(tmp_path / "local")
+    assert reg.publish(bundles["1.0.0"], base_dir=tiny_base).checked_bases == (fp,)
+    assert reg.publish(bundles["globex"]).checked_bases == ()  # no base known: nothing checked
+    with pytest.raises(RegistryError) as e:
+        reg.publish(bundles["1.1.0"], base_dir=other_base)
+    assert e.value.kind == ErrorKind.INVALID and "not on this base" in e.value.message
+    with pytest.raises(RegistryError):
+        reg.resolve("acme/geo@1.1.0")  # nothing visible
+    runner = CliRunner()
+    shown = runner.invoke(
+        cli_app, ["show", "acme/geo@1.0.0", "--registry", str(tmp_path / "local"), "--json"]
+    )
+    assert json.loads(shown.output)["checked_bases"] == [fp]
+    text = runner.invoke(cli_app, ["show", "globex/bot@1.0.0", "--registry", str(tmp_path / "local")]).output
+    assert "against no base at publish" in text
+
+    # A hub checks publishes for the bases it serves and says so in the API and on the page.
+    with running_hub(tmp_path / "hubreg", bases={fp: tiny_base}) as h:
+        p = h.client("acme", "publish").publish(bundles["1.0.0"])
+        assert p.checked_bases == (fp,)
+        h.client("acme", "publish").set_public("acme/geo")
+        assert h.get("/api/v1/resolve", params={"ref": "acme/geo@1.0.0"}).json()["checked_bases"] == [fp]
+        page = h.get("/acme/geo").text
+        assert f"against base <code>{fp}</code>" in page
+
+
+def test_an_index_from_before_checked_bases_is_upgraded(tmp_path, bundles):
+    from adapterhub_lite.registry import Registry
+
+    Registry.open(tmp_path / "reg").publish(bundles["globex"])
+    index = next((tmp_path / "reg").rglob("index.sqlite"))
+    con = sqlite3.connect(index)
+    con.execute("ALTER TABLE versions DROP COLUMN checked_bases")
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    assert Registry.open(tmp_path / "reg").resolve("globex/bot@1.0.0").checked_bases == ()
+    con = sqlite3.connect(index)
+    assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    con.close()

@@ -20,6 +20,7 @@ __all__ = [
     "TokenInfo",
     "TokenStore",
     "create_app",
+    "known_bases",
     "serve",
     "state_dir_for",
     "token_store",
@@ -51,6 +52,17 @@ def token_store(
     return TokenStore(location or _state_dir(registry_location, state_dir) / TOKENS_FILE)
 
 
+def known_bases(dirs: list[str | Path]) -> dict[str, Path]:
+    """fingerprint -> directory of each base model directory (for `HubConfig.bases`)."""
+    from adapterhub_lite.base import fingerprint, resolve_base_dir
+
+    out = {}
+    for d in dirs:
+        path = resolve_base_dir(d)
+        out[fingerprint(path)] = Path(path)
+    return out
+
+
 def serve(
     registry_location: str | Path,
     *,
@@ -58,6 +70,7 @@ def serve(
     port: int = 8000,
     state_dir: str | Path | None = None,
     tokens_db: str | None = None,
+    bases: list[str | Path] | None = None,
     max_upload: int | None = None,
     public_url: str = "",
     log_level: str = "warning",
@@ -70,7 +83,10 @@ def serve(
     state = _state_dir(registry_location, state_dir)
     registry = Registry.open(registry_location)
     config = HubConfig(
-        state_dir=state, public_url=public_url, tokens_db=tokens_db or os.environ.get(ENV_TOKENS_DB)
+        state_dir=state,
+        public_url=public_url,
+        tokens_db=tokens_db or os.environ.get(ENV_TOKENS_DB),
+        bases=known_bases(bases or []),
     )
     if max_upload is not None:
         config.max_upload = max_upload

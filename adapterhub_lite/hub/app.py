@@ -52,6 +52,9 @@ class HubConfig:
     # vLLM's own validator on every publish (None: when vLLM is importable, as `verify` does).
     vllm_check: bool | None = None
     public_url: str = ""
+    # Bases this hub serves (fingerprint -> directory): a publish for one of them is shape-checked
+    # against it, and the version records the fingerprint.
+    bases: dict[str, Path] = field(default_factory=dict)
     # The token store's database (a path or URL); None: `tokens.sqlite` in `state_dir`.
     tokens_db: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -114,7 +117,7 @@ class Hub:
         def authorize(namespace: str) -> None:
             caller.require_write(self.registry, namespace)
 
-        published, bundle = self.uploads.publish(self.registry, staged, authorize)
+        published, bundle = self.uploads.publish(self.registry, staged, authorize, self.config.bases)
         self.cache.adopt(bundle, published.digest)
         self.catalog.refresh()
         return published, bundle

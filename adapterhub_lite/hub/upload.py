@@ -116,16 +116,23 @@ class Uploads:
             shutil.rmtree(folder, ignore_errors=True)
             raise
 
-    def publish(self, registry: Any, staged: Staged, authorize: Callable[[str], None]) -> tuple[Any, Path]:
+    def publish(
+        self,
+        registry: Any,
+        staged: Staged,
+        authorize: Callable[[str], None],
+        bases: dict[str, Path] | None = None,
+    ) -> tuple[Any, Path]:
         """Check the caller may publish under the manifest's namespace (`authorize`), check with vLLM,
         publish (blocking; the registry takes the files by hard link); return (Published, the verified
         bundle directory). The caller owns the returned directory (the hub keeps it as its serving copy).
+        `bases`: the hub's bases (fingerprint -> directory); the one the bundle names checks its shapes.
         """
         bundle = staged.folder
         try:
             authorize(_namespace(bundle))
             _vllm_check(bundle, self.vllm_check)
-            published = registry.publish(bundle, precomputed=staged.precomputed, owned=True)
+            published = registry.publish(bundle, precomputed=staged.precomputed, owned=True, bases=bases)
         except AdapterHubError as exc:
             shutil.rmtree(bundle, ignore_errors=True)
             # The temp names mean nothing to the client: say "upload" instead.

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapterhub_lite.bundles import archive as _archive
-from adapterhub_lite.bundles.manifest import Manifest
+from adapterhub_lite.bundles.manifest import MANIFEST_FILE, Manifest, parse_manifest
 from adapterhub_lite.bundles.signing import SIGNATURES_FILE
 from adapterhub_lite.bundles.verify import Precomputed, check_bundle
 from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError
@@ -31,9 +32,11 @@ def publish(
     *,
     precomputed: Precomputed | None = None,
     owned: bool = False,
+    base_dir: Path | None = None,
+    bases: Mapping[str, Path] | None = None,
 ) -> Published:
     """Verify and publish a bundle (directory or archive); idempotent for identical content
-    (`precomputed` and `owned`: see `Registry.publish`)."""
+    (`precomputed`, `owned`, `base_dir` and `bases`: see `Registry.publish`)."""
     try:
         with tempfile.TemporaryDirectory(prefix="adapterhub-publish-") as td:
             try:
@@ -43,8 +46,11 @@ def publish(
                     shown_as = str(bundle_path)  # errors name `bundle.tar:member`, not the temp folder
                 else:
                     bundle_dir = bundle_path
+                base = _base_for(bundle_dir, base_dir, bases)
                 result = check_bundle(
                     bundle_dir,
+                    base_dir=base[0] if base else None,
+                    base_fingerprint=base[1] if base else None,
                     trusted_keys=reg.trusted_keys,
                     vllm_check=False,
                     shown_as=shown_as,
@@ -55,13 +61,32 @@ def publish(
                     f"refusing to publish {bundle_path}: {exc.message}", hint=exc.hint, kind=exc.kind
                 ) from None
             link = owned and bundle_path.is_dir()
-            return store_verified(reg, bundle_dir, result.manifest, progress, link=link)
+            checked = (result.base_checked,) if result.base_checked else ()
+            return store_verified(
+                reg, bundle_dir, result.manifest, progress, link=link, checked_bases=checked
+            )
     except OSError as exc:
         raise RegistryError(
             f"cannot publish {bundle_path}: {exc}",
             hint="check the paths, permissions and free space of the blob store",
             kind=ErrorKind.INTERNAL,
         ) from None
+
+
+def _base_for(
+    bundle_dir: Path, base_dir: Path | None, bases: Mapping[str, Path] | None
+) -> tuple[Path, str | None] | None:
+    """The base to shape-check against: `base_dir` if given (a bundle for another base is refused),
+    else the known base (`bases`: fingerprint -> directory) whose fingerprint the manifest names."""
+    if base_dir is not None:
+        return Path(base_dir), None  # check_bundle fingerprints it and refuses a mismatch
+    if not bases:
+        return None
+    try:
+        fp = parse_manifest((bundle_dir / MANIFEST_FILE).read_bytes(), MANIFEST_FILE).base.fingerprint
+    except (OSError, BundleError):
+        return None  # check_bundle names what is wrong with the manifest
+    return (Path(bases[fp]), fp) if fp in bases else None
 
 
 def immutable_error(m: Manifest, existing: str) -> RegistryError:
@@ -73,7 +98,12 @@ def immutable_error(m: Manifest, existing: str) -> RegistryError:
 
 
 def store_verified(
-    reg: Registry, bundle_dir: Path, m: Manifest, progress: bool = False, link: bool = False
+    reg: Registry,
+    bundle_dir: Path,
+    m: Manifest,
+    progress: bool = False,
+    link: bool = False,
+    checked_bases: tuple[str, ...] = (),
 ) -> Published:
     """Store a bundle whose manifest `m` was already verified and make it visible (the second half of
     `publish`; tests call it directly to plant content that publish's checks would refuse). `link`:
@@ -97,7 +127,7 @@ def store_verified(
         manifest_sha = reg.blobs.put_bytes(manifest_bytes)
         sig_sha = reg.blobs.put_bytes(sig_bytes) if sig_bytes is not None else None
     fault_point("blobs-stored")
-    found = reg.index.add_version(m, manifest_sha, sig_sha, total)
+    found = reg.index.add_version(m, manifest_sha, sig_sha, total, checked_bases)
     if found is not None and found != m.digest:
         raise immutable_error(m, found)  # lost the race to another content
     fault_point("committed")

@@ -3,7 +3,7 @@ publish, pull, access and check modules. Open one with `open_registry` (or `Regi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,8 @@ class Registry:
         progress: bool = False,
         precomputed: Precomputed | None = None,
         owned: bool = False,
+        base_dir: str | Path | None = None,
+        bases: Mapping[str, Path] | None = None,
     ) -> Published:
         """Verify and publish a bundle (directory or archive); idempotent for identical content.
 
@@ -78,8 +80,19 @@ class Registry:
         value scan taken while the files were written) spares verification a second read; `owned`
         says the directory is the caller's private, fsynced copy that nobody modifies any more (the
         hub's upload), so a local blob store takes its files by hard link instead of copying them.
+        The weights are shape-checked against a base, and the version records its fingerprint
+        (`checked_bases`): `base_dir` (a bundle for another base is refused), or the one of `bases`
+        (fingerprint -> base directory, the bases a hub serves) the bundle names.
         """
-        return _publish.publish(self, Path(bundle_path), progress, precomputed=precomputed, owned=owned)
+        return _publish.publish(
+            self,
+            Path(bundle_path),
+            progress,
+            precomputed=precomputed,
+            owned=owned,
+            base_dir=Path(base_dir) if base_dir is not None else None,
+            bases=bases,
+        )
 
     def pull(
         self,

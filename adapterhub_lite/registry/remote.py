@@ -96,6 +96,7 @@ def _check_ref(ref: str) -> None:
 def _published(d: dict[str, Any]) -> Published:
     kw = {k: v for k, v in d.items() if k in _PUBLISHED_FIELDS}
     kw["tags"] = tuple(kw.get("tags") or ())
+    kw["checked_bases"] = tuple(kw.get("checked_bases") or ())
     return Published(**kw)
 
 
