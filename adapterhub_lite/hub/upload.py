@@ -28,7 +28,7 @@ from adapterhub_lite.hub.tokens import HubError
 from adapterhub_lite.hub.unpack import StreamUnpacker
 
 DEFAULT_MAX_UPLOAD = 2 * 1024**3
-_BATCH = 4 << 20
+_BATCH = 1 << 20  # handed to the unpacker's threads while still in cache (see registry/remote.py)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,9 @@ from adapterhub_lite.registry.records import Published
 
 ENV_TOKEN = "ADAPTERHUB_TOKEN"
 TOKEN_FILE = "hub-tokens.json"
-_CHUNK = 1 << 22
+# 1 MiB: each chunk is hashed, written and value-scanned by three threads while it is still in their
+# caches (4 MiB chunks, several in flight, measured slower: benchmarks/hub_bench.py).
+_CHUNK = 1 << 20
 _PAGE = 500
 _PUBLISHED_FIELDS = {f.name for f in fields(Published)} - {"id"}
 
