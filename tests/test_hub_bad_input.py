@@ -102,8 +102,12 @@ def test_oversized_upload_is_refused_and_leaves_nothing(hub, tmp_path):
     r = _put(hub, b"\0" * (MAX_UPLOAD + 1), hub.token("acme", "publish"))
     assert r.status_code == 422 and "over this hub's limit" in r.json()["error"]["message"]
 
-    # Without a Content-Length (chunked), the limit holds while streaming.
+    # Without a Content-Length (chunked), the limit holds while streaming: an archive whose first
+    # entry claims more bytes than the limit is unpacked until the limit, then refused.
+    from adapterhub_lite.bundles.archive import canonical_header
+
     def chunks():
+        yield canonical_header("adapter_model.safetensors", 64 * MAX_UPLOAD)
         for _ in range(MAX_UPLOAD // 65536 + 2):
             yield b"\0" * 65536
 
