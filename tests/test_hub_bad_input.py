@@ -259,3 +259,63 @@ def test_stalled_upload_times_out(hub, archives):
         answer = s.recv(4096).decode(errors="replace")
     assert answer.startswith("HTTP/1.1 422") and "upload stalled" in answer
     assert _wait_no_uploads(hub) == [] and _nothing_published(hub)
+
+
+@pytest.mark.parametrize("piece", [1, 511, 513, 65536, 10**9])
+def test_streamed_archive_unpacks_the_same_in_any_pieces(bundles_for_unpack, tmp_path, piece):
+    """The upload's streaming reader gives the files and hashes the archive holds, however the bytes
+    arrive, and refuses what `scan_archive` refuses (bytes after the end marker, truncation, padding)."""
+    import hashlib
+
+    from adapterhub_lite.bundles.archive import scan_archive
+    from adapterhub_lite.errors import BundleError
+    from adapterhub_lite.hub.unpack import StreamUnpacker
+
+    archive = bundles_for_unpack
+    data = archive.read_bytes()
+
+    def unpack(blob: bytes, dest):
+        u = StreamUnpacker(dest)
+        try:
+            for i in range(0, len(blob), piece):
+                u.feed(blob[i : i + piece])
+            return u.finish()
+        finally:
+            u.abort()
+
+    done = unpack(data, tmp_path / "ok")
+    names = [e.name for e in scan_archive(archive)]
+    assert sorted(done.sha256) == names
+    for name in names:
+        body = (tmp_path / "ok" / name).read_bytes()
+        assert hashlib.sha256(body).hexdigest() == done.sha256[name]
+    assert done.weights_values is not None and not isinstance(done.weights_values, BundleError)
+    for bad, what in (
+        (data + b"\0" * 512 + b"x", "after the end-of-archive marker"),
+        (data[:-700], "truncated archive"),
+        (data[:-1024], "truncated archive"),
+    ):
+        with pytest.raises(BundleError, match=what):
+            unpack(bad, tmp_path / f"bad{len(bad)}")
+    first = scan_archive(archive)[0]
+    pad_at = first.offset + first.size
+    if first.size % 512:
+        broken = data[:pad_at] + b"x" + data[pad_at + 1 :]
+        with pytest.raises(BundleError, match="non-zero padding"):
+            unpack(broken, tmp_path / "pad")
+
+
+@pytest.fixture(scope="module")
+def bundles_for_unpack(lora_dir, tiny_base, tmp_path_factory):
+    from adapterhub_lite.bundles import pack_bundle
+
+    return pack_bundle(
+        lora_dir,
+        tmp_path_factory.mktemp("unpack") / "b.tar",
+        namespace="acme",
+        name="unpack",
+        version="1.0.0",
+        base_dir=tiny_base,
+        archive=True,
+        vllm_check=False,
+    )
