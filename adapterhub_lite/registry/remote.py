@@ -28,63 +28,34 @@ from adapterhub_lite.bundles.archive import write_archive
 from adapterhub_lite.bundles.compat import WEIGHTS_FILE
 from adapterhub_lite.bundles.manifest import MANIFEST_FILE, Manifest, parse_manifest
 from adapterhub_lite.bundles.naming import parse_ref
-from adapterhub_lite.bundles.signing import PublicKeyLike, config_dir, load_public_keys
+from adapterhub_lite.bundles.signing import PublicKeyLike, load_public_keys
 from adapterhub_lite.bundles.values import ValueReport
 from adapterhub_lite.bundles.verify import check_bundle
 from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError
+from adapterhub_lite.registry.credentials import ENV_TOKEN, TOKEN_FILE, load_token, save_token, token_path
 from adapterhub_lite.registry.intake import FileIntake, precomputed
 from adapterhub_lite.registry.pull import existing_copy
 from adapterhub_lite.registry.records import Published
 
-ENV_TOKEN = "ADAPTERHUB_TOKEN"
-TOKEN_FILE = "hub-tokens.json"
 # 1 MiB: each chunk is hashed, written and value-scanned by three threads while it is still in their
 # caches (4 MiB chunks, several in flight, measured slower: benchmarks/hub_bench.py).
 _CHUNK = 1 << 20
 _PAGE = 500
 _PUBLISHED_FIELDS = {f.name for f in fields(Published)} - {"id"}
+# The token helpers moved to `credentials`; importing them from here keeps working.
+__all__ = [
+    "ENV_TOKEN",
+    "TOKEN_FILE",
+    "RemoteRegistry",
+    "is_hub_url",
+    "load_token",
+    "save_token",
+    "token_path",
+]
 
 
 def is_hub_url(location: object) -> bool:
     return isinstance(location, str) and location.startswith(("http://", "https://"))
-
-
-def token_path() -> Path:
-    return config_dir() / TOKEN_FILE
-
-
-def save_token(token: str, hub: str | None = None) -> Path:
-    """Store a token for `hub` (or for every hub) in a file only its owner can read."""
-    path = token_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    data: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except ValueError:
-            data = {}
-    if hub:
-        data.setdefault("hubs", {})[hub.rstrip("/")] = token
-    else:
-        data["default"] = token
-    fd = os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(f"{path}.tmp", path)
-    return path
-
-
-def load_token(hub: str) -> str | None:
-    if os.environ.get(ENV_TOKEN):
-        return os.environ[ENV_TOKEN].strip()
-    path = token_path()
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return (data.get("hubs") or {}).get(hub.rstrip("/")) or data.get("default")
 
 
 def _check_ref(ref: str) -> None:
