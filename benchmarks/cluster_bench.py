@@ -46,6 +46,7 @@ from adapterhub_lite.serving import ServeOptions, TenantStore  # noqa: E402
 from adapterhub_lite.serving.launcher import free_port  # noqa: E402
 
 PROMPT = [5, 120, 240, 360, 480, 600]
+LABELS = {"affinity": "2, affinity", "round_robin": "2, Ray default", "one_replica": "1 replica"}
 _LOADS = re.compile(r"^adapterhub_adapter_loads_total\{[^}]*\}\s+([0-9.e+]+)$", re.M)
 
 
@@ -66,6 +67,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-one-replica", action="store_true", help="leave out run (c)")
+    p.add_argument(
+        "--modes",
+        default="affinity,round_robin,one_replica",
+        help="which of the runs (a) affinity, (b) round_robin, (c) one_replica to make",
+    )
+    p.add_argument(
+        "--split-cores",
+        action="store_true",
+        help="give each replica's vLLM cores of its own (cpus // replicas each; default: every "
+        "replica's OpenMP threads bind to every core)",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cluster.json"))
     return p.parse_args()
 
@@ -226,6 +238,7 @@ def run_mode(world: dict, root: Path, mix: list[str], replicas: int, affinity: b
         affinity=affinity,
         port=free_port(),
         state_dir=str(root / f"state-{replicas}-{affinity}"),
+        cores_per_replica=max(1, len(os.sched_getaffinity(0)) // replicas) if ARGS.split_cores else None,
     )
     label = f"{replicas} replica(s), {'affinity' if affinity else 'no affinity'}"
     print(f"[{label}] starting ...", flush=True)
@@ -246,24 +259,30 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = results["runs"]
-    names = list(runs)
+    names = [LABELS.get(n, n) for n in runs]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    axes[0].bar(names, [runs[n]["adapter_loads"] for n in names], color="#4c72b0")
+    axes[0].bar(names, [r["adapter_loads"] for r in runs.values()], color="#4c72b0")
     axes[0].set_title("adapter loads (lower is better)")
     x = np.arange(len(names))
-    axes[1].bar(x - 0.2, [runs[n]["latency_p50_s"] for n in names], 0.4, label="p50")
-    axes[1].bar(x + 0.2, [runs[n]["latency_p99_s"] for n in names], 0.4, label="p99")
+    axes[1].bar(x - 0.2, [r["latency_p50_s"] for r in runs.values()], 0.4, label="p50")
+    axes[1].bar(x + 0.2, [r["latency_p99_s"] for r in runs.values()], 0.4, label="p99")
     axes[1].set_xticks(x, names)
     axes[1].set_title("latency per request (s)")
     axes[1].legend()
-    axes[2].bar(names, [runs[n]["tokens_per_s"] for n in names], color="#55a868")
+    axes[2].bar(names, [r["tokens_per_s"] for r in runs.values()], color="#55a868")
     axes[2].set_title("completion tokens/s")
     for ax in axes:
         ax.tick_params(axis="x", labelrotation=15)
+    ratios = []
+    if results["affinity_over_round_robin_loads"] is not None:
+        ratios.append(f"affinity/round-robin loads = {results['affinity_over_round_robin_loads']:.2f}")
+    if results["two_over_one_replica_throughput"] is not None:
+        ratios.append(f"2/1 replicas throughput = {results['two_over_one_replica_throughput']:.2f}")
+    cores = "cores split between replicas" if results["config"].get("split_cores") else "cores shared"
     fig.suptitle(
         f"{results['config']['tenants']} tenants, Zipf({results['config']['zipf']}), "
-        f"hot set {results['config']['hot_set']} per replica; "
-        f"affinity/round-robin loads = {results['affinity_over_round_robin_loads']:.2f}"
+        f"hot set {results['config']['hot_set']} per replica, {results['machine']['cpus']} {cores}; "
+        + "; ".join(ratios)
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -275,24 +294,36 @@ def main() -> None:
     print(f"building {ARGS.tenants} tenants' adapters in {root} ...", flush=True)
     world = make_world(root, ARGS.tenants)
     mix = zipf_mix(ARGS.requests, ARGS.tenants, ARGS.zipf, ARGS.seed)
-    runs = {
-        "affinity": run_mode(world, root, mix, ARGS.replicas, True, promote=True),
-        "round_robin": run_mode(world, root, mix, ARGS.replicas, False, promote=False),
-    }
-    if not ARGS.skip_one_replica:
+    modes = ARGS.modes.split(",")
+    if ARGS.skip_one_replica and "one_replica" in modes:
+        modes.remove("one_replica")
+    runs = {}
+    if "affinity" in modes:
+        runs["affinity"] = run_mode(world, root, mix, ARGS.replicas, True, promote=True)
+    if "round_robin" in modes:
+        runs["round_robin"] = run_mode(world, root, mix, ARGS.replicas, False, promote=False)
+    if "one_replica" in modes:
         runs["one_replica"] = run_mode(world, root, mix, 1, True, promote=False)
-    rr = runs["round_robin"]["adapter_loads"]
+    rr = runs.get("round_robin", {}).get("adapter_loads")
+    both = "affinity" in runs and "one_replica" in runs
     results = {
-        "affinity_over_round_robin_loads": runs["affinity"]["adapter_loads"] / rr if rr else None,
-        "two_over_one_replica_throughput": (
-            runs["affinity"]["tokens_per_s"] / runs["one_replica"]["tokens_per_s"]
-            if "one_replica" in runs
-            else None
+        "affinity_over_round_robin_loads": (
+            runs["affinity"]["adapter_loads"] / rr if rr and "affinity" in runs else None
         ),
-        "promote_visible_max_s": runs["affinity"]["promote_visible"]["max_s"],
+        "two_over_one_replica_throughput": (
+            runs["affinity"]["tokens_per_s"] / runs["one_replica"]["tokens_per_s"] if both else None
+        ),
+        "promote_visible_max_s": runs.get("affinity", {}).get("promote_visible", {}).get("max_s"),
         "config": {**vars(ARGS), "round_robin_means": "Ray Serve's default routing (power of two choices)"},
+        "command": " ".join(["benchmarks/cluster_bench.py", *sys.argv[1:]]),
         "machine": {
+            "note": (
+                "one machine: every replica, the ingress and the clients share its cores, so 2-vs-1 "
+                "throughput is bounded by the cores, not by the replicas; a shared machine, held alone "
+                "for this run (other engineers' light work went on)"
+            ),
             "cpus": os.cpu_count(),
+            "load_avg_at_start": LOAD_AT_START,
             "platform": platform.platform(),
             "load_avg_at_end": os.getloadavg(),
         },
@@ -303,10 +334,12 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
     print(f"affinity/round-robin adapter loads: {results['affinity_over_round_robin_loads']}")
+    print(f"2 replicas / 1 replica throughput: {results['two_over_one_replica_throughput']}")
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 ARGS = parse_args()
+LOAD_AT_START = os.getloadavg()
 
 if __name__ == "__main__":
     main()

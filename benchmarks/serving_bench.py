@@ -17,7 +17,7 @@ Targets (`report["targets"]`, checked in `report["verdict"]`): 16 adapters >= 0.
 hot swap >= 30. `--max-loras` and `--max-cpu-loras` default to what `adapterhub serve` picks. Run with
 ADAPTERHUB_CPU_LORA_OPS=0 for vLLM's own CPU LoRA code on both servers.
 
-    .venv/bin/python benchmarks/serving_bench.py                 # full size (quiet machine: ~40 min)
+    .venv/bin/python benchmarks/serving_bench.py                 # full size: ~12 min (+5 to build fixtures)
     .venv/bin/python benchmarks/serving_bench.py --quick         # a short version that proves it runs
 
 Writes benchmarks/results/serving.json and serving.png.
@@ -76,7 +76,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-loras", type=int, default=defaults.max_loras, help="distinct adapters per batch")
-    p.add_argument("--max-cpu-loras", type=int, default=None, help="default: every adapter of the run")
+    p.add_argument("--max-cpu-loras", type=int, default=defaults.max_cpu_loras, help="adapters kept loaded")
     p.add_argument("--repeats", type=int, default=3, help="alternating rounds; medians reported")
     p.add_argument("--naive-tenants", type=int, default=16)
     p.add_argument("--naive-requests", type=int, default=12, help="0 skips the naive baseline")
@@ -97,26 +97,36 @@ def parse_args() -> argparse.Namespace:
 
 def median_phase(runs: list[dict]) -> dict:
     out = dict(runs[0])
-    for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "wall_s"):
-        out[k] = round(statistics.median(r[k] for r in runs), 1)
+    for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "wall_s", "running_mean", "waiting_mean"):
+        if all(k in r for r in runs):
+            out[k] = round(statistics.median(r[k] for r in runs), 1)
     out["runs"] = [r["tokens_per_s"] for r in runs]
     return out
 
 
+def paired_ratio(top: dict, bottom: dict) -> float:
+    """The median over rounds of top/bottom measured in the same round (a round runs both back to back,
+    so load that drifts between rounds cancels); phases with one run give the plain ratio."""
+    pairs = [a / b for a, b in zip(top["runs"], bottom["runs"], strict=False) if b]
+    return round(statistics.median(pairs), 3)
+
+
 def ratios_and_verdict(results: dict, counts: list[int], plain_at: list[int]) -> tuple[dict, dict]:
-    tps = {n: results["plugin"][str(n)]["tokens_per_s"] for n in counts}
+    plugin = {n: results["plugin"][str(n)] for n in counts}
     ratios: dict = {}
-    if 16 in tps:
-        ratios["plugin_16_over_base"] = round(tps[16] / results["base_plain"]["tokens_per_s"], 3)
-    if 64 in tps and 1 in tps:
-        ratios["plugin_64_over_plugin_1"] = round(tps[64] / tps[1], 3)
+    if 16 in plugin:
+        ratios["plugin_16_over_base"] = paired_ratio(plugin[16], results["base_plain"])
+    if 64 in plugin and 1 in plugin:
+        ratios["plugin_64_over_plugin_1"] = paired_ratio(plugin[64], plugin[1])
     for n in plain_at:
-        ratios[f"plugin_over_plain_{n}"] = round(tps[n] / results["plain"][str(n)]["tokens_per_s"], 3)
-    ratios["plugin_over_plain_base"] = round(
-        results["base_plugin"]["tokens_per_s"] / results["base_plain"]["tokens_per_s"], 3
-    )
-    if "naive" in results and 16 in tps:
-        ratios["plugin_16_over_naive_16"] = round(tps[16] / results["naive"]["tokens_per_s"], 2)
+        ratios[f"plugin_over_plain_{n}"] = paired_ratio(plugin[n], results["plain"][str(n)])
+    ratios["plugin_over_plain_base"] = paired_ratio(results["base_plugin"], results["base_plain"])
+    for n in counts:
+        ratios[f"plugin_{n}_over_base"] = paired_ratio(plugin[n], results["base_plain"])
+    if "naive" in results and 16 in plugin:
+        ratios["plugin_16_over_naive_16"] = round(
+            plugin[16]["tokens_per_s"] / results["naive"]["tokens_per_s"], 2
+        )
     if "hot_swap_s" in results:
         ratios["restart_over_hot_swap"] = round(results["restart_s"] / results["hot_swap_s"]["median"], 1)
     verdict = {}
@@ -143,7 +153,7 @@ def main() -> None:
 
     base, adapters, refs, swap_ref, store, keys = fixtures(args, work, n_adapters)
 
-    max_cpu_loras = args.max_cpu_loras or max(n_adapters + 1, args.max_loras)
+    max_cpu_loras = max(args.max_cpu_loras, args.max_loras)
     common = dict(
         base_dir=str(base),
         served_name="base",
@@ -183,24 +193,32 @@ def main() -> None:
             if plain_at:
                 run_phase(plain.url, [(None, f"a{i:03d}") for i in range(max(plain_at))], warm, seed=1)
 
+            admin = {plugin.url: plugin.admin_key}  # /metrics behind the middleware
             base_runs = {"plugin": [], "plain": []}
             per = {name: {n: [] for n in counts} for name in ("plugin", "plain")}
             for rep in range(args.repeats):
-                base_runs["plain"].append(run_phase(plain.url, [(None, "base")], args, seed=10 + rep))
-                base_runs["plugin"].append(run_phase(plugin.url, [(keys[0], "base")], args, seed=10 + rep))
+                # One round: the base on both servers, then every count on each. Odd rounds run it all
+                # backwards, so load that drifts during a round does not favour the phases run first.
+                order: list[tuple[str, object, str, list]] = [
+                    ("plain", "base", plain.url, [(None, "base")]),
+                    ("plugin", "base", plugin.url, [(keys[0], "base")]),
+                ]
                 for n in counts:
-                    order = [("plugin", plugin.url, [(k, "bot") for k in keys[:n]])]
+                    order.append(("plugin", n, plugin.url, [(k, "bot") for k in keys[:n]]))
                     if n in plain_at:
-                        order.append(("plain", plain.url, [(None, f"a{i:03d}") for i in range(n)]))
-                    if rep % 2:
-                        order.reverse()  # alternate who goes first, so drift does not favour one side
-                    for name, url, jobs in order:
-                        r = run_phase(url, jobs, args, seed=100 * n + rep)
-                        per[name][n].append(r)
-                        print(
-                            f"{name:>6} {n:>3} adapters: {r['tokens_per_s']:8.1f} tok/s  "
-                            f"TTFT p50 {r['ttft_p50_ms']:.0f} ms  p99 {r['ttft_p99_ms']:.0f} ms"
-                        )
+                        order.append(("plain", n, plain.url, [(None, f"a{i:03d}") for i in range(n)]))
+                if rep % 2:
+                    order.reverse()
+                for name, n, url, jobs in order:
+                    seed = 10 + rep if n == "base" else 100 * int(n) + rep
+                    r = run_phase(url, jobs, args, seed=seed, metrics_key=admin.get(url))
+                    (base_runs[name] if n == "base" else per[name][n]).append(r)
+                    what = "base model" if n == "base" else f"{n:>3} adapters"
+                    print(
+                        f"round {rep} {name:>6} {what}: {r['tokens_per_s']:8.1f} tok/s  "
+                        f"TTFT p50 {r['ttft_p50_ms']:.0f} ms  p99 {r['ttft_p99_ms']:.0f} ms",
+                        flush=True,
+                    )
             results["base_plain"] = median_phase(base_runs["plain"])
             results["base_plugin"] = median_phase(base_runs["plugin"])
             for name in ("plugin", "plain"):

@@ -112,8 +112,15 @@ def publish_all(base: Path, adapters: list[Path], work: Path) -> list[str]:
 # -- load generation -----------------------------------------------------------------------------------
 
 
-def run_phase(url: str, jobs: list[tuple[str | None, str]], args: argparse.Namespace, seed: int) -> dict:
-    """Send `args.requests` streamed completions, `concurrency` at a time; jobs rotate (key, model)."""
+def run_phase(
+    url: str,
+    jobs: list[tuple[str | None, str]],
+    args: argparse.Namespace,
+    seed: int,
+    metrics_key: str | None = None,
+) -> dict:
+    """Send `args.requests` streamed completions, `concurrency` at a time; jobs rotate (key, model).
+    `metrics_key`: the admin key, where /metrics sits behind adapterhub's middleware."""
     rng = random.Random(seed)
     prompts = [[rng.randrange(3, VOCAB_IDS) for _ in range(args.prompt_len)] for _ in range(args.requests)]
     lock = threading.Lock()
@@ -173,9 +180,11 @@ def run_phase(url: str, jobs: list[tuple[str | None, str]], args: argparse.Names
     threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
     for t in threads:
         t.start()
+    queue = QueueSampler(url, metrics_key)
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    queue.stop()
     if errors:
         raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0]}")
     ttfts.sort()
@@ -186,7 +195,55 @@ def run_phase(url: str, jobs: list[tuple[str | None, str]], args: argparse.Names
         "tokens_per_s": round(tokens[0] / wall, 1),
         "ttft_p50_ms": round(1000 * statistics.median(ttfts), 1),
         "ttft_p99_ms": round(1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))], 1),
+        **queue.summary(),
     }
+
+
+class QueueSampler:
+    """Samples vLLM's running and waiting request gauges from /metrics twice a second during a phase, so
+    a report shows whether batches were as large with adapters as without (a slot limit would show as
+    requests waiting). Best effort: a failed scrape is skipped, never fails the phase."""
+
+    GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+
+    def __init__(self, url: str, key: str | None = None, every: float = 0.5) -> None:
+        self.url, self.every = url, every
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.samples: dict[str, list[float]] = {g: [] for g in self.GAUGES}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            with httpx.Client(timeout=5) as client:
+                while not self._done.wait(self.every):
+                    try:
+                        text = client.get(self.url + "/metrics", headers=self.headers).text
+                    except httpx.HTTPError:
+                        continue
+                    for gauge in self.GAUGES:
+                        values = [
+                            float(line.rsplit(" ", 1)[1])
+                            for line in text.splitlines()
+                            if line.startswith(gauge + "{") or line.startswith(gauge + " ")
+                        ]
+                        if values:
+                            self.samples[gauge].append(sum(values))
+        except Exception:  # noqa: BLE001 - a diagnostic, never the measurement
+            return
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
+
+    def summary(self) -> dict:
+        out = {}
+        for gauge, key in zip(self.GAUGES, ("running_mean", "waiting_mean"), strict=True):
+            vals = self.samples[gauge]
+            if vals:
+                out[key] = round(statistics.mean(vals), 1)
+        return out
 
 
 def first_token_s(url: str, key: str | None, model: str, expect_model: str | None = None) -> float:

@@ -102,7 +102,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=128, help="requests per profiled phase")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--max-loras", type=int, default=8)
+    p.add_argument("--max-loras", type=int, default=ServeOptions(base_dir="").max_loras)
     p.add_argument("--rate", type=int, default=50, help="py-spy samples per second")
     p.add_argument("--tokenizer-from", default=None)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving_profile.json"))
@@ -221,12 +221,41 @@ def _table(report: dict, proc: str, buckets: list[str]) -> list[str]:
     return lines
 
 
+def weight_bytes(cfg: dict) -> dict:
+    """Bytes of weights a decode step must read (float32): the base's linear layers once, and each
+    distinct adapter's LoRA matrices once (rank x (in + out) per target module). A decode row is one
+    token, so with a row or two per adapter nothing amortises an adapter's read: this is the floor the
+    LoRA arithmetic cannot go under on a CPU whose decode step streams weights from memory."""
+    h, i, layers, r = cfg["hidden"], cfg["intermediate"], cfg["layers"], cfg["rank"]
+    shapes = [(h, h)] * 4 + [(h, i)] * 2 + [(i, h)]  # q, k, v, o, gate, up, down (kv heads = heads)
+    base = layers * sum(a * b for a, b in shapes) * 4
+    adapter = layers * sum(r * (a + b) for a, b in shapes) * 4
+    return {"base_linear_mb": round(base / 1e6, 1), "one_adapter_mb": round(adapter / 1e6, 2)}
+
+
+def floor_lines(report: dict) -> list[str]:
+    wb = weight_bytes(report["config"])
+    n = report["config"]["adapters"]
+    per = wb["one_adapter_mb"] / wb["base_linear_mb"]
+    return [
+        "",
+        "The floor (`weight_bytes`): a decode step reads the base's linear weights once "
+        f"({wb['base_linear_mb']} MB) and every distinct adapter's LoRA weights once "
+        f"({wb['one_adapter_mb']} MB each, {100 * per:.1f}% of the base); the FLOPs are {100 * per:.1f}% per "
+        f"token too, but a decode batch has a token or two per adapter, so the reads do not amortise. With "
+        f"{n} adapters in a batch that is {100 * n * per:.0f}% more bytes than the base's linear layers; at "
+        f"the bandwidth the base's GEMMs get, the LoRA arithmetic takes at least {n * per:.2f}x the base's "
+        f"linear-layer time, whatever the number of ops.",
+    ]
+
+
 def markdown(report: dict) -> str:
     phases = list(report["phases"])
     engine = [b for b, _ in ENGINE_BUCKETS] + ["idle (waiting for work)", "other"]
     lines = [
         f"Share of py-spy samples ({report['config']['rate']} Hz, wall clock, busiest thread per process; "
-        f"shared machine, load average {report['machine']['load_average_start_end']}). "
+        f"{'shared' if report['machine']['shared'] else 'machine held alone by the bench wrapper'}, "
+        f"load average {report['machine']['load_average_start_end']}). "
         f"`{cpu_lora_ops.ENV_SWITCH}={report['config'][cpu_lora_ops.ENV_SWITCH]} {report['command']}`.",
         "",
         "Throughput (tok/s): " + ", ".join(f"{p} {report['phases'][p]['tokens_per_s']}" for p in phases),
@@ -242,6 +271,7 @@ def markdown(report: dict) -> str:
         "API server (event loop thread):",
         "",
         *_table(report, "api_server", [b for b, _ in API_BUCKETS] + ["idle (waiting for work)", "other"]),
+        *floor_lines(report),
     ]
     return "\n".join(lines) + "\n"
 
@@ -311,7 +341,7 @@ def main() -> None:
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
-            "shared": True,
+            "shared": os.environ.get("ADAPTERHUB_BENCH_QUIET") != "1",
             "load_average_start_end": [load_start, round(os.getloadavg()[0], 2)],
         },
         "config": {

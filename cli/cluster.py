@@ -43,6 +43,10 @@ def up(
     admin_key: Annotated[
         str | None, typer.Option(envvar="ADAPTERHUB_ADMIN_KEY", help="admin key for every replica")
     ] = None,
+    cores_per_replica: Annotated[
+        int | None,
+        typer.Option(help="pin each replica's vLLM to this many cores of its own (default: all cores)"),
+    ] = None,
 ) -> None:
     """Start N replicas and the ingress; Ctrl-C stops them all."""
     from adapterhub_lite.cluster.launch import Cluster, ClusterOptions, quiet_ray_env, run_until_stopped
@@ -64,7 +68,13 @@ def up(
     )
     quiet_ray_env()
     opts = ClusterOptions(
-        serve=serve, replicas=replicas, affinity=affinity, ray_address=ray_address, host=host, port=port
+        serve=serve,
+        replicas=replicas,
+        affinity=affinity,
+        ray_address=ray_address,
+        host=host,
+        port=port,
+        cores_per_replica=cores_per_replica,
     )
     cluster = Cluster(opts)
     typer.echo(f"starting {replicas} replicas under Ray Serve (each loads the model: minutes on a CPU) ...")

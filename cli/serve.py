@@ -25,9 +25,13 @@ def register(app: typer.Typer) -> None:
         ] = None,
         host: Annotated[str, typer.Option(help="address to listen on")] = _D.host,
         port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
-        max_loras: Annotated[int, typer.Option(help="distinct adapters in one batch")] = _D.max_loras,
+        max_loras: Annotated[
+            int | None, typer.Option(help="distinct adapters in one batch (default: 32 on CPU, 4 on GPU)")
+        ] = None,
         max_lora_rank: Annotated[int, typer.Option(help="largest adapter rank served")] = _D.max_lora_rank,
-        max_cpu_loras: Annotated[int, typer.Option(help="adapters vLLM keeps in memory")] = _D.max_cpu_loras,
+        max_cpu_loras: Annotated[
+            int | None, typer.Option(help="adapters vLLM keeps in memory (default: 64 on CPU, 8 on GPU)")
+        ] = None,
         max_loaded: Annotated[
             int | None, typer.Option(help="hot set: adapters kept loaded (default: --max-cpu-loras)")
         ] = _C.max_loaded,

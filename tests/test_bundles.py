@@ -366,6 +366,17 @@ def test_invalid_names_and_versions(lora_dir, tiny_base, tmp_path, field, value)
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("field,value", [("name", "a/b"), ("version", "1/0.0"), ("tags", ["Bad Tag"])])
+def test_a_manifest_with_a_bad_name_version_or_tag_is_one_line(bundle, field, value):
+    from adapterhub_lite.bundles.manifest import parse_manifest
+
+    raw = json.loads((bundle / "manifest.json").read_bytes())
+    raw[field] = value
+    with pytest.raises(BundleError, match=f"invalid manifest: {field}.*invalid") as info:
+        parse_manifest(json.dumps(raw).encode(), require_canonical=False)
+    assert "\n" not in info.value.message
+
+
 def test_parse_ref():
     assert str(parse_ref("acme/bot@1.2.3-rc.1")) == "acme/bot@1.2.3-rc.1"
     assert parse_ref("acme/bot").version is None

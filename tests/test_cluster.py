@@ -1,11 +1,15 @@
-"""Replicas on Ray Serve: adapter affinity, tenancy on every path, promotion everywhere, a replica killed.
+"""Replicas on Ray Serve: adapter affinity, tenancy on every path, promotion everywhere, faults.
 
 Two real vLLM CPU replicas (each with the plugin and tenancy) under a real local Ray Serve instance,
-talked to with the official openai client through the ingress, and directly.
+talked to with the official openai client through the ingress, and directly. The tenant store and the
+registry index are on a throwaway PostgreSQL server (`pg_server`), limits on a throwaway Redis, as on
+more than one machine. Faults: PostgreSQL stopped and started again under load, a replica's vLLM
+killed under load, a replica's actor process killed outright.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -55,7 +59,7 @@ def _adapters(base: Path, out: Path, seeds: dict[str, int]) -> tuple[dict[str, P
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, redis_server):
+def cluster(tmp_path_factory, redis_server, postgres):
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
     from adapterhub_lite.bundles import pack_bundle
     from adapterhub_lite.cluster.launch import Cluster, ClusterOptions
@@ -64,8 +68,9 @@ def cluster(tmp_path_factory, redis_server):
     from adapterhub_lite.serving.launcher import free_port
 
     root = tmp_path_factory.mktemp("cluster")
+    tenants_url, registry_url = postgres.new_database(), postgres.new_database()
     dirs, expected = _adapters(EMBEDDED_BASE_DIR, root / "adapters", {"a": 11, "b": 12, "c": 13, "a2": 14})
-    reg = Registry.open(root / "registry")
+    reg = Registry.open(registry_url, blobs=str(root / "blobs"))
     refs = {}
     for key, (name, version) in {
         "a": ("a", "1.0.0"),
@@ -82,7 +87,7 @@ def cluster(tmp_path_factory, redis_server):
             base_dir=EMBEDDED_BASE_DIR,
         )
         refs[key] = reg.publish(bundle).ref
-    store = TenantStore.open(root / "tenants.db")
+    store = TenantStore.open(tenants_url)
     _, acme = store.add_tenant("acme", base_access=True)
     _, globex = store.add_tenant("globex")
     _, limited = store.add_tenant("limited", base_access=True, requests_per_minute=RPM)
@@ -91,8 +96,8 @@ def cluster(tmp_path_factory, redis_server):
     serve_opts = ServeOptions(
         base_dir=str(EMBEDDED_BASE_DIR),
         served_name="base",
-        registry=str(root / "registry"),
-        tenants_db=str(root / "tenants.db"),
+        registry=registry_url,
+        tenants_db=tenants_url,
         cache_dir=str(root / "cache"),
         max_loras=2,
         max_cpu_loras=4,
@@ -210,6 +215,104 @@ def test_a_rate_limit_is_one_bucket_across_replicas(cluster):
     assert set(statuses) == {200, 429}
 
 
+def _request(url: str, key: str, model: str) -> dict:
+    """One completion; what a client sees of it (status, Retry-After, body, tokens, seconds)."""
+    start = time.monotonic()
+    r = httpx.post(
+        url + "/v1/completions",
+        headers={"authorization": f"Bearer {key}"},
+        json={
+            "model": model,
+            "prompt": PROMPT,
+            "max_tokens": N_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_tokens_as_token_ids": True,
+            "logprobs": 0,
+        },
+        timeout=120,
+    )
+    tokens = None
+    if r.status_code == 200:
+        tokens = [int(t.split(":")[1]) for t in r.json()["choices"][0]["logprobs"]["tokens"]]
+    return {
+        "status": r.status_code,
+        "retry_after": r.headers.get("retry-after"),
+        "body": r.text,
+        "tokens": tokens,
+        "seconds": time.monotonic() - start,
+        "model": model,
+    }
+
+
+def test_a_database_outage_under_load_answers_503_then_recovers(cluster, postgres):
+    """PostgreSQL (tenant store and registry) stopped under load: every replica keeps answering, with
+    a clean 503 + Retry-After and no hang; started again: they serve again, none of them restarted."""
+    running, key, expected = cluster["cluster"], cluster["keys"]["acme"], cluster["expected"]
+    replicas = _both_replicas(running)
+    before = {r["replica"]: r["vllm_pid"] for r in replicas}
+    targets = [running.url] + [r["url"] for r in replicas]  # through the ingress, and each replica
+    phase = ["up"]
+    seen: list[tuple[str, dict]] = []
+    stop = threading.Event()
+
+    def load(offset: int) -> None:
+        n = offset
+        while not stop.is_set():
+            start = time.monotonic()
+            try:
+                answer = _request(targets[n % len(targets)], key, "abc"[n % 3])
+            except httpx.HTTPError as exc:  # a hang past the client's timeout, or a dropped connection
+                answer = {"status": type(exc).__name__, "seconds": time.monotonic() - start}
+            seen.append((phase[0], answer))
+            n += 1
+
+    workers = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    for w in workers:
+        w.start()
+    stopped = False
+    try:
+        time.sleep(4)
+        postgres.stop()
+        stopped, phase[0] = True, "down"
+        time.sleep(10)
+        phase[0] = "restarting"
+        postgres.start()
+        stopped = False
+        restarted = time.monotonic()
+        phase[0] = "up again"
+        # Recovered: every target answers right, twice in a row, without any replica being restarted.
+        ok = {url: 0 for url in targets}
+        while min(ok.values()) < 2:
+            assert time.monotonic() - restarted < 60, f"not recovered 60 s after the restart: {ok}"
+            for url in targets:
+                answer = _request(url, key, "a")
+                ok[url] = ok[url] + 1 if answer["status"] == 200 else 0
+        recovered_in = time.monotonic() - restarted
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=300)
+        if stopped:
+            postgres.start()
+    statuses = [a["status"] for _, a in seen]
+    assert set(statuses) <= {200, 503}, statuses  # never a 500, never a 404 for an adapter that exists
+    assert any(p == "down" and a["status"] == 503 for p, a in seen), "the outage was never seen"
+    for _, answer in seen:
+        # Bounded: a stopped server refuses at once; 30 s covers a slow answer on two loaded cores.
+        assert answer["seconds"] < 30, answer
+        if answer["status"] == 200:
+            assert answer["tokens"] == expected[answer["model"]]
+        else:
+            assert answer["retry_after"] and int(answer["retry_after"]) >= 1, answer
+            error = json.loads(answer["body"])["error"]  # a JSON error, never a traceback ...
+            assert "Traceback" not in answer["body"] and error["message"]
+            assert str(postgres.port) not in answer["body"]  # ... nor where the database is
+    assert {r["replica"]: r["vllm_pid"] for r in running.replicas()} == before
+    assert all(_alive(pid) for pid in before.values())
+    print(f"recovered {recovered_in:.1f} s after PostgreSQL restarted; {statuses.count(503)} 503s")
+
+
 def test_a_replica_killed_under_load_fails_cleanly_and_comes_back(cluster):
     running, key, expected = cluster["cluster"], cluster["keys"]["acme"], cluster["expected"]
     before = {r["replica"]: r for r in running.replicas()}
@@ -250,3 +353,45 @@ def test_a_replica_killed_under_load_fails_cleanly_and_comes_back(cluster):
         assert status == 200 and tokens == expected[alias]
         after[alias] = replica
     assert set(after.values()) <= {r["replica"] for r in running.replicas()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_killed_replica_actor_leaves_no_vllm_behind(cluster):
+    """kill -9 of a replica's actor process (its `__del__` never runs): its vLLM process group (API
+    server, engine core, workers) stops itself, in order, and Ray's replacement serves."""
+    from adapterhub_lite.serving.processes import group_pids, shm_segments
+
+    running, key, expected = cluster["cluster"], cluster["keys"]["acme"], cluster["expected"]
+    victim = _both_replicas(running)[0]
+    vllm_group = victim["vllm_pid"]  # vLLM runs in a session (and process group) of its own
+    members = group_pids(vllm_group)
+    assert len(members) >= 2, members  # the API server and at least its engine core
+    shm = shm_segments(members)
+    os.kill(victim["pid"], signal.SIGKILL)
+    killed = time.monotonic()
+    while group_pids(vllm_group):
+        # Bound: the pidfd wakes the watch at once, then vLLM's own shutdown; past the watch's
+        # 30 s grace the group is killed, so 60 s fails only if nothing stopped it.
+        assert time.monotonic() - killed < 60, f"orphaned vLLM processes: {group_pids(vllm_group)}"
+        time.sleep(0.2)
+    gone_in = time.monotonic() - killed
+    assert not [p for p in shm if Path(p).exists()]  # stopped in order: its shared memory went with it
+    assert victim["replica"] not in {r["replica"] for r in running.replicas()}
+    deadline = time.monotonic() + 600
+    while True:  # Ray replaces the replica, which starts a new vLLM
+        now = running.replicas()
+        if len(now) == 2 and victim["replica"] not in {r["replica"] for r in now}:
+            break
+        assert time.monotonic() < deadline, f"no replacement: {now}"
+        time.sleep(2)
+    for alias in ("a", "b", "c"):
+        tokens, _, status = _complete(running.url, key, alias)
+        assert status == 200 and tokens == expected[alias]
+    print(f"the killed actor's vLLM group was gone {gone_in:.1f} s after the kill")

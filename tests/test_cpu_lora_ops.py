@@ -154,6 +154,16 @@ def _batches(n: int, slots: int, gen: torch.Generator) -> dict[str, torch.Tensor
         "no adapter": torch.full((n,), -1),
         "every slot, interleaved": torch.arange(n) % slots,
         "one long prompt": long_prompt[torch.randperm(n, generator=gen)],
+        # slots in use with unused ones between them: the padded layout keeps a group per slot
+        "every other slot": (torch.arange(n) % max(1, slots // 2)) * 2,
+        # two slots far apart: the padded layout gathers just their weights
+        "first and last slot": torch.where(torch.arange(n) % 2 == 1, slots - 1, 0),
+        # a prompt being prefilled among decodes of every other adapter, as vLLM mixes them in one step
+        "a prefill among decodes": torch.cat([torch.full((n - slots + 1,), 0), torch.arange(1, slots)])[
+            torch.randperm(n, generator=gen)
+        ]
+        if n >= slots
+        else torch.arange(n) % slots,
     }
 
 
@@ -198,6 +208,26 @@ def test_a_nan_adapter_cannot_touch_other_rows():
         out = torch.zeros(n, rank)
         grouped.bgmv_shrink(x, a[0], out, idx, 1.0)
         assert torch.isfinite(out[~bad]).all() and not torch.isfinite(out[bad]).any()
+
+
+def test_a_nan_adapter_in_a_slot_no_row_uses_stays_out_of_every_row():
+    """Decode batches run one product over every slot up to the largest in use, slots without rows
+    included: what those compute must never be read back."""
+    gen = torch.Generator().manual_seed(5)
+    n, slots, hidden, rank = 16, 8, 64, 16
+    a, b = _layer(slots, hidden, rank, used_rank=8, gen=gen)
+    for ai, bi in zip(a, b, strict=True):
+        ai[3], bi[3] = float("nan"), float("inf")
+    x = torch.randn(n, hidden, generator=gen)
+    idx = torch.tensor([0, 1, 2, 4, 5, 6, 7] * 3)[:n]  # every slot but 3
+    g = grouped.group_rows(idx)
+    assert g.padded is not None and g.span == slots, "the batch should take the per-slot padded layout"
+    y0 = torch.randn(n, sum(SLICES), generator=gen)
+    y = y0.clone()
+    grouped.lora_linear(y, x, g, a, b, 1.0, SLICES)
+    assert torch.isfinite(y).all()
+    want, bound = exact_linear(y0, x, idx, a, b, 1.0, 0)
+    assert_within(y, want, bound)
 
 
 # -- the seam: the grouped wrapper inside vLLM's own punica metadata -----------------------------------

@@ -1,5 +1,6 @@
-"""The grouped CPU LoRA path inside a real vLLM server: every slot in use, base requests in the same
-batches, long and short prompts; greedy tokens must equal transformers + peft offline, row by row.
+"""The grouped CPU LoRA path inside a real vLLM server: many adapters, every slot in use, base requests in
+the same batches, long prompts being prefilled while short ones decode; greedy tokens must equal
+transformers + peft offline, row by row.
 
 With every slot in use, vLLM 0.32's own CPU reference would give the base requests the last slot's
 adapter; the grouped path must not.
@@ -16,7 +17,7 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SLOTS = 4
+SLOTS = 12  # enough adapters that decode steps take the padded one-product-per-matrix path
 NEW_TOKENS = 4
 
 

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from adapterhub_lite.errors import ErrorKind, RegistryError, ServingError, http_status
 from adapterhub_lite.registry import Registry
 from adapterhub_lite.serving.tenancy import TenantStore, hash_key
+from adapterhub_lite.serving.view import CachedRegistry
 
 # The tenant store's schema before schema versions (adapterhub-lite <= afda683), to prove upgrades.
 LEGACY_TENANTS = """
@@ -348,6 +349,7 @@ def test_a_server_stopped_under_use_is_unavailable_then_recovers(postgres, tmp_p
     reg = Registry.open(registry_url, blobs=str(tmp_path / "blobs"))
     reg.publish(bundles_for_stop)
     version = store.data_version()
+    view = CachedRegistry(reg)
     postgres.stop()
     try:
         errors = []
@@ -369,12 +371,21 @@ def test_a_server_stopped_under_use_is_unavailable_then_recovers(postgres, tmp_p
                 break
             assert time.monotonic() < deadline, "the change feed never noticed the server was down"
             time.sleep(0.05)
+        for lookup in (  # what a replica asks: a registry that cannot answer is no "does not exist"
+            lambda: view.full_ref("acme/bot"),
+            lambda: view.can_read("acme", "acme/bot@1.0.0"),
+            lambda: view.readable("acme", None),
+        ):
+            with pytest.raises(RegistryError) as e:
+                lookup()
+            errors.append(e.value)
         for err in errors:
             assert err.kind is ErrorKind.UNAVAILABLE and http_status(err) == 503 and err.retry_after, err
     finally:
         postgres.start()
     assert store.authenticate(key).name == "acme"
     assert reg.resolve("acme/bot").version == "1.0.0"
+    assert view.full_ref("acme/bot") == "acme/bot@1.0.0"  # the failures were not remembered
     deadline = time.monotonic() + 15
     while True:
         try:

@@ -432,3 +432,48 @@ def test_scan_file_checks_a_bare_adapter_directory(lora_dir, tmp_path):
     (tmp_path / "w.safetensors").write_bytes(_poisoned_weights(lora_dir, float("inf")))
     with pytest.raises(BundleError, match=r"w\.safetensors: tensor .* holds non-finite values"):
         scan_file(tmp_path / "w.safetensors")
+
+
+def test_admin_load_check_of_a_raw_directory(lora_dir, tiny_base, tmp_path):
+    """The admin's /v1/load_lora_adapter runs the serving checks on a directory (serving/admin_load.py)."""
+    from adapterhub_lite.serving.admin_load import check_adapter_dir, lora_path_of
+
+    def refused(path, match: str, base: Path = tiny_base, **kw) -> None:
+        with pytest.raises(BundleError) as exc:
+            check_adapter_dir(path, base, **kw)
+        assert exc.value.kind is ErrorKind.INVALID
+        assert re.search(match, _one_line(exc)), exc.value.message
+
+    assert check_adapter_dir(lora_dir, tiny_base, max_lora_rank=16) == []
+    wide = fx.make_base(tmp_path / "bases", "wide", hidden=96)
+    refused(lora_dir, r"in_features|out_features|shape", base=wide)  # made for another base
+    refused(lora_dir, r"rank 4, above the server's max_lora_rank 2", max_lora_rank=2)
+    refused(Path("someone/lora"), r"not an absolute path to a directory")
+    refused(tmp_path / "missing", r"not an absolute path to a directory")
+    for name, change, match in [
+        (
+            "nan",
+            lambda d: (d / "adapter_model.safetensors").write_bytes(
+                _poisoned_weights(lora_dir, float("nan"))
+            ),
+            r"nan/adapter_model\.safetensors: tensor .* holds non-finite values",
+        ),
+        (
+            "pickle",
+            lambda d: (d / "adapter_model.bin").write_bytes(b"\x80\x04N."),
+            r"adapter_model\.bin is a pickle",
+        ),
+        ("noweights", lambda d: (d / "adapter_model.safetensors").unlink(), r"no adapter_model\.safetensors"),
+        (
+            "badconfig",
+            lambda d: (d / "adapter_config.json").write_bytes(b"[" * 5000),
+            r"adapter_config\.json",
+        ),
+    ]:
+        shutil.copytree(lora_dir, tmp_path / name)
+        change(tmp_path / name)
+        refused(tmp_path / name, match)
+    assert lora_path_of(json.dumps({"lora_name": "x", "lora_path": "/a"}).encode()) == "/a"
+    for body in (b"[]", b'{"lora_path": 3}', b"{" * 100, b'{"lora_path": "/a", "lora_path": "/b"}'):
+        with pytest.raises(BundleError, match="request body"):
+            lora_path_of(body)

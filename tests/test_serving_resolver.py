@@ -117,3 +117,34 @@ def test_view_follows_registry_sharing(setup):
     view.clear()
     # the grant behind the alias is gone: fail closed
     assert resolve_model("tool", acme, store.aliases("acme"), {"base"}, view) is None
+
+
+def test_resolver_state_stays_bounded_under_reference_churn(setup):
+    """Locks, verification times and digests are kept for at most `max_refs` references."""
+    from adapterhub_lite.serving.config import ServingConfig
+    from adapterhub_lite.serving.resolver import AdapterResolver
+
+    cfg = ServingConfig(
+        registry=str(setup["root"] / "registry"),
+        base_dir=str(setup["base"]),
+        cache_dir=str(setup["root"] / "cache-churn"),
+    )
+    res = AdapterResolver(cfg, max_refs=2)
+    plain, signed, globex = (setup["refs"][k] for k in ("plain", "signed", "globex"))
+    res.loaded_refs = lambda: [plain]  # vLLM holds this one: its digest must stay (its files are pinned)
+    for i in range(200):  # references that do not exist, as a tenant may name without end
+        with pytest.raises(RegistryError):
+            res.fetch(f"acme/churn{i}@1.0.0")
+        assert len(res._ref_locks) <= 2 and len(res._verified_at) <= 2
+    for _ in range(3):
+        for ref in (plain, signed, globex):
+            assert (res.fetch(ref) / "adapter_config.json").is_file()
+            assert len(res._ref_locks) <= 2 and len(res._verified_at) <= 2 and len(res.digests) <= 2
+    assert plain in res.digests and res.digests[plain] in res._pinned()
+    # A lock in use is never dropped, however many references pass meanwhile.
+    with res._holding("acme/held@1.0.0"):
+        for i in range(10):
+            with res._holding(f"acme/other{i}@1.0.0"):
+                pass
+        assert "acme/held@1.0.0" in res._ref_locks
+    assert len(res._ref_locks) <= 2

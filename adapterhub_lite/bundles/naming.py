@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NoReturn
 
-from adapterhub_lite.errors import BundleError
+from adapterhub_lite.errors import AdapterHubError, BundleError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
 _TAG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
@@ -22,12 +23,21 @@ _SEMVER_RE = re.compile(
 DEFAULT_VERSION = "0.1.0"
 
 
+def _fail(error: type[Exception], message: str, hint: str) -> NoReturn:
+    # pydantic validators pass ValueError, which takes no hint: the hint joins the message. Anything
+    # else is a project error class or a factory called like one.
+    if isinstance(error, type) and not issubclass(error, AdapterHubError):
+        raise error(f"{message}; {hint}")
+    raise error(message, hint=hint)
+
+
 def check_name(value: str, what: str = "name", error: type[Exception] = BundleError) -> str:
     """Validate a namespace or adapter name; return it unchanged."""
     if not isinstance(value, str) or not _NAME_RE.match(value) or ".." in value:
-        raise error(
+        _fail(
+            error,
             f"invalid {what} {value!r}",
-            hint=f"a {what} is 1-64 characters: letters, digits, '.', '_' or '-', starting and ending "
+            f"a {what} is 1-64 characters: letters, digits, '.', '_' or '-', starting and ending "
             "with a letter or digit (no '/', '@' or '..')",
         )
     return value
@@ -36,16 +46,17 @@ def check_name(value: str, what: str = "name", error: type[Exception] = BundleEr
 def check_version(value: str, error: type[Exception] = BundleError) -> str:
     """Validate a semantic version `MAJOR.MINOR.PATCH[-PRERELEASE]`; return it unchanged."""
     if not isinstance(value, str) or len(value) > 64 or not _SEMVER_RE.match(value):
-        raise error(
+        _fail(
+            error,
             f"invalid version {value!r}",
-            hint="use a semantic version such as 1.0.0 or 2.1.0-rc.1 (no build metadata '+...')",
+            "use a semantic version such as 1.0.0 or 2.1.0-rc.1 (no build metadata '+...')",
         )
     return value
 
 
 def check_tag(value: str, error: type[Exception] = BundleError) -> str:
     if not isinstance(value, str) or not _TAG_RE.match(value):
-        raise error(f"invalid tag {value!r}", hint="a tag is 1-32 lowercase letters, digits, '.', '_' or '-'")
+        _fail(error, f"invalid tag {value!r}", "a tag is 1-32 lowercase letters, digits, '.', '_' or '-'")
     return value
 
 

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class ClusterOptions:
     port: int = 8000
     state_dir: str | None = None  # where replicas record their URLs (default: a temp folder)
     startup_timeout: float = 600.0
+    cores_per_replica: int | None = None  # pin each replica's vLLM to its own cores (None: all cores)
 
 
 def make_keyer(tenants_db: str | None, registry: str | None, served_name: str) -> AffinityKeyer:
@@ -82,7 +84,11 @@ def build_app(opts: ClusterOptions, served_name: str) -> Any:
         IngressServer, name="ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024
     )
     keyer = functools.partial(make_keyer, opts.serve.tenants_db, opts.serve.registry, served_name)
-    return ingress.bind(replicas.bind(dataclasses.asdict(opts.serve), opts.state_dir), keyer, opts.affinity)
+    return ingress.bind(
+        replicas.bind(dataclasses.asdict(opts.serve), opts.state_dir, opts.cores_per_replica),
+        keyer,
+        opts.affinity,
+    )
 
 
 class Cluster:
@@ -143,13 +149,20 @@ class Cluster:
             return False
 
     def replicas(self) -> list[dict[str, Any]]:
-        """The replicas that recorded themselves: id, URL and pid of each."""
+        """The replicas that recorded themselves: id, URL, host and pids of each. The record of a
+        replica whose process on this host is gone (killed outright, so it could not remove it) is
+        dropped."""
         out = []
+        host = socket.gethostname()
         for path in sorted(Path(str(self.opts.state_dir)).glob("replica-*.json")):
             try:
-                out.append(json.loads(path.read_text()))
+                record = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue  # a replica being replaced
+            if record.get("host") == host and not _alive(record.get("pid")):
+                path.unlink(missing_ok=True)
+                continue
+            out.append(record)
         return out
 
     def stop(self) -> None:
@@ -172,6 +185,18 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def quiet_ray_env() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import httpx
 from adapterhub_lite.atomic import write_json
 from adapterhub_lite.serving.launcher import ServeOptions, VLLMServer
 
+OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU build: the cores its OpenMP threads run on
 REPLICA_HEADER = "x-adapterhub-replica"  # which replica answered: for operators and the affinity tests
 # Hop-by-hop headers (RFC 9110 §7.6.1) and the ones the proxy recomputes.
 _DROP = frozenset(
@@ -38,6 +40,16 @@ _DROP = frozenset(
 )
 
 
+def core_slice(cpus: list[int], local_rank: int, cores: int) -> str:
+    """The cores (of `cpus`) that replica `local_rank` of this host gives vLLM's OpenMP threads:
+    `cores` of them, disjoint from the other replicas' while there are enough, as vLLM's
+    `VLLM_CPU_OMP_THREADS_BIND` list. By default every vLLM binds its threads to every core of the
+    host, so replicas on one host spin on the same cores (benchmarks/cluster_bench.py measures it)."""
+    cores = max(1, min(cores, len(cpus)))
+    start = (local_rank % (len(cpus) // cores)) * cores
+    return ",".join(str(c) for c in cpus[start : start + cores])
+
+
 def forwardable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """`headers` without hop-by-hop ones."""
     return [(k, v) for k, v in headers if k.lower() not in _DROP]
@@ -51,10 +63,17 @@ def error_body(status: int, message: str) -> bytes:
 class ReplicaServer:
     """The replica's body (Ray wraps it with `serve.deployment` and `serve.multiplexed` in `launch`)."""
 
-    def __init__(self, options: dict[str, Any], state_dir: str | None = None) -> None:
+    def __init__(
+        self, options: dict[str, Any], state_dir: str | None = None, cores_per_replica: int | None = None
+    ) -> None:
         from ray import serve
 
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        if cores_per_replica:
+            local_rank = getattr(context.rank, "local_rank", 0)
+            cpus = sorted(os.sched_getaffinity(0))
+            os.environ[OMP_BIND_ENV] = core_slice(cpus, local_rank, cores_per_replica)
         opts = ServeOptions(**options)
         opts.port = None  # a free port of this host, chosen by the launcher
         if opts.cache_dir:  # each replica its own bounded cache: one folder must have one owner
@@ -71,9 +90,14 @@ class ReplicaServer:
         state_dir.mkdir(parents=True, exist_ok=True)
         path = state_dir / f"replica-{self.replica_id}.json"
         vllm_pid = self.server.process.pid if self.server.process else None
-        write_json(
-            path, {"replica": self.replica_id, "url": self.url, "pid": os.getpid(), "vllm_pid": vllm_pid}
-        )
+        record = {
+            "replica": self.replica_id,
+            "url": self.url,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "vllm_pid": vllm_pid,
+        }
+        write_json(path, record)
         return path
 
     async def hold(self, key: str) -> str:
@@ -114,6 +138,8 @@ class ReplicaServer:
             raise RuntimeError(f"vLLM /health answered {response.status_code}")
 
     def __del__(self) -> None:
+        # Not run when the actor's process is killed outright: then vLLM stops itself (parent_watch.py)
+        # and `Cluster.replicas()` drops the record of a process that is gone.
         server = getattr(self, "server", None)
         if server is not None:
             server.stop()

@@ -16,7 +16,7 @@ import time
 
 import psycopg
 
-from adapterhub_lite.db.engine import RETRY_AFTER_S, Database
+from adapterhub_lite.db.engine import PG_CONNECT_ARGS, RETRY_AFTER_S, Database
 from adapterhub_lite.errors import ErrorKind
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class ChangeFeed:
             conn = psycopg.connect(
                 url.set(drivername="postgresql").render_as_string(hide_password=False),
                 autocommit=True,
-                connect_timeout=5,
+                **PG_CONNECT_ARGS,  # type: ignore[arg-type]
             )
             conn.execute(f'LISTEN "{self.channel}"')
         except psycopg.Error as e:

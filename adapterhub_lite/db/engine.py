@@ -26,6 +26,24 @@ from adapterhub_lite.errors import AdapterHubError, ErrorKind
 SUPPORTED = "a file path, sqlite:///PATH or postgresql://USER[:PASSWORD]@HOST[:PORT]/DBNAME"
 RETRY_AFTER_S = 2.0
 _PG_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+# libpq settings for every PostgreSQL connection (the pool's and the change feed's), so that a server
+# that is gone never holds a request for long: a stopped server refuses at once; a connection attempt
+# to a dead host ends after `connect_timeout` s; a query to a host that died or was cut off ends when
+# its unacknowledged bytes are `tcp_user_timeout` ms old, and an idle connection to it is found dead
+# by keepalives; a query stuck on a lock or a slow server ends at `statement_timeout`. (A server
+# process that is frozen while its host still acknowledges packets is bounded by none of these: the
+# serving replica's health check is what notices that.)
+PG_CONNECT_ARGS: dict[str, object] = {
+    "connect_timeout": 5,
+    "application_name": "adapterhub-lite",
+    "options": "-c statement_timeout=30000",
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10000,
+}
+POOL_TIMEOUT_S = 10  # waiting for a pooled connection when every one is busy
 
 
 def is_url(location: str) -> bool:
@@ -88,8 +106,9 @@ class Database:
                 url,
                 pool_size=4,
                 max_overflow=8,
+                pool_timeout=POOL_TIMEOUT_S,
                 pool_pre_ping=True,  # a server restarted under us: stale connections are replaced
-                connect_args={"connect_timeout": 5, "application_name": "adapterhub-lite"},
+                connect_args=dict(PG_CONNECT_ARGS),
             )
         self._pid = os.getpid()
         self._pid_lock = threading.Lock()

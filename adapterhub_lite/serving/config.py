@@ -19,7 +19,7 @@
     ADAPTERHUB_RATE_LIMIT_FAILURE=open               Redis unreachable: `open` admits, `closed` answers 503
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_PLUGINS=adapterhub
     python -m vllm.entrypoints.launchers.api_server.entry --model $ADAPTERHUB_BASE_DIR --enable-lora \
-        --max-lora-rank 16 --max-loras 4 --max-cpu-loras 8 \
+        --max-lora-rank 16 --max-loras 32 --max-cpu-loras 64 \
         --middleware adapterhub_lite.serving.middleware.TenancyMiddleware
 
 (`adapterhub serve --print-command` prints the exact command; adapterhub_lite/vllm_compat/launch.py says
@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterhub_lite.errors import ServingError
+from adapterhub_lite.registry.config import ENV_REGISTRY
 
 ENV_ADMIN_KEY = "ADAPTERHUB_ADMIN_KEY"
-ENV_TENANTS_DB = "ADAPTERHUB_TENANTS_DB"
-ENV_REGISTRY = "ADAPTERHUB_REGISTRY"
+ENV_TENANTS_DB = "ADAPTERHUB_TENANTS_DB"  # the one home of this name (tenancy.py reads it)
 ENV_BASE_DIR = "ADAPTERHUB_BASE_DIR"
 ENV_SERVED_NAME = "ADAPTERHUB_SERVED_NAME"
 ENV_CACHE_DIR = "ADAPTERHUB_CACHE_DIR"
@@ -52,6 +52,19 @@ ENV_RATE_LIMIT_URL = "ADAPTERHUB_RATE_LIMIT_URL"
 ENV_RATE_LIMIT_FAILURE = "ADAPTERHUB_RATE_LIMIT_FAILURE"
 
 DEFAULT_HOT_SET = 8  # hot set when neither ADAPTERHUB_MAX_LOADED nor --max-cpu-loras says
+
+# Adapter slots when the command line does not say: (vLLM's --max-loras, --max-cpu-loras). On the CPU they
+# come from benchmarks/results/serving_max_loras_sweep.json: there a slot costs only host memory, and
+# fewer batch slots than adapters in flight leave requests waiting while the cores are idle. On a GPU a
+# slot's stacked weights come out of the KV cache, so the small values stay (vLLM's own are 1 and
+# --max-loras); the README's serving section says how to size them.
+CPU_LORA_SLOTS = (32, 64)
+GPU_LORA_SLOTS = (4, 8)
+
+
+def default_lora_slots(cpu: bool) -> tuple[int, int]:
+    """(max_loras, max_cpu_loras) for a server on the CPU or on a GPU."""
+    return CPU_LORA_SLOTS if cpu else GPU_LORA_SLOTS
 
 
 def _int_env(name: str, default: int | None) -> int | None:

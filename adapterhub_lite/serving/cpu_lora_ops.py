@@ -30,6 +30,9 @@ ENV_SWITCH = "ADAPTERHUB_CPU_LORA_OPS"
 # product per group, which needs no padding and no reordering copy.
 _MAX_PADDING = 2.0
 _MAX_PADDED_GROUP = 32
+# A group per slot up to the largest in use while at most this many times the groups in use: reading an
+# unused slot's weights in place costs about what copying a used one's costs.
+_MAX_SPAN = 2
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class Grouping:
     slot_index: torch.Tensor  # the slots as a tensor (for gathering weights)
     padded: torch.Tensor | None  # (groups, longest) row indices, short groups padded with their own rows
     positions: torch.Tensor | None  # where each of `rows` sits in padded.view(-1)
-    contiguous: bool  # slots == 0..groups-1: weights can be used as a view, no gather
+    span: int | None  # padded has a group per slot 0..span-1 (weights used as a view, no gather)
 
     @property
     def empty(self) -> bool:
@@ -51,31 +54,44 @@ class Grouping:
 
 
 def group_rows(indices: torch.Tensor) -> Grouping:
-    """Group the rows of a batch by their adapter slot (`indices[i]`, negative: no adapter)."""
+    """Group the rows of a batch by their adapter slot (`indices[i]`, negative: no adapter).
+
+    Short groups (decode) get a padded layout for one batched product per matrix. When the slots in use
+    fill most of 0..max slot, that layout has a group for every slot up to the largest, so the stacked
+    weights are used as a view: a gather would copy every used adapter's weights in every layer, every
+    step, which costs more than the products themselves. Otherwise only the used slots' weights are
+    gathered.
+    """
     indices = indices.reshape(-1)
     n = int(indices.shape[0])
     rows = torch.nonzero(indices >= 0).reshape(-1)
     if rows.numel() == 0:
         empty = torch.empty(0, dtype=torch.long)
-        return Grouping(n, [], [], empty, empty, None, None, True)
+        return Grouping(n, [], [], empty, empty, None, None, 0)
     values = indices[rows]
     order = torch.argsort(values, stable=True)
     rows, values = rows[order], values[order]
     slot_t, count_t = torch.unique_consecutive(values, return_counts=True)
     slots, counts = slot_t.tolist(), count_t.tolist()
-    contiguous = slots == list(range(len(slots)))
-    longest = max(counts)
-    padded = positions = None
-    if len(slots) > 1 and longest <= _MAX_PADDED_GROUP and len(slots) * longest <= _MAX_PADDING * len(rows):
-        starts = torch.cumsum(count_t, 0) - count_t
-        group_of = torch.repeat_interleave(torch.arange(len(slots)), count_t)
-        rank_in_group = torch.arange(len(rows)) - starts[group_of]
-        positions = group_of * longest + rank_in_group
-        # Padding rows repeat the group's first row: computed, never read back, and only ever with the
-        # group's own weights.
-        padded = rows[starts].repeat_interleave(longest).view(len(slots), longest).clone()
-        padded.view(-1)[positions] = rows
-    return Grouping(n, slots, counts, rows, slot_t, padded, positions, contiguous)
+    groups, longest, top = len(slots), max(counts), slots[-1] + 1
+    padded = positions = span = None
+    if groups > 1 and longest <= _MAX_PADDED_GROUP:
+        if top <= _MAX_SPAN * groups and top * longest <= _MAX_PADDING * max(len(rows), top):
+            span, layout = top, slot_t
+        elif groups * longest <= _MAX_PADDING * len(rows):
+            span, layout = None, torch.arange(groups)
+        else:
+            layout = None
+        if layout is not None:
+            starts = torch.cumsum(count_t, 0) - count_t
+            group_of = torch.repeat_interleave(layout, count_t)
+            rank_in_group = torch.arange(len(rows)) - torch.repeat_interleave(starts, count_t)
+            positions = group_of * longest + rank_in_group
+            # Padding rows repeat the batch's first grouped row: computed with their own group's weights,
+            # never read back (a slot with no rows here may hold anything, NaN included).
+            padded = rows[:1].repeat(len(layout) if span is None else span, longest)
+            padded.view(-1)[positions] = rows
+    return Grouping(n, slots, counts, rows, slot_t, padded, positions, span)
 
 
 def _stacked(weights: torch.Tensor) -> torch.Tensor:
@@ -84,8 +100,8 @@ def _stacked(weights: torch.Tensor) -> torch.Tensor:
 
 
 def _for_groups(weights: torch.Tensor, g: Grouping) -> torch.Tensor:
-    """The rows of stacked `weights` for the grouping's slots, (groups, ...)."""
-    return weights[: len(g.slots)] if g.contiguous else weights.index_select(0, g.slot_index)
+    """The rows of stacked `weights` for the padded layout's groups, (groups, ...)."""
+    return weights[: g.span] if g.span is not None else weights.index_select(0, g.slot_index)
 
 
 def _prepared(

@@ -28,8 +28,9 @@ import httpx
 
 from adapterhub_lite.errors import ServingError
 from adapterhub_lite.serving import processes
-from adapterhub_lite.serving.config import ServingConfig
+from adapterhub_lite.serving.config import ServingConfig, default_lora_slots
 from adapterhub_lite.serving.logpump import LogPump
+from adapterhub_lite.serving.parent_watch import ENV_PARENT_PID
 from adapterhub_lite.vllm_compat import launch
 
 logger = logging.getLogger("adapterhub.serving")
@@ -71,9 +72,9 @@ class ServeOptions:
     config: ServingConfig
     host: str = "127.0.0.1"
     port: int | None = None
-    max_loras: int = 4
+    max_loras: int | None = None  # None: config.default_lora_slots for this platform
     max_lora_rank: int = 16
-    max_cpu_loras: int = 8
+    max_cpu_loras: int | None = None  # None: as max_loras (and at least --max-loras)
     max_model_len: int = 512
     plugin: bool = True  # False: plain vLLM (the benchmark's baseline)
     lora: bool = True
@@ -105,6 +106,12 @@ class ServeOptions:
             else:
                 value = f.default
             object.__setattr__(self, name, value)
+        if self.max_loras is None or self.max_cpu_loras is None:
+            loras, cpu_loras = default_lora_slots(on_cpu())
+            if self.max_loras is None:  # a smaller --max-cpu-loras given alone bounds it
+                object.__setattr__(self, "max_loras", min(loras, self.max_cpu_loras or loras))
+            if self.max_cpu_loras is None:
+                object.__setattr__(self, "max_cpu_loras", max(cpu_loras, self.max_loras))
 
     def __getattr__(self, name: str) -> Any:
         if name in _CONFIG_FIELDS and "config" in self.__dict__:
@@ -207,7 +214,8 @@ class VLLMServer:
         started = time.monotonic()
         self.process = subprocess.Popen(
             self.command,
-            env={**os.environ, **self.env},
+            # The pid lets vLLM stop itself if this process dies outright (parent_watch.py).
+            env={**os.environ, **self.env, ENV_PARENT_PID: str(os.getpid())},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -22,6 +22,14 @@ the store is probed for a changed data version (cheap) and re-read only when it 
 with a TTL would serve the old version for up to a TTL after a promote; an admin "reload" route would
 need the CLI to know every server. The promote -> first-token time is measured by
 benchmarks/serving_bench.py (hot_swap_s).
+
+While the tenant store cannot be reached (on PostgreSQL: its change feed lost its connection) every
+tenant request is answered 503 with Retry-After, even one whose tenant and adapter are already in
+memory. Serving those from memory would ride out a short outage, but "this replica cannot reach the
+database" includes a network partition during which `adapterhub tenant revoke` succeeds from another
+machine: a revoked key would keep working for as long as the partition lasts, with no bound. Failing
+closed bounds it by the time the feed takes to notice (its poll, or the TCP timeouts in db/engine.py).
+A registry that cannot answer is a 503 too, never a "does not exist" (view.py).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from adapterhub_lite.errors import AdapterHubError, ErrorKind
 from adapterhub_lite.serving import warmup
 from adapterhub_lite.serving.admin import ADMIN_PREFIX, admin_route
+from adapterhub_lite.serving.admin_load import LOAD_LORA_PATH, admin_load_lora
 from adapterhub_lite.serving.asgi import (
     MAX_BODY_BYTES,
     App,
@@ -70,6 +79,7 @@ HEALTH_PATHS = {"/health", "/ping"}
 INFERENCE_PATHS = {"/v1/completions", "/v1/chat/completions"}
 MODELS_PATH = "/v1/models"
 _AUTH_HEADERS = [(b"www-authenticate", b"Bearer")]
+_OUTAGE_LOG_EVERY_S = 10.0
 
 
 class TenancyMiddleware:
@@ -102,6 +112,7 @@ class TenancyMiddleware:
         self._registry: CachedRegistry | None = None
         self._background: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
+        self._outage_logged = -_OUTAGE_LOG_EVERY_S
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -161,6 +172,8 @@ class TenancyMiddleware:
                 await admin_route(self, scope, receive, send)
             elif path in INFERENCE_PATHS and scope["method"] == "POST":
                 await self._inference(scope, receive, send, tenant=None)
+            elif path == LOAD_LORA_PATH and scope["method"] == "POST":
+                await admin_load_lora(self, scope, receive, send)  # a raw directory: checked first
             else:
                 await self.app(scope, receive, send)
             return
@@ -169,7 +182,8 @@ class TenancyMiddleware:
             tenant = self.tenants.tenant(key)
         except AdapterHubError as exc:  # the tenant store is unreachable (a stopped database): 503, not 500
             self.metrics.rejected.labels("", "store_unavailable").inc()
-            await send_project_error(send, exc, f"the tenant store is unavailable: {exc.message}")
+            self._log_outage(exc)
+            await send_project_error(send, exc, "the tenant store is unavailable; retry later")
             return
         if tenant is None:
             self.metrics.rejected.labels("", "bad_key").inc()
@@ -184,6 +198,14 @@ class TenancyMiddleware:
         else:
             self.metrics.rejected.labels(tenant.name, "admin_route").inc()
             await send_error(send, 403, f"{path} needs the admin key", "PermissionDeniedError")
+
+    def _log_outage(self, exc: AdapterHubError) -> None:
+        """Log a store or registry failure (which names the database, so tenants are not told it),
+        at most once every few seconds however many requests meet it."""
+        now = time.monotonic()
+        if now - self._outage_logged >= _OUTAGE_LOG_EVERY_S:
+            self._outage_logged = now
+            logger.warning("adapterhub: answering 503: %s", exc.message)
 
     # -- tenant routes -----------------------------------------------------------------------------
 
@@ -200,7 +222,13 @@ class TenancyMiddleware:
         # Then every adapter the tenant may name as `namespace/name` (own, shared, public) for this base.
         # The first call hashes the base's weights: off the event loop.
         fingerprint = await asyncio.to_thread(self._served_fingerprint)
-        for package, ref in self.registry.readable(tenant.namespace, fingerprint):
+        try:
+            readable = self.registry.readable(tenant.namespace, fingerprint)
+        except AdapterHubError as exc:
+            self._log_outage(exc)
+            await send_project_error(send, exc, "the registry is unavailable; retry later")
+            return
+        for package, ref in readable:
             owner = package.split("/", 1)[0]
             data.append({"id": package, "object": "model", "created": now, "owned_by": owner, "root": ref})
         await send_json(send, 200, {"object": "list", "data": data})
@@ -230,13 +258,19 @@ class TenancyMiddleware:
             return
 
         engine = Engine.from_scope(scope)
-        if tenant is None:
-            target = self._admin_target(engine, model)
-        else:
-            # Inline: aliases are in memory and registry answers are memoized (a miss is one index read).
-            target = resolve_model(
-                model, tenant, self.tenants.aliases(tenant.name), self._base_names(engine), self.registry
-            )
+        try:
+            if tenant is None:
+                target = self._admin_target(engine, model)
+            else:
+                # Inline: aliases are in memory and registry answers are memoized (a miss is one read).
+                target = resolve_model(
+                    model, tenant, self.tenants.aliases(tenant.name), self._base_names(engine), self.registry
+                )
+        except AdapterHubError as exc:  # the registry cannot answer (a stopped database): 503, not 404
+            self.metrics.rejected.labels(label, "registry_unavailable").inc()
+            self._log_outage(exc)
+            await send_project_error(send, exc, "the registry is unavailable; retry later")
+            return
         if target is None:
             self.metrics.rejected.labels(label, "unknown_model").inc()
             await send_error(
@@ -318,8 +352,9 @@ class TenancyMiddleware:
             elif exc.kind is ErrorKind.INVALID:
                 message = f"adapter {target.name} cannot be served: {exc.message}"
                 await send_project_error(send, exc, message, param="model", err_type="AdapterRejectedError")
-            else:
-                await send_project_error(send, exc, f"adapter {target.name} is unavailable: {exc.message}")
+            else:  # the registry or its blob store failed: the details (where they are) go to the log
+                self._log_outage(exc)
+                await send_project_error(send, exc, f"adapter {target.name} is unavailable; retry later")
             return False
         self.metrics.adapter_loads.labels(target.name).inc()
         return True

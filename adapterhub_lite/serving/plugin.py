@@ -7,7 +7,10 @@ is resolved); the model runs in the others, where the CPU build gets grouped LoR
 in every process the C heap returns large freed blocks to the OS (training/allocator.py), and the
 worker trims the heap after each LoRA load and unload (`ADAPTERHUB_HEAP_TRIM=0` turns that off;
 benchmarks/soak_bench.py measures the RSS slope with and without). vLLM's `vllm:lora_requests_info`
-metric keeps only its current sample.
+metric keeps only its current sample. One request's NaN/Inf never reaches another's
+(`vllm_compat/isolation.py`: new KV blocks are zeroed, adapters with non-finite weights made inert).
+When a launcher started vLLM, the API server stops itself if that launcher dies without stopping it
+(`parent_watch.py`).
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ def register() -> None:
     """Register the resolver and the CPU LoRA ops (idempotent: vLLM may call this more than once)."""
     from adapterhub_lite.serving import cpu_lora_ops
     from adapterhub_lite.serving.config import ServingConfig
+    from adapterhub_lite.serving.parent_watch import watch_parent
     from adapterhub_lite.serving.resolver import get_resolver
     from adapterhub_lite.training.allocator import return_large_blocks_to_os
+    from adapterhub_lite.vllm_compat import isolation
     from adapterhub_lite.vllm_compat.server import (
         bound_lora_info_metric,
         register_resolver,
@@ -41,9 +46,11 @@ def register() -> None:
     )
 
     _log_to_stderr()
+    watch_parent()  # in the API server only: stop vLLM if its launcher is killed outright
     return_large_blocks_to_os()
     register_resolver(RESOLVER_NAME, get_resolver())
     bound_lora_info_metric()
     if ServingConfig.from_env().heap_trim:
         trim_heap_after_lora_changes()
     cpu_lora_ops.install()
+    isolation.install()

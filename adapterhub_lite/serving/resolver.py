@@ -15,8 +15,9 @@ import asyncio
 import logging
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +31,37 @@ logger = logging.getLogger("adapterhub.serving")
 # A bundle verified this recently is not verified again: the middleware fetches just before vLLM's
 # resolve_lora does, and one verification per load is enough.
 _REVERIFY_AFTER_S = 30.0
+# Per-reference state (locks, last verification, digest) is kept for this many references, least recently
+# used first out: tenants name references without end, and forgetting one only costs a verification.
+MAX_TRACKED_REFS = 1024
+
+
+class _RefLock:
+    """A reference's lock and how many threads hold or wait for it (an entry in use is never dropped)."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
 
 
 class AdapterResolver(resolver_base()):  # type: ignore[misc]
     """Resolves `namespace/name@version` through the registry into a bounded, verified disk cache."""
 
-    def __init__(self, config: ServingConfig, registry: Any | None = None) -> None:
+    def __init__(
+        self, config: ServingConfig, registry: Any | None = None, max_refs: int = MAX_TRACKED_REFS
+    ) -> None:
         self.config = config
+        self.max_refs = max_refs
         self.cache = BundleCache(config.cache_dir, config.cache_max_mb * 1024 * 1024)
         self._registry = registry
         self._fingerprint: str | None = None
         self._base_dir: Path | None = None
-        self._ref_locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
-        self._verified_at: dict[str, float] = {}
-        self.digests: dict[str, str] = {}  # ref -> digest of what was verified
+        self._ref_locks: OrderedDict[str, _RefLock] = OrderedDict()
+        self._locks_guard = threading.Lock()  # guards the three maps below and _fetching
+        self._verified_at: OrderedDict[str, float] = OrderedDict()
+        self.digests: OrderedDict[str, str] = OrderedDict()  # ref -> digest of what was verified
         # Set by the middleware once it sees vLLM's state: refs vLLM has loaded or is about to load
         # (their files must stay).
         self.loaded_refs: Callable[[], Iterable[str]] = lambda: ()
@@ -54,8 +71,7 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
     def _pinned(self) -> list[str]:
         refs = list(self.loaded_refs())
         with self._locks_guard:
-            fetching = list(self._fetching)
-        return [self.digests[r] for r in refs if r in self.digests] + fetching
+            return [self.digests[r] for r in refs if r in self.digests] + list(self._fetching)
 
     @property
     def registry(self) -> Any:
@@ -87,9 +103,49 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
             self._base_dir = Path(resolve_base_dir(str(self.config.base_dir)))
         return self._base_dir
 
-    def _lock_for(self, ref: str) -> threading.Lock:
+    @contextmanager
+    def _holding(self, ref: str) -> Iterator[None]:
+        """Hold `ref`'s lock: one fetch per reference at a time."""
         with self._locks_guard:
-            return self._ref_locks.setdefault(ref, threading.Lock())
+            entry = self._ref_locks.get(ref)
+            if entry is None:
+                entry = self._ref_locks[ref] = _RefLock()
+            self._ref_locks.move_to_end(ref)
+            entry.users += 1
+            for old in [r for r, e in self._ref_locks.items() if e.users == 0][
+                : max(0, len(self._ref_locks) - self.max_refs)
+            ]:
+                del self._ref_locks[old]
+        try:
+            with entry.lock:
+                yield
+        finally:
+            with self._locks_guard:
+                entry.users -= 1
+
+    def _remember(self, ref: str, verified_at: float | None) -> None:
+        """Record (or with None, forget) when `ref` was last verified, within `max_refs`."""
+        with self._locks_guard:
+            if verified_at is None:
+                self._verified_at.pop(ref, None)
+                return
+            self._verified_at[ref] = verified_at
+            self._verified_at.move_to_end(ref)
+            while len(self._verified_at) > self.max_refs:
+                self._verified_at.popitem(last=False)
+
+    def _remember_digest(self, ref: str, digest: str) -> None:
+        """Record the digest `ref` was verified as, within `max_refs` (those vLLM holds are kept)."""
+        with self._locks_guard:
+            self.digests[ref] = digest
+            self.digests.move_to_end(ref)
+            if len(self.digests) <= self.max_refs:
+                return
+        loaded = set(self.loaded_refs())  # their files stay pinned by digest: keep those
+        with self._locks_guard:
+            extra = len(self.digests) - self.max_refs
+            for old in [r for r in self.digests if r not in loaded][:extra]:
+                del self.digests[old]
 
     def fetch(self, ref: str) -> Path:
         """A verified local bundle directory for the full reference `ref` (blocking; pulls on a miss).
@@ -105,7 +161,7 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
             )
         from adapterhub_lite.bundles import verify_bundle
 
-        with self._lock_for(ref):
+        with self._holding(ref):
             published = self.registry.resolve(ref)
             digest = published.digest
             with self._locks_guard:
@@ -130,9 +186,9 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
                         max_lora_rank=self.config.max_lora_rank,
                         trusted_keys=self.config.trusted_keys or None,
                     )
-                    self._verified_at[ref] = time.monotonic()
+                    self._remember(ref, time.monotonic())
             except AdapterHubError as exc:
-                self._verified_at.pop(ref, None)
+                self._remember(ref, None)
                 self.cache.remove(digest)
                 if exc.kind is ErrorKind.NOT_FOUND:
                     # The reference resolved, so what is missing now is part of its content (a blob):
@@ -144,7 +200,7 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
                     self._fetching[digest] -= 1
                     if self._fetching[digest] <= 0:
                         del self._fetching[digest]
-            self.digests[ref] = digest
+            self._remember_digest(ref, digest)
             return path
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:

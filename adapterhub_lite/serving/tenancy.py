@@ -31,8 +31,8 @@ from sqlalchemy.engine import Connection
 from adapterhub_lite.bundles.naming import check_name
 from adapterhub_lite.db import ChangeFeed, Database, meta_table, migrate
 from adapterhub_lite.errors import ErrorKind, ServingError
+from adapterhub_lite.serving.config import ENV_TENANTS_DB
 
-TENANTS_DB_ENV = "ADAPTERHUB_TENANTS_DB"
 KEY_PREFIX = "ahk_"
 CHANNEL = "adapterhub_tenants"
 SCHEMA_VERSION = 2
@@ -117,7 +117,7 @@ def new_key() -> str:
 
 def default_db_path() -> str:
     """`$ADAPTERHUB_TENANTS_DB` (a path or database URL), else `~/.adapterhub/tenants.db`."""
-    return os.environ.get(TENANTS_DB_ENV) or str(Path.home() / ".adapterhub" / "tenants.db")
+    return os.environ.get(ENV_TENANTS_DB) or str(Path.home() / ".adapterhub" / "tenants.db")
 
 
 def is_full_ref(ref: str) -> bool:
@@ -172,7 +172,7 @@ class TenantStore:
             except OSError as e:
                 raise ServingError(
                     f"cannot create the folder of the tenant store {self.path}: {e.strerror or e}",
-                    hint=f"check the path and its permissions, or set {TENANTS_DB_ENV}",
+                    hint=f"check the path and its permissions, or set {ENV_TENANTS_DB}",
                     kind=ErrorKind.INTERNAL,
                 ) from None
         migrate(self.db, metadata, SCHEMA_VERSION, {2: _upgrade_to_2}, legacy=_legacy_version)

@@ -12,11 +12,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from adapterhub_lite.errors import AdapterHubError, ServingError
+from adapterhub_lite.errors import AdapterHubError, ErrorKind, ServingError
 from adapterhub_lite.serving.tenancy import Tenant, TenantStore, is_full_ref
 
 _TTL_SECONDS = 5.0  # how long a registry answer (can_read, newest version) is reused
 _MAX_MEMO = 10_000
+# Registry answers that mean "not for this tenant". Any other failure (a database that is down, a hub
+# that does not answer) is raised, never remembered: the client gets 503 and retries, not a 404 that
+# would be reused for `_TTL_SECONDS` after the registry came back.
+_ANSWERS = (ErrorKind.NOT_FOUND, ErrorKind.INVALID, ErrorKind.FORBIDDEN)
+
+
+def _an_answer(err: AdapterHubError) -> bool:
+    return err.kind in _ANSWERS
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,8 @@ class Target:
 
 class CachedRegistry:
     """Registry answers (newest version, may-read, readable list) reused for a few seconds, so a busy
-    server asks the registry a few times a minute; a share withdrawn is seen within `_TTL_SECONDS`."""
+    server asks the registry a few times a minute; a share withdrawn is seen within `_TTL_SECONDS`.
+    A registry that cannot answer raises its error (UNAVAILABLE, INTERNAL): nothing is remembered."""
 
     def __init__(self, registry: Any) -> None:
         # A zero-argument callable is called on first use, so a server that only serves the base model
@@ -67,7 +76,9 @@ class CachedRegistry:
         def newest() -> str | None:
             try:
                 return self.registry.resolve(ref).ref
-            except AdapterHubError:
+            except AdapterHubError as e:
+                if not _an_answer(e):
+                    raise
                 return None
 
         return self._cached(("resolve", ref), newest)
@@ -76,7 +87,9 @@ class CachedRegistry:
         def ask() -> bool:
             try:
                 return bool(self.registry.can_read(namespace, ref))
-            except AdapterHubError:
+            except AdapterHubError as e:
+                if not _an_answer(e):
+                    raise
                 return False
 
         return self._cached(("can_read", namespace, ref), ask)
@@ -87,7 +100,9 @@ class CachedRegistry:
         def ask() -> list[tuple[str, str]]:
             try:
                 return [(f"{p.namespace}/{p.name}", p.ref) for p in self.registry.readable(namespace, base)]
-            except AdapterHubError:
+            except AdapterHubError as e:
+                if not _an_answer(e):
+                    raise
                 return []
 
         return self._cached(("readable", namespace, base), ask)
