@@ -161,7 +161,12 @@ def seed_registry(location: Path, base: Path, adapter: Path, n_versions: int, n_
         shutil.rmtree(out)
         reg.set_public(f"{ns}/{name}")
     real = time.perf_counter() - t
-    with reg.index.write() as con:
+    import sqlite3
+
+    assert reg.index.db.path is not None  # the bench's registry is a folder: its index is SQLite
+    con = sqlite3.connect(reg.index.db.path)
+    con.row_factory = sqlite3.Row
+    with con:
         template = [dict(r) for r in con.execute("SELECT * FROM versions ORDER BY id")]
         files: dict[int, list] = {r["id"]: [] for r in template}
         for f in con.execute("SELECT * FROM files"):
@@ -186,6 +191,7 @@ def seed_registry(location: Path, base: Path, adapter: Path, n_versions: int, n_
                 [(vid, f["path"], f["sha256"], f["size"]) for f in files[old_id]],
             )
             con.execute("INSERT INTO tags (version_id, tag) VALUES (?,?)", (vid, word))
+    con.close()
     return {
         "real_publishes": min(n_real, n_versions),
         "real_seconds": real,
@@ -279,7 +285,13 @@ def main() -> None:
         compat.vllm_refusal({"r": 8, "lora_alpha": 8, "target_modules": ["q_proj"]}, None)  # import vLLM once
     with tempfile.TemporaryDirectory(prefix="hub-bench-") as td:
         work = Path(td)
+        import bundle_fixtures as fx
+
+        small_base = fx.make_base(work / "small")
         base, adapter = build(work, args.hidden, args.layers, args.rank)
+        for f in small_base.iterdir():  # pack needs a tokenizer; the random base has none of its own
+            if f.is_file() and "token" in f.name:
+                shutil.copy(f, base / f.name)
         archive = pack_bundle(
             adapter,
             work / "big.tar",
@@ -293,9 +305,6 @@ def main() -> None:
         size = archive.stat().st_size
         print(f"bundle archive: {size / 1e6:.1f} MB", flush=True)
         result = {"bundle_bytes": size, "repeats": args.repeats, "versions": args.versions}
-        import bundle_fixtures as fx
-
-        small_base = fx.make_base(work / "small")
         small = fx.make_adapter(small_base, work / "small-adapter")
         warm = pack_bundle(small, work / "warm.tar", namespace="warm", name="up", version="1.0.0",
                            base_dir=small_base, archive=True, vllm_check=False)

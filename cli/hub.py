@@ -12,6 +12,14 @@ RegistryDir = Annotated[
     str | None,
     typer.Option("--registry", envvar="ADAPTERHUB_REGISTRY", help="registry directory the hub serves"),
 ]
+TokensDbOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tokens-db",
+        envvar="ADAPTERHUB_HUB_TOKENS_DB",
+        help="token store: a SQLite path or postgresql://USER@HOST/DB [default: STATE/tokens.sqlite]",
+    ),
+]
 StateOpt = Annotated[
     str | None, typer.Option("--state", help="hub state folder (tokens, uploads) [default: REGISTRY/hub]")
 ]
@@ -34,6 +42,11 @@ def register(app: typer.Typer) -> None:
         port: Annotated[int, typer.Option(help="TCP port")] = 8000,
         host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
         state: StateOpt = None,
+        tokens_db: TokensDbOpt = None,
+        base: Annotated[
+            list[str] | None,
+            typer.Option(help="a base model this hub serves (repeatable): its publishes are shape-checked"),
+        ] = None,
         max_upload: Annotated[int | None, typer.Option(help="largest accepted upload, bytes")] = None,
         public_url: Annotated[str, typer.Option(help="URL shown in the catalog's commands")] = "",
     ) -> None:
@@ -46,6 +59,8 @@ def register(app: typer.Typer) -> None:
             host=host,
             port=port,
             state_dir=state,
+            tokens_db=tokens_db,
+            bases=list(base or []),
             max_upload=max_upload,
             public_url=public_url,
         )
@@ -58,12 +73,13 @@ def register(app: typer.Typer) -> None:
         note: Annotated[str, typer.Option(help="what the token is for")] = "",
         registry: RegistryDir = None,
         state: StateOpt = None,
+        tokens_db: TokensDbOpt = None,
     ) -> None:
         """Create a token; it is shown once (the last line of the output)."""
         from adapterhub_lite.display import safe
         from adapterhub_lite.hub import token_store
 
-        secret, info = token_store(_location(registry), state).create(namespace, scope, note)
+        secret, info = token_store(_location(registry), state, tokens_db).create(namespace, scope, note)
         typer.echo(
             f"created {info.scope} token {info.id} for namespace {safe(info.namespace)}; "
             "it is shown once, store it now:"
@@ -75,13 +91,14 @@ def register(app: typer.Typer) -> None:
     def tokens(
         registry: RegistryDir = None,
         state: StateOpt = None,
+        tokens_db: TokensDbOpt = None,
         as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     ) -> None:
         """List tokens (ids, namespaces, scopes; never the tokens themselves)."""
         from adapterhub_lite.display import safe
         from adapterhub_lite.hub import token_store
 
-        rows = token_store(_location(registry), state).list()
+        rows = token_store(_location(registry), state, tokens_db).list()
         if as_json:
             print_json([t.to_dict() for t in rows])
             return
@@ -97,11 +114,12 @@ def register(app: typer.Typer) -> None:
         token_id: Annotated[str, typer.Argument(help="token id (from `hub tokens`) or the token")],
         registry: RegistryDir = None,
         state: StateOpt = None,
+        tokens_db: TokensDbOpt = None,
     ) -> None:
         """Revoke a token: the next request with it is refused."""
         from adapterhub_lite.hub import token_store
 
-        info = token_store(_location(registry), state).revoke(token_id)
+        info = token_store(_location(registry), state, tokens_db).revoke(token_id)
         typer.echo(f"revoked token {info.id}")
 
     @app.command("login")

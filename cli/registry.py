@@ -53,14 +53,34 @@ def register(app: typer.Typer) -> None:
         ],
         registry: RegistryOpt = None,
         blobs: BlobsOpt = None,
+        base: Annotated[
+            Path | None,
+            typer.Option(
+                help="base model directory: shape-check the weights against it and record its fingerprint"
+            ),
+        ] = None,
         as_json: JsonOpt = False,
     ) -> None:
         """Publish a bundle; the version becomes immutable."""
-        p = _open(registry, blobs).publish(bundle, progress=not as_json)
+        from adapterhub_lite.errors import ErrorKind, RegistryError
+        from adapterhub_lite.registry import Registry
+
+        reg = _open(registry, blobs)
+        if base is None:
+            p = reg.publish(bundle, progress=not as_json)
+        elif not isinstance(reg, Registry):
+            raise RegistryError(
+                "--base applies to a local registry",
+                hint="a hub checks bundles against the bases it was started with (`hub serve --base DIR`)",
+                kind=ErrorKind.INVALID,
+            )
+        else:
+            p = reg.publish(bundle, progress=not as_json, base_dir=base)
         if as_json:
             print_json(p.to_dict())
         else:
-            typer.echo(f"published {p.ref}\n  digest {p.digest}")
+            checked = ", ".join(p.checked_bases) or "none (pass --base DIR to check the weights' shapes)"
+            typer.echo(f"published {p.ref}\n  digest {p.digest}\n  checked against base {checked}")
 
     @app.command("pull")
     @run_cli
@@ -133,6 +153,7 @@ def register(app: typer.Typer) -> None:
             f"{p.ref}{'  (yanked: ' + safe(p.yank_reason or 'no reason given') + ')' if p.yanked else ''}"
         )
         typer.echo(f"  digest      {p.digest}\n  base        {safe(p.base_name)} ({p.base_fingerprint})")
+        typer.echo(f"  checked     {', '.join(p.checked_bases) or 'against no base at publish'}")
         a = m.adapter
         typer.echo(
             f"  adapter     rank {a.rank}, alpha {a.alpha:g}, {safe(', '.join(a.target_modules))}, "

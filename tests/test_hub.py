@@ -87,7 +87,7 @@ def test_token_cli_shows_once_stores_hash_lists_and_revokes(tmp_path):
     assert (db.stat().st_mode & 0o777) == 0o600
     assert token.encode() not in db.read_bytes()
     secret = token.split("_", 2)[2]
-    stored = sqlite3.connect(db).execute("SELECT hash FROM tokens").fetchone()[0]
+    stored = sqlite3.connect(db).execute("SELECT hash FROM hub_tokens").fetchone()[0]
     assert stored == hashlib.sha256(secret.encode()).hexdigest()
     listed = runner.invoke(cli_app, ["hub", "tokens", "--registry", str(reg), "--json"])
     rows = json.loads(listed.output)
@@ -98,6 +98,64 @@ def test_token_cli_shows_once_stores_hash_lists_and_revokes(tmp_path):
     assert rows[0]["revoked"] is True
     bad = runner.invoke(cli_app, ["hub", "token", "acme", "--scope", "root", "--registry", str(reg)])
     assert bad.exit_code == 65 and "unknown scope" in bad.output
+
+
+def test_token_store_on_every_database_backend(db_location, tmp_path):
+    """The token store on SQLite and on a real PostgreSQL (the `backend` fixture): two hubs over one
+    database see each other's tokens and revocations, and a hub app authenticates through it."""
+    from starlette.testclient import TestClient
+
+    from adapterhub_lite.hub import HubConfig, TokenStore, create_app
+    from adapterhub_lite.hub.tokens import HubError
+    from adapterhub_lite.registry import Registry
+
+    first, second = TokenStore(db_location), TokenStore(db_location)  # two replicas, one database
+    token, info = first.create("acme", "publish", note="ci")
+    assert second.check(token) == info
+    assert [t.id for t in second.list()] == [info.id]
+    for bad in (token[:-1] + ("A" if token[-1] != "A" else "B"), token.replace(info.id, "0" * 12), "x"):
+        with pytest.raises(HubError) as e:
+            second.check(bad)
+        assert e.value.kind == ErrorKind.UNAUTHENTICATED
+    assert second.revoke(info.id).revoked
+    with pytest.raises(HubError) as e:
+        first.check(token)
+    assert e.value.kind == ErrorKind.UNAUTHENTICATED
+    with pytest.raises(HubError) as e:
+        first.revoke("nosuchid")
+    assert e.value.kind == ErrorKind.NOT_FOUND
+
+    reader, _ = first.create("acme", "read")
+    config = HubConfig(state_dir=tmp_path / "state", tokens_db=db_location)
+    with TestClient(create_app(Registry.open(tmp_path / "reg"), config)) as client:
+        r = client.get("/api/v1/whoami", headers={"authorization": f"Bearer {reader}"})
+        assert r.json() == {"namespace": "acme", "scope": "read"}
+        assert client.get("/api/v1/whoami", headers={"authorization": f"Bearer {token}"}).status_code == 401
+    assert not (tmp_path / "state" / "tokens.sqlite").exists()
+    first.close()
+    second.close()
+
+
+def test_token_store_keeps_tokens_of_a_store_made_before_the_database_layer(tmp_path):
+    from adapterhub_lite.hub import TokenStore
+
+    path = tmp_path / "tokens.sqlite"
+    secret = "s3cret"
+    con = sqlite3.connect(path)
+    con.execute(
+        "CREATE TABLE tokens (id TEXT PRIMARY KEY, namespace TEXT NOT NULL, scope TEXT NOT NULL,"
+        " hash TEXT NOT NULL, created TEXT NOT NULL, revoked INTEGER NOT NULL DEFAULT 0,"
+        " note TEXT NOT NULL DEFAULT '')"
+    )
+    con.execute(
+        "INSERT INTO tokens VALUES ('abc123', 'acme', 'read', ?, '2026-01-01T00:00:00Z', 0, '')",
+        (hashlib.sha256(secret.encode()).hexdigest(),),
+    )
+    con.commit()
+    con.close()
+    store = TokenStore(path)
+    assert store.check(f"ahub_abc123_{secret}").namespace == "acme"
+    assert [t.id for t in TokenStore(path).list()] == ["abc123"]
 
 
 def test_private_adapters_are_404_exactly_like_missing_ones(hub):
@@ -340,3 +398,121 @@ def test_hub_serve_command_answers_health(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_search_pages_and_sees_changes_made_behind_the_hubs_back(tmp_path, bundles, monkeypatch):
+    import time
+
+    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import remote as remote_mod
+
+    registry_dir = tmp_path / "registry"
+    with running_hub(registry_dir) as h:
+        h.client("acme", "publish").publish(bundles["1.0.0"])
+        h.client("globex", "publish").publish(bundles["globex"])
+        admin = h.token("ops", "admin")
+        first = h.get("/api/v1/search", token=admin, params={"q": "", "limit": 1})
+        second = h.get("/api/v1/search", token=admin, params={"q": "", "limit": 1, "offset": 1})
+        assert first.headers["x-total-count"] == second.headers["x-total-count"] == "2"
+        assert [d["ref"] for d in first.json() + second.json()] == ["acme/geo@1.0.0", "globex/bot@1.0.0"]
+        monkeypatch.setattr(remote_mod, "_PAGE", 1)  # the client follows every page
+        assert [p.ref for p in h.client("ops", "admin").search("")] == ["acme/geo@1.0.0", "globex/bot@1.0.0"]
+        for bad in ("0", "501", "-1", "x"):
+            r = h.get("/api/v1/search", params={"q": "", "limit": bad})
+            assert r.status_code == 422 and "limit" in r.json()["error"]["message"]  # INVALID
+        assert h.get("/api/v1/search", params={"q": "bot"}).json() == []  # private so far
+        # Another process makes it public: the next searches see it (no hub call involved).
+        Registry.open(registry_dir).set_public("globex/bot")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if [d["ref"] for d in h.get("/api/v1/search", params={"q": "bot"}).json()] == [
+                "globex/bot@1.0.0"
+            ]:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the public adapter never showed in anonymous search")
+
+
+def test_catalog_matches_within_one_adapter_only():
+    from adapterhub_lite.hub.catalog import Catalog
+    from adapterhub_lite.registry.records import Published
+
+    def row(ns: str, name: str, desc: str, tags: tuple[str, ...], public: bool = True) -> Published:
+        return Published(
+            ns,
+            name,
+            "1.0.0",
+            f"sha256:{ns}{name}",
+            "b",
+            "fp",
+            False,
+            public,
+            1,
+            8,
+            "mit",
+            desc,
+            "",
+            "",
+            False,
+            tags,
+        )
+
+    rows = [row("a", "xy", "geo geo geo", ("geo",)), row("b", "zy", "Math", ("math",), public=False)]
+    cat = Catalog(lambda: rows)
+    assert [p.name for p in cat.search("geo")] == ["xy"]  # three hits in one adapter: listed once
+    assert [p.name for p in cat.search("math")] == ["zy"]  # case-insensitive
+    assert cat.search("math", public_only=True) == []
+    assert [p.name for p in cat.search("y")] == ["xy", "zy"]
+    assert cat.search("geo\nb/zy") == cat.search("math\x00b") == []  # never across fields or adapters
+    assert [p.name for p in cat.search("", tag="math")] == ["zy"]
+    assert [p.name for p in cat.search("a/", tag="geo")] == ["xy"]
+    assert cat.search("a/", tag="math") == []
+    assert cat.search("", base="other") == []
+
+
+def test_publish_records_the_bases_it_checked_against(tmp_path, bundles, tiny_base, other_base):
+    from adapterhub_lite.base import fingerprint
+    from adapterhub_lite.registry import Registry
+
+    fp = fingerprint(tiny_base)
+    reg = Registry.open(tmp_path / "local")
+    assert reg.publish(bundles["1.0.0"], base_dir=tiny_base).checked_bases == (fp,)
+    assert reg.publish(bundles["globex"]).checked_bases == ()  # no base known: nothing checked
+    with pytest.raises(RegistryError) as e:
+        reg.publish(bundles["1.1.0"], base_dir=other_base)
+    assert e.value.kind == ErrorKind.INVALID and "not on this base" in e.value.message
+    with pytest.raises(RegistryError):
+        reg.resolve("acme/geo@1.1.0")  # nothing visible
+    runner = CliRunner()
+    shown = runner.invoke(
+        cli_app, ["show", "acme/geo@1.0.0", "--registry", str(tmp_path / "local"), "--json"]
+    )
+    assert json.loads(shown.output)["checked_bases"] == [fp]
+    text = runner.invoke(cli_app, ["show", "globex/bot@1.0.0", "--registry", str(tmp_path / "local")]).output
+    assert "against no base at publish" in text
+
+    # A hub checks publishes for the bases it serves and says so in the API and on the page.
+    with running_hub(tmp_path / "hubreg", bases={fp: tiny_base}) as h:
+        p = h.client("acme", "publish").publish(bundles["1.0.0"])
+        assert p.checked_bases == (fp,)
+        h.client("acme", "publish").set_public("acme/geo")
+        assert h.get("/api/v1/resolve", params={"ref": "acme/geo@1.0.0"}).json()["checked_bases"] == [fp]
+        page = h.get("/acme/geo").text
+        assert f"against base <code>{fp}</code>" in page
+
+
+def test_an_index_from_before_checked_bases_is_upgraded(tmp_path, bundles):
+    from adapterhub_lite.registry import Registry
+
+    Registry.open(tmp_path / "reg").publish(bundles["globex"])
+    index = next((tmp_path / "reg").rglob("index.sqlite"))
+    con = sqlite3.connect(index)
+    con.execute("ALTER TABLE versions DROP COLUMN checked_bases")
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    assert Registry.open(tmp_path / "reg").resolve("globex/bot@1.0.0").checked_bases == ()
+    con = sqlite3.connect(index)
+    assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+    con.close()

@@ -31,7 +31,7 @@ from adapterhub_lite.bundles.signing import (
     load_trusted_keys,
 )
 from adapterhub_lite.bundles.tensors import TensorInfo, header_length, parse_header
-from adapterhub_lite.bundles.values import ValueScan
+from adapterhub_lite.bundles.values import ValueReport, ValueScan
 from adapterhub_lite.errors import BundleError, os_errors_as
 
 _CHUNK = 1 << 22
@@ -120,6 +120,17 @@ class _ArchiveSource(_Source):
         return f"{self.label}:{name}"
 
 
+@dataclass(frozen=True)
+class Precomputed:
+    """Facts a caller established while the bundle's bytes arrived (`registry.intake`), so that
+    `check_bundle` does not read those files again: the sha256 of files as they were written, and the
+    value scan of the weights (its report, or its refusal). A weights file is skipped only when both
+    its hash and its value scan are given; every comparison and refusal still happens here."""
+
+    sha256: dict[str, str] = field(default_factory=dict)
+    weights_values: ValueReport | BundleError | None = None
+
+
 @dataclass
 class Verification:
     """What verifying a bundle established."""
@@ -165,11 +176,13 @@ def check_bundle(
     progress: Callable[[int], object] | None = None,
     for_serving: bool = False,
     shown_as: str | None = None,
+    precomputed: Precomputed | None = None,
 ) -> Verification:
     """Verify a bundle and report its manifest, signers, form, the base it was checked against and any
     warnings (see `verify_bundle`). `shown_as` names the bundle in messages (the archive a directory
     was extracted from). With `for_serving` and a known base, a base architecture on which vLLM serves
-    no LoRA adapters is refused, not only flagged."""
+    no LoRA adapters is refused, not only flagged. `precomputed`: hashes and the value scan a caller
+    made while writing the files (see `Precomputed`)."""
     with os_errors_as(
         BundleError, "cannot read the bundle", hint="check that the path exists and is readable"
     ):
@@ -235,7 +248,26 @@ def check_bundle(
         except BundleError as exc:
             header_error, scan = exc, None  # reported after the hashes: "tampered" says more
         small: dict[str, bytes] = {}
+        known = precomputed.sha256 if precomputed is not None else {}
+        prescanned = precomputed.weights_values if precomputed is not None else None
+        values: ValueReport | None = None
         for entry in manifest.files:
+            if entry.path in known and (entry.path != WEIGHTS_FILE or prescanned is not None):
+                if known[entry.path] != entry.sha256:
+                    raise BundleError(
+                        f"{src.where(entry.path)}: sha256 does not match {MANIFEST_FILE} "
+                        "(tampered or corrupt)",
+                        hint=_REPACK,
+                    )
+                if entry.path != WEIGHTS_FILE:
+                    small[entry.path] = src.read(entry.path)
+                elif isinstance(prescanned, BundleError):
+                    header_error = header_error or prescanned
+                else:
+                    values = prescanned
+                if progress:
+                    progress(entry.size)
+                continue
             h = hashlib.sha256()
             keep = entry.path != WEIGHTS_FILE
             feed = scan.update if scan is not None and not keep else None
@@ -261,8 +293,10 @@ def check_bundle(
                 small[entry.path] = b"".join(parts)
         if header_error is not None:
             raise header_error
-        assert tensors is not None and scan is not None
-        values = scan.finish()
+        assert tensors is not None
+        if values is None:
+            assert scan is not None
+            values = scan.finish()
 
         if not card_matches(small[CARD_FILE], manifest):
             raise BundleError(

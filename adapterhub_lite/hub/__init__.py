@@ -6,18 +6,21 @@ import this package: they speak HTTP through `adapterhub_lite.registry.remote`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from adapterhub_lite.hub.app import HubConfig, create_app, state_dir_for
-from adapterhub_lite.hub.tokens import SCOPES, TOKENS_FILE, HubError, TokenInfo, TokenStore
+from adapterhub_lite.hub.tokens import ENV_TOKENS_DB, SCOPES, TOKENS_FILE, HubError, TokenInfo, TokenStore
 
 __all__ = [
+    "ENV_TOKENS_DB",
     "SCOPES",
     "HubConfig",
     "HubError",
     "TokenInfo",
     "TokenStore",
     "create_app",
+    "known_bases",
     "serve",
     "state_dir_for",
     "token_store",
@@ -38,9 +41,26 @@ def _state_dir(registry_location: str | Path | None, state_dir: str | Path | Non
     return state_dir_for(Path(raw).expanduser())
 
 
-def token_store(registry_location: str | Path, state_dir: str | Path | None = None) -> TokenStore:
-    """The token store of the hub over `registry_location` (or in `state_dir`)."""
-    return TokenStore(_state_dir(registry_location, state_dir) / TOKENS_FILE)
+def token_store(
+    registry_location: str | Path | None,
+    state_dir: str | Path | None = None,
+    tokens_db: str | None = None,
+) -> TokenStore:
+    """The token store of the hub over `registry_location`: the database `tokens_db` (a path or a
+    `postgresql://` URL; default `$ADAPTERHUB_HUB_TOKENS_DB`), else a SQLite file in its state folder."""
+    location = tokens_db or os.environ.get(ENV_TOKENS_DB)
+    return TokenStore(location or _state_dir(registry_location, state_dir) / TOKENS_FILE)
+
+
+def known_bases(dirs: list[str | Path]) -> dict[str, Path]:
+    """fingerprint -> directory of each base model directory (for `HubConfig.bases`)."""
+    from adapterhub_lite.base import fingerprint, resolve_base_dir
+
+    out = {}
+    for d in dirs:
+        path = resolve_base_dir(d)
+        out[fingerprint(path)] = Path(path)
+    return out
 
 
 def serve(
@@ -49,6 +69,8 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     state_dir: str | Path | None = None,
+    tokens_db: str | None = None,
+    bases: list[str | Path] | None = None,
     max_upload: int | None = None,
     public_url: str = "",
     log_level: str = "warning",
@@ -60,7 +82,12 @@ def serve(
 
     state = _state_dir(registry_location, state_dir)
     registry = Registry.open(registry_location)
-    config = HubConfig(state_dir=state, public_url=public_url)
+    config = HubConfig(
+        state_dir=state,
+        public_url=public_url,
+        tokens_db=tokens_db or os.environ.get(ENV_TOKENS_DB),
+        bases=known_bases(bases or []),
+    )
     if max_upload is not None:
         config.max_upload = max_upload
     app = create_app(registry, config)

@@ -20,12 +20,13 @@ from adapterhub_lite.bundles.naming import check_name
 from adapterhub_lite.bundles.signing import SIGNATURES_FILE
 from adapterhub_lite.errors import ErrorKind, RegistryError
 from adapterhub_lite.hub.access import Caller, not_found
+from adapterhub_lite.hub.app import MAX_RESULTS
 from adapterhub_lite.hub.tokens import HubError
 
 
 class _BlobResponse(FileResponse):
-    # Starlette reads 64 KiB per worker-thread hop by default; 1 MiB chunks keep large pulls near disk speed.
-    chunk_size = 1 << 20
+    # Starlette reads 64 KiB per worker-thread hop by default; 4 MiB chunks keep large pulls near disk speed.
+    chunk_size = 1 << 22
 
 
 _SERVED_FILES = frozenset((*BUNDLE_FILES, MANIFEST_FILE, SIGNATURES_FILE))
@@ -102,13 +103,13 @@ async def publish(request: Request) -> Response:
         caller.require_write(hub.registry, caller.namespace or "")  # the right 401/403 before any upload
     declared = request.headers.get("content-length")
     try:
-        archive = await hub.uploads.receive(request.stream(), int(declared) if declared else None)
+        staged = await hub.uploads.receive(request.stream(), int(declared) if declared else None)
     except ClientDisconnect:
         return Response(status_code=400)  # nobody is listening; the temp file is already gone
     except ValueError:
         raise HubError("bad Content-Length", kind=ErrorKind.INVALID) from None
     async with hub.publish_slots:
-        published, bundle = await run_in_threadpool(hub.publish_checked, caller, archive)
+        published, bundle = await run_in_threadpool(hub.publish_checked, caller, staged)
     return JSONResponse(published.to_dict(), status_code=201)
 
 
@@ -160,14 +161,29 @@ async def manifest(request: Request) -> Response:
     return Response((d / MANIFEST_FILE).read_bytes(), media_type="application/json")
 
 
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = _param(request, name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise HubError(
+            f"query parameter {name!r} must be an integer from {low} to {high}", kind=ErrorKind.INVALID
+        )
+    return int(raw)
+
+
 async def search(request: Request) -> Response:
+    """Matches as a JSON list, one page of them (`limit`, `offset`); `x-total-count` says how many."""
     hub, caller = _hub(request), request.state.caller
     q, base, tag = _param(request, "q") or "", _param(request, "base"), _param(request, "tag")
+    limit = _int_param(request, "limit", MAX_RESULTS, 1, MAX_RESULTS)
+    offset = _int_param(request, "offset", 0, 0, 10**9)
     if caller.token is None:  # in memory only: no worker thread needed
-        rows = hub.search(caller, q, base, tag)
+        rows, total = hub.search(caller, q, base, tag, limit, offset)
     else:  # a token's view may ask the registry about shares
-        rows = await run_in_threadpool(hub.search, caller, q, base, tag)
-    return JSONResponse([hub.catalog.as_dict(p) for p in rows])
+        rows, total = await run_in_threadpool(hub.search, caller, q, base, tag, limit, offset)
+    body = b"[" + b",".join(hub.catalog.as_json(p) for p in rows) + b"]"
+    return Response(body, media_type="application/json", headers={"x-total-count": str(total)})
 
 
 async def versions(request: Request) -> Response:

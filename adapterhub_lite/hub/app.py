@@ -52,6 +52,11 @@ class HubConfig:
     # vLLM's own validator on every publish (None: when vLLM is importable, as `verify` does).
     vllm_check: bool | None = None
     public_url: str = ""
+    # Bases this hub serves (fingerprint -> directory): a publish for one of them is shape-checked
+    # against it, and the version records the fingerprint.
+    bases: dict[str, Path] = field(default_factory=dict)
+    # The token store's database (a path or URL); None: `tokens.sqlite` in `state_dir`.
+    tokens_db: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -61,13 +66,13 @@ class Hub:
     def __init__(self, registry: Any, config: HubConfig) -> None:
         self.registry = registry
         self.config = config
-        self.tokens = TokenStore(config.state_dir / TOKENS_FILE)
+        self.tokens = TokenStore(config.tokens_db or config.state_dir / TOKENS_FILE)
         self.uploads = Uploads(
             config.state_dir / "uploads", config.max_upload, config.idle_timeout_s, config.vllm_check
         )
         self.cache = BundleCache(config.state_dir / "bundles", config.cache_bytes)
         self.publish_slots = anyio.Semaphore(config.concurrent_publishes)
-        self.catalog = Catalog(lambda: self.versions(None))
+        self.catalog = Catalog(lambda: self.versions(None), changed=_change_probe(registry))
 
     @staticmethod
     def parse_ref(ref: str) -> Ref:
@@ -86,22 +91,47 @@ class Hub:
         # `versions` is the registry's name for it from now on; `list` before its rename landed.
         return reg.versions(namespace) if hasattr(reg, "versions") else reg.list(namespace)
 
-    def search(self, caller: Caller, q: str, base: str | None, tag: str | None) -> list:
-        return caller.visible(self.registry, self.catalog.search(q, base=base, tag=tag))[:MAX_RESULTS]
+    def search(
+        self,
+        caller: Caller,
+        q: str,
+        base: str | None,
+        tag: str | None,
+        limit: int = MAX_RESULTS,
+        offset: int = 0,
+    ) -> tuple[list, int]:
+        """One page of what `caller` may see among the matches, and how many matches there are."""
+        if caller.token is None:  # anonymous: the public snapshot needs no filtering
+            rows = self.catalog.search(q, base=base, tag=tag, public_only=True)
+        else:
+            rows = caller.visible(self.registry, self.catalog.search(q, base=base, tag=tag))
+        return rows[offset : offset + min(limit, MAX_RESULTS)], len(rows)
 
     def manifest_of(self, ref: str, bundle_dir: Path) -> Manifest:
         return parse_manifest((bundle_dir / MANIFEST_FILE).read_bytes(), f"{ref}:{MANIFEST_FILE}")
 
-    def publish_checked(self, caller: Caller, archive: Path) -> tuple[Any, Path]:
-        """Publish an uploaded archive for `caller` (blocking); the verified bundle becomes a serving copy."""
+    def publish_checked(self, caller: Caller, staged: Any) -> tuple[Any, Path]:
+        """Publish an upload (`uploads.Staged`) for `caller` (blocking); the verified bundle becomes a
+        serving copy."""
 
         def authorize(namespace: str) -> None:
             caller.require_write(self.registry, namespace)
 
-        published, bundle = self.uploads.publish(self.registry, archive, authorize)
+        published, bundle = self.uploads.publish(self.registry, staged, authorize, self.config.bases)
         self.cache.adopt(bundle, published.digest)
         self.catalog.refresh()
         return published, bundle
+
+
+def _change_probe(registry: Any) -> Any:
+    """The registry index's "did anything change?" probe, when it has one (a local `Registry`)."""
+    db = getattr(getattr(registry, "index", None), "db", None)
+    if db is None:
+        return None
+    from adapterhub_lite.db import ChangeFeed
+    from adapterhub_lite.registry.index import CHANGES_CHANNEL
+
+    return ChangeFeed(db, CHANGES_CHANNEL).version
 
 
 def error_response(exc: AdapterHubError) -> JSONResponse:

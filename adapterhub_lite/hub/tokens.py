@@ -1,7 +1,9 @@
 """Hub tokens: random, shown once, stored as a sha256 hash, bound to one namespace and one scope.
 
 A token reads `ahub_<id>_<secret>`: the id finds the row without a scan, the secret (32 random bytes)
-is compared by hash in constant time. The store is a small SQLite file in the hub's state folder.
+is compared by hash in constant time. The store is a database through `adapterhub_lite.db` (the layer
+the registry index uses): a SQLite file in the hub's state folder by default, or a `postgresql://` URL
+(`hub serve --tokens-db URL`), so several hub replicas can share one account store.
 """
 
 from __future__ import annotations
@@ -9,21 +11,39 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
+from sqlalchemy.engine import Row
+
 from adapterhub_lite.bundles.naming import check_name
+from adapterhub_lite.db import Database
 from adapterhub_lite.errors import AdapterHubError, ErrorKind
 
 TOKENS_FILE = "tokens.sqlite"
+ENV_TOKENS_DB = "ADAPTERHUB_HUB_TOKENS_DB"
 PREFIX = "ahub_"
 SCOPES = ("read", "publish", "admin")
 _MAX_TOKEN_CHARS = 200
+
+# Its own table name and no `meta` row: a tokens table may share a PostgreSQL database with a registry
+# index, whose `meta` table holds the index's schema version.
+_metadata = sa.MetaData()
+_tokens = sa.Table(
+    "hub_tokens",
+    _metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("namespace", sa.Text, nullable=False),
+    sa.Column("scope", sa.Text, nullable=False),
+    sa.Column("hash", sa.Text, nullable=False),
+    sa.Column("created", sa.Text, nullable=False),
+    sa.Column("revoked", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("note", sa.Text, nullable=False, server_default=""),
+)
+_t = _tokens.c
 
 
 class HubError(AdapterHubError):
@@ -49,37 +69,38 @@ def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _info(r: Row, revoked: bool | None = None) -> TokenInfo:
+    m = r._mapping
+    return TokenInfo(
+        m["id"], m["namespace"], m["scope"], m["created"], bool(m["revoked"]) if revoked is None else revoked,
+        m["note"],
+    )
+
+
 class TokenStore:
-    """Tokens of one hub (SQLite at `path`)."""
+    """Tokens of one hub, in the database at `location` (a SQLite path or URL, or a PostgreSQL URL)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._tx() as con:
-            con.execute(
-                "CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, namespace TEXT NOT NULL,"
-                " scope TEXT NOT NULL, hash TEXT NOT NULL, created TEXT NOT NULL,"
-                " revoked INTEGER NOT NULL DEFAULT 0, note TEXT NOT NULL DEFAULT '')"
-            )
-        self.path.chmod(0o600)
+    def __init__(self, location: str | Path) -> None:
+        self.db = Database(location, error=HubError, what="hub token store")
+        if self.db.path is not None:
+            self.db.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.db.write() as con:
+            if self.db.dialect == "postgresql":  # two hubs starting at once: the second waits
+                con.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('adapterhub-hub-tokens'))"))
+            _metadata.create_all(con, checkfirst=True)
+            if self.db.dialect == "sqlite" and sa.inspect(con).has_table("tokens"):
+                # A store made before the database layer: same columns under the old table name.
+                con.exec_driver_sql(
+                    "INSERT OR IGNORE INTO hub_tokens (id, namespace, scope, hash, created, revoked, note)"
+                    " SELECT id, namespace, scope, hash, created, revoked, note FROM tokens"
+                )
+                con.exec_driver_sql("DROP TABLE tokens")
+        if self.db.path is not None:
+            self.db.path.chmod(0o600)  # hashes only, but nobody else's business
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        try:
-            con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise HubError(
-                f"cannot open the token store {self.path}: {exc}", kind=ErrorKind.INTERNAL
-            ) from None
-        con.row_factory = sqlite3.Row
-        try:
-            con.execute("BEGIN IMMEDIATE")
-            yield con
-            con.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise HubError(f"token store {self.path}: {exc}", kind=ErrorKind.UNAVAILABLE) from None
-        finally:
-            con.close()
+    @property
+    def shown(self) -> str:
+        return self.db.shown
 
     def create(self, namespace: str, scope: str, note: str = "") -> tuple[str, TokenInfo]:
         """Make a token; return (the token, shown once; its record)."""
@@ -91,36 +112,39 @@ class TokenStore:
         info = TokenInfo(
             token_id, namespace, scope, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), False, note[:200]
         )
-        with self._tx() as con:
+        with self.db.write() as con:
             con.execute(
-                "INSERT INTO tokens (id, namespace, scope, hash, created, note) VALUES (?,?,?,?,?,?)",
-                (token_id, namespace, scope, _hash(secret), info.created, info.note),
+                sa.insert(_tokens).values(
+                    id=token_id,
+                    namespace=namespace,
+                    scope=scope,
+                    hash=_hash(secret),
+                    created=info.created,
+                    note=info.note,
+                )
             )
         return f"{PREFIX}{token_id}_{secret}", info
 
     def list(self) -> list[TokenInfo]:
-        with self._tx() as con:
-            rows = con.execute("SELECT * FROM tokens ORDER BY namespace, created, id").fetchall()
-        return [
-            TokenInfo(r["id"], r["namespace"], r["scope"], r["created"], bool(r["revoked"]), r["note"])
-            for r in rows
-        ]
+        with self.db.read() as con:
+            rows = con.execute(sa.select(_tokens).order_by(_t.namespace, _t.created, _t.id)).all()
+        return [_info(r) for r in rows]
 
     def revoke(self, token_or_id: str) -> TokenInfo:
         """Revoke a token given by its id (as `list` shows it) or by the token itself."""
         token_id = token_or_id
         if token_or_id.startswith(PREFIX):
             token_id = token_or_id[len(PREFIX) :].split("_", 1)[0]
-        with self._tx() as con:
-            cur = con.execute("UPDATE tokens SET revoked=1 WHERE id=?", (token_id,))
-            if cur.rowcount == 0:
+        with self.db.write() as con:
+            done = con.execute(sa.update(_tokens).where(_t.id == token_id).values(revoked=1))
+            if done.rowcount == 0:
                 raise HubError(
                     f"no token with id {token_id!r}",
                     hint="`adapterhub hub tokens` lists them",
                     kind=ErrorKind.NOT_FOUND,
                 )
-            r = con.execute("SELECT * FROM tokens WHERE id=?", (token_id,)).fetchone()
-        return TokenInfo(r["id"], r["namespace"], r["scope"], r["created"], True, r["note"])
+            r = con.execute(sa.select(_tokens).where(_t.id == token_id)).one()
+        return _info(r, revoked=True)
 
     def check(self, token: str) -> TokenInfo:
         """The record of a valid, unrevoked token; UNAUTHENTICATED otherwise (one message for every case)."""
@@ -132,8 +156,11 @@ class TokenStore:
         if len(token) > _MAX_TOKEN_CHARS or not token.startswith(PREFIX) or token.count("_") < 2:
             raise bad
         token_id, secret = token[len(PREFIX) :].split("_", 1)
-        with self._tx() as con:
-            r = con.execute("SELECT * FROM tokens WHERE id=?", (token_id,)).fetchone()
-        if r is None or not hmac.compare_digest(r["hash"], _hash(secret)) or r["revoked"]:
+        with self.db.read() as con:
+            r = con.execute(sa.select(_tokens).where(_t.id == token_id)).first()
+        if r is None or not hmac.compare_digest(r._mapping["hash"], _hash(secret)) or r._mapping["revoked"]:
             raise bad
-        return TokenInfo(r["id"], r["namespace"], r["scope"], r["created"], False, r["note"])
+        return _info(r, revoked=False)
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,6 +1,8 @@
-"""Receiving a published bundle: stream the archive to a private temp file (bounded in size and time),
-extract it with the bundle part's strict reader, ask vLLM's own validator, and hand the directory to the
-registry, whose publish verifies everything else and makes the version visible in one transaction.
+"""Receiving a published bundle: unpack the archive into a private folder as it streams in (bounded in
+size and time, with the bundle part's strict archive rules, hashing and value-scanning on the way), ask
+vLLM's own validator, and hand the folder to the registry, whose publish verifies everything else (with
+what was established on the way, so no byte is read twice) and makes the version visible in one
+transaction.
 
 Whatever happens (an error, a client that goes away, a timeout), the upload's temp files are removed;
 nothing is visible before the registry's commit.
@@ -13,17 +15,28 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterhub_lite.bundles.archive import extract_archive
 from adapterhub_lite.bundles.compat import CONFIG_FILE, WEIGHTS_FILE, check_adapter, parse_config
 from adapterhub_lite.bundles.manifest import MANIFEST_FILE, parse_manifest
 from adapterhub_lite.bundles.tensors import read_header
+from adapterhub_lite.bundles.verify import Precomputed
 from adapterhub_lite.errors import AdapterHubError, BundleError, ErrorKind
 from adapterhub_lite.hub.tokens import HubError
+from adapterhub_lite.hub.unpack import StreamUnpacker
 
 DEFAULT_MAX_UPLOAD = 2 * 1024**3
+_BATCH = 1 << 20  # handed to the unpacker's threads while still in cache (see registry/remote.py)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """An upload unpacked into `folder`, with what was established on the way."""
+
+    folder: Path
+    precomputed: Precomputed
 DEFAULT_IDLE_TIMEOUT_S = 60.0
 
 
@@ -48,58 +61,78 @@ class Uploads:
     def leftovers(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir())
 
-    async def receive(self, chunks: AsyncIterator[bytes], declared: int | None) -> Path:
-        """Write the request body to a new temp file; refuse it past the size limit or when it stalls."""
+    async def receive(self, chunks: AsyncIterator[bytes], declared: int | None) -> Staged:
+        """Unpack the request body into a new private folder as it arrives (hashing and value-scanning
+        on the way, in worker threads); refuse it past the size limit, when it stalls, or when the
+        archive breaks a rule. Nothing is left behind on any failure."""
         if declared is not None and declared > self.max_bytes:
             raise _too_large(declared, self.max_bytes)
-        path = self.root / f"{uuid.uuid4().hex}.tar"
-        received = 0
+        folder = self.root / uuid.uuid4().hex
+        unpacker = StreamUnpacker(folder)
+        loop = asyncio.get_running_loop()
+        pending: asyncio.Future | None = None
+        batch: list[bytes] = []
+        batched = received = 0
         try:
-            with path.open("wb") as out:
-                it = chunks.__aiter__()
-                while True:
-                    try:
-                        chunk = await asyncio.wait_for(it.__anext__(), self.idle_timeout_s)
-                    except StopAsyncIteration:
-                        break
-                    except TimeoutError:
-                        raise HubError(
-                            f"upload stalled: no data for {self.idle_timeout_s:g} s",
-                            hint="publish again from a steadier connection",
-                            kind=ErrorKind.INVALID,
-                        ) from None
-                    received += len(chunk)
-                    if received > self.max_bytes:
-                        raise _too_large(received, self.max_bytes)
-                    out.write(chunk)
+            idle = self.idle_timeout_s
+            try:
+                # One deadline moved forward per chunk (a task per chunk, as wait_for makes, costs more
+                # than the chunk's bytes on a fast link).
+                async with asyncio.timeout(idle) as deadline:
+                    async for chunk in chunks:
+                        deadline.reschedule(loop.time() + idle)
+                        received += len(chunk)
+                        if received > self.max_bytes:
+                            raise _too_large(received, self.max_bytes)
+                        batch.append(chunk)
+                        batched += len(chunk)
+                        if batched >= _BATCH:  # one worker-thread hop per batch, overlapping the next
+                            if pending is not None:
+                                await pending
+                            pending = loop.run_in_executor(None, unpacker.feed, b"".join(batch))
+                            batch, batched = [], 0
+            except TimeoutError:
+                raise HubError(
+                    f"upload stalled: no data for {idle:g} s",
+                    hint="publish again from a steadier connection",
+                    kind=ErrorKind.INVALID,
+                ) from None
+            if pending is not None:
+                await pending
+                pending = None
+            if batch:
+                await loop.run_in_executor(None, unpacker.feed, b"".join(batch))
             if declared is not None and received != declared:
                 raise HubError(
                     f"truncated upload: received {received} of {declared} bytes",
                     hint="publish again",
                     kind=ErrorKind.INVALID,
                 )
+            return Staged(folder, unpacker.finish())
         except BaseException:
-            path.unlink(missing_ok=True)
+            if pending is not None:  # the worker may still be writing into the folder
+                await asyncio.wait([pending])
+            unpacker.abort()
+            shutil.rmtree(folder, ignore_errors=True)
             raise
-        return path
 
-    def publish(self, registry: Any, archive: Path, authorize: Callable[[str], None]) -> tuple[Any, Path]:
-        """Extract, check the caller may publish under the manifest's namespace (`authorize`), check
-        with vLLM, publish (blocking); return (Published, the verified bundle directory).
-
-        The caller owns the returned directory (the hub keeps it as its serving copy).
+    def publish(
+        self,
+        registry: Any,
+        staged: Staged,
+        authorize: Callable[[str], None],
+        bases: dict[str, Path] | None = None,
+    ) -> tuple[Any, Path]:
+        """Check the caller may publish under the manifest's namespace (`authorize`), check with vLLM,
+        publish (blocking; the registry takes the files by hard link); return (Published, the verified
+        bundle directory). The caller owns the returned directory (the hub keeps it as its serving copy).
+        `bases`: the hub's bases (fingerprint -> directory); the one the bundle names checks its shapes.
         """
-        bundle = archive.with_suffix(".d")
+        bundle = staged.folder
         try:
-            try:
-                extract_archive(archive, bundle)
-            except BundleError as exc:
-                raise BundleError(exc.message.replace(str(archive), "upload"), hint=exc.hint) from None
-            finally:
-                archive.unlink(missing_ok=True)
             authorize(_namespace(bundle))
             _vllm_check(bundle, self.vllm_check)
-            published = registry.publish(bundle)
+            published = registry.publish(bundle, precomputed=staged.precomputed, owned=True, bases=bases)
         except AdapterHubError as exc:
             shutil.rmtree(bundle, ignore_errors=True)
             # The temp names mean nothing to the client: say "upload" instead.

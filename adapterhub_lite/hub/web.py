@@ -59,7 +59,7 @@ def _metrics(training: dict[str, Any] | None) -> list[tuple[str, str, str, str]]
 async def search_page(request: Request) -> Response:
     hub, caller = request.app.state.hub, request.state.caller
     q = (request.query_params.get("q") or "")[:200]
-    rows = await run_in_threadpool(hub.search, caller, q, None, None)
+    rows, _ = await run_in_threadpool(hub.search, caller, q, None, None)
     return _page("search.html", q=q, rows=rows)
 
 
@@ -72,7 +72,7 @@ async def namespace_page(request: Request) -> Response:
         return _error_page(not_found(ns))
 
     def rows() -> list:
-        return caller.visible(hub.registry, hub.catalog.search(""))
+        return caller.visible(hub.registry, hub.catalog.search(f"{ns}/"))
 
     found = [p for p in await run_in_threadpool(rows) if p.namespace == ns]
     if not found:

@@ -22,7 +22,8 @@ from adapterhub_lite.registry.faults import fault_point
 from adapterhub_lite.registry.records import Published, now
 
 INDEX_FILE = "index.sqlite"
-SCHEMA_VERSION = 1
+CHANGES_CHANNEL = "adapterhub_registry"  # notified by every write (for `db.ChangeFeed` readers)
+SCHEMA_VERSION = 2  # 2: versions.checked_bases
 
 metadata = sa.MetaData()
 meta = meta_table(metadata)
@@ -54,6 +55,8 @@ versions = sa.Table(
     sa.Column("published_at", sa.Text, nullable=False),
     sa.Column("yanked", sa.Integer, nullable=False, server_default="0"),
     sa.Column("yank_reason", sa.Text, nullable=False, server_default=""),
+    # Base fingerprints publish shape-checked the weights against (comma-separated; "" for none).
+    sa.Column("checked_bases", sa.Text, nullable=False, server_default=""),
     sa.UniqueConstraint("namespace", "name", "version"),
     sa.ForeignKeyConstraint(["namespace", "name"], ["packages.namespace", "packages.name"]),
 )
@@ -114,6 +117,7 @@ def _row(r: Row) -> Published:
         signed=m["signatures_sha256"] is not None,
         tags=tuple(sorted(filter(None, (m["tag_list"] or "").split(",")))),
         yank_reason=m["yank_reason"],
+        checked_bases=tuple(filter(None, (m["checked_bases"] or "").split(","))),
         id=m["id"],
     )
 
@@ -134,7 +138,7 @@ class Index:
 
     def create(self) -> None:
         """Create the schema, or upgrade it; refuses a database newer than this code."""
-        migrate(self.db, metadata, SCHEMA_VERSION, legacy=_legacy_version)
+        migrate(self.db, metadata, SCHEMA_VERSION, {2: _upgrade_to_2}, legacy=_legacy_version)
 
     def check_schema(self) -> None:
         """Refuse to work on a database whose schema is newer than this code (no writes)."""
@@ -149,6 +153,7 @@ class Index:
 
     def put_config(self, config: dict[str, Any]) -> None:
         with self.db.write() as con:
+            self.db.notify(con, CHANGES_CHANNEL)
             con.execute(sa.delete(meta).where(meta.c.key == "config"))
             con.execute(sa.insert(meta).values(key="config", value=json.dumps(config)))
 
@@ -158,11 +163,20 @@ class Index:
         with self.db.read() as con:
             return con.execute(sa.select(_v.digest).where(_one_version(ns, name, version))).scalar()
 
-    def add_version(self, m: Manifest, manifest_sha: str, sig_sha: str | None, size: int) -> str | None:
+    def add_version(
+        self,
+        m: Manifest,
+        manifest_sha: str,
+        sig_sha: str | None,
+        size: int,
+        checked_bases: tuple[str, ...] = (),
+    ) -> str | None:
         """Record a version in one transaction; returns None, or the digest already recorded under
-        its `name@version` (by an earlier or a concurrent publish: the caller decides)."""
+        its `name@version` (by an earlier or a concurrent publish: the caller decides).
+        `checked_bases`: the base fingerprints its weights were shape-checked against."""
         try:
             with self.db.write() as con:
+                self.db.notify(con, CHANGES_CHANNEL)
                 found = con.execute(
                     sa.select(_v.digest).where(_one_version(m.namespace, m.name, m.version))
                 ).scalar()
@@ -191,6 +205,7 @@ class Index:
                         size=size,
                         created=m.created,
                         published_at=now(),
+                        checked_bases=",".join(checked_bases),
                     )
                     .returning(_v.id)
                 ).scalar_one()
@@ -209,7 +224,8 @@ class Index:
             # writers queue instead). Whatever it recorded is now visible: let the caller compare.
             found = self.digest_of(m.namespace, m.name, m.version)
             if found is None:
-                return self.add_version(m, manifest_sha, sig_sha, size)  # only the package row raced
+                # Only the package row raced: try again.
+                return self.add_version(m, manifest_sha, sig_sha, size, checked_bases)
             return found
         return None
 
@@ -331,6 +347,7 @@ class Index:
     def set_yanked(self, ns: str, name: str, version: str, yanked: bool, reason: str) -> bool:
         """Flag or unflag a version; False if there is no such version."""
         with self.db.write() as con:
+            self.db.notify(con, CHANGES_CHANNEL)
             done = con.execute(
                 sa.update(versions)
                 .where(_one_version(ns, name, version))
@@ -347,6 +364,7 @@ class Index:
     def set_share(self, ns: str, name: str, grantee: str, shared: bool) -> bool:
         """Grant (or revoke) `grantee` read access to a package; False if the package does not exist."""
         with self.db.write() as con:
+            self.db.notify(con, CHANGES_CHANNEL)
             if not con.execute(sa.select(_p.name).where(_p.namespace == ns, _p.name == name)).first():
                 return False
             con.execute(
@@ -366,10 +384,15 @@ class Index:
     def set_public(self, ns: str, name: str, public: bool) -> bool:
         """Make a package public (or private); False if it does not exist."""
         with self.db.write() as con:
+            self.db.notify(con, CHANGES_CHANNEL)
             done = con.execute(
                 sa.update(packages).where(_p.namespace == ns, _p.name == name).values(public=int(public))
             )
             return done.rowcount > 0
+
+
+def _upgrade_to_2(con: Connection) -> None:
+    con.execute(sa.text("ALTER TABLE versions ADD COLUMN checked_bases TEXT NOT NULL DEFAULT ''"))
 
 
 def _legacy_version(con: Connection) -> int:

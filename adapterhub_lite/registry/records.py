@@ -46,6 +46,8 @@ class Published:
     signed: bool
     tags: tuple[str, ...] = ()
     yank_reason: str = ""
+    # Base fingerprints the weights were shape-checked against at publish (empty: none was known).
+    checked_bases: tuple[str, ...] = ()
     id: int = field(default=0, repr=False, compare=False)
 
     @property
@@ -56,6 +58,7 @@ class Published:
         d = asdict(self)
         d.pop("id")
         d["tags"] = list(self.tags)
+        d["checked_bases"] = list(self.checked_bases)
         d["ref"] = self.ref
         return d
 

@@ -3,13 +3,14 @@ publish, pull, access and check modules. Open one with `open_registry` (or `Regi
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from adapterhub_lite.bundles.manifest import Manifest
 from adapterhub_lite.bundles.naming import check_name, semver_key
 from adapterhub_lite.bundles.signing import PublicKeyLike
+from adapterhub_lite.bundles.verify import Precomputed
 from adapterhub_lite.errors import RegistryError
 from adapterhub_lite.registry import access
 from adapterhub_lite.registry import check as _check
@@ -62,13 +63,36 @@ class Registry:
 
     # -- publishing and pulling ----------------------------------------------------------------
 
-    def publish(self, bundle_path: str | Path, *, progress: bool = False) -> Published:
+    def publish(
+        self,
+        bundle_path: str | Path,
+        *,
+        progress: bool = False,
+        precomputed: Precomputed | None = None,
+        owned: bool = False,
+        base_dir: str | Path | None = None,
+        bases: Mapping[str, Path] | None = None,
+    ) -> Published:
         """Verify and publish a bundle (directory or archive); idempotent for identical content.
 
         Another content under an existing `name@version` is a CONFLICT; of two concurrent publishes
-        of one `name@version` with different content, exactly one wins.
+        of one `name@version` with different content, exactly one wins. `precomputed` (hashes and the
+        value scan taken while the files were written) spares verification a second read; `owned`
+        says the directory is the caller's private, fsynced copy that nobody modifies any more (the
+        hub's upload), so a local blob store takes its files by hard link instead of copying them.
+        The weights are shape-checked against a base, and the version records its fingerprint
+        (`checked_bases`): `base_dir` (a bundle for another base is refused), or the one of `bases`
+        (fingerprint -> base directory, the bases a hub serves) the bundle names.
         """
-        return _publish.publish(self, Path(bundle_path), progress)
+        return _publish.publish(
+            self,
+            Path(bundle_path),
+            progress,
+            precomputed=precomputed,
+            owned=owned,
+            base_dir=Path(base_dir) if base_dir is not None else None,
+            bases=bases,
+        )
 
     def pull(
         self,

@@ -25,60 +25,37 @@ from urllib.parse import urlsplit
 import httpx
 
 from adapterhub_lite.bundles.archive import write_archive
+from adapterhub_lite.bundles.compat import WEIGHTS_FILE
 from adapterhub_lite.bundles.manifest import MANIFEST_FILE, Manifest, parse_manifest
 from adapterhub_lite.bundles.naming import parse_ref
-from adapterhub_lite.bundles.signing import PublicKeyLike, config_dir, load_public_keys
+from adapterhub_lite.bundles.signing import PublicKeyLike, load_public_keys
+from adapterhub_lite.bundles.values import ValueReport
 from adapterhub_lite.bundles.verify import check_bundle
 from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError
+from adapterhub_lite.registry.credentials import ENV_TOKEN, TOKEN_FILE, load_token, save_token, token_path
+from adapterhub_lite.registry.intake import FileIntake, precomputed
 from adapterhub_lite.registry.pull import existing_copy
 from adapterhub_lite.registry.records import Published
 
-ENV_TOKEN = "ADAPTERHUB_TOKEN"
-TOKEN_FILE = "hub-tokens.json"
+# 1 MiB: each chunk is hashed, written and value-scanned by three threads while it is still in their
+# caches (4 MiB chunks, several in flight, measured slower: benchmarks/hub_bench.py).
 _CHUNK = 1 << 20
+_PAGE = 500
 _PUBLISHED_FIELDS = {f.name for f in fields(Published)} - {"id"}
+# The token helpers moved to `credentials`; importing them from here keeps working.
+__all__ = [
+    "ENV_TOKEN",
+    "TOKEN_FILE",
+    "RemoteRegistry",
+    "is_hub_url",
+    "load_token",
+    "save_token",
+    "token_path",
+]
 
 
 def is_hub_url(location: object) -> bool:
     return isinstance(location, str) and location.startswith(("http://", "https://"))
-
-
-def token_path() -> Path:
-    return config_dir() / TOKEN_FILE
-
-
-def save_token(token: str, hub: str | None = None) -> Path:
-    """Store a token for `hub` (or for every hub) in a file only its owner can read."""
-    path = token_path()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    data: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except ValueError:
-            data = {}
-    if hub:
-        data.setdefault("hubs", {})[hub.rstrip("/")] = token
-    else:
-        data["default"] = token
-    fd = os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(f"{path}.tmp", path)
-    return path
-
-
-def load_token(hub: str) -> str | None:
-    if os.environ.get(ENV_TOKEN):
-        return os.environ[ENV_TOKEN].strip()
-    path = token_path()
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return (data.get("hubs") or {}).get(hub.rstrip("/")) or data.get("default")
 
 
 def _check_ref(ref: str) -> None:
@@ -92,6 +69,7 @@ def _check_ref(ref: str) -> None:
 def _published(d: dict[str, Any]) -> Published:
     kw = {k: v for k, v in d.items() if k in _PUBLISHED_FIELDS}
     kw["tags"] = tuple(kw.get("tags") or ())
+    kw["checked_bases"] = tuple(kw.get("checked_bases") or ())
     return Published(**kw)
 
 
@@ -202,7 +180,15 @@ class RemoteRegistry:
     def search(
         self, text: str = "", base: str | None = None, tag: str | None = None
     ) -> builtins.list[Published]:
-        return [_published(d) for d in self._get("/api/v1/search", q=text, base=base, tag=tag)]
+        out: builtins.list[Published] = []
+        while True:  # every page (the hub answers at most `_PAGE` per request)
+            params = {"q": text, "base": base, "tag": tag, "limit": _PAGE, "offset": len(out)}
+            r = self._call("GET", "/api/v1/search", params={k: v for k, v in params.items() if v is not None})
+            page = [_published(d) for d in r.json()]
+            out += page
+            total = int(r.headers.get("x-total-count", len(out)))
+            if not page or len(out) >= total:
+                return out
 
     def versions(self, namespace: str | None = None) -> builtins.list[Published]:
         return [_published(d) for d in self._get("/api/v1/versions", namespace=namespace)]
@@ -306,10 +292,16 @@ class RemoteRegistry:
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = dest.parent / f".{dest.name}.{p.digest.removeprefix('sha256:')[:16]}.partial"
         partial.mkdir(exist_ok=True)
+        hashes: dict[str, str] = {}
+        scanned: ValueReport | BundleError | None = None
         for f in listing["files"]:
-            self._download(p, str(f["path"]), int(f["size"]), str(f["sha256"]), partial, progress)
+            name, sha = str(f["path"]), str(f["sha256"])
+            values = self._download(p, name, int(f["size"]), sha, partial, progress)
+            hashes[name] = sha  # checked against the bytes as they were written
+            scanned = values if name == WEIGHTS_FILE else scanned
         try:
-            m = check_bundle(partial, **verify).manifest
+            # The files' hashes and the weights' value scan were taken on the way in: not read again.
+            m = check_bundle(partial, **verify, precomputed=precomputed(hashes, scanned)).manifest
         except BundleError as exc:
             shutil.rmtree(partial, ignore_errors=True)
             raise RegistryError(
@@ -333,40 +325,50 @@ class RemoteRegistry:
             raise
         return dest
 
-    def _download(self, p: Published, name: str, size: int, sha: str, partial: Path, progress: bool) -> None:
+    def _download(
+        self, p: Published, name: str, size: int, sha: str, partial: Path, progress: bool
+    ) -> ValueReport | BundleError | None:
+        """Fetch one file (resuming a partial one) and check its sha256 and size; returns the weights'
+        value scan when it ran during the download (a fresh download of the weights)."""
         if "/" in name or name.startswith(".") or name not in _ALLOWED_FILES:
             raise RegistryError(
                 f"the hub listed an unexpected file {name!r} for {p.ref}", kind=ErrorKind.INVALID
             )
         path = partial / name
         have = path.stat().st_size if path.exists() else 0
-        if have > size:
+        if have > size or (have == size and _sha256_of(path) != sha):
             path.unlink()
             have = 0
-        h = hashlib.sha256()
-        if have:
-            with path.open("rb") as f:
-                while chunk := f.read(_CHUNK):
-                    h.update(chunk)
+        values: ValueReport | BundleError | None = None
         if have < size:
-            path_q = urlsplit(self.url).path + f"/api/v1/file/{p.namespace}/{p.name}/{p.version}/{name}"
+            url = urlsplit(self.url).path + f"/api/v1/file/{p.namespace}/{p.name}/{p.version}/{name}"
             conn = self._connection()
             try:
-                conn.request(
-                    "GET", path_q, headers=self._headers({"range": f"bytes={have}-"} if have else {})
-                )
+                conn.request("GET", url, headers=self._headers({"range": f"bytes={have}-"} if have else {}))
                 r = conn.getresponse()
                 if r.status >= 400:
                     raise self._error_from(r.status, r.read(64 * 1024))
                 if r.status == 200 and have:  # the hub ignored the range: start over
-                    have, h = 0, hashlib.sha256()
-                buf = bytearray(_CHUNK)
-                view = memoryview(buf)
-                with path.open("ab" if have else "wb", buffering=0) as out:
-                    while have <= size and (n := r.readinto(buf)):
-                        h.update(view[:n])
-                        out.write(view[:n])
-                        have += n
+                    have = 0
+                if have:  # resuming: hash what is there, append the rest
+                    h = _hasher_of(path)
+                    with path.open("ab", buffering=0) as out:
+                        while have <= size and (chunk := r.read(_CHUNK)):
+                            h.update(chunk)
+                            out.write(chunk)
+                            have += len(chunk)
+                    got = h.hexdigest()
+                else:
+                    label = f"{self.url}:{p.ref}:{name}"
+                    intake = FileIntake(path, size, label, scan_values=name == WEIGHTS_FILE)
+                    try:
+                        while have <= size and (chunk := r.read(_CHUNK)):
+                            intake.write(chunk)
+                            have += len(chunk)
+                    except BaseException:
+                        intake.abort()
+                        raise
+                    got, values = intake.finish()
             except (OSError, http.client.HTTPException) as exc:
                 raise RegistryError(
                     f"download of {p.ref}:{name} was interrupted ({exc})",
@@ -375,17 +377,32 @@ class RemoteRegistry:
                 ) from None
             finally:
                 conn.close()
-        if have != size or h.hexdigest() != sha:
+        else:
+            got = sha  # already whole: checked above
+        if have != size or got != sha:
             path.unlink(missing_ok=True)
             raise RegistryError(
                 f"{p.ref}:{name}: downloaded bytes do not match the hub's sha256/size (corrupt transfer)",
                 hint="pull again",
                 kind=ErrorKind.UNAVAILABLE,
             )
+        return values
 
     def _existing(self, dest: Path, p: Published, verify: dict) -> Path:
         existing_copy(dest, p, verify)
         return dest
+
+
+def _hasher_of(path: Path) -> Any:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h
+
+
+def _sha256_of(path: Path) -> str:
+    return str(_hasher_of(path).hexdigest())
 
 
 _ALLOWED_FILES = frozenset(

@@ -9,6 +9,7 @@ from pathlib import Path
 from adapterhub_lite.atomic import atomic_open, write_json
 
 RECORD_SCHEMA = 1
+MAX_LOSS_POINTS = 1000  # per-step losses kept in a record (and so in a bundle's manifest)
 
 
 def peak_rss_mb() -> float | None:
@@ -26,6 +27,19 @@ def peak_rss_mb() -> float | None:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
+
+
+def loss_points(losses: list[tuple[int, float]], limit: int = MAX_LOSS_POINTS) -> list[list[float]]:
+    """The per-step training loss as the record keeps it: `[[step, loss], ...]`, at most `limit` points
+    taken evenly over the run (the first and the last always), losses to 5 significant digits."""
+    if limit < 2:
+        raise ValueError("limit must be at least 2")
+    if len(losses) > limit:
+        last = len(losses) - 1
+        picked = [losses[round(i * last / (limit - 1))] for i in range(limit)]
+    else:
+        picked = list(losses)
+    return [[int(step), float(f"{loss:.5g}")] for step, loss in picked]
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -34,7 +34,13 @@ from adapterhub_lite.training.loop import (  # noqa: F401 - lr_lambda/micro_batc
 )
 from adapterhub_lite.training.model import build_model, check_layers, resolve_device, resolve_dtype
 from adapterhub_lite.training.recipe import Recipe
-from adapterhub_lite.training.record import RECORD_SCHEMA, peak_rss_mb, plot_loss_curve, write_json_atomic
+from adapterhub_lite.training.record import (
+    RECORD_SCHEMA,
+    loss_points,
+    peak_rss_mb,
+    plot_loss_curve,
+    write_json_atomic,
+)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "training_record.json", "loss_curve.png")
 
@@ -303,6 +309,7 @@ def _train(recipe, out, base_dir, device, dtype, tokenizer, data: PreparedData, 
         "negative_transfer": bool(reasons),
         "warnings": data_warnings + [f"negative transfer: {r}" for r in reasons],
         "final_train_loss": losses[-1][1] if losses else None,
+        "losses": loss_points(losses),  # per step, bounded; the hub's adapter page plots it
         "wall_seconds": round(time.time() - t_start, 2),
         "train_seconds": round(train_seconds, 2),
         "allreduce_seconds": round(comm_seconds, 3),
