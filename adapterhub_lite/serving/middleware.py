@@ -41,6 +41,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from adapterhub_lite.display import safe
 from adapterhub_lite.errors import AdapterHubError, ErrorKind
 from adapterhub_lite.serving import warmup
 from adapterhub_lite.serving.admin import ADMIN_PREFIX, admin_route
@@ -352,7 +353,14 @@ class TenancyMiddleware:
             elif exc.kind is ErrorKind.INVALID:
                 message = f"adapter {target.name} cannot be served: {exc.message}"
                 await send_project_error(send, exc, message, param="model", err_type="AdapterRejectedError")
-            else:  # the registry or its blob store failed: the details (where they are) go to the log
+            elif exc.kind is ErrorKind.INTERNAL:  # damage to the store: retrying will not help
+                logger.error("adapterhub: adapter %s cannot be served: %s", target.name, safe(exc.message))
+                message = (
+                    f"adapter {target.name} failed on the server: its stored copy is corrupt or unreadable; "
+                    "the operator has the details in the server log"
+                )
+                await send_project_error(send, exc, message)
+            else:  # the registry or its blob store cannot answer: the details (where they are) go to the log
                 self._log_outage(exc)
                 await send_project_error(send, exc, f"adapter {target.name} is unavailable; retry later")
             return False
