@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 from adapterhub_lite.display import safe
 from adapterhub_lite.errors import AdapterHubError, BundleError
 from adapterhub_lite.serving.asgi import (
-    Message,
     Receive,
     Scope,
     Send,
     read_body,
+    replay_body,
     send_error,
     send_project_error,
 )
@@ -112,13 +112,4 @@ async def admin_load_lora(mw: TenancyMiddleware, scope: Scope, receive: Receive,
         return
     for line in warnings:
         logger.warning("adapterhub: admin load: %s", line)
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    await mw.app(scope, replay, send)
+    await mw.app(scope, replay_body(body, receive), send)

@@ -58,6 +58,21 @@ async def read_body(receive: Receive) -> bytes | None:
     return b"".join(chunks)
 
 
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the already-read `body` once, then the client's own messages (a disconnect
+    must still reach the app: vLLM cancels generation on it)."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
 async def send_json(
     send: Send, status: int, data: Any, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapterhub_lite.serving.asgi import App, Message, Receive, Scope, Send
+from adapterhub_lite.serving.asgi import App, Message, Receive, Scope, Send, replay_body
 from adapterhub_lite.serving.metrics import ServingMetrics
 from adapterhub_lite.serving.usage import UsageMeter, without_usage_event
 
@@ -29,15 +29,7 @@ async def forward(
     headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"authorization")]
     headers.append((b"content-length", str(len(body)).encode()))
     inner_scope = dict(scope, headers=headers)
-    sent = False
-
-    async def inner_receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        # vLLM watches for the client going away to cancel generation: pass the real signal on.
-        return await receive()
+    inner_receive = replay_body(body, receive)  # a client going away still reaches vLLM
 
     usage = UsageMeter()
 
