@@ -33,6 +33,8 @@ _MAX_PADDED_GROUP = 32
 # A group per slot up to the largest in use while at most this many times the groups in use: reading an
 # unused slot's weights in place costs about what copying a used one's costs.
 _MAX_SPAN = 2
+# Prepared-weight rebuilds in this process, [every slot, one slot]: a diagnostic (ADAPTERHUB_LORA_TRACE).
+REBUILDS = [0, 0]
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,34 @@ def _for_groups(weights: torch.Tensor, g: Grouping) -> torch.Tensor:
     return weights[: g.span] if g.span is not None else weights.index_select(0, g.slot_index)
 
 
+def _versions(lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor]) -> tuple:
+    """What identifies the contents of a layer's stacked tensors: each one's storage and write count."""
+    return tuple((t._version, t.data_ptr()) for t in (*lora_a, *lora_b))
+
+
+def note_slot_write(
+    lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], slot: int, before: tuple
+) -> None:
+    """Record that `slot` of a layer's stacked tensors was written, taking them from `before`
+    (`_versions` just before the write) to their current versions, so `_prepared` can refresh that slot
+    alone. The record chains only while every write is recorded: a write made elsewhere leaves versions
+    that match no record, and the next `_prepared` rebuilds every slot."""
+    after = _versions(lora_a, lora_b)
+    journal = getattr(lora_b[0], "_adapterhub_journal", None)
+    if journal is not None and journal[1] == before:
+        journal = (journal[0], after, journal[2] | {slot})
+    else:
+        journal = (before, after, frozenset({slot}))
+    lora_b[0]._adapterhub_journal = journal
+
+
+def _used_rank(a3: Sequence[torch.Tensor]) -> int:
+    """The largest rank any slot of `a3` (each (slots, rank, in)) uses: its last row holding anything but
+    zero (NaN counts)."""
+    used = torch.nonzero(torch.stack([a.ne(0).any(dim=2).any(dim=0) for a in a3]).any(dim=0)).reshape(-1)
+    return int(used.max()) + 1 if used.numel() else 1
+
+
 def _prepared(
     lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], output_slices: Sequence[int]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -111,15 +141,40 @@ def _prepared(
     (slots, k*r, in), for one shrink; each B transposed, (slots, r, out_i), contiguous (a batched product
     with a transposed view takes a slow path). vLLM pads every adapter to --max-lora-rank with zeros; r
     is cut to the largest rank any slot uses (NaN counts as used), so the columns cut added nothing.
+
     Cached on the first B until vLLM writes any of the tensors (loading or resetting a slot bumps the
-    version counter)."""
-    key = tuple((t._version, t.data_ptr()) for t in (*lora_a, *lora_b)) + (tuple(output_slices),)
+    version counter). When every write since was recorded by `note_slot_write` (vLLM writes one slot
+    per adapter activation), only those slots are refreshed: rebuilding all slots costs a copy of every
+    slot's weights in every layer, for each adapter that enters a slot."""
+    versions = _versions(lora_a, lora_b)
+    key = versions + (tuple(output_slices),)
     cached = getattr(lora_b[0], "_adapterhub_prepared", None)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
     a3 = [_stacked(a) for a in lora_a]
-    used = torch.nonzero(torch.stack([a.ne(0).any(dim=2).any(dim=0) for a in a3]).any(dim=0)).reshape(-1)
-    rank = int(used.max()) + 1 if used.numel() else 1
+    journal = getattr(lora_b[0], "_adapterhub_journal", None)
+    lora_b[0]._adapterhub_journal = None
+    if (
+        cached is not None
+        and journal is not None
+        and cached[0][:-1] == journal[0]
+        and journal[1] == versions
+        and cached[0][-1] == key[-1]
+    ):
+        a_cat, b_ts = cached[1], cached[2]
+        rank = b_ts[0].shape[1]
+        slots = sorted(journal[2])
+        if rank == a3[0].shape[1] or not any(bool(a[s, rank:].any()) for s in slots for a in a3):
+            for s in slots:
+                if len(a3) > 1:  # one slice: a_cat is a view of vLLM's own tensor, current already
+                    a_cat[s] = torch.cat([a[s, :rank] for a in a3], dim=0)
+                for b_t, b, size in zip(b_ts, lora_b, output_slices, strict=True):
+                    b_t[s] = _stacked(b)[s, :size, :rank].t()
+            lora_b[0]._adapterhub_prepared = (key, a_cat, b_ts)
+            REBUILDS[1] += 1
+            return a_cat, b_ts
+    REBUILDS[0] += 1
+    rank = _used_rank(a3)
     a_cat = a3[0][:, :rank] if len(a3) == 1 else torch.cat([a[:, :rank] for a in a3], dim=1)
     b_ts = [
         _stacked(b)[:, :size, :rank].transpose(1, 2).contiguous()
