@@ -99,7 +99,7 @@ def served(adapters, request, tmp_path_factory):
     server.env["ADAPTERHUB_LORA_TRACE"] = "1"
     server.start()
     try:
-        yield server, prompts, expected, root / "vllm.log"
+        yield server, prompts, expected, root / "vllm.log" if max_loras < len(dirs) else None
     finally:
         server.stop()
 
@@ -133,7 +133,9 @@ def test_every_slot_and_base_rows_in_one_batch_equal_offline_peft(served):
             t.join()
         assert not errors, errors
         assert got == expected
-    # the trace's last line: how often slots were written and how the prepared copies followed
+    if log is None:
+        return
+    # with slots rewritten, the trace's last line says the prepared copies followed one slot at a time
     trace = [line for line in log.read_text().splitlines() if "adapterhub trace:" in line]
     assert trace, "the seam's slot-write hook did not run"
     one_slot = int(re.search(r"(\d+) one-slot", trace[-1]).group(1))
