@@ -401,3 +401,23 @@ def test_noted_slot_writes_refresh_one_slot_and_equal_a_full_rebuild(k):
         kept = grouped._prepared(a, b, slices)
         del b[0]._adapterhub_prepared
         assert _same_prepared(kept, grouped._prepared(a, b, slices), k), f"after writing slot {slot}"
+
+
+@pytest.mark.parametrize("noted", [True, False], ids=["recorded write", "unrecorded write"])
+def test_weights_kept_for_a_steady_slot_set_follow_a_slot_write(noted):
+    """Adapters scattered over the slots, the same slots step after step: their gathered weights are kept
+    between steps, and must be dropped when vLLM writes any slot (here one the batch uses)."""
+    gen = torch.Generator().manual_seed(5)
+    n, slots, hidden = 16, 12, 64
+    a, b = _layer(slots, hidden, 16, used_rank=8, gen=gen)
+    x, y0 = torch.randn(n, hidden, generator=gen), torch.randn(n, sum(SLICES), generator=gen)
+    used = torch.tensor([1, 4, 9, 11])
+    idx = used[torch.arange(n) % len(used)]
+    g = grouped.group_rows(idx, grouped.group_rows(idx))  # the step before used the same slots
+    assert g.span is None and g.padded is not None, "scattered slots of a steady set are gathered"
+    for step in range(3):
+        y = y0.clone()
+        grouped.lora_linear(y, x, g, a, b, 0.5, SLICES)
+        want, bound = exact_linear(y0, x, idx, a, b, 0.5, 0)
+        assert_within(y, want, bound, f"step {step}")
+        _write_slot(a, b, 9, 8, gen, noted=noted)

@@ -46,7 +46,7 @@ def grouped_wrapper_class(base: type) -> type:
         def update_metadata(self, *args: Any, **kwargs: Any) -> None:
             super().update_metadata(*args, **kwargs)
             # vLLM calls this only when the batch's adapter mapping (or the slot layout) changes.
-            self._adapterhub_grouping = group_rows(self.token_lora_indices)
+            self._adapterhub_grouping = group_rows(self.token_lora_indices, self._adapterhub_grouping)
 
         def add_lora_linear(
             self,
