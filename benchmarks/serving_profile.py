@@ -299,7 +299,10 @@ def main() -> None:
             store.set_alias(f"t{i:03d}", "bot", ref)
             keys.append(key)
         (work / "keys.json").write_text(json.dumps(keys))
-    keys = json.loads((work / "keys.json").read_text())
+    fixtures = work / "fixtures.json"  # a serving_bench.py workdir: its tenants, in the same order
+    keys = json.loads((fixtures if fixtures.is_file() else work / "keys.json").read_text())
+    if isinstance(keys, dict):
+        keys = keys["keys"]
     opts = ServeOptions(
         base_dir=str(base),
         served_name="base",
