@@ -247,8 +247,8 @@ def floor_lines(report: dict) -> list[str]:
         f"({wb['one_adapter_mb']} MB each, {100 * per:.1f}% of the base); the FLOPs are {100 * per:.1f}% per "
         f"token too, but a decode batch has a token or two per adapter, so the reads do not amortise. With "
         f"{n} distinct adapters in a batch that is {100 * n * per:.0f}% more bytes than the base's linear "
-        f"layers; at the bandwidth the base's GEMMs get, the LoRA arithmetic takes at least {n * per:.2f}x the base's "
-        f"linear-layer time, whatever the number of ops.",
+        f"layers; at the bandwidth the base's GEMMs get, the LoRA arithmetic takes at least {n * per:.2f}x "
+        f"the base's linear-layer time, whatever the number of ops.",
     ]
 
 
