@@ -83,8 +83,9 @@ class BundleCache:
         self._tokens = itertools.count(1)
         self._reserved: dict[Path, int] = {}  # download folder -> bytes reserved for it
         self._swept = False
-        # Digests that must stay, asked at each eviction (entries vLLM holds or that are being
-        # verified or loaded right now): a list taken earlier would be stale by then.
+        # Digests that must stay, asked at each eviction (adapters vLLM holds or has requests in flight
+        # for): a list taken earlier would be stale by then. Folders being verified or handed to vLLM
+        # are leased instead.
         self.pins: Callable[[], Iterable[str]] = lambda: ()
 
     def path_for(self, digest: str) -> Path:
