@@ -162,3 +162,22 @@ def test_installs_into_vllms_lora_loader_once():
 
     assert lora_model.safetensors.safe_open is OwnedSafetensors
     assert lora_model.safetensors.__version__  # everything else is safetensors' own
+
+
+@pytest.mark.slow  # imports vLLM (seconds)
+def test_engine_probe_records_every_n_requests(tmp_path, monkeypatch):
+    from vllm.v1.engine import core
+
+    from adapterhub_lite.vllm_compat.memory import install_engine_probe
+
+    seen = []
+    monkeypatch.setattr(core.EngineCore, "add_request", lambda self, request, wave=0: seen.append(request))
+    out = tmp_path / "probe.jsonl.engine"
+    assert install_engine_probe(str(out), every=3) and install_engine_probe(str(out), every=3)
+    for i in range(7):
+        core.EngineCore.add_request(None, i)
+    assert seen == list(range(7))  # every request still reaches vLLM's method, once
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [ln["requests"] for ln in lines] == [1, 3, 6]  # the first request, then every 3rd
+    assert all(ln["op"] == "requests" and ln["rss"] > 0 and "objects" in ln for ln in lines)
+    assert "objects_grown" in lines[-1]

@@ -148,3 +148,70 @@ def test_resolver_state_stays_bounded_under_reference_churn(setup):
                 pass
         assert "acme/held@1.0.0" in res._ref_locks
     assert len(res._ref_locks) <= 2
+
+
+def test_a_path_handed_to_vllm_stays_until_vllm_has_read_it(setup):
+    """The soak's one failed request, reproduced without a server: vLLM's resolve_lora got a path, and
+    before its worker read the folder a download for another adapter evicted it. Nothing else pins it
+    here (not loaded yet, no request in flight), so only the hand-off's lease keeps it; with room for
+    one bundle, the other download is refused (503) rather than pushing the cache over its bound."""
+    from pathlib import Path
+
+    res = _resolver(setup, max_lora_rank=16, cache_max_mb=1)
+    plain, signed = setup["refs"]["plain"], setup["refs"]["signed"]
+    req = asyncio.run(res.resolve_lora("base", plain))
+    handed = Path(req.lora_path)
+    size = sum(p.stat().st_size for p in handed.iterdir())
+    res.cache.max_bytes = size + size // 2  # room for one bundle
+    assert res.handed_out() == 1
+    with pytest.raises(ServingError, match="no room") as no_room:
+        res.fetch(signed)
+    assert no_room.value.retry_after
+    assert (handed / "adapter_config.json").is_file() and (handed / "adapter_model.safetensors").is_file()
+    assert res.cache.total_bytes() <= res.cache.max_bytes
+    res.handed_over(plain)  # vLLM's API server: the load finished (loaded or failed)
+    assert res.handed_out() == 0
+    assert res.fetch(signed).is_dir() and not handed.exists()  # evictable again, and evicted
+    res.handed_over(plain)  # a second report is harmless
+
+
+def test_the_lease_hook_reports_each_resolver_load_once_done():
+    """vllm_compat.lora_handoff wraps vLLM's OpenAIServingModels.resolve_lora: the report comes after
+    vLLM's own call returns, whether it loaded or failed, and not for a cancelled request."""
+    import sys
+
+    from adapterhub_lite.vllm_compat import lora_handoff
+
+    serving = pytest.importorskip(lora_handoff.SERVING_MODELS_MODULE)
+    cls = serving.OpenAIServingModels
+    original = cls.resolve_lora
+    reports: list[str] = []
+    try:
+
+        async def fake(self, lora_name):  # stands in for vLLM's method: no engine here
+            if lora_name == "boom":
+                raise RuntimeError("add_lora failed")
+            if lora_name == "slow":
+                await asyncio.sleep(10)
+            reports.append(f"inside {lora_name}")
+            return lora_name
+
+        cls.resolve_lora = fake
+        assert sys.modules[lora_handoff.SERVING_MODELS_MODULE] is serving
+        assert lora_handoff.report_lora_reads(reports.append) is True
+        assert lora_handoff.report_lora_reads(reports.append) is True  # idempotent
+        assert asyncio.run(cls.resolve_lora(None, "a")) == "a"
+        with pytest.raises(RuntimeError):
+            asyncio.run(cls.resolve_lora(None, "boom"))
+
+        async def cancelled():
+            task = asyncio.ensure_future(cls.resolve_lora(None, "slow"))
+            await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(cancelled())
+        assert reports == ["inside a", "a", "boom"]
+    finally:
+        cls.resolve_lora = original

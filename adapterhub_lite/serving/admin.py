@@ -40,6 +40,7 @@ async def admin_route(mw: TenancyMiddleware, scope: Scope, receive: Receive, sen
                 "cache": [p.name for p in mw.resolver.cache.entries()],
                 "cache_bytes": mw.resolver.cache.total_bytes(),
                 "cache_max_bytes": mw.resolver.cache.max_bytes,
+                "handed_out": mw.resolver.handed_out(),  # folders given to vLLM, read not yet reported
                 "tenants_version": mw.tenants_version,
                 "ready": mw.ready,
             },

@@ -6,22 +6,42 @@ leaves a half-written bundle that a later run would load; leftovers of a crashed
 the cache is first used. The bound counts downloads in progress: a download first reserves its size
 (evicting least recently used entries to make room), and a bundle larger than the whole bound is
 refused. Eviction skips entries the caller pins (those vLLM has loaded: its worker may re-read them from
-disk after its own in-memory LRU drops them).
+disk after its own in-memory LRU drops them) and entries under a lease.
+
+A lease keeps one entry from eviction from the moment its path is handed out until the holder releases
+it (vLLM's worker has read the folder) or its time runs out (a holder that never reports back cannot pin
+an entry for good). It is taken under the same lock as eviction, so an entry is never handed out and
+deleted at once. Leases are bounded in number; pinned and leased entries count against the bound, and a
+download that finds no room because of them is refused with a retryable "unavailable".
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from adapterhub_lite.errors import ErrorKind, ServingError
 
 INCOMING_PREFIX = ".incoming-"
+# Longest a lease pins an entry: far above the time vLLM's engine takes to read a folder it was handed
+# (it reads between engine steps), short enough that a lost release costs room only briefly.
+LEASE_SECONDS = 120.0
+MAX_LEASES = 1024  # leases held at once; more is refused with "unavailable" (each is an entry pinned)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An entry's folder, kept from eviction until `BundleCache.release(lease)` or its deadline."""
+
+    path: Path
+    token: int
 
 
 def _dir_size(path: Path) -> int:
@@ -43,14 +63,29 @@ def _entry_name(digest: str) -> str:
 class BundleCache:
     """Bundles on disk under `root`, at most `max_bytes` in all, downloads in progress included."""
 
-    def __init__(self, root: str | Path, max_bytes: int) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        max_bytes: int,
+        lease_seconds: float = LEASE_SECONDS,
+        max_leases: int = MAX_LEASES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.root = Path(root).expanduser()  # created on first put: vLLM loads the plugin in every process
         self.max_bytes = max_bytes
-        self._lock = threading.Lock()
+        self.lease_seconds = lease_seconds
+        self.max_leases = max_leases
+        self._clock = clock
+        self._lock = threading.Lock()  # eviction, renames into place, taking a lease
+        # Its own lock, so a release never waits behind an eviction's deletes (the event loop releases).
+        self._lease_lock = threading.Lock()
+        self._leases: dict[int, tuple[str, float]] = {}  # token -> (entry name, deadline)
+        self._tokens = itertools.count(1)
         self._reserved: dict[Path, int] = {}  # download folder -> bytes reserved for it
         self._swept = False
-        # Digests that must stay, asked at each eviction (entries vLLM holds or that are being
-        # verified or loaded right now): a list taken earlier would be stale by then.
+        # Digests that must stay, asked at each eviction (adapters vLLM holds or has requests in flight
+        # for): a list taken earlier would be stale by then. Folders being verified or handed to vLLM
+        # are leased instead.
         self.pins: Callable[[], Iterable[str]] = lambda: ()
 
     def path_for(self, digest: str) -> Path:
@@ -64,6 +99,60 @@ class BundleCache:
         except FileNotFoundError:
             return None
         return path if path.is_dir() else None
+
+    # -- leases --------------------------------------------------------------------------------------
+
+    def acquire(self, digest: str, seconds: float | None = None) -> Lease | None:
+        """The entry for `digest` under a lease (marked as just used); None if absent.
+
+        Raises ServingError (unavailable) when `max_leases` are held.
+        """
+        path = self.path_for(digest)
+        with self._lock:  # no eviction runs between the check and the lease
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                return None
+            if not path.is_dir():
+                return None
+            return Lease(path, self._lease(path.name, seconds))
+
+    def release(self, lease: Lease | int) -> None:
+        """End a lease (idempotent): its entry may be evicted again."""
+        token = lease.token if isinstance(lease, Lease) else lease
+        with self._lease_lock:
+            self._leases.pop(token, None)
+
+    def is_leased(self, lease: Lease | int) -> bool:
+        """Whether the lease still holds (not released, not expired)."""
+        token = lease.token if isinstance(lease, Lease) else lease
+        with self._lease_lock:
+            held = self._leases.get(token)
+        return held is not None and held[1] > self._clock()
+
+    def leased(self) -> set[str]:
+        """Names of the entries under a live lease (expired ones are dropped)."""
+        now = self._clock()
+        with self._lease_lock:
+            for token in [t for t, (_, deadline) in self._leases.items() if deadline <= now]:
+                del self._leases[token]
+            return {name for name, _ in self._leases.values()}
+
+    def _lease(self, name: str, seconds: float | None) -> int:
+        self.leased()  # drop expired leases before counting
+        with self._lease_lock:
+            if len(self._leases) >= self.max_leases:
+                raise ServingError(
+                    f"the bundle cache has {self.max_leases} adapters being handed to vLLM already",
+                    hint="retry shortly",
+                    kind=ErrorKind.UNAVAILABLE,
+                    retry_after=5,
+                )
+            token = next(self._tokens)
+            self._leases[token] = (name, self._clock() + (self.lease_seconds if seconds is None else seconds))
+            return token
+
+    # -- entries -------------------------------------------------------------------------------------
 
     def put(
         self,
@@ -79,6 +168,30 @@ class BundleCache:
         ServingError (unavailable) when the bundle is larger than the bound, or when pinned entries and
         other downloads leave no room for it now. If `fill` raises, nothing is left behind.
         """
+        return self._put(digest, fill, pinned, size, label, lease=False, seconds=None).path
+
+    def put_leased(
+        self,
+        digest: str,
+        fill: Callable[[Path], Path],
+        pinned: Iterable[str] = (),
+        size: int = 0,
+        label: str = "",
+        seconds: float | None = None,
+    ) -> Lease:
+        """As `put`, and the new entry is leased from the moment it is in place (see `acquire`)."""
+        return self._put(digest, fill, pinned, size, label, lease=True, seconds=seconds)
+
+    def _put(
+        self,
+        digest: str,
+        fill: Callable[[Path], Path],
+        pinned: Iterable[str],
+        size: int,
+        label: str,
+        lease: bool,
+        seconds: float | None,
+    ) -> Lease:
         name = label or digest
         if size > self.max_bytes:
             raise ServingError(
@@ -107,13 +220,14 @@ class BundleCache:
             with self._lock:
                 if not final.is_dir():  # else another thread got there first; same digest, same bytes
                     os.replace(produced, final)
+                os.utime(final)
+                token = self._lease(final.name, seconds) if lease else 0
         finally:
             with self._lock:
                 self._reserved.pop(tmp, None)
             shutil.rmtree(tmp, ignore_errors=True)
-        os.utime(final)
         self.evict(pinned=keep | {final.name})
-        return final
+        return Lease(final, token)
 
     def entries(self) -> list[Path]:
         """Cached entries, least recently used first (entries removed meanwhile are left out)."""
@@ -147,7 +261,10 @@ class BundleCache:
     def _evict_locked(self, pinned: set[str]) -> int:
         """Evict until entries + reservations fit; returns the total that remains (may exceed the bound
         when only pinned entries are left)."""
-        pinned = set(pinned) | {_entry_name(d) for d in self.pins()}
+        # Leases first, then the caller's pins: a lease released meanwhile was released after its
+        # adapter became one vLLM holds, which the pins then include.
+        pinned = set(pinned) | self.leased()
+        pinned |= {_entry_name(d) for d in self.pins()}
         entries = self.entries()
         sizes = {p: _dir_size(p) for p in entries}
         total = sum(sizes.values()) + sum(self._reserved.values())
@@ -175,5 +292,14 @@ class BundleCache:
             except FileNotFoundError:
                 continue
 
-    def remove(self, digest: str) -> None:
-        shutil.rmtree(self.path_for(digest), ignore_errors=True)
+    def remove(self, digest: str, own: Lease | None = None) -> bool:
+        """Delete the entry for `digest` (a bundle that failed verification) unless someone other than
+        `own` holds a lease on it; returns whether it went."""
+        path = self.path_for(digest)
+        with self._lock:
+            if own is not None:
+                self.release(own)
+            if path.name in self.leased():
+                return False
+            shutil.rmtree(path, ignore_errors=True)
+            return True

@@ -10,8 +10,9 @@ benchmarks/soak_bench.py measures the RSS slope with and without); adapter files
 safetensors' `get_tensor`, which keeps a little memory per tensor for good (vllm_compat/memory.py).
 vLLM's `vllm:lora_requests_info` metric keeps only its current sample. One request's NaN/Inf never
 reaches another's (`vllm_compat/isolation.py`: new KV blocks are zeroed, adapters with non-finite
-weights made inert). When a launcher started vLLM, the API server stops itself if that launcher dies
-without stopping it (`parent_watch.py`).
+weights made inert). A folder handed to vLLM stays in the disk cache until vLLM reports it read
+(`vllm_compat/lora_handoff.py`). When a launcher started vLLM, the API server stops itself if that
+launcher dies without stopping it (`parent_watch.py`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def register() -> None:
     from adapterhub_lite.serving.resolver import get_resolver
     from adapterhub_lite.training.allocator import return_large_blocks_to_os
     from adapterhub_lite.vllm_compat import isolation
+    from adapterhub_lite.vllm_compat.lora_handoff import report_lora_reads
     from adapterhub_lite.vllm_compat.memory import install_lora_file_reader, probe_from_env
     from adapterhub_lite.vllm_compat.server import (
         bound_lora_info_metric,
@@ -51,6 +53,7 @@ def register() -> None:
     watch_parent()  # in the API server only: stop vLLM if its launcher is killed outright
     return_large_blocks_to_os()
     register_resolver(RESOLVER_NAME, get_resolver())
+    report_lora_reads(get_resolver().handed_over)  # in the API server only
     bound_lora_info_metric()
     if ServingConfig.from_env().heap_trim:
         trim_heap_after_lora_changes()

@@ -7,6 +7,12 @@ handed to vLLM it is verified: file hashes, the signature when trusted keys are 
 fingerprint against the served base, and vLLM's own compatibility rules for the server's max rank. A
 bundle that fails is never loaded. Errors keep their kind (a locked registry stays "unavailable", a full
 disk "internal"), so the middleware answers 503 or 500 for them, not "cannot be served".
+
+A path handed to vLLM stays on disk until vLLM has read it: vLLM's worker reads the folder later, in
+the engine, after `resolve_lora` has returned. The entry is leased in the disk cache from before the
+path is returned until vLLM's API server reports that load done, loaded or failed
+(`vllm_compat.lora_handoff` calls `handed_over`), or the lease's time runs out. Once loaded the adapter
+is one vLLM holds, which pins its entry for as long as vLLM keeps it.
 """
 
 from __future__ import annotations
@@ -15,14 +21,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from adapterhub_lite.errors import AdapterHubError, ErrorKind, ServingError
-from adapterhub_lite.serving.cache import BundleCache
+from adapterhub_lite.serving.cache import BundleCache, Lease
 from adapterhub_lite.serving.config import ServingConfig
 from adapterhub_lite.serving.tenancy import is_full_ref
 from adapterhub_lite.vllm_compat.server import lora_request, resolver_base
@@ -59,19 +65,21 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
         self._fingerprint: str | None = None
         self._base_dir: Path | None = None
         self._ref_locks: OrderedDict[str, _RefLock] = OrderedDict()
-        self._locks_guard = threading.Lock()  # guards the three maps below and _fetching
+        self._locks_guard = threading.Lock()  # guards the three maps below and _handed
         self._verified_at: OrderedDict[str, float] = OrderedDict()
         self.digests: OrderedDict[str, str] = OrderedDict()  # ref -> digest of what was verified
         # Set by the middleware once it sees vLLM's state: refs vLLM has loaded or is about to load
         # (their files must stay).
         self.loaded_refs: Callable[[], Iterable[str]] = lambda: ()
-        self._fetching: Counter[str] = Counter()  # digests being verified or handed to vLLM now
+        # Leases on paths handed to vLLM and not yet reported read, by adapter name (vLLM resolves one
+        # name at a time; bounded by the cache's lease count and time).
+        self._handed: dict[str, list[Lease]] = {}
         self.cache.pins = self._pinned
 
     def _pinned(self) -> list[str]:
         refs = list(self.loaded_refs())
         with self._locks_guard:
-            return [self.digests[r] for r in refs if r in self.digests] + list(self._fetching)
+            return [self.digests[r] for r in refs if r in self.digests]
 
     @property
     def registry(self) -> Any:
@@ -155,6 +163,13 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
         fails verification (corrupt blobs, bad signature, another base, rank over the server's). A
         failing copy is dropped from the cache so nothing bad stays on disk.
         """
+        lease = self.fetch_leased(ref)
+        self.cache.release(lease)
+        return lease.path
+
+    def fetch_leased(self, ref: str, seconds: float | None = None) -> Lease:
+        """As `fetch`, and the entry stays leased (not evictable) until `cache.release(lease)` or for
+        `seconds` (the cache's lease time by default)."""
         if not is_full_ref(ref):
             raise ServingError(
                 f"{ref!r} is not a full reference namespace/name@version", kind=ErrorKind.INVALID
@@ -164,17 +179,18 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
         with self._holding(ref):
             published = self.registry.resolve(ref)
             digest = published.digest
-            with self._locks_guard:
-                self._fetching[digest] += 1
+            lease: Lease | None = None
             try:
-                path = self.cache.get(digest)
-                if path is None:
-                    path = self.cache.put(
+                lease = self.cache.acquire(digest, seconds)
+                if lease is None:
+                    lease = self.cache.put_leased(
                         digest,
                         lambda tmp: Path(self.registry.pull(ref, tmp / "bundle")),
                         size=int(getattr(published, "size", 0) or 0),
                         label=ref,
+                        seconds=seconds,
                     )
+                path = lease.path
                 # Verified after download and again on a load more than _REVERIFY_AFTER_S after the
                 # last check: the disk cache is not trusted either.
                 if time.monotonic() - self._verified_at.get(ref, -1e9) > _REVERIFY_AFTER_S:
@@ -189,33 +205,56 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
                     self._remember(ref, time.monotonic())
             except AdapterHubError as exc:
                 self._remember(ref, None)
-                self.cache.remove(digest)
+                # A refusal for room or leases (unavailable, before a lease) created nothing to drop.
+                if lease is not None or exc.kind is not ErrorKind.UNAVAILABLE:
+                    self.cache.remove(digest, own=lease)
                 if exc.kind is ErrorKind.NOT_FOUND:
                     # The reference resolved, so what is missing now is part of its content (a blob):
                     # the bundle cannot be served, which is not "no such model".
                     exc.kind = ErrorKind.INVALID
                 raise
-            finally:
-                with self._locks_guard:
-                    self._fetching[digest] -= 1
-                    if self._fetching[digest] <= 0:
-                        del self._fetching[digest]
+            except BaseException:
+                if lease is not None:
+                    self.cache.release(lease)
+                raise
             self._remember_digest(ref, digest)
-            return path
+            return lease
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
         """vLLM's hook: a request to load `lora_name`, or None when it is not ours or fails to verify."""
         if not is_full_ref(lora_name):
             return None
         try:
-            path = await asyncio.to_thread(self.fetch, lora_name)
+            lease = await asyncio.to_thread(self.fetch_leased, lora_name)
         except AdapterHubError as exc:
             # The tenancy middleware verifies before vLLM gets here and answers with the reason; this
             # path is only reached without it, where vLLM's 404 is the most it can say.
             logger.warning("adapterhub: refusing to load %s: %s", lora_name, exc)
             return None
+        with self._locks_guard:
+            # Leases whose time ran out (a load whose end was never reported) are forgotten here.
+            self._handed = {
+                name: live
+                for name, leases in self._handed.items()
+                if (live := [x for x in leases if self.cache.is_leased(x)])
+            }
+            self._handed.setdefault(lora_name, []).append(lease)
         # lora_int_id is replaced by vLLM with a fresh id from its own counter.
-        return lora_request(lora_name, str(path))
+        return lora_request(lora_name, str(lease.path))
+
+    def handed_over(self, lora_name: str) -> None:
+        """vLLM has finished loading `lora_name` (loaded or failed): its folder may be evicted again
+        (while vLLM holds the adapter, `loaded_refs` pins it)."""
+        with self._locks_guard:
+            leases = self._handed.pop(lora_name, [])
+        for lease in leases:
+            self.cache.release(lease)
+
+    def handed_out(self) -> int:
+        """Paths handed to vLLM whose read is not yet reported (leases still live)."""
+        with self._locks_guard:
+            held = [x for leases in self._handed.values() for x in leases]
+        return sum(1 for x in held if self.cache.is_leased(x))
 
 
 _RESOLVER: AdapterResolver | None = None

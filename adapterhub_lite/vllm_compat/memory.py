@@ -16,7 +16,10 @@ found the leak.
   RSS and `mallinfo2`; every `ADAPTERHUB_MEMORY_PROBE_EVERY` changes also the live Python objects by
   type, and, with `ADAPTERHUB_MEMORY_PROBE_TRACEMALLOC=N` (frames), the allocation sites that grew
   since the first report. `ADAPTERHUB_MEMORY_PROBE=/path/probe.jsonl` turns it on (the plugin reads
-  it); a diagnostic, off by default (benchmarks/lora_churn_memory.py uses it).
+  it); a diagnostic, off by default (benchmarks/lora_churn_memory.py uses it);
+- `install_engine_probe(path)`: the same figures from vLLM's engine-core process (vLLM 0.32:
+  `vllm.v1.engine.core.EngineCore.add_request`), one line every `ADAPTERHUB_MEMORY_PROBE_EVERY`
+  requests, to `<ADAPTERHUB_MEMORY_PROBE>.engine` (with the same tracemalloc option).
 
 On a vLLM whose loader reads adapters otherwise, neither is installed, with one log line saying so.
 """
@@ -120,12 +123,12 @@ class LoraProbe:
         self._snap0: tracemalloc.Snapshot | None = None
         self.frames = frames  # tracing starts at the first change: only the worker makes any
 
-    def record(self, op: str, seconds: float) -> None:
+    def record(self, op: str, seconds: float, **extra: Any) -> None:
         if self.frames > 0 and not tracemalloc.is_tracing():
             tracemalloc.start(self.frames)
-        self._record(op, seconds)
+        self._record(op, seconds, extra)
 
-    def _record(self, op: str, seconds: float) -> None:
+    def _record(self, op: str, seconds: float, extra: dict[str, Any]) -> None:
         with self._lock:
             self.changes += 1
             line: dict[str, Any] = {
@@ -136,6 +139,7 @@ class LoraProbe:
                 "rss": rss_bytes(),
                 **rss_parts(),
                 "mallinfo2": mallinfo2(),
+                **extra,
             }
             if tracemalloc.is_tracing():
                 line["traced"] = tracemalloc.get_traced_memory()[0]
@@ -356,8 +360,36 @@ def install_lora_probe(path: str, every: int = 200, frames: int = 0) -> bool:
     return True
 
 
+def install_engine_probe(path: str, every: int = 1000, frames: int = 0) -> bool:
+    """Record memory every `every` requests in vLLM's engine core (see the module's docstring), with
+    the object and allocation-site growth each time; returns whether it was installed (idempotent)."""
+    try:
+        from vllm.v1.engine.core import EngineCore
+    except ImportError:
+        return False
+    method = getattr(EngineCore, "add_request", None)
+    if not callable(method):
+        logger.warning("adapterhub: engine memory probe not installed: no EngineCore.add_request")
+        return False
+    if getattr(method, "_adapterhub_probe", False):
+        return True
+    probe = LoraProbe(path, every=1, frames=frames)  # each line it writes is a detailed one
+    count = [0]
+
+    def add_request(self: Any, *args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        if count[0] == 1 or count[0] % max(1, every) == 0:
+            probe.record("requests", 0.0, requests=count[0])
+        return method(self, *args, **kwargs)
+
+    add_request._adapterhub_probe = True  # type: ignore[attr-defined]
+    EngineCore.add_request = add_request
+    return True
+
+
 def probe_from_env() -> bool:
-    """Install the probe when ADAPTERHUB_MEMORY_PROBE names a file (a diagnostic; off by default)."""
+    """Install the probes when ADAPTERHUB_MEMORY_PROBE names a file (a diagnostic; off by default):
+    the worker's per LoRA change, the engine core's per `ADAPTERHUB_MEMORY_PROBE_EVERY` requests."""
     path = os.environ.get(ENV_PROBE)
     if not path:
         return False
@@ -366,4 +398,6 @@ def probe_from_env() -> bool:
         frames = int(os.environ.get(ENV_PROBE_TRACEMALLOC) or 0)
     except ValueError:
         every, frames = 200, 0
+    if "vllm.v1.engine.core" in sys.modules:  # the engine's process (the API server's does not run it)
+        install_engine_probe(path + ".engine", every=every, frames=frames)
     return install_lora_probe(path, every=every, frames=frames)
