@@ -25,7 +25,7 @@ Targets (`report["targets"]`, checked in `report["verdict"]`): 16 adapters >= 0.
 hot swap >= 30. `--max-loras` and `--max-cpu-loras` default to what `adapterhub serve` picks. Run with
 ADAPTERHUB_CPU_LORA_OPS=0 for vLLM's own CPU LoRA code on both servers.
 
-    .venv/bin/python benchmarks/serving_bench.py                 # full size: ~12 min (+5 to build fixtures)
+    .venv/bin/python benchmarks/serving_bench.py                 # full size: ~15 min (+5 to build fixtures)
     .venv/bin/python benchmarks/serving_bench.py --quick         # a short version that proves it runs
 
 Writes benchmarks/results/serving.json and serving.png.
