@@ -10,6 +10,11 @@ floor the LoRA work is compared with. Implementations:
   reference  vLLM's `PunicaWrapperCPU` with its PyTorch reference ops (a weight copy per token);
   grouped    adapterhub's grouped wrapper (`adapterhub_lite/vllm_compat/lora_ops.py`).
 
+Then what adapter churn costs the grouped path, per decoder layer (`churn` in the JSON): refreshing the
+prepared weights after vLLM writes one slot, every slot rebuilt against the one slot written; and a
+decode step of `--max-loras`/2 adapters in dense slots against the same adapters scattered over all the
+slots (a product per slot up to the largest, or their weights gathered and kept from the step before).
+
 Writes ``benchmarks/results/cpu_lora_ops_bench.json`` and a PNG.
 """
 
@@ -117,8 +122,10 @@ def main() -> None:
             f"LoRA: vLLM reference {row['reference_ms']:8.3f} ms  grouped {row['grouped_ms']:8.3f} ms  "
             f"(x{row['speedup']:.1f}; {row['grouped_over_base_gemm']:.2f} of the GEMMs)"
         )
+    churn = churn_costs(layers, args, clock)
     result = {
         "benchmark": "cpu_lora_ops",
+        "churn": churn,
         "command": " ".join(["benchmarks/cpu_lora_ops_bench.py", *sys.argv[1:]]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "clock": clock.__name__,
@@ -136,6 +143,54 @@ def main() -> None:
     (args.out / "cpu_lora_ops_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, args.out / "cpu_lora_ops_bench.png", args)
     print(f"wrote {args.out / 'cpu_lora_ops_bench.json'}")
+
+
+def churn_costs(layers: list, args: argparse.Namespace, clock) -> dict:
+    """Per decoder layer, ms: the prepared-weight refresh after one slot write (all slots / one slot), and
+    decode with half the slots' adapters dense, scattered (a product per slot) and scattered but kept."""
+    from adapterhub_lite.serving import cpu_lora_ops as ops
+
+    pairs = [(a, b, slices) for _, slices, a, b, _ in layers]
+    gen = torch.Generator().manual_seed(1)
+
+    def write(noted: bool) -> None:
+        for a, b, _ in pairs:
+            before = ops._versions(a, b)
+            for t in (*a, *b):
+                t[3].copy_(torch.randn(t[3].shape, generator=gen))
+            if noted:
+                ops.note_slot_write(a, b, 3, before)
+
+    def refresh(noted: bool) -> float:
+        times = []
+        for _ in range(args.repeats):
+            write(noted)
+            t0 = clock()
+            for a, b, slices in pairs:
+                ops._prepared(a, b, slices)
+            times.append(clock() - t0)
+        return sorted(times)[len(times) // 2] * 1e3
+
+    out = {"refresh_every_slot_ms": round(refresh(False), 3), "refresh_one_slot_ms": round(refresh(True), 3)}
+    half = args.max_loras // 2
+    n = 2 * half  # two decode rows per adapter
+    xs = [torch.randn(n, fan_in, generator=gen) for fan_in, *_ in layers]
+    scattered = torch.randperm(args.max_loras, generator=gen)[:half].sort().values
+    for name, slots, steady in (
+        ("decode_dense_ms", torch.arange(half), False),
+        ("decode_scattered_ms", scattered, False),
+        ("decode_scattered_kept_ms", scattered, True),
+    ):
+        idx = slots[torch.arange(n) % half]
+        g = ops.group_rows(idx, ops.group_rows(idx) if steady else None)
+
+        def step(g=g):
+            for x, (a, b, slices) in zip(xs, pairs, strict=True):
+                ops.lora_linear(torch.zeros(n, sum(slices)), x, g, a, b, 1.0, slices)
+
+        out[name] = round(time_call(step, args.repeats, clock) * 1e3, 3)
+    print("churn, per decoder layer (ms):", out)
+    return out
 
 
 def plot(rows: list[dict], path: Path, args: argparse.Namespace) -> None:

@@ -50,6 +50,7 @@ IDLE_KEYS = (
     "socket.py",
     "sched_yield",
     "select (",
+    "parent_watch.py",  # adapterhub's thread that waits for its launcher to exit
     "run_forever",
     "_run_once",
 )
@@ -235,7 +236,9 @@ def weight_bytes(cfg: dict) -> dict:
 
 def floor_lines(report: dict) -> list[str]:
     wb = weight_bytes(report["config"])
-    n = report["config"]["adapters"]
+    cfg = report["config"]
+    # distinct adapters in one batch: at most one per request in flight, and at most --max-loras
+    n = min(cfg["adapters"], cfg["max_loras"], cfg["concurrency"])
     per = wb["one_adapter_mb"] / wb["base_linear_mb"]
     return [
         "",
@@ -243,9 +246,9 @@ def floor_lines(report: dict) -> list[str]:
         f"({wb['base_linear_mb']} MB) and every distinct adapter's LoRA weights once "
         f"({wb['one_adapter_mb']} MB each, {100 * per:.1f}% of the base); the FLOPs are {100 * per:.1f}% per "
         f"token too, but a decode batch has a token or two per adapter, so the reads do not amortise. With "
-        f"{n} adapters in a batch that is {100 * n * per:.0f}% more bytes than the base's linear layers; at "
-        f"the bandwidth the base's GEMMs get, the LoRA arithmetic takes at least {n * per:.2f}x the base's "
-        f"linear-layer time, whatever the number of ops.",
+        f"{n} distinct adapters in a batch that is {100 * n * per:.0f}% more bytes than the base's linear "
+        f"layers; at the bandwidth the base's GEMMs get, the LoRA arithmetic takes at least {n * per:.2f}x "
+        f"the base's linear-layer time, whatever the number of ops.",
     ]
 
 
@@ -299,7 +302,10 @@ def main() -> None:
             store.set_alias(f"t{i:03d}", "bot", ref)
             keys.append(key)
         (work / "keys.json").write_text(json.dumps(keys))
-    keys = json.loads((work / "keys.json").read_text())
+    fixtures = work / "fixtures.json"  # a serving_bench.py workdir: its tenants, in the same order
+    keys = json.loads((fixtures if fixtures.is_file() else work / "keys.json").read_text())
+    if isinstance(keys, dict):
+        keys = keys["keys"]
     opts = ServeOptions(
         base_dir=str(base),
         served_name="base",

@@ -306,7 +306,11 @@ def test_install_patches_the_cpu_wrapper_and_ops_and_can_be_switched_off(monkeyp
     for module in (lora_ops, punica_cpu):
         for name in grouped.GROUPED:
             monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    from vllm.lora.model_manager import LoRAModelManager
+
     monkeypatch.setattr(punica_cpu, "PunicaWrapperCPU", punica_cpu.PunicaWrapperCPU)
+    monkeypatch.setattr(LoRAModelManager, "activate_adapter", LoRAModelManager.activate_adapter)
+    stock_activate = LoRAModelManager.__dict__["activate_adapter"]
     monkeypatch.setenv(grouped.ENV_SWITCH, "0")
     assert seam.install() is False and punica_cpu.bgmv_shrink is not grouped.bgmv_shrink
     monkeypatch.delenv(grouped.ENV_SWITCH)
@@ -314,6 +318,8 @@ def test_install_patches_the_cpu_wrapper_and_ops_and_can_be_switched_off(monkeyp
     assert punica_cpu.bgmv_shrink is grouped.bgmv_shrink and lora_ops.bgmv_expand is grouped.bgmv_expand
     assert punica_cpu.PunicaWrapperCPU._adapterhub_grouping is None
     assert punica_cpu.PunicaWrapperCPU.__mro__[2].__name__ == "PunicaWrapperBase"  # wrapped once, not twice
+    activate = LoRAModelManager.__dict__["activate_adapter"]
+    assert activate is not stock_activate and activate._adapterhub  # slot writes recorded, wrapped once
 
 
 def test_a_slot_rewritten_in_place_is_seen_by_the_next_step():
@@ -333,3 +339,85 @@ def test_a_slot_rewritten_in_place_is_seen_by_the_next_step():
         for ai, bi in zip(a, b, strict=True):  # as vLLM's set_lora: slot 2 gets a rank-12 adapter
             ai[2, 0].copy_(torch.randn(16, hidden, generator=gen) * (torch.arange(16) < 12).view(-1, 1))
             bi[2, 0].copy_(torch.randn(bi.shape[2], 16, generator=gen))
+
+
+def _write_slot(a, b, slot, used_rank, gen, fill=None, noted=True):
+    """As vLLM's activate_adapter: reset the slot, copy an adapter in; recorded unless `noted` is False."""
+    before = grouped._versions(a, b)
+    for ai, bi in zip(a, b, strict=True):
+        ai[slot] = 0
+        bi[slot] = 0
+        ai[slot, :, :used_rank] = torch.randn(1, used_rank, ai.shape[3], generator=gen)
+        bi[slot, :, :, :used_rank] = torch.randn(1, bi.shape[2], used_rank, generator=gen) * 0.1
+        if fill is not None:
+            ai[slot, :, :used_rank] = fill
+    if noted:
+        grouped.note_slot_write(a, b, slot, before)
+
+
+def _same_prepared(kept, fresh, k: int) -> bool:
+    """The kept prepared copy equals a fresh one, up to a wider rank cut whose extra columns are zero."""
+    (ka, kb), (fa, fb) = kept, fresh
+    cut, kcut = fa.shape[1] // k, ka.shape[1] // k
+    for kbi, fbi in zip(kb, fb, strict=True):
+        if not (torch.equal(kbi[:, :cut].nan_to_num(7.0), fbi.nan_to_num(7.0)) and not kbi[:, cut:].any()):
+            return False
+    for kai, fai in zip(ka.split(kcut, 1), fa.split(cut, 1), strict=True):
+        if not (torch.equal(kai[:, :cut].nan_to_num(7.0), fai.nan_to_num(7.0)) and not kai[:, cut:].any()):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("k", [3, 1], ids=["three slices", "one slice"])
+def test_noted_slot_writes_refresh_one_slot_and_equal_a_full_rebuild(k):
+    """A recorded write refreshes only its slot in the prepared copy; the copy must equal one rebuilt from
+    nothing after every kind of write: a smaller or equal rank, a larger rank than the cut (rebuilds all),
+    NaN in a slot no row uses, and a write nobody recorded (rebuilds all)."""
+    gen = torch.Generator().manual_seed(21)
+    n, slots, hidden = 40, 8, 64
+    slices = SLICES[:k]
+    a, b = _layer(slots, hidden, 16, used_rank=8, gen=gen)
+    a, b = a[:k], b[:k]
+    x, y0 = torch.randn(n, hidden, generator=gen), torch.randn(n, sum(slices), generator=gen)
+    idx = torch.arange(n) % (slots - 1)  # the last slot is in no row
+    g = grouped.group_rows(idx)
+    grouped.lora_linear(y0.clone(), x, g, a, b, 0.5, slices)  # the prepared copy exists
+    writes = [  # slot, its rank, a fill, recorded, refreshed alone
+        (3, 4, None, True, True),
+        (5, 8, None, True, True),
+        (0, 12, None, True, False),  # past the cut of 8
+        (slots - 1, 8, float("nan"), True, True),
+        (2, 6, None, False, False),
+        (6, 2, None, True, True),
+    ]
+    for slot, used, fill, noted, alone in writes:
+        before = grouped.REBUILDS[1]
+        _write_slot(a, b, slot, used, gen, fill, noted)
+        y = y0.clone()
+        grouped.lora_linear(y, x, g, a, b, 0.5, slices)
+        assert (grouped.REBUILDS[1] > before) == alone, f"slot {slot}: which rebuild ran"
+        want, bound = exact_linear(y0, x, idx, a, b, 0.5, 0)
+        assert_within(y, want, bound, f"after writing slot {slot}")
+        kept = grouped._prepared(a, b, slices)
+        del b[0]._adapterhub_prepared
+        assert _same_prepared(kept, grouped._prepared(a, b, slices), k), f"after writing slot {slot}"
+
+
+@pytest.mark.parametrize("noted", [True, False], ids=["recorded write", "unrecorded write"])
+def test_weights_kept_for_a_steady_slot_set_follow_a_slot_write(noted):
+    """Adapters scattered over the slots, the same slots step after step: their gathered weights are kept
+    between steps, and must be dropped when vLLM writes any slot (here one the batch uses)."""
+    gen = torch.Generator().manual_seed(5)
+    n, slots, hidden = 16, 12, 64
+    a, b = _layer(slots, hidden, 16, used_rank=8, gen=gen)
+    x, y0 = torch.randn(n, hidden, generator=gen), torch.randn(n, sum(SLICES), generator=gen)
+    used = torch.tensor([1, 4, 9, 11])
+    idx = used[torch.arange(n) % len(used)]
+    g = grouped.group_rows(idx, grouped.group_rows(idx))  # the step before used the same slots
+    assert g.span is None and g.padded is not None, "scattered slots of a steady set are gathered"
+    for step in range(3):
+        y = y0.clone()
+        grouped.lora_linear(y, x, g, a, b, 0.5, SLICES)
+        want, bound = exact_linear(y0, x, idx, a, b, 0.5, 0)
+        assert_within(y, want, bound, f"step {step}")
+        _write_slot(a, b, 9, 8, gen, noted=noted)

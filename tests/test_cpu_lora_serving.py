@@ -3,11 +3,14 @@ the same batches, long prompts being prefilled while short ones decode; greedy t
 transformers + peft offline, row by row.
 
 With every slot in use, vLLM 0.32's own CPU reference would give the base requests the last slot's
-adapter; the grouped path must not.
+adapter; the grouped path must not. Run twice: with a slot per adapter, and with a third as many slots
+and half as many cached adapters, so slots are rewritten and adapters re-read from disk between steps
+(the grouped ops then refresh the prepared copy of only the slot written).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -32,14 +35,12 @@ def _greedy(model, ids: list[int]) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def adapters(tmp_path_factory):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
-    from adapterhub_lite.serving import ServeOptions, VLLMServer
-    from adapterhub_lite.vllm_compat.launch import PLUGIN_NAME
 
     root = tmp_path_factory.mktemp("cpu-lora-serving")
     base = Path(EMBEDDED_BASE_DIR)
@@ -69,28 +70,42 @@ def served(tmp_path_factory):
         expected[name] = _greedy(base_model, prompts[name])
     assert len({tuple(v) for v in expected.values()}) > SLOTS // 2, "adapters must change the output"
 
+    return dirs, prompts, expected
+
+
+# (slots, adapters kept loaded): every adapter in a slot of its own; or a third of them, so they rotate
+@pytest.fixture(scope="module", params=[(SLOTS, SLOTS), (SLOTS // 3, SLOTS // 2)], ids=["slot-each", "churn"])
+def served(adapters, request, tmp_path_factory):
+    from adapterhub_lite.base import EMBEDDED_BASE_DIR
+    from adapterhub_lite.serving import ServeOptions, VLLMServer
+    from adapterhub_lite.vllm_compat.launch import PLUGIN_NAME
+
+    dirs, prompts, expected = adapters
+    max_loras, max_cpu_loras = request.param
+    root = tmp_path_factory.mktemp("cpu-lora-server")
     opts = ServeOptions(
-        base_dir=str(base),
+        base_dir=str(EMBEDDED_BASE_DIR),
         served_name="base",
         plugin=False,
         lora_modules={n: str(d) for n, d in dirs.items()},
-        max_loras=SLOTS,
-        max_cpu_loras=SLOTS,
+        max_loras=max_loras,
+        max_cpu_loras=max_cpu_loras,
         max_lora_rank=16,
         max_model_len=256,
         log_path=str(root / "vllm.log"),
     )
     server = VLLMServer(opts)
     server.env["VLLM_PLUGINS"] = PLUGIN_NAME  # the grouped ops without the middleware
+    server.env["ADAPTERHUB_LORA_TRACE"] = "1"
     server.start()
     try:
-        yield server, prompts, expected
+        yield server, prompts, expected, root / "vllm.log" if max_loras < len(dirs) else None
     finally:
         server.stop()
 
 
 def test_every_slot_and_base_rows_in_one_batch_equal_offline_peft(served):
-    server, prompts, expected = served
+    server, prompts, expected, log = served
     got: dict[str, list[int]] = {}
     errors: list[str] = []
 
@@ -118,3 +133,10 @@ def test_every_slot_and_base_rows_in_one_batch_equal_offline_peft(served):
             t.join()
         assert not errors, errors
         assert got == expected
+    if log is None:
+        return
+    # with slots rewritten, the trace's last line says the prepared copies followed one slot at a time
+    trace = [line for line in log.read_text().splitlines() if "adapterhub trace:" in line]
+    assert trace, "the seam's slot-write hook did not run"
+    one_slot = int(re.search(r"(\d+) one-slot", trace[-1]).group(1))
+    assert one_slot > 0, f"no slot write took the one-slot refresh: {trace[-1]}"

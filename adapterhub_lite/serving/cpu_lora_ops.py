@@ -31,8 +31,12 @@ ENV_SWITCH = "ADAPTERHUB_CPU_LORA_OPS"
 _MAX_PADDING = 2.0
 _MAX_PADDED_GROUP = 32
 # A group per slot up to the largest in use while at most this many times the groups in use: reading an
-# unused slot's weights in place costs about what copying a used one's costs.
+# unused slot's weights in place costs about what copying a used one's costs. When a step uses the same
+# slots as the one before, the used slots' weights are gathered instead, and the gathered copy is kept for
+# the steps after (adapters scattered over the slots by churn then cost what dense ones do).
 _MAX_SPAN = 2
+# Prepared-weight rebuilds in this process, [every slot, one slot]: a diagnostic (ADAPTERHUB_LORA_TRACE).
+REBUILDS = [0, 0]
 
 
 @dataclass(frozen=True)
@@ -53,14 +57,15 @@ class Grouping:
         return not self.slots
 
 
-def group_rows(indices: torch.Tensor) -> Grouping:
+def group_rows(indices: torch.Tensor, previous: Grouping | None = None) -> Grouping:
     """Group the rows of a batch by their adapter slot (`indices[i]`, negative: no adapter).
 
     Short groups (decode) get a padded layout for one batched product per matrix. When the slots in use
     fill most of 0..max slot, that layout has a group for every slot up to the largest, so the stacked
     weights are used as a view: a gather would copy every used adapter's weights in every layer, every
     step, which costs more than the products themselves. Otherwise only the used slots' weights are
-    gathered.
+    gathered; also when `previous` (the step before) used the same slots, as steady traffic does, since
+    the gathered weights are then kept from one step to the next.
     """
     indices = indices.reshape(-1)
     n = int(indices.shape[0])
@@ -76,9 +81,11 @@ def group_rows(indices: torch.Tensor) -> Grouping:
     groups, longest, top = len(slots), max(counts), slots[-1] + 1
     padded = positions = span = None
     if groups > 1 and longest <= _MAX_PADDED_GROUP:
-        if top <= _MAX_SPAN * groups and top * longest <= _MAX_PADDING * max(len(rows), top):
+        gather = groups * longest <= _MAX_PADDING * len(rows)
+        kept = gather and top > groups and previous is not None and previous.slots == slots
+        if not kept and top <= _MAX_SPAN * groups and top * longest <= _MAX_PADDING * max(len(rows), top):
             span, layout = top, slot_t
-        elif groups * longest <= _MAX_PADDING * len(rows):
+        elif gather:
             span, layout = None, torch.arange(groups)
         else:
             layout = None
@@ -99,9 +106,46 @@ def _stacked(weights: torch.Tensor) -> torch.Tensor:
     return weights.squeeze(1) if weights.dim() == 4 else weights
 
 
-def _for_groups(weights: torch.Tensor, g: Grouping) -> torch.Tensor:
-    """The rows of stacked `weights` for the padded layout's groups, (groups, ...)."""
-    return weights[: g.span] if g.span is not None else weights.index_select(0, g.slot_index)
+def _for_groups(a: torch.Tensor, b_ts: list[torch.Tensor], g: Grouping) -> tuple[torch.Tensor, list]:
+    """The prepared A and B^Ts for the padded layout's groups, (groups, ...): a view of the first `span`
+    slots, or the used slots gathered, kept on the first B^T for the next step with the same slots (the
+    prepared copy drops it whenever it changes)."""
+    if g.span is not None:
+        return a[: g.span], [b[: g.span] for b in b_ts]
+    kept = getattr(b_ts[0], "_adapterhub_gathered", None)
+    if kept is not None and kept[0] == g.slots and kept[1] is a:
+        return kept[2], kept[3]
+    a_g, b_gs = a.index_select(0, g.slot_index), [b.index_select(0, g.slot_index) for b in b_ts]
+    b_ts[0]._adapterhub_gathered = (g.slots, a, a_g, b_gs)
+    return a_g, b_gs
+
+
+def _versions(lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor]) -> tuple:
+    """What identifies the contents of a layer's stacked tensors: each one's storage and write count."""
+    return tuple((t._version, t.data_ptr()) for t in (*lora_a, *lora_b))
+
+
+def note_slot_write(
+    lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], slot: int, before: tuple
+) -> None:
+    """Record that `slot` of a layer's stacked tensors was written, taking them from `before`
+    (`_versions` just before the write) to their current versions, so `_prepared` can refresh that slot
+    alone. The record chains only while every write is recorded: a write made elsewhere leaves versions
+    that match no record, and the next `_prepared` rebuilds every slot."""
+    after = _versions(lora_a, lora_b)
+    journal = getattr(lora_b[0], "_adapterhub_journal", None)
+    if journal is not None and journal[1] == before:
+        journal = (journal[0], after, journal[2] | {slot})
+    else:
+        journal = (before, after, frozenset({slot}))
+    lora_b[0]._adapterhub_journal = journal
+
+
+def _used_rank(a3: Sequence[torch.Tensor]) -> int:
+    """The largest rank any slot of `a3` (each (slots, rank, in)) uses: its last row holding anything but
+    zero (NaN counts)."""
+    used = torch.nonzero(torch.stack([a.ne(0).any(dim=2).any(dim=0) for a in a3]).any(dim=0)).reshape(-1)
+    return int(used.max()) + 1 if used.numel() else 1
 
 
 def _prepared(
@@ -111,15 +155,41 @@ def _prepared(
     (slots, k*r, in), for one shrink; each B transposed, (slots, r, out_i), contiguous (a batched product
     with a transposed view takes a slow path). vLLM pads every adapter to --max-lora-rank with zeros; r
     is cut to the largest rank any slot uses (NaN counts as used), so the columns cut added nothing.
+
     Cached on the first B until vLLM writes any of the tensors (loading or resetting a slot bumps the
-    version counter)."""
-    key = tuple((t._version, t.data_ptr()) for t in (*lora_a, *lora_b)) + (tuple(output_slices),)
+    version counter). When every write since was recorded by `note_slot_write` (vLLM writes one slot
+    per adapter activation), only those slots are refreshed: rebuilding all slots costs a copy of every
+    slot's weights in every layer, for each adapter that enters a slot."""
+    versions = _versions(lora_a, lora_b)
+    key = versions + (tuple(output_slices),)
     cached = getattr(lora_b[0], "_adapterhub_prepared", None)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
     a3 = [_stacked(a) for a in lora_a]
-    used = torch.nonzero(torch.stack([a.ne(0).any(dim=2).any(dim=0) for a in a3]).any(dim=0)).reshape(-1)
-    rank = int(used.max()) + 1 if used.numel() else 1
+    journal = getattr(lora_b[0], "_adapterhub_journal", None)
+    lora_b[0]._adapterhub_journal = None
+    if (
+        cached is not None
+        and journal is not None
+        and cached[0][:-1] == journal[0]
+        and journal[1] == versions
+        and cached[0][-1] == key[-1]
+    ):
+        a_cat, b_ts = cached[1], cached[2]
+        rank = b_ts[0].shape[1]
+        slots = sorted(journal[2])
+        if rank == a3[0].shape[1] or not any(bool(a[s, rank:].any()) for s in slots for a in a3):
+            for s in slots:
+                if len(a3) > 1:  # one slice: a_cat is a view of vLLM's own tensor, current already
+                    a_cat[s] = torch.cat([a[s, :rank] for a in a3], dim=0)
+                for b_t, b, size in zip(b_ts, lora_b, output_slices, strict=True):
+                    b_t[s] = _stacked(b)[s, :size, :rank].t()
+            b_ts[0]._adapterhub_gathered = None  # gathered from the copy before this write
+            lora_b[0]._adapterhub_prepared = (key, a_cat, b_ts)
+            REBUILDS[1] += 1
+            return a_cat, b_ts
+    REBUILDS[0] += 1
+    rank = _used_rank(a3)
     a_cat = a3[0][:, :rank] if len(a3) == 1 else torch.cat([a[:, :rank] for a in a3], dim=1)
     b_ts = [
         _stacked(b)[:, :size, :rank].transpose(1, 2).contiguous()
@@ -152,10 +222,11 @@ def _add_pair(
     if g.padded is not None:
         groups, longest = g.padded.shape
         h = x.index_select(0, g.padded.view(-1)).view(groups, longest, -1)
-        h = torch.bmm(h, _for_groups(a, g).transpose(1, 2))
+        a_g, b_gs = _for_groups(a, b_ts, g)
+        h = torch.bmm(h, a_g.transpose(1, 2))
         if scale != 1.0:
             h = h * scale
-        h = _expand(h, [_for_groups(b, g) for b in b_ts], batched=True).view(groups * longest, -1)
+        h = _expand(h, b_gs, batched=True).view(groups * longest, -1)
         y.index_add_(0, g.rows, h.index_select(0, g.positions).to(dtype=y.dtype))
         return
     start = 0

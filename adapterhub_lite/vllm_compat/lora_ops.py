@@ -9,7 +9,14 @@ code stays) when that shape differs:
   linear LoRA layer as one grouped product (`add_lora_linear`), instead of a shrink and an expand per
   slice, each re-expanding the indices and gathering a weight copy per token;
 * the reference bgmv ops (which vLLM's sgmv ops and the logits/embedding paths call) become grouped ones
-  with the same signatures.
+  with the same signatures;
+* `LoRAModelManager.activate_adapter` records which slot it wrote in each layer
+  (`cpu_lora_ops.note_slot_write`), so the grouped ops refresh that slot alone in their prepared copy
+  of the weights, not every slot (a write made anywhere else is noticed and rebuilds every slot).
+
+`ADAPTERHUB_LORA_TRACE=1` logs one line per adapter that enters a slot, with running counts of adapters
+read from disk (and the time spent), slot writes and prepared-weight rebuilds: `benchmarks/serving_bench.py`
+counts them per phase.
 
 `ADAPTERHUB_CPU_LORA_OPS=0` keeps vLLM's own code; GPUs keep their Triton kernels.
 """
@@ -18,12 +25,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from adapterhub_lite.serving import cpu_lora_ops
 from adapterhub_lite.serving.cpu_lora_ops import ENV_SWITCH, GROUPED, group_rows, lora_linear
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("adapterhub.serving")
+TRACE_SWITCH = "ADAPTERHUB_LORA_TRACE"
 
 _WRAPPER_METHODS = ("update_metadata", "add_lora_linear", "token_lora_indices")
 
@@ -37,7 +46,7 @@ def grouped_wrapper_class(base: type) -> type:
         def update_metadata(self, *args: Any, **kwargs: Any) -> None:
             super().update_metadata(*args, **kwargs)
             # vLLM calls this only when the batch's adapter mapping (or the slot layout) changes.
-            self._adapterhub_grouping = group_rows(self.token_lora_indices)
+            self._adapterhub_grouping = group_rows(self.token_lora_indices, self._adapterhub_grouping)
 
         def add_lora_linear(
             self,
@@ -61,6 +70,75 @@ def grouped_wrapper_class(base: type) -> type:
 
     GroupedPunicaWrapperCPU.__qualname__ = GroupedPunicaWrapperCPU.__name__
     return GroupedPunicaWrapperCPU
+
+
+class _Trace:
+    """Running counts for `ADAPTERHUB_LORA_TRACE` (one engine process each)."""
+
+    loads = 0
+    load_s = 0.0
+    activations = 0
+
+
+def _record_slot_writes(manager_cls: type) -> bool:
+    """Wrap `activate_adapter` so every linear LoRA layer's slot write is noted for the prepared copy."""
+    original = manager_cls.__dict__.get("activate_adapter")
+    if not callable(original):
+        return False
+    if getattr(original, "_adapterhub", False):
+        return True
+    trace = os.environ.get(TRACE_SWITCH) == "1"
+
+    def activate_adapter(self: Any, lora_id: int) -> Any:
+        layers = [
+            m
+            for m in self.modules.values()
+            if isinstance(getattr(m, "lora_a_stacked", None), tuple)
+            and isinstance(getattr(m, "lora_b_stacked", None), tuple)
+        ]
+        before = [cpu_lora_ops._versions(m.lora_a_stacked, m.lora_b_stacked) for m in layers]
+        activated = original(self, lora_id)
+        if activated:
+            slot = self.lora_index_to_id.index(lora_id)
+            for m, versions in zip(layers, before, strict=True):
+                cpu_lora_ops.note_slot_write(m.lora_a_stacked, m.lora_b_stacked, slot, versions)
+            if trace:
+                _Trace.activations += 1
+                full, partial = cpu_lora_ops.REBUILDS
+                log.info(
+                    "adapterhub trace: slot %d <- adapter %d; activations %d, read from disk %d (%.3f s), "
+                    "prepared-weight rebuilds %d full / %d one-slot",
+                    slot,
+                    lora_id,
+                    _Trace.activations,
+                    _Trace.loads,
+                    _Trace.load_s,
+                    full,
+                    partial,
+                )
+        return activated
+
+    activate_adapter._adapterhub = True  # type: ignore[attr-defined]
+    manager_cls.activate_adapter = activate_adapter
+    return True
+
+
+def _trace_loads(worker_cls: type) -> None:
+    """Count and time adapter reads from disk (only under `ADAPTERHUB_LORA_TRACE=1`)."""
+    original = worker_cls.__dict__.get("_load_adapter")
+    if os.environ.get(TRACE_SWITCH) != "1" or not callable(original) or getattr(original, "_ahl_trace", 0):
+        return
+
+    def _load_adapter(self: Any, lora_request: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return original(self, lora_request)
+        finally:
+            _Trace.loads += 1
+            _Trace.load_s += time.perf_counter() - t0
+
+    _load_adapter._ahl_trace = True  # type: ignore[attr-defined]
+    worker_cls._load_adapter = _load_adapter
 
 
 def install() -> bool:
@@ -93,6 +171,16 @@ def install() -> bool:
     elif isinstance(wrapper, type) and all(hasattr(wrapper, m) for m in _WRAPPER_METHODS):
         punica_cpu.PunicaWrapperCPU = grouped_wrapper_class(wrapper)
         installed.append("wrapper")
+    if "wrapper" in installed:
+        try:
+            from vllm.lora.model_manager import LoRAModelManager
+            from vllm.lora.worker_manager import WorkerLoRAManager
+        except Exception:  # another layout: every slot write rebuilds every slot (correct, slower)
+            pass
+        else:
+            if _record_slot_writes(LoRAModelManager):
+                installed.append("slot-writes")
+            _trace_loads(WorkerLoRAManager)
     if not installed:
         log.info("adapterhub: vLLM's CPU LoRA code has another shape; left as it is")
         return False
