@@ -1,4 +1,5 @@
-"""The disk cache's leases: a folder handed out is never deleted before it is read (no server)."""
+"""The disk cache (no server): its bound, downloads in progress, pins, and leases (a folder handed out is
+never deleted before it is read)."""
 
 from __future__ import annotations
 
@@ -143,3 +144,80 @@ def test_no_handed_out_folder_vanishes_under_churn(tmp_path):
     assert failures == [] and over[0] == 0
     assert refused[0] < 8 * 60  # most loads got through
     assert cache.leased() == set()
+
+
+def test_bundle_cache_is_bounded_and_never_half_written(tmp_path):
+    """The bound holds for finished entries; pinned entries (loaded in vLLM) stay."""
+    cache = BundleCache(tmp_path / "c", max_bytes=2500)
+
+    def boom(tmp):
+        (tmp / "partial").write_bytes(b"x")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        cache.put("sha256:bad", boom)
+    assert cache.get("sha256:bad") is None and not list((tmp_path / "c").iterdir())
+    cache.put("sha256:a", _filler(1000))
+    time.sleep(0.01)
+    cache.put("sha256:b", _filler(1000), pinned=["sha256:a"])
+    time.sleep(0.01)
+    cache.put("sha256:c", _filler(1000), pinned=["sha256:a"])  # over budget: b goes, a is pinned
+    assert cache.get("sha256:a") and cache.get("sha256:c") and cache.get("sha256:b") is None
+
+
+def test_bundle_cache_bound_counts_downloads_in_progress(tmp_path):
+    cache = BundleCache(tmp_path / "c", max_bytes=3000)
+    cache.put("sha256:old", _filler(1000))
+    started, release = threading.Event(), threading.Event()
+
+    def slow(tmp):
+        started.set()
+        release.wait(10)
+        return _filler(1500)(tmp)
+
+    t = threading.Thread(target=cache.put, args=("sha256:slow", slow), kwargs={"size": 1500})
+    t.start()
+    started.wait(10)
+    # 1000 finished + 1500 reserved: a third download of 1000 must evict "old" first
+    cache.put("sha256:new", _filler(1000), size=1000)
+    assert cache.get("sha256:old") is None
+    release.set()
+    t.join()
+    assert cache.total_bytes() <= 3000
+    with pytest.raises(ServingError, match="more than the whole bundle cache") as big:
+        cache.put("sha256:huge", _filler(10), size=3001, label="acme/huge@1.0.0")
+    assert big.value.kind is ErrorKind.UNAVAILABLE
+    assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".incoming")]
+
+
+def test_cache_listing_tolerates_concurrent_eviction(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    cache = BundleCache(tmp_path / "c", max_bytes=10**9)
+    for i in range(5):
+        cache.put(f"sha256:{i}", _filler(10))
+    real_stat = Path.stat
+
+    def racing_stat(self, *a, **kw):  # another thread evicts each entry just after it is listed
+        if self.parent == cache.root and not self.name.startswith("."):
+            import shutil
+
+            shutil.rmtree(self, ignore_errors=True)
+        return real_stat(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "stat", racing_stat)
+    assert cache.entries() == []
+
+
+def test_bundle_cache_asks_for_pins_when_it_evicts(tmp_path):
+    """Entries being verified or loaded are pinned when the eviction runs, not when a download began."""
+    cache = BundleCache(tmp_path / "c", max_bytes=2500)
+    busy: list[str] = []
+    cache.pins = lambda: busy
+    cache.put("sha256:a", _filler(1000))
+    time.sleep(0.01)
+    busy.append("sha256:a")  # "a" is being handed to vLLM now
+    cache.put("sha256:b", _filler(1000))
+    time.sleep(0.01)
+    cache.put("sha256:c", _filler(1000))
+    assert cache.get("sha256:a") and cache.get("sha256:c") and cache.get("sha256:b") is None

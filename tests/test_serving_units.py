@@ -1,4 +1,5 @@
-"""Serving parts that need no server: the tenant store, rate limits, eviction policy, the disk cache."""
+"""Serving parts that need no server: the tenant store, rate limits, eviction policy, metrics, logs (the
+disk cache: test_serving_cache.py)."""
 
 from __future__ import annotations
 
@@ -107,34 +108,6 @@ def test_evictor_keeps_hot_set_and_never_evicts_in_flight(monkeypatch):
     ev.end("a")
     clock[0] = 500
     assert sorted(ev.victims(["a", "b", "c"])) == ["a", "b", "c"]  # all idle
-
-
-def test_bundle_cache_is_bounded_and_never_half_written(tmp_path):
-    """The bound holds for finished entries; pinned entries (loaded in vLLM) stay."""
-    cache = BundleCache(tmp_path / "c", max_bytes=2500)
-
-    def filler(size):
-        def fill(tmp):
-            d = tmp / "b"
-            d.mkdir()
-            (d / "w").write_bytes(b"x" * size)
-            return d
-
-        return fill
-
-    def boom(tmp):
-        (tmp / "partial").write_bytes(b"x")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError):
-        cache.put("sha256:bad", boom)
-    assert cache.get("sha256:bad") is None and not list((tmp_path / "c").iterdir())
-    cache.put("sha256:a", filler(1000))
-    time.sleep(0.01)
-    cache.put("sha256:b", filler(1000), pinned=["sha256:a"])
-    time.sleep(0.01)
-    cache.put("sha256:c", filler(1000), pinned=["sha256:a"])  # over budget: b goes, a is pinned
-    assert cache.get("sha256:a") and cache.get("sha256:c") and cache.get("sha256:b") is None
 
 
 def test_tenant_cli_shows_key_once_and_errors_cleanly(tmp_path):
@@ -275,62 +248,6 @@ def test_busy_hot_set_makes_a_request_wait_then_answer_unavailable():
         assert conflict.value.kind is ErrorKind.CONFLICT
 
     asyncio.run(main())
-
-
-def test_bundle_cache_bound_counts_downloads_in_progress(tmp_path):
-    import threading
-
-    cache = BundleCache(tmp_path / "c", max_bytes=3000)
-    cache.put("sha256:old", _filler(1000))
-    started, release = threading.Event(), threading.Event()
-
-    def slow(tmp):
-        started.set()
-        release.wait(10)
-        return _filler(1500)(tmp)
-
-    t = threading.Thread(target=cache.put, args=("sha256:slow", slow), kwargs={"size": 1500})
-    t.start()
-    started.wait(10)
-    # 1000 finished + 1500 reserved: a third download of 1000 must evict "old" first
-    cache.put("sha256:new", _filler(1000), size=1000)
-    assert cache.get("sha256:old") is None
-    release.set()
-    t.join()
-    assert cache.total_bytes() <= 3000
-    with pytest.raises(ServingError, match="more than the whole bundle cache") as big:
-        cache.put("sha256:huge", _filler(10), size=3001, label="acme/huge@1.0.0")
-    assert big.value.kind is ErrorKind.UNAVAILABLE
-    assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".incoming")]
-
-
-def test_cache_listing_tolerates_concurrent_eviction(tmp_path, monkeypatch):
-    from pathlib import Path
-
-    cache = BundleCache(tmp_path / "c", max_bytes=10**9)
-    for i in range(5):
-        cache.put(f"sha256:{i}", _filler(10))
-    real_stat = Path.stat
-
-    def racing_stat(self, *a, **kw):  # another thread evicts each entry just after it is listed
-        if self.parent == cache.root and not self.name.startswith("."):
-            import shutil
-
-            shutil.rmtree(self, ignore_errors=True)
-        return real_stat(self, *a, **kw)
-
-    monkeypatch.setattr(Path, "stat", racing_stat)
-    assert cache.entries() == []
-
-
-def _filler(size):
-    def fill(tmp):
-        d = tmp / "b"
-        d.mkdir()
-        (d / "w").write_bytes(b"x" * size)
-        return d
-
-    return fill
 
 
 def test_lora_info_metric_keeps_only_the_current_sample():
@@ -494,20 +411,6 @@ def test_middleware_answers_by_error_kind(tmp_path, error, status, retry):
     assert headers.get(b"retry-after") == (retry.encode() if retry else None)
     assert json.loads(sent[1]["body"])["error"]["code"] == status
     assert mw.evictor.in_flight == {} and not mw.evictor.loading
-
-
-def test_bundle_cache_asks_for_pins_when_it_evicts(tmp_path):
-    """Entries being verified or loaded are pinned when the eviction runs, not when a download began."""
-    cache = BundleCache(tmp_path / "c", max_bytes=2500)
-    busy: list[str] = []
-    cache.pins = lambda: busy
-    cache.put("sha256:a", _filler(1000))
-    time.sleep(0.01)
-    busy.append("sha256:a")  # "a" is being handed to vLLM now
-    cache.put("sha256:b", _filler(1000))
-    time.sleep(0.01)
-    cache.put("sha256:c", _filler(1000))
-    assert cache.get("sha256:a") and cache.get("sha256:c") and cache.get("sha256:b") is None
 
 
 def test_warm_up_adapter_fits_the_base(tmp_path):
