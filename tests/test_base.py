@@ -148,6 +148,7 @@ print(json.dumps({"above_mib": (peak - base) / 1024, "weights_mib": model.get_me
 """
 
 
+@pytest.mark.slow  # writes a 130 MB model and loads it in a child process
 def test_nf4_loading_peak_memory_is_not_the_whole_fp32_file(tiny_model_dir, tmp_path):
     import os
     import subprocess
