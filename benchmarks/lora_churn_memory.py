@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from soak_bench import N_TOKENS, PROMPT, _role, _rss_mib, setup, slope_per_1k  # noqa: E402
+from soak_bench import _role, _rss_mib, complete, setup, slope_per_1k  # noqa: E402
 
 from adapterhub_lite.serving import ServeOptions, VLLMServer  # noqa: E402
 from adapterhub_lite.serving.processes import group_pids  # noqa: E402
@@ -144,18 +144,7 @@ def main() -> None:
             for i in range(args.requests):
                 tenant, j = order[i % len(order)]
                 alias = aliases[tenant][j]
-                r = http.post(
-                    "/v1/completions",
-                    headers={"Authorization": f"Bearer {keys[tenant]}"},
-                    json={
-                        "model": alias,
-                        "prompt": PROMPT,
-                        "max_tokens": N_TOKENS,
-                        "temperature": 0,
-                        "ignore_eos": True,
-                        "return_token_ids": True,
-                    },
-                )
+                r = complete(http, keys[tenant], alias)
                 if r.status_code != 200:
                     errors += 1
                 else:

@@ -53,6 +53,23 @@ N_TOKENS = 4
 TARGETS = ["q_proj", "v_proj"]
 
 
+def complete(http: httpx.Client, key: str, model: str) -> httpx.Response:
+    """One churn request: greedy, `N_TOKENS` long, token ids back (each answer is checked against
+    offline peft)."""
+    return http.post(
+        "/v1/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={
+            "model": model,
+            "prompt": PROMPT,
+            "max_tokens": N_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+            "return_token_ids": True,
+        },
+    )
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=10.0, help="length of the churn (load) phase")
@@ -294,18 +311,7 @@ def main() -> None:
                     tenant = rng.choice(list(keys))
                     alias = rng.choice(aliases[tenant])
                     try:
-                        r = http.post(
-                            "/v1/completions",
-                            headers={"Authorization": f"Bearer {keys[tenant]}"},
-                            json={
-                                "model": alias,
-                                "prompt": PROMPT,
-                                "max_tokens": N_TOKENS,
-                                "temperature": 0,
-                                "ignore_eos": True,
-                                "return_token_ids": True,
-                            },
-                        )
+                        r = complete(http, keys[tenant], alias)
                     except httpx.HTTPError as exc:
                         with lock:
                             counts["errors"] += 1
