@@ -107,27 +107,19 @@ class BundleCache:
 
         Raises ServingError (unavailable) when `max_leases` are held.
         """
-        path = self.path_for(digest)
         with self._lock:  # no eviction runs between the check and the lease
-            try:
-                os.utime(path)
-            except FileNotFoundError:
-                return None
-            if not path.is_dir():
-                return None
-            return Lease(path, self._lease(path.name, seconds))
+            path = self.get(digest)
+            return None if path is None else Lease(path, self._lease(path.name, seconds))
 
-    def release(self, lease: Lease | int) -> None:
+    def release(self, lease: Lease) -> None:
         """End a lease (idempotent): its entry may be evicted again."""
-        token = lease.token if isinstance(lease, Lease) else lease
         with self._lease_lock:
-            self._leases.pop(token, None)
+            self._leases.pop(lease.token, None)
 
-    def is_leased(self, lease: Lease | int) -> bool:
+    def is_leased(self, lease: Lease) -> bool:
         """Whether the lease still holds (not released, not expired)."""
-        token = lease.token if isinstance(lease, Lease) else lease
         with self._lease_lock:
-            held = self._leases.get(token)
+            held = self._leases.get(lease.token)
         return held is not None and held[1] > self._clock()
 
     def leased(self) -> set[str]:
