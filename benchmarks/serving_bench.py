@@ -252,15 +252,16 @@ def main() -> None:
                 for name, n, url, jobs in order:
                     seed = 10 + rep if n == "base" else 100 * int(n) + rep
                     log, cold = logs[name], {}
+                    mark = slot_use(log)
                     if n != "base":
-                        mark, t_warm = slot_use(log), time.perf_counter()
+                        t_warm = time.perf_counter()
                         warm_pass.requests = len(jobs)
                         run_phase(url, jobs, warm_pass, seed=seed + 50, metrics_key=admin.get(url))
                         cold = {"warm_s": round(time.perf_counter() - t_warm, 2)}
-                        cold.update({f"warm_{k}": round(v - mark[k], 3) for k, v in slot_use(log).items()})
+                        before, mark = mark, slot_use(log)  # the warm pass's end: the measured phase's start
+                        cold.update({f"warm_{k}": round(v - before[k], 3) for k, v in mark.items()})
                         if name == "plain" and n not in plain_at:
                             continue
-                    mark = slot_use(log)
                     r = run_phase(url, jobs, args, seed=seed, metrics_key=admin.get(url))
                     r.update({k: round(v - mark[k], 3) for k, v in slot_use(log).items()})
                     r.update(cold)
