@@ -46,7 +46,8 @@ def canonical_header(name: str, size: int) -> bytes:
     return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
 
 
-def _padding(size: int) -> int:
+def padding(size: int) -> int:
+    """Zero bytes after a member of `size` bytes, up to the next tar block."""
     return (BLOCK - size % BLOCK) % BLOCK
 
 
@@ -79,7 +80,7 @@ class ArchiveWriter:
                 f"{name}: changed size while being archived ({size} -> {written} bytes)",
                 hint="do not modify the adapter while it is being packed; pack it again",
             )
-        self.out.write(b"\0" * _padding(size))
+        self.out.write(b"\0" * padding(size))
 
     def __enter__(self) -> ArchiveWriter:
         return self
@@ -196,13 +197,13 @@ def scan_archive(path: Path) -> list[Entry]:
             if len(entries) >= MAX_ENTRIES:
                 raise BundleError(f"{label}: more than {MAX_ENTRIES} entries", hint=_REPACK)
             data_at = pos + BLOCK
-            end = data_at + info.size + _padding(info.size)
+            end = data_at + info.size + padding(info.size)
             if end > total:
                 raise BundleError(
                     f"{label}: truncated archive (entry {info.name!r} needs {info.size} bytes)", hint=_REPACK
                 )
             f.seek(data_at + info.size)
-            if f.read(_padding(info.size)).strip(b"\0"):
+            if f.read(padding(info.size)).strip(b"\0"):
                 raise BundleError(f"{label}: non-zero padding after entry {info.name!r}", hint=_REPACK)
             entries.append(Entry(info.name, info.size, data_at))
             pos = end

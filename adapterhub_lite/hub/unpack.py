@@ -12,7 +12,7 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
-from adapterhub_lite.bundles.archive import BLOCK, MAX_ENTRIES, canonical_header
+from adapterhub_lite.bundles.archive import BLOCK, MAX_ENTRIES, canonical_header, padding
 from adapterhub_lite.bundles.archive import _check_name as check_entry_name
 from adapterhub_lite.bundles.compat import WEIGHTS_FILE
 from adapterhub_lite.bundles.values import ValueReport
@@ -22,10 +22,6 @@ from adapterhub_lite.registry.intake import FileIntake, precomputed
 
 _LABEL = "upload"
 _REPACK = "make the archive again with `adapterhub pack --archive`, then publish it"
-
-
-def _padding(size: int) -> int:
-    return (BLOCK - size % BLOCK) % BLOCK
 
 
 class StreamUnpacker:
@@ -122,7 +118,7 @@ class StreamUnpacker:
         self.hashes[name] = sha
         if name == WEIGHTS_FILE:
             self.weights_values = values
-        self._left = _padding(intake.size)
+        self._left = padding(intake.size)
         self._state = "padding" if self._left else "header"
 
     def finish(self) -> Precomputed:
