@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from adapterhub_lite import atomic
 from adapterhub_lite.bundles.signing import config_dir
 
 ENV_TOKEN = "ADAPTERHUB_TOKEN"
@@ -31,10 +32,7 @@ def save_token(token: str, hub: str | None = None) -> Path:
         data.setdefault("hubs", {})[hub.rstrip("/")] = token
     else:
         data["default"] = token
-    fd = os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(f"{path}.tmp", path)
+    atomic.write_json(path, data)  # its temporary file is made by mkstemp: mode 0600 from the start
     return path
 
 
