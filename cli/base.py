@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     ) -> None:
         """Check a base model and show its fingerprint (what bundles pin), architecture and size."""
-        from adapterhub_lite.base.check import describe_base
+        from adapterhub_lite.base.info import describe_base
 
         data = describe_base(model_dir)
         if as_json:

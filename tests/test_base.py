@@ -254,7 +254,7 @@ def test_train_refuses_a_base_without_tokenizer_before_writing_anything(tiny_mod
 
 def test_base_info_counts_the_tokenizer():
     # What `base info` imports (no torch) is checked in tests/test_cli_imports.py.
-    from adapterhub_lite.base.check import describe_base
+    from adapterhub_lite.base.info import describe_base
 
     info = describe_base(None)
     assert info["name"] == "ahl-tiny-llama" and info["tokenizer_size"] == info["vocab_size"] == 1454

@@ -125,25 +125,3 @@ def check_base(path: str | Path) -> BaseInfo:
         (p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(path.iterdir()) if p.is_file()
     )
     return _check(path, state)
-
-
-def describe_base(base: str | Path | None) -> dict:
-    """What `adapterhub base info` shows: path, name, fingerprint, architecture, sizes (checked first)."""
-    from adapterhub_lite.base.embedded import base_name, resolve_base_dir
-    from adapterhub_lite.base.fingerprint import fingerprint
-
-    path = resolve_base_dir(base)
-    info = check_base(path)
-    config = info.config
-    return {
-        "path": str(path),
-        "name": base_name(path),
-        "fingerprint": fingerprint(path),
-        "architectures": config.get("architectures"),
-        "model_type": config.get("model_type"),
-        "hidden_size": config.get("hidden_size"),
-        "num_hidden_layers": config.get("num_hidden_layers"),
-        "vocab_size": vocab_size(config),
-        "tokenizer_size": info.tokenizer_size,
-        "weights_bytes": sum(f.stat().st_size for f in info.weight_files),
-    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from adapterhub_lite.base.check import check_base
 from adapterhub_lite.errors import BaseModelError
 
 EMBEDDED_BASE_NAME = "ahl-tiny-llama"
@@ -16,8 +17,6 @@ def resolve_base_dir(base: str | Path | None) -> Path:
     Nothing is fetched from a model hub: a name that is not a local directory is an error, and so is a
     directory without a config, weights or a usable tokenizer (`check_base`).
     """
-    from adapterhub_lite.base.check import check_base
-
     if base is None or str(base) in ("embedded", EMBEDDED_BASE_NAME):
         path = EMBEDDED_BASE_DIR
     else:
