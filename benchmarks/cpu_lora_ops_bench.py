@@ -148,7 +148,7 @@ def main() -> None:
 def churn_costs(layers: list, args: argparse.Namespace, clock) -> dict:
     """Per decoder layer, ms: the prepared-weight refresh after one slot write (all slots / one slot), and
     decode with half the slots' adapters dense, scattered (a product per slot) and scattered but kept."""
-    from adapterhub_lite.serving import cpu_lora_ops as ops
+    from adapterhub_lite.kernels import cpu_lora_ops as ops
 
     pairs = [(a, b, slices) for _, slices, a, b, _ in layers]
     gen = torch.Generator().manual_seed(1)

@@ -58,7 +58,8 @@ from serving_load import (  # noqa: E402
     run_phase,
 )
 
-from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer, cpu_lora_ops  # noqa: E402
+from adapterhub_lite.kernels import cpu_lora_ops  # noqa: E402
+from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer  # noqa: E402
 from adapterhub_lite.vllm_compat.launch import PLUGIN_NAME  # noqa: E402
 from adapterhub_lite.vllm_compat.lora_ops import TRACE_SWITCH  # noqa: E402
 

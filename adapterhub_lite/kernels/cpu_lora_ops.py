@@ -335,15 +335,3 @@ def bgmv_expand_slice(
 
 GROUPED = {"bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice}
 
-
-def install() -> bool:
-    """Install these ops into vLLM's CPU LoRA path (`adapterhub_lite.vllm_compat.lora_ops.install`);
-    False, with vLLM's own code kept, when that is not possible."""
-    try:
-        from adapterhub_lite.vllm_compat import lora_ops
-    except Exception as exc:  # another vLLM version: the seam refuses it, vLLM's own ops stay
-        import logging
-
-        logging.getLogger(__name__).info("adapterhub: vLLM's CPU LoRA code left as it is (%s)", exc)
-        return False
-    return lora_ops.install()
