@@ -6,17 +6,13 @@ publish in progress); a missing blob is restored by publishing the bundle again.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from adapterhub_lite.registry.parts import RegistryParts
 from adapterhub_lite.registry.records import CheckReport
-
-if TYPE_CHECKING:
-    from adapterhub_lite.registry.registry import Registry
 
 DEFAULT_GRACE_S = 3600.0
 
 
-def check(reg: Registry, repair: bool, grace_s: float, deep: bool) -> CheckReport:
+def check(reg: RegistryParts, repair: bool, grace_s: float, deep: bool) -> CheckReport:
     report = CheckReport(index_ok=reg.index.integrity_ok())
     refs = reg.index.blob_refs()
     blobs = reg.blobs.blobs()

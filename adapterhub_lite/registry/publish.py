@@ -11,7 +11,6 @@ import hashlib
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from adapterhub_lite.bundles import archive as _archive
 from adapterhub_lite.bundles.manifest import MANIFEST_FILE, Manifest, parse_manifest
@@ -19,14 +18,12 @@ from adapterhub_lite.bundles.signing import SIGNATURES_FILE
 from adapterhub_lite.bundles.verify import Precomputed, check_bundle
 from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError
 from adapterhub_lite.registry.faults import fault_point
+from adapterhub_lite.registry.parts import RegistryParts
 from adapterhub_lite.registry.records import Published
-
-if TYPE_CHECKING:
-    from adapterhub_lite.registry.registry import Registry
 
 
 def publish(
-    reg: Registry,
+    reg: RegistryParts,
     bundle_path: Path,
     progress: bool,
     *,
@@ -51,7 +48,7 @@ def publish(
                     bundle_dir,
                     base_dir=base[0] if base else None,
                     base_fingerprint=base[1] if base else None,
-                    trusted_keys=reg.trusted_keys,
+                    trusted_keys=reg.trusted.keys,
                     vllm_check=False,
                     shown_as=shown_as,
                     precomputed=precomputed if bundle_path.is_dir() else None,
@@ -98,7 +95,7 @@ def immutable_error(m: Manifest, existing: str) -> RegistryError:
 
 
 def store_verified(
-    reg: Registry,
+    reg: RegistryParts,
     bundle_dir: Path,
     m: Manifest,
     progress: bool = False,
@@ -139,4 +136,7 @@ def store_verified(
     for data in (manifest_bytes, sig_bytes):
         if data is not None and not reg.blobs.exists(hashlib.sha256(data).hexdigest()):
             reg.blobs.put_bytes(data)
-    return reg.resolve(m.ref)
+    stored = reg.index.get(m.namespace, m.name, m.version)
+    if stored is None:  # committed above; only a concurrent removal of the row gets here
+        raise RegistryError(f"{m.ref} vanished from the index as it was published", kind=ErrorKind.INTERNAL)
+    return stored

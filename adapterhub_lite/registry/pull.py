@@ -7,19 +7,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from adapterhub_lite.bundles.manifest import MANIFEST_FILE, Manifest
 from adapterhub_lite.bundles.signing import SIGNATURES_FILE
 from adapterhub_lite.bundles.verify import check_bundle
 from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError
+from adapterhub_lite.registry.parts import RegistryParts
 from adapterhub_lite.registry.records import Published
 
-if TYPE_CHECKING:
-    from adapterhub_lite.registry.registry import Registry
 
-
-def pull(reg: Registry, p: Published, dest: Path, verify: dict[str, Any], progress: bool) -> Path:
+def pull(reg: RegistryParts, p: Published, dest: Path, verify: dict[str, Any], progress: bool) -> Path:
     """Fetch `p` into `dest` (created atomically) and verify it with `verify` (check_bundle's options);
     a `dest` that already holds the same bundle is verified and returned without a download."""
     try:
@@ -32,7 +30,7 @@ def pull(reg: Registry, p: Published, dest: Path, verify: dict[str, Any], progre
         ) from None
 
 
-def _pull(reg: Registry, p: Published, dest: Path, verify: dict[str, Any], progress: bool) -> Path:
+def _pull(reg: RegistryParts, p: Published, dest: Path, verify: dict[str, Any], progress: bool) -> Path:
     from tqdm import tqdm
 
     if dest.exists():
@@ -73,7 +71,7 @@ def _pull(reg: Registry, p: Published, dest: Path, verify: dict[str, Any], progr
     return dest
 
 
-def _signed_for_namespace(reg: Registry, bundle_dir: Path, m: Any) -> None:
+def _signed_for_namespace(reg: RegistryParts, bundle_dir: Path, m: Any) -> None:
     """With trusted keys, the bundle's signer must be trusted for its namespace (verify checked the
     signatures; the registry knows each key's namespaces)."""
     if reg.trusted.keys:
@@ -101,12 +99,12 @@ def existing_copy(dest: Path, p: Published, verify: dict[str, Any]) -> Manifest:
     return m
 
 
-def _existing(reg: Registry, dest: Path, p: Published, verify: dict[str, Any]) -> Path:
+def _existing(reg: RegistryParts, dest: Path, p: Published, verify: dict[str, Any]) -> Path:
     _signed_for_namespace(reg, dest, existing_copy(dest, p, verify))
     return dest
 
 
-def read_manifest(reg: Registry, p: Published):  # -> Manifest
+def read_manifest(reg: RegistryParts, p: Published):  # -> Manifest
     """The manifest of a published version, read from its blob and checked against its hash."""
     import hashlib
 
