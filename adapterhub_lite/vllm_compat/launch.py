@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import sys
 
-from adapterhub_lite.bundles.compat import VLLM_MAX_LORA_RANKS
+from adapterhub_lite.vllm_compat import VLLM_MAX_LORA_RANKS
 
 API_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
