@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from adapterhub_lite.bundles.manifest import load_json_bounded
 from adapterhub_lite.bundles.naming import check_name
 from adapterhub_lite.errors import BundleError
+from adapterhub_lite.settings import config_dir as settings_config_dir
 
 SIGNATURES_FILE = "signatures.json"
 _CONTEXT = b"adapterhub-bundle-v1\0"
@@ -34,11 +35,8 @@ PublicKeyLike = Ed25519PublicKey | str | Path
 
 
 def config_dir() -> Path:
-    """The user's adapterhub config directory."""
-    if os.environ.get("ADAPTERHUB_CONFIG_DIR"):
-        return Path(os.environ["ADAPTERHUB_CONFIG_DIR"]).expanduser()
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "adapterhub"
+    """The user's adapterhub config directory (`adapterhub_lite.settings.config_dir`)."""
+    return settings_config_dir()
 
 
 def keys_dir() -> Path:

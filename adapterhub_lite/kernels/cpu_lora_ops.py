@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-ENV_SWITCH = "ADAPTERHUB_CPU_LORA_OPS"
+from adapterhub_lite.settings import env_name
+
+ENV_SWITCH = env_name("cpu_lora_ops")
 # Many small groups (decode) run as one padded batched product, which computes groups x longest-group
 # rows: worth it while the groups are short and the padding small; larger groups (prefill) run as one
 # product per group, which needs no padding and no reordering copy.

@@ -13,7 +13,6 @@ stored them) or `{"public_key": hex, "namespaces": [...]}` (trusted only for tho
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,16 +21,17 @@ from adapterhub_lite import atomic
 from adapterhub_lite.db import SUPPORTED, is_url, redact
 from adapterhub_lite.errors import ErrorKind, RegistryError
 from adapterhub_lite.registry.index import INDEX_FILE, Index
+from adapterhub_lite.settings import env_name, settings, state_dir
 
-ENV_REGISTRY = "ADAPTERHUB_REGISTRY"
-ENV_BLOBS = "ADAPTERHUB_BLOBS"
+ENV_REGISTRY = env_name("registry")
+ENV_BLOBS = env_name("blobs")
 CONFIG_FILE = "config.json"
 CONFIG_FORMAT = 1
 LOCATIONS = f"a registry directory, sqlite:///DIR, or {SUPPORTED.split(' or ')[-1]}"
 
 
 def default_location() -> Path:
-    return Path.home() / ".adapterhub" / "registry"
+    return state_dir() / "registry"
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Location:
 
 def parse_location(raw: str | Path | None) -> Location:
     """Read a location string (> $ADAPTERHUB_REGISTRY > ~/.adapterhub/registry)."""
-    text = str(raw or os.environ.get(ENV_REGISTRY) or default_location())
+    text = str(raw or settings().registry or default_location())
     if text.startswith("file://"):
         text = text[len("file://") :]
     elif text.startswith("sqlite:///"):

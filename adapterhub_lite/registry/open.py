@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from adapterhub_lite.registry.config import (
 )
 from adapterhub_lite.registry.index import Index
 from adapterhub_lite.registry.registry import Registry
+from adapterhub_lite.settings import settings
 
 
 def open_registry(
@@ -38,15 +38,16 @@ def open_registry(
     created is remembered in its config. `trusted_keys` (default: the config's) makes publish and pull
     require a trusted signature.
     """
-    raw = location if location is not None else os.environ.get(ENV_REGISTRY)
+    env = settings()
+    raw = location if location is not None else env.registry
     if isinstance(raw, str) and raw.startswith(("http://", "https://")):
         # A hub: the same interface over HTTP (token from $ADAPTERHUB_TOKEN or `adapterhub login`).
         from adapterhub_lite.registry.remote import RemoteRegistry
 
         return RemoteRegistry(raw, trusted_keys=trusted_keys)  # type: ignore[return-value]
     where = parse_location(location)
-    if blobs is None and os.environ.get(ENV_BLOBS):
-        blobs = os.environ[ENV_BLOBS]
+    if blobs is None and env.blobs:
+        blobs = env.blobs
     if isinstance(blobs, str) and "://" not in blobs:
         blobs = str(Path(blobs).expanduser().resolve())  # recorded in the config: must not depend on cwd
     if where.directory is not None and not (where.directory / "config.json").is_file():

@@ -31,25 +31,24 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from adapterhub_lite.errors import ServingError
 from adapterhub_lite.registry.config import ENV_REGISTRY
+from adapterhub_lite.settings import env_name, settings, state_dir
 
-ENV_ADMIN_KEY = "ADAPTERHUB_ADMIN_KEY"
-ENV_TENANTS_DB = "ADAPTERHUB_TENANTS_DB"  # the one home of this name (tenancy.py reads it)
-ENV_BASE_DIR = "ADAPTERHUB_BASE_DIR"
-ENV_SERVED_NAME = "ADAPTERHUB_SERVED_NAME"
-ENV_CACHE_DIR = "ADAPTERHUB_CACHE_DIR"
-ENV_CACHE_MAX_MB = "ADAPTERHUB_CACHE_MAX_MB"
-ENV_MAX_LORA_RANK = "ADAPTERHUB_MAX_LORA_RANK"
-ENV_MAX_LOADED = "ADAPTERHUB_MAX_LOADED"
-ENV_IDLE_SECONDS = "ADAPTERHUB_IDLE_SECONDS"
-ENV_TRUSTED_KEYS = "ADAPTERHUB_TRUSTED_KEYS"
-ENV_WARMUP = "ADAPTERHUB_WARMUP"
-ENV_HEAP_TRIM = "ADAPTERHUB_HEAP_TRIM"
-ENV_RATE_LIMIT_URL = "ADAPTERHUB_RATE_LIMIT_URL"
-ENV_RATE_LIMIT_FAILURE = "ADAPTERHUB_RATE_LIMIT_FAILURE"
+ENV_ADMIN_KEY = env_name("admin_key")
+ENV_TENANTS_DB = env_name("tenants_db")
+ENV_BASE_DIR = env_name("base_dir")
+ENV_SERVED_NAME = env_name("served_name")
+ENV_CACHE_DIR = env_name("cache_dir")
+ENV_CACHE_MAX_MB = env_name("cache_max_mb")
+ENV_MAX_LORA_RANK = env_name("max_lora_rank")
+ENV_MAX_LOADED = env_name("max_loaded")
+ENV_IDLE_SECONDS = env_name("idle_seconds")
+ENV_TRUSTED_KEYS = env_name("trusted_keys")
+ENV_WARMUP = env_name("warmup")
+ENV_HEAP_TRIM = env_name("heap_trim")
+ENV_RATE_LIMIT_URL = env_name("rate_limit_url")
+ENV_RATE_LIMIT_FAILURE = env_name("rate_limit_failure")
 
 DEFAULT_HOT_SET = 8  # hot set when neither ADAPTERHUB_MAX_LOADED nor --max-cpu-loras says
 
@@ -67,21 +66,6 @@ def default_lora_slots(cpu: bool) -> tuple[int, int]:
     return CPU_LORA_SLOTS if cpu else GPU_LORA_SLOTS
 
 
-def _int_env(name: str, default: int | None) -> int | None:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ServingError(f"{name}={raw!r} is not a whole number", hint=f"set {name} to e.g. 16") from None
-
-
-def _flag(raw: str | None) -> bool:
-    """An on/off variable: unset or anything but 0/false/no is on."""
-    return (raw or "1").strip().lower() not in ("0", "false", "no", "off")
-
-
 @dataclass
 class ServingConfig:
     """Everything the plugin and the middleware need to know about the server they run in."""
@@ -91,7 +75,7 @@ class ServingConfig:
     registry: str | None = None
     base_dir: str | None = None
     served_name: str | None = None
-    cache_dir: str = str(Path.home() / ".adapterhub" / "serve-cache")
+    cache_dir: str = str(state_dir() / "serve-cache")
     cache_max_mb: int = 2048
     max_lora_rank: int | None = None
     max_loaded: int | None = None  # None: vLLM's --max-cpu-loras (the launcher knows it)
@@ -108,25 +92,24 @@ class ServingConfig:
 
     @classmethod
     def from_env(cls) -> ServingConfig:
-        """Read the ADAPTERHUB_* variables."""
-        env = os.environ
-        keys = [k for k in env.get(ENV_TRUSTED_KEYS, "").split(os.pathsep) if k]
+        """Read the ADAPTERHUB_* variables (`adapterhub_lite.settings`)."""
+        env = settings()
         return cls(
-            admin_key=env.get(ENV_ADMIN_KEY) or None,
-            tenants_db=env.get(ENV_TENANTS_DB) or None,
-            registry=env.get(ENV_REGISTRY) or None,
-            base_dir=env.get(ENV_BASE_DIR) or None,
-            served_name=env.get(ENV_SERVED_NAME) or None,
-            cache_dir=env.get(ENV_CACHE_DIR) or cls.cache_dir,
-            cache_max_mb=_int_env(ENV_CACHE_MAX_MB, cls.cache_max_mb) or cls.cache_max_mb,
-            max_lora_rank=_int_env(ENV_MAX_LORA_RANK, None),
-            max_loaded=_int_env(ENV_MAX_LOADED, None) or None,
-            idle_seconds=_int_env(ENV_IDLE_SECONDS, cls.idle_seconds) or cls.idle_seconds,
-            trusted_keys=keys,
-            warmup=_flag(env.get(ENV_WARMUP)),
-            heap_trim=_flag(env.get(ENV_HEAP_TRIM)),
-            rate_limit_url=env.get(ENV_RATE_LIMIT_URL) or None,
-            rate_limit_failure=env.get(ENV_RATE_LIMIT_FAILURE) or cls.rate_limit_failure,
+            admin_key=env.admin_key,
+            tenants_db=env.tenants_db,
+            registry=env.registry,
+            base_dir=env.base_dir,
+            served_name=env.served_name,
+            cache_dir=env.cache_dir or str(state_dir() / "serve-cache"),
+            cache_max_mb=env.cache_max_mb,
+            max_lora_rank=env.max_lora_rank,
+            max_loaded=env.max_loaded,
+            idle_seconds=env.idle_seconds,
+            trusted_keys=[k for k in (env.trusted_keys or "").split(os.pathsep) if k],
+            warmup=env.warmup,
+            heap_trim=env.heap_trim,
+            rate_limit_url=env.rate_limit_url,
+            rate_limit_failure=env.rate_limit_failure,
         )
 
     def to_env(self) -> dict[str, str]:

@@ -25,7 +25,9 @@ import signal
 import threading
 import time
 
-ENV_PARENT_PID = "ADAPTERHUB_PARENT_PID"
+from adapterhub_lite.settings import SettingsError, env_name, settings
+
+ENV_PARENT_PID = env_name("parent_pid")
 GRACE_S = 30.0  # the API server's in-order shutdown, then SIGKILL to what is left of the group
 _POLL_S = 1.0
 
@@ -39,10 +41,13 @@ def parent_to_watch() -> int | None:
 
     The engine core and the workers inherit the variable but are not session leaders: vLLM stops
     them itself when its API server stops."""
-    raw = os.environ.get(ENV_PARENT_PID, "")
-    if not raw.isdigit() or os.getsid(0) != os.getpid():
+    try:
+        pid = settings().parent_pid
+    except SettingsError:  # not a pid: this process was not started by the launcher
         return None
-    return int(raw)
+    if pid is None or pid <= 0 or os.getsid(0) != os.getpid():
+        return None
+    return pid
 
 
 def watch_parent(grace: float = GRACE_S) -> threading.Thread | None:

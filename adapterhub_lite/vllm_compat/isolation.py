@@ -25,14 +25,14 @@ Both run in every vLLM process (the plugin's `register`); `ADAPTERHUB_KV_ZEROING
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
+from adapterhub_lite.settings import env_name, settings
 from adapterhub_lite.vllm_compat import SUPPORTED_RELEASES, VLLM
 
 log = logging.getLogger("adapterhub.serving")
 
-KV_ZEROING_SWITCH = "ADAPTERHUB_KV_ZEROING"
+KV_ZEROING_SWITCH = env_name("kv_zeroing")
 
 
 def _supported() -> str | None:
@@ -54,7 +54,7 @@ def _supported() -> str | None:
 
 def zero_new_kv_blocks() -> bool:
     """Have vLLM zero every newly allocated KV-cache block on CPU; False (and a log line) when not done."""
-    if os.environ.get(KV_ZEROING_SWITCH, "1") == "0":
+    if not settings().kv_zeroing:
         log.warning("adapterhub: KV-cache blocks are reused without zeroing (%s=0)", KV_ZEROING_SWITCH)
         return False
     reason = _supported()

@@ -24,15 +24,15 @@ counts them per phase.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
 from adapterhub_lite.kernels import cpu_lora_ops
 from adapterhub_lite.kernels.cpu_lora_ops import ENV_SWITCH, GROUPED, group_rows, lora_linear
+from adapterhub_lite.settings import env_name, settings
 
 log = logging.getLogger("adapterhub.serving")
-TRACE_SWITCH = "ADAPTERHUB_LORA_TRACE"
+TRACE_SWITCH = env_name("lora_trace")
 
 _WRAPPER_METHODS = ("update_metadata", "add_lora_linear", "token_lora_indices")
 
@@ -87,7 +87,7 @@ def _record_slot_writes(manager_cls: type) -> bool:
         return False
     if getattr(original, "_adapterhub", False):
         return True
-    trace = os.environ.get(TRACE_SWITCH) == "1"
+    trace = settings().lora_trace
 
     def activate_adapter(self: Any, lora_id: int) -> Any:
         layers = [
@@ -126,7 +126,7 @@ def _record_slot_writes(manager_cls: type) -> bool:
 def _trace_loads(worker_cls: type) -> None:
     """Count and time adapter reads from disk (only under `ADAPTERHUB_LORA_TRACE=1`)."""
     original = worker_cls.__dict__.get("_load_adapter")
-    if os.environ.get(TRACE_SWITCH) != "1" or not callable(original) or getattr(original, "_ahl_trace", 0):
+    if not settings().lora_trace or not callable(original) or getattr(original, "_ahl_trace", 0):
         return
 
     def _load_adapter(self: Any, lora_request: Any) -> Any:
@@ -147,7 +147,7 @@ def install() -> bool:
     Does nothing when switched off by ``ADAPTERHUB_CPU_LORA_OPS=0``, off the CPU platform, or when
     vLLM's modules do not have the shape this was written against (each patch is checked on its own).
     """
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    if not settings().cpu_lora_ops:
         return False
     try:
         from vllm.platforms import current_platform

@@ -41,11 +41,13 @@ import types
 from collections import Counter
 from typing import Any
 
+from adapterhub_lite.settings import env_name, settings
+
 logger = logging.getLogger("adapterhub.serving")
 
-ENV_PROBE = "ADAPTERHUB_MEMORY_PROBE"
-ENV_PROBE_EVERY = "ADAPTERHUB_MEMORY_PROBE_EVERY"
-ENV_PROBE_TRACEMALLOC = "ADAPTERHUB_MEMORY_PROBE_TRACEMALLOC"
+ENV_PROBE = env_name("memory_probe")
+ENV_PROBE_EVERY = env_name("memory_probe_every")
+ENV_PROBE_TRACEMALLOC = env_name("memory_probe_tracemalloc")
 
 # struct mallinfo2 (glibc >= 2.33), in order: every field a size_t.
 _MALLINFO2_FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
@@ -390,14 +392,11 @@ def install_engine_probe(path: str, every: int = 1000, frames: int = 0) -> bool:
 def probe_from_env() -> bool:
     """Install the probes when ADAPTERHUB_MEMORY_PROBE names a file (a diagnostic; off by default):
     the worker's per LoRA change, the engine core's per `ADAPTERHUB_MEMORY_PROBE_EVERY` requests."""
-    path = os.environ.get(ENV_PROBE)
+    env = settings()
+    path = env.memory_probe
     if not path:
         return False
-    try:
-        every = int(os.environ.get(ENV_PROBE_EVERY) or 200)
-        frames = int(os.environ.get(ENV_PROBE_TRACEMALLOC) or 0)
-    except ValueError:
-        every, frames = 200, 0
+    every, frames = env.memory_probe_every, env.memory_probe_tracemalloc
     if "vllm.v1.engine.core" in sys.modules:  # the engine's process (the API server's does not run it)
         install_engine_probe(path + ".engine", every=every, frames=frames)
     return install_lora_probe(path, every=every, frames=frames)
