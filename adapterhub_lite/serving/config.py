@@ -33,7 +33,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapterhub_lite.errors import ServingError
+from adapterhub_lite.errors import ErrorKind, ServingError
 from adapterhub_lite.registry.config import ENV_REGISTRY
 
 ENV_ADMIN_KEY = "ADAPTERHUB_ADMIN_KEY"
@@ -74,7 +74,9 @@ def _int_env(name: str, default: int | None) -> int | None:
     try:
         return int(raw)
     except ValueError:
-        raise ServingError(f"{name}={raw!r} is not a whole number", hint=f"set {name} to e.g. 16") from None
+        raise ServingError(
+            f"{name}={raw!r} is not a whole number", hint=f"set {name} to e.g. 16", kind=ErrorKind.INVALID
+        ) from None
 
 
 def _flag(raw: str | None) -> bool:
