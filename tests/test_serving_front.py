@@ -334,3 +334,137 @@ def test_fuzzed_request_bodies_never_get_a_5xx(front, body):
         seen = front.vllm.bodies[-1]
         n = seen.get("n")
         assert n is None or (type(n) is int and 1 <= n <= MAX_N)
+
+
+# -- against a real vLLM server ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Iterator[dict]:
+    """A real vLLM server (CPU build) on the embedded base, the middleware in front, two tenants with
+    base access. No adapters: what is under test is the front, and a base request goes through the
+    same middleware path (auth, body, typed fields, rate limits, forwarding) as an adapter request."""
+    from adapterhub_lite.base import EMBEDDED_BASE_DIR
+    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.serving import ServeOptions, VLLMServer
+
+    root = tmp_path_factory.mktemp("served-front")
+    Registry.open(root / "registry")
+    store = TenantStore.open(root / "tenants.db")
+    keys = {name: store.add_tenant(name, base_access=True)[1] for name in ("acme", "globex")}
+    opts = ServeOptions(
+        base_dir=str(EMBEDDED_BASE_DIR),
+        served_name=BASE,
+        registry=str(root / "registry"),
+        tenants_db=str(root / "tenants.db"),
+        cache_dir=str(root / "cache"),
+        max_model_len=256,
+        log_path=str(root / "vllm.log"),
+    )
+    server = VLLMServer(opts).start()
+    try:
+        yield {"url": server.url, "keys": keys, "log": root / "vllm.log"}
+    finally:
+        server.stop()
+
+
+def _served_post(served: dict, tenant: str, path: str, body: object) -> httpx.Response:
+    return httpx.post(
+        served["url"] + path,
+        content=json.dumps(body).encode(),
+        headers={"authorization": f"Bearer {served['keys'][tenant]}", "content-type": "application/json"},
+        timeout=120,
+    )
+
+
+def _served_ok(served: dict) -> None:
+    res = _served_post(served, "globex", "/v1/completions", {"model": BASE, "prompt": "hi", "max_tokens": 2})
+    assert res.status_code == 200, res.text
+    assert res.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_huge_n_and_max_tokens_never_reach_vllm_and_others_are_served(served):
+    """vLLM CVE-2026-34756: one request with a huge `n` crashed the server for every tenant."""
+    for path, base in (
+        ("/v1/completions", {"model": BASE, "prompt": "hi"}),
+        ("/v1/chat/completions", {"model": BASE, "messages": [{"role": "user", "content": "hi"}]}),
+    ):
+        for extra in ({"n": 10**9}, {"best_of": 10**6}, {"max_tokens": 10**30}, {"n": "2"}):
+            res = _served_post(served, "acme", path, {**base, **extra})
+            assert res.status_code == 400, (extra, res.text)
+            assert res.json()["error"]["code"] == 400
+        _served_ok(served)
+    res = _served_post(
+        served, "acme", "/v1/completions", {"model": BASE, "prompt": "hi", "n": 2, "max_tokens": 2}
+    )
+    assert res.status_code == 200 and len(res.json()["choices"]) == 2
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=12,
+)
+# Fields of vLLM's completion and chat requests (its /openapi.json), each given typed values and
+# anything at all; small integers mostly, so that accepted requests stay cheap on a CPU server.
+_FIELDS = {
+    "prompt": st.text(max_size=20) | st.lists(st.integers(0, 1000), max_size=5) | _JSON,
+    "messages": st.lists(
+        st.fixed_dictionaries(
+            {
+                "role": st.sampled_from(["user", "system", "assistant", "tool"]),
+                "content": st.text(max_size=20) | _JSON,
+            }
+        ),
+        max_size=3,
+    )
+    | _JSON,
+    "n": st.integers(-2, 3) | _JSON,
+    "best_of": st.integers(-2, 3) | _JSON,
+    "max_tokens": st.integers(-2, 4) | st.integers() | _JSON,
+    "max_completion_tokens": st.integers(-2, 4) | _JSON,
+    "temperature": st.floats(allow_nan=False) | _JSON,
+    "top_p": st.floats(allow_nan=False) | _JSON,
+    "top_k": st.integers() | _JSON,
+    "logprobs": st.integers(-2, 30) | st.booleans() | _JSON,
+    "top_logprobs": st.integers(-2, 30) | _JSON,
+    "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=3) | _JSON,
+    "seed": st.integers() | _JSON,
+    "stream": st.booleans() | _JSON,
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}) | _JSON,
+    "echo": st.booleans() | _JSON,
+    "logit_bias": st.dictionaries(st.integers(0, 1000).map(str), st.floats(-100, 100), max_size=3) | _JSON,
+    "response_format": _JSON,
+    "tools": _JSON,
+    "user": _JSON,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_fuzzed_openai_requests_with_a_tenant_key_never_get_a_5xx(served, path):
+    """Property-based bodies for the OpenAI routes, sent with a tenant key to the middleware in front
+    of a real vLLM: every answer is a 2xx or 4xx, and another tenant is served afterwards."""
+    required = "prompt" if path == "/v1/completions" else "messages"
+    seen: list[tuple[int, dict]] = []
+
+    @settings(max_examples=60, deadline=None, database=None)
+    @given(
+        st.fixed_dictionaries(
+            {required: _FIELDS[required]}, optional={k: v for k, v in _FIELDS.items() if k != required}
+        )
+    )
+    def check(body: dict) -> None:
+        body["model"] = BASE
+        if body.get("stream") is True:
+            body["max_tokens"] = 2  # a stream is read to its end: keep it short
+        res = _served_post(served, "acme", path, body)
+        seen.append((res.status_code, body))
+        assert res.status_code < 500, (res.status_code, res.text[:300], body)
+
+    check()
+    assert any(status == 200 for status, _ in seen) and any(400 <= s < 500 for s, _ in seen)
+    _served_ok(served)
