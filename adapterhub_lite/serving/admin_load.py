@@ -50,9 +50,7 @@ def lora_path_of(body: bytes) -> str:
     request = load_json_bounded(body, "request body", max_bytes=_MAX_REQUEST_BYTES, max_depth=8, hint=_FIX)
     path = request.get("lora_path") if isinstance(request, dict) else None
     if not isinstance(path, str) or not path:
-        raise BundleError(
-            'request body: "lora_path" must be a string', hint=_FIX, kind=ErrorKind.INVALID
-        )
+        raise BundleError('request body: "lora_path" must be a string', hint=_FIX, kind=ErrorKind.INVALID)
     return path
 
 

@@ -245,7 +245,13 @@ class TenancyMiddleware:
     async def _inference(self, scope: Scope, receive: Receive, send: Send, tenant: Tenant | None) -> None:
         label = tenant.name if tenant else "admin"
         try:  # the caller is authenticated by now: only then is the body read (bounded in size and time)
-            payload, fields = parse_request(await read_body(receive, scope))
+            body = await read_body(receive, scope)
+            # Parsing megabytes takes a while: off the event loop, so other tenants' streams keep flowing.
+            payload, fields = (
+                parse_request(body)
+                if len(body) < 256 * 1024
+                else await asyncio.to_thread(parse_request, body)
+            )
         except BodyRefused as exc:
             self.metrics.rejected.labels(label, f"body_{exc.status}").inc()
             await send_error(send, exc.status, exc.message, "BadRequestError")

@@ -38,14 +38,16 @@ class InferenceRequest(BaseModel):
 
 def depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
     """Nesting depth of parsed JSON, counted without recursion and given up past `limit`."""
+    if not isinstance(value, dict | list):
+        return 0
     deepest, stack = 0, [(value, 1)]
     while stack:
         item, level = stack.pop()
-        if isinstance(item, dict | list):
-            deepest = max(deepest, level)
-            if deepest > limit:
-                return deepest
-            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+        deepest = max(deepest, level)
+        if deepest > limit:
+            return deepest
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((v, level + 1) for v in children if isinstance(v, dict | list))  # containers only
     return deepest
 
 
