@@ -243,6 +243,11 @@ def register(app: typer.Typer) -> None:
                 for item in items:
                     typer.echo(f"  {safe(item)}")
             typer.echo(f"missing blobs: {len(report.missing_blobs)}")
+            for kid in report.unscoped_keys:
+                typer.echo(
+                    f"warning: key {kid} is trusted for every namespace; scope it with "
+                    "`adapterhub registry trust KEY --namespace NS`"
+                )
             for item in report.missing_blobs:
                 typer.echo(
                     f"  {safe(item['file'])} ({item['blob']}): publish that bundle again to restore it"
@@ -258,13 +263,24 @@ def register(app: typer.Typer) -> None:
             list[str] | None,
             typer.Option(
                 "--namespace",
-                help="trust it only for bundles of this namespace (repeatable); without it, for every one",
+                help="trust it only for bundles of this namespace (repeatable; this or --all-namespaces)",
             ),
         ] = None,
+        all_namespaces: Annotated[
+            bool,
+            typer.Option(
+                "--all-namespaces", help="trust it for EVERY namespace (its holder may publish as anyone)"
+            ),
+        ] = False,
         registry: RegistryOpt = None,
     ) -> None:
         """Trust a public key: from now on this registry only accepts bundles signed by a trusted key.
 
         Running it again for the same key replaces the namespaces it is trusted for."""
-        kid = _open(registry).trust(key, namespace or None)
-        typer.echo(f"trusted {kid}" + (f" for {', '.join(sorted(set(namespace)))}" if namespace else ""))
+        from adapterhub_lite.registry.trust import trust_scope
+
+        scope = trust_scope(namespace, all_namespaces)
+        kid = _open(registry).trust(key, scope)
+        if scope is None:
+            typer.echo(f"WARNING: {kid} is trusted for EVERY namespace: it may sign as any team", err=True)
+        typer.echo(f"trusted {kid} for " + (", ".join(sorted(set(scope))) if scope else "every namespace"))

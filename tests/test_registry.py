@@ -346,7 +346,7 @@ def test_cli_keys_sign_trust_and_repair(where, tmp_path, bundles, monkeypatch):
     key = json.loads(runner.invoke(app, ["keys", "generate", "ci", "--json"]).stdout)
     assert os.stat(key["path"]).st_mode & 0o777 == 0o600
     assert [k["name"] for k in json.loads(runner.invoke(app, ["keys", "list", "--json"]).stdout)] == ["ci"]
-    assert runner.invoke(app, ["registry", "trust", "ci"]).exit_code == 0
+    assert runner.invoke(app, ["registry", "trust", "ci", "--all-namespaces"]).exit_code == 0
     bundle = tmp_path / "b"
     shutil.copytree(bundles["1.0.0"], bundle)
     res = runner.invoke(app, ["publish", str(bundle)])

@@ -38,9 +38,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 MAX_PROBLEMS_SHOWN = 3
 
-_LORA_TENSOR = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
+_LORA_TENSOR = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight")
 _LORA_EMBED_TENSOR = re.compile(
-    r"^base_model\.model\.(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)$"
+    r"base_model\.model\.(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)"
 )
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 _EMBEDDING_NAMES = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out", "word_embeddings", "output")
@@ -230,7 +230,7 @@ def _lora_modules(
     """The LoRA A/B pairs by module; anything that is not a LoRA matrix is a problem."""
     modules: dict[str, dict[str, TensorInfo]] = {}
     for t in tensors:
-        m = _LORA_TENSOR.match(t.name) or _LORA_EMBED_TENSOR.match(t.name)
+        m = _LORA_TENSOR.fullmatch(t.name) or _LORA_EMBED_TENSOR.fullmatch(t.name)
         where = f"{weights_label}: tensor {t.name!r}"
         if "lora_magnitude_vector" in t.name:
             problems.append(

@@ -12,13 +12,15 @@ from typing import NoReturn
 
 from adapterhub_lite.errors import AdapterHubError, BundleError
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
-_TAG_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,31}$")
+# Matched whole (`fullmatch`): with `re.match` and a trailing `$`, "1.0.0\n" would pass.
+_NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?")
+_TAG_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
 # semver.org's regex, without build metadata (`+...`): two versions differing only in build metadata
 # would have the same precedence, so "newest" would be ambiguous.
 _SEMVER_RE = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?$"
+    r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
+    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?",
+    re.ASCII,  # `\d` is [0-9] only: "1.0.1\u0661" must not pass (int() would read it as 11)
 )
 DEFAULT_VERSION = "0.1.0"
 
@@ -33,7 +35,7 @@ def _fail(error: type[Exception], message: str, hint: str) -> NoReturn:
 
 def check_name(value: str, what: str = "name", error: type[Exception] = BundleError) -> str:
     """Validate a namespace or adapter name; return it unchanged."""
-    if not isinstance(value, str) or not _NAME_RE.match(value) or ".." in value:
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value) or ".." in value:
         _fail(
             error,
             f"invalid {what} {value!r}",
@@ -45,7 +47,7 @@ def check_name(value: str, what: str = "name", error: type[Exception] = BundleEr
 
 def check_version(value: str, error: type[Exception] = BundleError) -> str:
     """Validate a semantic version `MAJOR.MINOR.PATCH[-PRERELEASE]`; return it unchanged."""
-    if not isinstance(value, str) or len(value) > 64 or not _SEMVER_RE.match(value):
+    if not isinstance(value, str) or len(value) > 64 or not _SEMVER_RE.fullmatch(value):
         _fail(
             error,
             f"invalid version {value!r}",
@@ -55,14 +57,14 @@ def check_version(value: str, error: type[Exception] = BundleError) -> str:
 
 
 def check_tag(value: str, error: type[Exception] = BundleError) -> str:
-    if not isinstance(value, str) or not _TAG_RE.match(value):
+    if not isinstance(value, str) or not _TAG_RE.fullmatch(value):
         _fail(error, f"invalid tag {value!r}", "a tag is 1-32 lowercase letters, digits, '.', '_' or '-'")
     return value
 
 
 def semver_key(version: str) -> tuple:
     """Sort key giving semver precedence (a release sorts above its pre-releases)."""
-    m = _SEMVER_RE.match(version)
+    m = _SEMVER_RE.fullmatch(version) if isinstance(version, str) else None
     if not m:
         raise ValueError(f"not a semantic version: {version!r}")
     major, minor, patch, pre = m.groups()

@@ -53,7 +53,7 @@ from adapterhub_lite.errors import BaseModelError, BundleError, os_errors_as
 
 RECORD_FILE = "training_record.json"
 MAX_RECORD_BYTES = 512 * 1024
-_LICENSE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]{0,63}$")
+_LICENSE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]{0,63}")  # matched whole
 
 
 def _iso(ts: float) -> str:
@@ -68,8 +68,9 @@ def _created(record: dict[str, Any] | None) -> str:
             return _iso((dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp())
         except ValueError:
             pass
-    if os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
-        return _iso(int(os.environ["SOURCE_DATE_EPOCH"]))
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    if epoch.isascii() and epoch.isdigit():  # "²".isdigit() is true, and int() fails on it
+        return _iso(int(epoch))
     return _iso(time.time())
 
 
@@ -148,7 +149,7 @@ def pack_bundle(
         check_name(name, "name")
         check_version(version)
         tags = [check_tag(t) for t in tags]
-        if not _LICENSE_RE.match(license):
+        if not isinstance(license, str) or not _LICENSE_RE.fullmatch(license):
             raise BundleError(
                 f"invalid license {license!r}", hint="use an SPDX-style id such as apache-2.0 or mit"
             )

@@ -13,7 +13,9 @@ DEFAULT_GRACE_S = 3600.0
 
 
 def check(reg: RegistryParts, repair: bool, grace_s: float, deep: bool) -> CheckReport:
-    report = CheckReport(index_ok=reg.index.integrity_ok())
+    # Keys trusted for every namespace still work (older configs) but are named: any of them may sign
+    # under any team's namespace.
+    report = CheckReport(index_ok=reg.index.integrity_ok(), unscoped_keys=reg.trusted.unscoped())
     refs = reg.index.blob_refs()
     blobs = reg.blobs.blobs()
     stored = {b.sha256: b for b in blobs if b.sha256}

@@ -74,6 +74,7 @@ class CheckReport:
     kept_recent: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     index_ok: bool = True
+    unscoped_keys: list[str] = field(default_factory=list)  # trusted for every namespace: a warning
 
     @property
     def ok(self) -> bool:

@@ -1,10 +1,14 @@
 """Which keys a registry trusts, and for which namespaces.
 
-A registry's config lists trusted keys as a 64-hex public key (trusted for every namespace: how
-registries have always stored them) or `{"public_key": hex, "namespaces": [...]}` (trusted only for
-those namespaces; the form `bundles.signing.TrustedKey` stores). With any key trusted, publish and pull
-require a signature by a key trusted for the bundle's namespace: a key trusted for `acme` cannot put
-a version under `globex`.
+A registry's config lists trusted keys as `{"public_key": hex, "namespaces": [...]}` (trusted only for
+those namespaces; the form `bundles.signing.TrustedKey` stores) or a bare 64-hex public key (trusted for
+every namespace). With any key trusted, publish and pull require a signature by a key trusted for the
+bundle's namespace: a key trusted for `acme` cannot put a version under `globex`.
+
+Scoped trust is the default: `adapterhub registry trust KEY` needs `--namespace NS` or an explicit
+`--all-namespaces` (`trust_scope`), because a registry that trusts two teams' keys for every namespace
+lets either team publish under the other's name. Config files written before keep working; `registry
+check` lists their all-namespace keys (`Trust.unscoped`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ class Trust:
 
     keys: list[Any] = field(default_factory=list)
     scopes: dict[str, frozenset[str] | None] = field(default_factory=dict)
+
+    def unscoped(self) -> list[str]:
+        """Ids of the keys trusted for every namespace (flagged by `registry check`)."""
+        return sorted(kid for kid, scope in self.scopes.items() if scope is None)
 
     def require(self, signatures: bytes | None, digest: str, namespace: str, what: str) -> list[str]:
         """Check `signatures` (signatures.json bytes) on `digest`: with trusted keys, one signer must
@@ -71,3 +79,23 @@ def load_trust(entries: Iterable[Any] | None) -> Trust:
         previous = scopes.get(kid, frozenset())
         scopes[kid] = None if namespaces is None or previous is None else previous | namespaces
     return Trust(keys, scopes)
+
+
+def trust_scope(namespaces: Iterable[str] | None, all_namespaces: bool) -> list[str] | None:
+    """The namespaces a `trust` command asks for: a list, or None for every namespace, which must be
+    asked for explicitly. Neither, or both, is an INVALID error that says what to do."""
+    names = list(namespaces or [])
+    if names and all_namespaces:
+        raise RegistryError(
+            "--namespace and --all-namespaces contradict each other",
+            hint="name the namespaces the key may sign for, or pass --all-namespaces alone",
+            kind=ErrorKind.INVALID,
+        )
+    if not names and not all_namespaces:
+        raise RegistryError(
+            "say which namespaces this key may sign for",
+            hint="add --namespace NS (repeatable); --all-namespaces trusts it for every namespace, "
+            "letting its holder publish under any team's name",
+            kind=ErrorKind.INVALID,
+        )
+    return names or None

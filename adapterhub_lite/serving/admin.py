@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from adapterhub_lite.errors import AdapterHubError
 from adapterhub_lite.serving.asgi import (
+    BodyRefused,
     Receive,
     Scope,
     Send,
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from adapterhub_lite.serving.middleware import TenancyMiddleware
 
 ADMIN_PREFIX = "/adapterhub/v1/"
+_MAX_REQUEST_BYTES = 64 * 1024
 
 
 async def admin_route(mw: TenancyMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
@@ -46,12 +48,15 @@ async def admin_route(mw: TenancyMiddleware, scope: Scope, receive: Receive, sen
             },
         )
     elif route == ("POST", "evict"):
-        body = await read_body(receive) or b"{}"
         try:
-            name = json.loads(body)["adapter"]
+            body = await read_body(receive, scope, limit=_MAX_REQUEST_BYTES)
+            name = json.loads(body or b"{}")["adapter"]  # 64 KiB of JSON: a too-deep one is a RecursionError
             if not isinstance(name, str):
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
+        except BodyRefused as exc:
+            await send_error(send, exc.status, exc.message, "BadRequestError")
+            return
+        except (ValueError, KeyError, TypeError, RecursionError):
             await send_error(send, 400, 'body must be {"adapter": "<full reference>"}', "BadRequestError")
             return
         try:

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapterhub_lite.display import safe
-from adapterhub_lite.errors import AdapterHubError, BundleError
+from adapterhub_lite.errors import AdapterHubError, BundleError, ErrorKind
 from adapterhub_lite.serving.asgi import (
+    BodyRefused,
     Receive,
     Scope,
     Send,
@@ -49,7 +50,7 @@ def lora_path_of(body: bytes) -> str:
     request = load_json_bounded(body, "request body", max_bytes=_MAX_REQUEST_BYTES, max_depth=8, hint=_FIX)
     path = request.get("lora_path") if isinstance(request, dict) else None
     if not isinstance(path, str) or not path:
-        raise BundleError('request body: "lora_path" must be a string', hint=_FIX)
+        raise BundleError('request body: "lora_path" must be a string', hint=_FIX, kind=ErrorKind.INVALID)
     return path
 
 
@@ -70,12 +71,16 @@ def check_adapter_dir(
     label = safe(str(adapter_dir))
     if not adapter_dir.is_absolute() or not adapter_dir.is_dir():
         # vLLM would take anything else for a model hub id and try to download it.
-        raise BundleError(f"lora_path {label}: not an absolute path to a directory on the server", hint=_FIX)
+        raise BundleError(
+            f"lora_path {label}: not an absolute path to a directory on the server",
+            hint=_FIX,
+            kind=ErrorKind.INVALID,
+        )
     names = [p.name for p in adapter_dir.iterdir() if p.is_file()]
     refuse_pickles(names, label)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if name not in names:
-            raise BundleError(f"{label}: no {name}", hint=_FIX)
+            raise BundleError(f"{label}: no {name}", hint=_FIX, kind=ErrorKind.INVALID)
     config_path, weights_path = adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE
     config = parse_config(config_path.read_bytes(), safe(str(config_path)))
     size = weights_path.stat().st_size
@@ -97,9 +102,10 @@ def check_adapter_dir(
 
 async def admin_load_lora(mw: TenancyMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
     """Check the directory an admin asks vLLM to load, then pass the request on unchanged (or refuse)."""
-    body = await read_body(receive)
-    if body is None:
-        await send_error(send, 413, "request body too large", "BadRequestError")
+    try:
+        body = await read_body(receive, scope, limit=_MAX_REQUEST_BYTES)
+    except BodyRefused as exc:
+        await send_error(send, exc.status, exc.message, "BadRequestError")
         return
     try:
         path = lora_path_of(body)

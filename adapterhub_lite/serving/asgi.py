@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -15,6 +16,9 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+# The whole body must arrive within this: a slow client holds a connection and a worker task for at
+# most this long. 8 MiB at 30 s is ~280 KB/s, far below any link a real client uses.
+BODY_DEADLINE_S = 30.0
 # Retry-After for an "unavailable" answer whose error did not say when (a locked index, a full cache).
 DEFAULT_RETRY_AFTER_S = 5
 
@@ -41,20 +45,59 @@ def bearer(scope: Scope) -> str | None:
     return None
 
 
-async def read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or None when it is over MAX_BODY_BYTES."""
+class BodyRefused(Exception):
+    """A request body that is not read (on): `status` (400, 408, 413) and a one-line `message`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def declared_length(scope: Scope) -> int | None:
+    """The request's Content-Length, None when it sends none; a malformed one is refused (400)."""
+    for k, v in scope.get("headers", []):
+        if k == b"content-length":
+            text = v.decode("latin-1").strip()
+            if not (text.isascii() and text.isdigit()) or len(text) > 18:
+                raise BodyRefused(400, "malformed Content-Length header")
+            return int(text)
+    return None
+
+
+async def read_body(
+    receive: Receive,
+    scope: Scope | None = None,
+    limit: int = MAX_BODY_BYTES,
+    deadline_s: float | None = None,
+) -> bytes:
+    """The whole request body, bounded in size and time; call it only after authenticating.
+
+    A Content-Length over `limit` is refused before one byte is read, a body that grows past it is
+    refused at the limit (both 413), and a body still incomplete after `deadline_s` (a client
+    trickling bytes to hold a connection) is refused with 408 (default: BODY_DEADLINE_S): BodyRefused.
+    """
+    if scope is not None:
+        declared = declared_length(scope)
+        if declared is not None and declared > limit:
+            raise BodyRefused(413, f"request body of {declared} bytes is over the {limit}-byte limit")
+    deadline_s = BODY_DEADLINE_S if deadline_s is None else deadline_s
     chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            break
+    try:
+        async with asyncio.timeout(deadline_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    break
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise BodyRefused(413, f"request body over the {limit}-byte limit")
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    break
+    except TimeoutError:
+        raise BodyRefused(408, f"request body not received within {deadline_s:g} s") from None
     return b"".join(chunks)
 
 

@@ -47,8 +47,8 @@ from adapterhub_lite.serving import warmup
 from adapterhub_lite.serving.admin import ADMIN_PREFIX, admin_route
 from adapterhub_lite.serving.admin_load import LOAD_LORA_PATH, admin_load_lora
 from adapterhub_lite.serving.asgi import (
-    MAX_BODY_BYTES,
     App,
+    BodyRefused,
     Message,
     Receive,
     Scope,
@@ -63,6 +63,7 @@ from adapterhub_lite.serving.config import ServingConfig
 from adapterhub_lite.serving.eviction import Evictor
 from adapterhub_lite.serving.forwarding import forward
 from adapterhub_lite.serving.metrics import ServingMetrics, default_metrics
+from adapterhub_lite.serving.openai_request import RequestRefused, parse_request
 from adapterhub_lite.serving.ratelimit import open_limiter
 from adapterhub_lite.serving.tenancy import Tenant, TenantStore
 from adapterhub_lite.serving.tenant_cache import TenantCache
@@ -242,21 +243,24 @@ class TenancyMiddleware:
             return None
 
     async def _inference(self, scope: Scope, receive: Receive, send: Send, tenant: Tenant | None) -> None:
-        body = await read_body(receive)
         label = tenant.name if tenant else "admin"
-        if body is None:
-            await send_error(send, 413, f"request body over {MAX_BODY_BYTES} bytes", "BadRequestError")
-            return
-        try:
-            payload = json.loads(body)
-            model = payload["model"]
-            if not isinstance(model, str):
-                raise TypeError
-        except (ValueError, KeyError, TypeError):
-            await send_error(
-                send, 400, "the body must be a JSON object with a string `model`", "BadRequestError"
+        try:  # the caller is authenticated by now: only then is the body read (bounded in size and time)
+            body = await read_body(receive, scope)
+            # Parsing megabytes takes a while: off the event loop, so other tenants' streams keep flowing.
+            payload, fields = (
+                parse_request(body)
+                if len(body) < 256 * 1024
+                else await asyncio.to_thread(parse_request, body)
             )
+        except BodyRefused as exc:
+            self.metrics.rejected.labels(label, f"body_{exc.status}").inc()
+            await send_error(send, exc.status, exc.message, "BadRequestError")
             return
+        except RequestRefused as exc:
+            self.metrics.rejected.labels(label, "bad_request").inc()
+            await send_error(send, 400, str(exc), "BadRequestError")
+            return
+        model = fields.model
 
         engine = Engine.from_scope(scope)
         try:

@@ -98,6 +98,7 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
                 raise ServingError(
                     "the served base model directory is unknown, so bundles cannot be checked against it",
                     hint="set ADAPTERHUB_BASE_DIR to the directory passed to vLLM's --model",
+                    kind=ErrorKind.INVALID,  # a setting the server was started without: retrying won't help
                 )
             self._fingerprint = fingerprint(resolve_base_dir(self.config.base_dir))
         return self._fingerprint

@@ -113,6 +113,7 @@ class SharedRateLimiter:
             raise ServingError(
                 f"cannot reach the rate-limit store at {redact(self.url)}: {exc}",
                 hint="check that redis-server is running there and the URL's host, port and password",
+                kind=ErrorKind.UNAVAILABLE,
             ) from None
 
     def _keys(self, tenant: str) -> tuple[str, str]:
@@ -131,6 +132,7 @@ class SharedRateLimiter:
             raise ServingError(
                 "rate limits are unavailable (the shared rate-limit store cannot be reached)",
                 hint="retry shortly; the operator should check redis-server",
+                kind=ErrorKind.UNAVAILABLE,
                 retry_after=_RETRY_AFTER_S,
             ) from None
 

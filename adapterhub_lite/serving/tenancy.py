@@ -36,8 +36,8 @@ from adapterhub_lite.serving.config import ENV_TENANTS_DB
 KEY_PREFIX = "ahk_"
 CHANNEL = "adapterhub_tenants"
 SCHEMA_VERSION = 2
-_ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_FULL_REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*@[0-9A-Za-z.+-]+$")
+_ALIAS_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # both matched whole
+_FULL_REF_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*@[0-9A-Za-z.+-]+")
 
 metadata = sa.MetaData()
 meta_table(metadata)
@@ -122,7 +122,7 @@ def default_db_path() -> str:
 
 def is_full_ref(ref: str) -> bool:
     """True for an immutable reference `namespace/name@version`."""
-    return bool(_FULL_REF_RE.match(ref))
+    return isinstance(ref, str) and _FULL_REF_RE.fullmatch(ref) is not None
 
 
 def _invalid(message: str, hint: str | None = None) -> ServingError:
@@ -329,7 +329,7 @@ class TenantStore:
         The caller checks that the tenant may read `ref` (see `serving.view.promote`); this only stores.
         """
         self.get(tenant)
-        if not _ALIAS_RE.match(alias):
+        if not isinstance(alias, str) or not _ALIAS_RE.fullmatch(alias):
             raise _invalid(
                 f"invalid alias {alias!r}",
                 hint="use letters, digits, '.', '-' or '_' (no '/' or '@': those belong to full references)",

@@ -142,11 +142,14 @@ def promote(store: TenantStore, registry: Any, tenant: str, alias: str, ref: str
     published = registry.resolve(ref)
     full = published.ref
     if getattr(published, "yanked", False):
-        raise ServingError(f"{full} is yanked and cannot be promoted", hint="promote another version")
+        raise ServingError(
+            f"{full} is yanked and cannot be promoted", hint="promote another version", kind=ErrorKind.INVALID
+        )
     if not registry.can_read(t.namespace, full):
         raise ServingError(
             f"tenant {tenant!r} (namespace {t.namespace!r}) may not use {full}",
             hint=f"share it first: `adapterhub share {full} {t.namespace}`, or make it public",
+            kind=ErrorKind.FORBIDDEN,
         )
     previous = store.set_alias(tenant, alias, full)
     return full, previous
