@@ -65,7 +65,7 @@ def test_the_walk_sees_the_raise_sites():
     found = {(p.name, cls) for p in SERVING.rglob("*.py") for _, cls, _ in _raise_sites(p)}
     assert {
         ("view.py", "ServingError"),
-        ("config.py", "ServingError"),
+        ("launcher.py", "ServingError"),
         ("tenancy.py", "ServingError"),
     } <= found
 
