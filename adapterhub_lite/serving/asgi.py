@@ -7,6 +7,7 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from adapterhub_lite import keys
 from adapterhub_lite.errors import AdapterHubError, ErrorKind, http_status
 
 Scope = MutableMapping[str, Any]
@@ -36,12 +37,10 @@ _ERROR_TYPES = {
 
 
 def bearer(scope: Scope) -> str | None:
-    """The key of an `Authorization: Bearer <key>` header, or None."""
+    """The key of an `Authorization: Bearer <key>` header, or None (`adapterhub_lite.keys.bearer`)."""
     for k, v in scope["headers"]:
         if k == b"authorization":
-            value = v.decode("latin-1")
-            if value[:7].lower() == "bearer " and value[7:].strip():
-                return value[7:].strip()
+            return keys.bearer(v)
     return None
 
 

@@ -35,12 +35,12 @@ A registry that cannot answer is a 503 too, never a "does not exist" (view.py).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from adapterhub_lite import keys
 from adapterhub_lite.display import safe
 from adapterhub_lite.errors import AdapterHubError, ErrorKind
 from adapterhub_lite.serving import warmup
@@ -169,7 +169,7 @@ class TenancyMiddleware:
                 headers=_AUTH_HEADERS,
             )
             return
-        if self._admin_key is not None and hmac.compare_digest(key.encode("latin-1"), self._admin_key):
+        if self._admin_key is not None and keys.same(key.encode("latin-1"), self._admin_key):
             if path.startswith(ADMIN_PREFIX):
                 await admin_route(self, scope, receive, send)
             elif path in INFERENCE_PATHS and scope["method"] == "POST":

@@ -15,10 +15,7 @@ anything changed since its last look (SQLite's `PRAGMA data_version`; PostgreSQL
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -28,10 +25,12 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection
 
+from adapterhub_lite import keys
 from adapterhub_lite.bundles.naming import check_name
 from adapterhub_lite.db import ChangeFeed, Database, meta_table, migrate
 from adapterhub_lite.errors import ErrorKind, ServingError
 from adapterhub_lite.serving.config import ENV_TENANTS_DB
+from adapterhub_lite.settings import settings, state_dir
 
 KEY_PREFIX = "ahk_"
 CHANNEL = "adapterhub_tenants"
@@ -106,18 +105,18 @@ class Tenant:
 
 
 def hash_key(key: str) -> str:
-    """The stored form of an API key."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    """The stored form of an API key (`adapterhub_lite.keys.digest`)."""
+    return keys.digest(key)
 
 
 def new_key() -> str:
     """A fresh 256-bit API key."""
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+    return keys.mint(KEY_PREFIX)
 
 
 def default_db_path() -> str:
     """`$ADAPTERHUB_TENANTS_DB` (a path or database URL), else `~/.adapterhub/tenants.db`."""
-    return os.environ.get(ENV_TENANTS_DB) or str(Path.home() / ".adapterhub" / "tenants.db")
+    return settings().tenants_db or str(state_dir() / "tenants.db")
 
 
 def is_full_ref(ref: str) -> bool:
@@ -368,8 +367,7 @@ class TenantStore:
 
 
 def _hint(key: str) -> str:
-    # Enough to tell keys apart in `tenant list`, far too little to guess the rest.
-    return key[: len(KEY_PREFIX) + 4] + "..."
+    return keys.shown(key, KEY_PREFIX)
 
 
 def _check_limits(rpm: int | None, tpm: int | None) -> None:
