@@ -104,12 +104,16 @@ def test_prometheus_reads_per_tenant_tokens_back(tmp_path):
 
         def target_up():
             try:
-                return _query(prom_url, 'up{job="adapterhub"}').get((("instance", host_port),
-                                                                     ("job", "adapterhub"))) or None
-            except httpx.HTTPError:
+                up = _query(prom_url, f'up{{job="adapterhub",instance="{host_port}"}}')
+            except httpx.HTTPError:  # Prometheus still starting
                 return None
+            return True if list(up.values()) == [1.0] else None  # 0: the scrape failed (auth, say)
 
-        assert _wait_for(target_up, 60, "Prometheus to scrape the server") == 1.0
+        try:
+            _wait_for(target_up, 60, "Prometheus to scrape the server")
+        except AssertionError:
+            tail = (tmp_path / "prometheus.log").read_text(errors="replace")[-2000:]
+            raise AssertionError(f"Prometheus never scraped the server; its log ends:\n{tail}") from None
 
         told: dict[str, list[int]] = {"acme": [0, 0], "globex": [0, 0]}
         for tenant, key, model, n in (("acme", acme, "bot", 5), ("globex", globex, "base", 3)):
