@@ -259,6 +259,10 @@ class UsageLedger:
                 if self._stop.wait(min(2.0**tries, 10.0)) and not stopping:
                     stopping = True
                 continue
+            except Exception:  # a bug, not an outage: keep the writer alive for the rows that follow
+                logger.exception("adapterhub: usage ledger batch of %d rows could not be written", len(batch))
+                self._drop(len(batch), "the batch could not be written (see the log)")
+                return
             self.written += len(batch)
             self._counters.written.inc(len(batch))
             return
