@@ -116,8 +116,13 @@ def test_prometheus_reads_per_tenant_tokens_back(tmp_path):
             raise AssertionError(f"Prometheus never scraped the server; its log ends:\n{tail}") from None
 
         told: dict[str, list[int]] = {"acme": [0, 0], "globex": [0, 0]}
-        for tenant, key, model, n in (("acme", acme, "bot", 5), ("globex", globex, "base", 3)):
-            client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+        clients = {
+            "acme": (openai.OpenAI(base_url=server.url + "/v1", api_key=acme, max_retries=0), "bot"),
+            "globex": (openai.OpenAI(base_url=server.url + "/v1", api_key=globex, max_retries=0), "base"),
+        }
+
+        def send(tenant: str, n: int) -> None:
+            client, model = clients[tenant]
             for i in range(n):
                 u = client.completions.create(model=model, prompt=f"count {i}", max_tokens=4 + i,
                                               temperature=0).usage
@@ -132,6 +137,13 @@ def test_prometheus_reads_per_tenant_tokens_back(tmp_path):
                     got.setdefault(dict(labels)["tenant"], [0, 0])[i] = int(value)
             return got if {t: got.get(t) for t in told} == told else None
 
+        # A series' first sample is its starting point (rate() counts from there): one request each,
+        # seen by Prometheus, then the traffic whose rate is read back.
+        send("acme", 1)
+        send("globex", 1)
+        assert _wait_for(totals, 30, "Prometheus to see both tenants")
+        send("acme", 4)
+        send("globex", 2)
         assert _wait_for(totals, 30, "Prometheus to hold the tokens the clients were told")
         rates = _query(prom_url, "sum by (tenant) (rate(adapterhub_completion_tokens_total[1m]))")
         per_tenant = {dict(labels)["tenant"]: value for labels, value in rates.items()}
