@@ -112,6 +112,16 @@ class Settings(BaseSettings):
     rate_limit_failure: Literal["open", "closed"] = Field(
         "open", description="Redis unreachable: `open` admits requests, `closed` answers 503"
     )
+    # -- the usage ledger ------------------------------------------------------------------------
+    usage_ledger: bool = Field(True, description="off: answered requests are not recorded in the ledger")
+    usage_flush_seconds: float = Field(
+        1.0, ge=0.01, description="the ledger writer's batch window; a crash loses at most this much"
+    )
+    usage_queue: int = Field(
+        10_000, ge=1, description="ledger rows held in memory at most; beyond, rows are dropped and counted"
+    )
+    usage_retention_days: int = Field(35, ge=1, description="raw ledger rows kept, then rolled up per day")
+    usage_daily_days: int = Field(800, ge=1, description="daily ledger roll-ups kept")
     # -- diagnostics -----------------------------------------------------------------------------
     lora_trace: bool = Field(False, description="log each adapter that enters a vLLM slot, with counts")
     memory_probe: str | None = Field(

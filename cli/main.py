@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "hub": "hub",
     "cluster": "cluster",
     "tenant": "tenant",
+    "usage": "usage",
 }
 
 

@@ -16,6 +16,7 @@ from adapterhub_lite.serving.asgi import (
     send_json,
     send_project_error,
 )
+from adapterhub_lite.serving.usage_api import usage_route
 from adapterhub_lite.vllm_compat.server import Engine
 
 if TYPE_CHECKING:
@@ -71,5 +72,7 @@ async def admin_route(mw: TenancyMiddleware, scope: Scope, receive: Receive, sen
         await send_json(send, 200, {"evicted": [name]})
     elif route == ("POST", "refresh"):
         await send_json(send, 200, {"tenants_version": mw.refresh(force=True)})
+    elif route in (("GET", "usage"), ("GET", "usage/export")):  # the usage ledger (usage_api.py)
+        await usage_route(mw.ledger.store if mw.ledger else None, route[1], scope, send)
     else:
         await send_error(send, 404, f"no admin route {scope['path']}", "NotFoundError")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from adapterhub_lite.serving.asgi import App, Message, Receive, Scope, Send, replay_body
@@ -20,11 +21,13 @@ async def forward(
     tenant_label: str,
     adapter_label: str,
     hide_usage: bool = False,
+    on_done: Callable[[int, int, int], None] | None = None,
 ) -> tuple[int, int]:
     """Send `body` (the rewritten JSON) to `app` in place of the client's; the response, streaming or
     not, goes back untouched (except the usage event the middleware asked for itself when `hide_usage`).
 
-    Returns (prompt tokens, completion tokens) for rate limiting; metrics are counted here.
+    Returns (prompt tokens, completion tokens) for rate limiting; metrics are counted here, and
+    `on_done(status, prompt, completion)` (the usage ledger) is told, even when the client went away.
     """
     headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-length", b"authorization")]
     headers.append((b"content-length", str(len(body)).encode()))
@@ -49,6 +52,8 @@ async def forward(
         prompt, completion = usage.tokens()
         metrics.prompt_tokens.labels(tenant_label, adapter_label).inc(prompt)
         metrics.completion_tokens.labels(tenant_label, adapter_label).inc(completion)
+        if on_done is not None:
+            on_done(status, prompt, completion)
     return prompt, completion
 
 

@@ -62,6 +62,7 @@ from adapterhub_lite.serving.asgi import (
 from adapterhub_lite.serving.config import ServingConfig
 from adapterhub_lite.serving.eviction import Evictor
 from adapterhub_lite.serving.forwarding import forward
+from adapterhub_lite.serving.ledger import UsageLedger, open_ledger
 from adapterhub_lite.serving.metrics import ServingMetrics, default_metrics
 from adapterhub_lite.serving.openai_request import RequestRefused, parse_request
 from adapterhub_lite.serving.ratelimit import open_limiter
@@ -111,6 +112,7 @@ class TenancyMiddleware:
         self.evictor = Evictor(self.config.hot_set_size(), self.config.idle_seconds)
         self.ready = not self.config.warmup
         self.tenants = TenantCache(self.store)
+        self.ledger = open_ledger(self.store.db)  # the usage ledger (ledger.py); None when turned off
         self._registry: CachedRegistry | None = None
         self._background: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
@@ -158,6 +160,8 @@ class TenancyMiddleware:
                 await self.app(scope, receive, send)
             return
         self._ensure_sweeper(scope)
+        if self.ledger is not None and path in INFERENCE_PATHS:
+            send = self.ledger.watch(scope, send)  # every answered inference request: one ledger row
         key = bearer(scope)
         if key is None:
             self.metrics.rejected.labels("", "no_key").inc()
@@ -244,6 +248,7 @@ class TenancyMiddleware:
 
     async def _inference(self, scope: Scope, receive: Receive, send: Send, tenant: Tenant | None) -> None:
         label = tenant.name if tenant else "admin"
+        UsageLedger.attribute(scope, tenant=label)
         try:  # the caller is authenticated by now: only then is the body read (bounded in size and time)
             body = await read_body(receive, scope)
             # Parsing megabytes takes a while: off the event loop, so other tenants' streams keep flowing.
@@ -283,6 +288,7 @@ class TenancyMiddleware:
             )
             return
 
+        UsageLedger.attribute(scope, alias=model, ref=target.name if target.managed else "")
         if tenant is not None:
             try:
                 rpm, tpm = tenant.requests_per_minute, tenant.tokens_per_minute
@@ -319,6 +325,7 @@ class TenancyMiddleware:
                 tenant_label=label,
                 adapter_label=target.name if target.managed else "",
                 hide_usage=hide_usage,
+                on_done=self.ledger.forwarded(scope) if self.ledger is not None else None,
             )
             if tenant is not None:
                 await self.limiter.charge_tokens(tenant.name, tenant.tokens_per_minute, prompt + completion)
@@ -401,6 +408,8 @@ class TenancyMiddleware:
 
     def _lifespan_send(self, scope: Scope, send: Send) -> Send:
         async def lifespan_send(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete" and self.ledger is not None:
+                await asyncio.to_thread(self.ledger.close)  # a clean stop writes every queued row
             await send(message)
             if message["type"] == "lifespan.startup.complete" and not self.ready:
                 task = asyncio.get_running_loop().create_task(self._warm_up(scope.get("app")))
