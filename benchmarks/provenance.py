@@ -37,13 +37,11 @@ def relative(arg: str) -> str:
 def command(argv: list[str] | None = None) -> str:
     """The command line that ran this benchmark, as it would be typed at the repository's root."""
     argv = list(sys.argv if argv is None else argv)
-    if argv and argv[0].endswith(".py"):
-        argv = [".venv/bin/python", *argv]
-    elif argv and argv[0] == "-m":
-        argv = [".venv/bin/python", *argv]
+    if argv and (argv[0].endswith(".py") or argv[0] == "-m"):  # sys.argv starts at the script
+        argv = [sys.executable, *argv]
     shown = [relative(a) for a in argv]
-    if shown and shown[0].endswith("python") or (shown and "/python" in shown[0]):
-        shown[0] = ".venv/bin/python"
+    if shown and Path(shown[0]).name.startswith("python"):
+        shown[0] = ".venv/bin/python"  # whichever interpreter ran it: the project's venv, as documented
     env = [f"{k}={os.environ[k]}" for k in sorted(os.environ) if k.startswith("ADAPTERHUB_BENCH")]
     return shlex.join([*env, *shown])
 

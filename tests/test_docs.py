@@ -268,3 +268,29 @@ def test_tutorial_hub_for_your_team(tmp_path):
 def test_tutorial_past_one_machine(tmp_path):
     run_page("tutorials/past-one-machine.md", tmp_path, timeout=900)
     assert (tmp_path / "work" / "runs" / "capitals-ddp" / "training_record.json").is_file()
+
+
+def test_benchmark_provenance_names_no_absolute_path(tmp_path, monkeypatch):
+    import tempfile
+
+    from benchmarks.provenance import command, provenance, relative
+
+    (tmp_path / "t").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))
+    monkeypatch.setenv("HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("ADAPTERHUB_BENCH_QUIET", "1")
+    argv = [
+        str(REPO / "benchmarks" / "serving_bench.py"),
+        "--workdir", str(tmp_path / "t" / "work"),
+        f"--out={REPO / 'benchmarks' / 'results' / 'x.json'}",
+        "--base", str(tmp_path / "h" / "models" / "m"),
+        "--quick",
+    ]
+    assert command(argv) == (
+        "ADAPTERHUB_BENCH_QUIET=1 .venv/bin/python benchmarks/serving_bench.py --workdir '$TMPDIR/work' "
+        "--out=benchmarks/results/x.json --base '~/models/m' --quick"
+    )
+    assert relative("/srv/data/file.bin") == "<outside the repository>/file.bin"
+    record = provenance()
+    assert len(record["commit"]) == 12 and record["machine"]["cores"] >= 1
+    assert len(record["machine"]["load_average"]) == 3 and record["machine"]["cpu_model"]
