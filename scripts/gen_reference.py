@@ -180,6 +180,22 @@ def _hub_app():
     return create_app(registry, HubConfig(state_dir=tmp / "state", vllm_check=False))
 
 
+def _openapi_document(app) -> dict | None:
+    """The app's OpenAPI document: FastAPI's `openapi()`, or the JSON a `.../openapi.json` route serves."""
+    if callable(getattr(app, "openapi", None)):
+        return app.openapi()
+    for route in app.routes:
+        path = getattr(route, "path", "")
+        if path.endswith("openapi.json") and "{" not in path:
+            from starlette.testclient import TestClient
+
+            with TestClient(app) as client:
+                answer = client.get(path)
+            if answer.status_code == 200:
+                return answer.json()
+    return None
+
+
 def hub_api_page() -> str:
     out = [GENERATED, "# Hub HTTP API\n\n"]
     out.append(
@@ -189,9 +205,8 @@ def hub_api_page() -> str:
         "[the hub tutorial](../tutorials/hub-for-your-team.md).\n\n"
     )
     app = _hub_app()
-    openapi = getattr(app, "openapi", None)
-    if callable(openapi):
-        doc = openapi()
+    doc = _openapi_document(app)
+    if doc is not None:
         out.append(f"From the hub's OpenAPI document ({_cell(doc.get('info', {}).get('title', ''))}).\n\n")
         for path, ops in sorted(doc.get("paths", {}).items()):
             for method, op in ops.items():
