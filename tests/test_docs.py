@@ -294,3 +294,17 @@ def test_benchmark_provenance_names_no_absolute_path(tmp_path, monkeypatch):
     record = provenance()
     assert len(record["commit"]) == 12 and record["machine"]["cores"] >= 1
     assert len(record["machine"]["load_average"]) == 3 and record["machine"]["cpu_model"]
+
+
+def test_hub_api_reference_prefers_an_openapi_document(monkeypatch):
+    """When the hub serves an OpenAPI document, the page is made from it rather than from the routes."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    paths = {"/api/v1/search": {"get": {"summary": "Find"}}}
+    doc = {"openapi": "3.1.0", "info": {"title": "hub"}, "paths": paths}
+    app = Starlette(routes=[Route("/api/v1/openapi.json", lambda request: JSONResponse(doc))])
+    monkeypatch.setattr(gen_reference, "_hub_app", lambda: app)
+    page = gen_reference.hub_api_page()
+    assert "## `GET /api/v1/search`" in page and "Find" in page and "route table" not in page
