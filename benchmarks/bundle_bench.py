@@ -198,6 +198,9 @@ def main() -> None:
         "command": "python benchmarks/bundle_bench.py " + " ".join(sys.argv[1:]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
+
+    results = {**results, "provenance": provenance()}
     (args.out / "bundle_bench.json").write_text(json.dumps(results, indent=2) + "\n")
 
     import matplotlib

@@ -208,7 +208,9 @@ def main() -> None:
                     "python": sys.version.split()[0]},
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
+
+    args.out.write_text(json.dumps({**report, "provenance": provenance()}, indent=2) + "\n")
     width = max(len(k) for k in results)
     print(f"{'command':<{width}}  median    min    max  x pass  x torch  target")
     for name, r in results.items():

@@ -331,7 +331,9 @@ def main() -> None:
     }
     out = Path(ARGS.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
+
+    out.write_text(json.dumps({**results, "provenance": provenance()}, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
     print(f"affinity/round-robin adapter loads: {results['affinity_over_round_robin_loads']}")
     print(f"2 replicas / 1 replica throughput: {results['two_over_one_replica_throughput']}")

@@ -140,6 +140,9 @@ def main() -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
+
+    result = {**result, "provenance": provenance()}
     (args.out / "cpu_lora_ops_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, args.out / "cpu_lora_ops_bench.png", args)
     print(f"wrote {args.out / 'cpu_lora_ops_bench.json'}")

@@ -332,6 +332,9 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "hub_bench" + (f"_{args.tag}" if args.tag else "")
+    from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
+
+    result = {**result, "provenance": provenance()}
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out / f"{stem}.png")
     print(json.dumps(result["targets"], indent=2))

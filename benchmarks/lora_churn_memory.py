@@ -10,7 +10,7 @@ slope per 1,000 loads after warm-up, per process, and the same for the glibc fig
 
 Levers, one at a time (same adapters with --workdir):
 
-    .venv/bin/python benchmarks/lora_churn_memory.py --workdir /tmp/churn --out /tmp/churn-default.json
+    .venv/bin/python benchmarks/lora_churn_memory.py --workdir $TMPDIR/churn --out $TMPDIR/churn-default.json
     ... --env ADAPTERHUB_HEAP_TRIM=0                         the worker without the heap trim
     ... --env GLIBC_TUNABLES=glibc.malloc.arena_max=2        fewer glibc arenas
     ... --probe --tracemalloc 12                             what the worker's Python allocates
@@ -185,7 +185,9 @@ def main() -> None:
         "loadavg": os.getloadavg(),
     }
     out = Path(args.out or work / "churn.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
+
+    out.write_text(json.dumps({**result, "provenance": provenance()}, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("samples", "probe_details")}, indent=2))
     print(f"results: {out}")
 

@@ -118,7 +118,9 @@ def main() -> None:
     else:
         results["postgresql"] = f"skipped: no PostgreSQL in {PG_BIN}"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
+
+    args.out.write_text(json.dumps({**results, "provenance": provenance()}, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 
 

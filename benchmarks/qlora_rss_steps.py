@@ -178,6 +178,9 @@ def main() -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
+
+    results = {**results, "provenance": provenance()}
     (args.out / "qlora_rss_steps.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out / "qlora_rss_steps.png")
     print(json.dumps(results["ratios"]))

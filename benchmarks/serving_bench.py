@@ -324,7 +324,9 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
+
+    out.write_text(json.dumps({**report, "provenance": provenance()}, indent=2) + "\n")
     plot(report, out.with_suffix(".png"))
     print(json.dumps({"ratios": ratios, "verdict": verdict}, indent=2))
     print(f"wrote {out} and {out.with_suffix('.png')}")

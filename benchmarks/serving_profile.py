@@ -120,7 +120,9 @@ def resummarize(args: argparse.Namespace) -> None:
         for proc in [k for k in phase if k != "tokens_per_s"]:
             raw = Path(args.workdir) / f"{tag.replace(' ', '_')}-{proc}.txt"
             phase[proc] = summarize(raw, API_BUCKETS if proc == "api_server" else ENGINE_BUCKETS)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
+
+    out.write_text(json.dumps({**report, "provenance": provenance()}, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(report))
     print(out.with_suffix(".md").read_text())
 
@@ -359,7 +361,9 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
+
+    out.write_text(json.dumps({**report, "provenance": provenance()}, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(report))
     print(out.with_suffix(".md").read_text())
 

@@ -145,7 +145,9 @@ def main() -> None:
         "memory_per_slot": per_slot,
     }
     out = Path(args.out)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
+
+    out.write_text(json.dumps({**report, "provenance": provenance()}, indent=2) + "\n")
     print(json.dumps({p_["max_loras"]: p_["tokens_per_s"] for p_ in points}, indent=2))
     print(f"wrote {out}")
 

@@ -388,7 +388,9 @@ def main() -> None:
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
+
+    out.write_text(json.dumps({**result, "provenance": provenance()}, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
     summary = {k: v for k, v in result.items() if k not in ("samples", "machine")}
     print(json.dumps(summary, indent=2))

@@ -457,7 +457,9 @@ def main() -> None:
     }
     suffix = ("" if args.device == "cpu" else f"_{args.device}") + (f"_{args.tag}" if args.tag else "")
     json_path, png_path = args.out / f"train_bench{suffix}.json", args.out / f"train_bench{suffix}.png"
-    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
+
+    json_path.write_text(json.dumps({**results, "provenance": provenance()}, indent=2) + "\n")
     plot(results, png_path)
     print(json.dumps(ratios, indent=2))
     print(f"wrote {json_path} and {png_path}")

@@ -72,6 +72,9 @@ def main() -> None:
         "tokens_per_second_ratio": round(many["tokens_per_second"] / one["tokens_per_second"], 3),
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
+
+    result = {**result, "provenance": provenance()}
     (args.out / "train_ddp_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"1 process: {one['tokens_per_second']} tokens/s; {args.processes} processes: "
           f"{many['tokens_per_second']} tokens/s ({result['tokens_per_second_ratio']}x); all-reduce "

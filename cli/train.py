@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     @run_cli
     def train_cmd(
-        recipe: Annotated[Path, typer.Argument(help="recipe YAML (examples: adapterhub_lite/examples/)")],
+        recipe: Annotated[Path, typer.Argument(help="recipe YAML (examples: adapters/)")],
         base: Annotated[
             str | None, typer.Option(help="base model directory ('embedded': the built-in one)")
         ] = None,

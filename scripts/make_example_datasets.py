@@ -1,6 +1,6 @@
-"""Generate the example datasets (adapterhub_lite/examples/) from the synthetic world the base learned.
+"""Generate the example datasets (adapters/) from the synthetic world the base learned.
 
-    .venv/bin/python scripts/make_example_datasets.py [--out DIR]   # default: adapterhub_lite/examples
+    .venv/bin/python scripts/make_example_datasets.py [--out DIR]   # default: adapters/
 
 Each target task asks about facts the base read as prose during pretraining, in a form it never saw
 (question/answer, chat, word -> antonym), so a few examples teach the form and held-out facts test

@@ -1,4 +1,4 @@
-"""Train every example adapter (adapterhub_lite/examples/) on the embedded base; print metrics.
+"""Train every example adapter (adapters/) on the embedded base; print metrics.
 
     .venv/bin/python scripts/train_examples.py [--method lora|qlora] [--only capitals,antonyms] [--out runs]
 

@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from adapterhub_lite.demo import run_demo
+from adapterhub_lite.examples import EXAMPLES_DIR, example_names
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_demo_reads_the_example_adapters_from_their_one_source():
+    """In a checkout (the editable install) the examples are the top-level adapters/ folder, each with its
+    recipe, data and card, and git holds no second copy inside the package (the wheel gets one at build)."""
+    assert EXAMPLES_DIR == REPO / "adapters"
+    assert example_names() == ["animal-sounds", "antonyms", "capitals", "ship-log"]
+    for name in example_names():
+        assert {p.name for p in (EXAMPLES_DIR / name).iterdir()} >= {"recipe.yaml", "data.jsonl", "README.md"}
+    tracked = subprocess.run(
+        ["git", "ls-files", "adapterhub_lite/examples"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert tracked == ["adapterhub_lite/examples/__init__.py"]
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """The package as a user installs it: build the wheel, install it into a fresh venv, and run the demo's
 first step (training an example adapter from the packaged recipe and dataset) from outside the repository.
+The example adapters' one source is the top-level `adapters/` folder; `setup.py`'s build step copies it
+into the wheel as `adapterhub_lite/examples/`, which this test checks byte for byte.
 
 The fresh venv gets only the wheel (`--no-deps`); the heavy stack (torch, transformers, peft, ...) comes
 from this project's venv through a .pth line, so nothing is downloaded. A path in a .pth file is not a
@@ -98,6 +100,11 @@ print(json.dumps({
     assert not Path(info["package"]).resolve().is_relative_to(REPO)
     assert Path(info["examples_dir"]).resolve().is_relative_to(venv)
     assert info["examples"] == ["animal-sounds", "antonyms", "capitals", "ship-log"]
+    # The build copied adapters/ (recipe, data and card of each) into the package: the one source, shipped.
+    for name in info["examples"]:
+        for file in ("recipe.yaml", "data.jsonl", "README.md"):
+            shipped = Path(info["examples_dir"]) / name / file
+            assert shipped.read_bytes() == (REPO / "adapters" / name / file).read_bytes(), shipped
     assert info["ref"] == "acme/geo@1.0.0" and info["steps"] == 2
     assert Path(info["data"]).resolve() == (Path(info["examples_dir"]) / "capitals" / "data.jsonl").resolve()
     assert info["questions"] > 0

@@ -17,7 +17,7 @@ _RUNS: dict[str, TrainResult] = {}
 
 
 def train_example(task: str, out_root: Path, key: str | None = None, **overrides) -> TrainResult:
-    """Train ``adapterhub_lite/examples/<task>/recipe.yaml`` (with overrides) once per session and key."""
+    """Train ``adapters/<task>/recipe.yaml`` (with overrides) once per session and key."""
     key = key or task
     if key not in _RUNS:
         recipe = load_recipe(

@@ -3,8 +3,8 @@
 `adapterhub demo` (the README's first command) calls `run_demo`. Everything lives in one work folder
 (default `.adapterhub-demo/`): trained adapters are reused when their recipe and base are unchanged, the
 registry keeps what was published, and the tenants are made anew on each run (their keys are shown once).
-The example recipes and datasets come from the package (`adapterhub_lite.examples`), so the demo runs from
-an installed wheel as from a checkout.
+The example adapters come from `adapters/` (`adapterhub_lite.examples` finds them; a wheel ships a copy),
+so the demo runs from an installed wheel as from a checkout.
 """
 
 from adapterhub_lite.demo.adapters import (

@@ -17,7 +17,7 @@ from adapterhub_lite.examples import EXAMPLES_DIR
 class DemoAdapter:
     """One adapter the demo trains and publishes as `namespace/name@version`."""
 
-    task: str  # folder under adapterhub_lite/examples/
+    task: str  # folder under adapters/ (adapterhub_lite.examples.EXAMPLES_DIR)
     namespace: str
     name: str
     version: str

@@ -130,7 +130,7 @@ def processes(device: str) -> Processes:
                 f"accelerate was configured for {what}, which this trainer does not apply: it trains by "
                 "plain data parallelism (each process holds the whole base, LoRA gradients are all-reduced)",
                 hint="launch with a multi-GPU (DDP) accelerate config, or torchrun "
-                "(see adapterhub_lite/examples/README.md)",
+                "(see docs/tutorials/past-one-machine.md)",
             )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

@@ -20,7 +20,7 @@ _PATH_FIELDS = ("data", "eval_data")
 
 
 class Recipe(BaseModel):
-    """What to train, on what, and how (see adapterhub_lite/examples/*/recipe.yaml for annotated examples)."""
+    """What to train, on what, and how (see adapters/*/recipe.yaml for annotated examples)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

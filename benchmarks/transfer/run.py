@@ -2,7 +2,7 @@
 
     python -m benchmarks.transfer.run                 # the full study (3 seeds; REPORT.md gives its time)
     python -m benchmarks.transfer.run --smoke         # every experiment at toy size (the test suite's)
-    python -m benchmarks.transfer.run --seeds 5 --out /tmp/study
+    python -m benchmarks.transfer.run --seeds 5 --out $TMPDIR/study
     python -m benchmarks.transfer.run --report-only   # redraw REPORT.md and the plots from results.json
 
 Results go to benchmarks/results/transfer/ unless --out says otherwise.

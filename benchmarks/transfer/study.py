@@ -28,6 +28,7 @@ from adapterhub_lite.atomic import write_json
 from adapterhub_lite.base import fingerprint, load_base, load_tokenizer, resolve_base_dir
 from adapterhub_lite.errors import AdapterHubError, RecipeError
 from adapterhub_lite.training.model import linear_module_names
+from benchmarks.provenance import provenance, relative
 from benchmarks.transfer.forgetting import source_blocks, source_loss
 from benchmarks.transfer.random_init import build_random_init
 from benchmarks.transfer.strategies import (
@@ -308,9 +309,10 @@ def run_study(
         "wall_seconds": round(time.time() - t_start, 1),
         "config": config.model_dump(mode="json"),
         "environment": _environment(config),
+        "provenance": provenance(),
         "base": {
             "name": base_dir.name,
-            "path": str(base_dir),
+            "path": relative(str(base_dir)),  # no absolute path of this machine in a committed result
             "fingerprint": fingerprint(base_dir),
             "parameters": base_parameters,
             "layers": n_layers,
