@@ -193,7 +193,6 @@ def main() -> None:
     writes = write_rates(args, work, tp["requests_per_s_on"])
     report = {
         "benchmark": "observability",
-        "command": " ".join(["benchmarks/observability_bench.py", *sys.argv[1:]]),
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -211,7 +210,9 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
+
+    out.write_text(json.dumps({**report, "provenance": provenance()}, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("ledger_over_off_throughput", "verdict")}, indent=2))
     print(json.dumps(writes, indent=2))
     print(f"wrote {out}")
