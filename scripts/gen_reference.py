@@ -120,8 +120,14 @@ def _doc_score(name: str, text: str) -> int:
     return 2 if len(text) > 40 else 1
 
 
+def _settings_doc() -> str:
+    import adapterhub_lite.settings as mod
+
+    return mod.__doc__ or ""
+
+
 def settings_page() -> str:
-    out = [GENERATED, "# Settings and environment variables\n\n"]
+    out = [GENERATED, "# Settings and environment variables\n\n", _first_paragraph(_settings_doc()) + "\n\n"]
     models = _settings_models()
     for model in models:
         prefix = model.model_config.get("env_prefix", "") or ""
@@ -138,33 +144,11 @@ def settings_page() -> str:
             )
         out.append("\n")
 
-    # Every name the code reads or names, with where and the line that documents it.
-    seen: dict[str, dict] = {}
-    files = sorted([*(REPO / "adapterhub_lite").rglob("*.py"), *(REPO / "cli").rglob("*.py")])
-    for path in files:
-        rel = path.relative_to(REPO).as_posix()
-        for line in path.read_text(encoding="utf-8").splitlines():
-            for name in _ENV.findall(line):
-                entry = seen.setdefault(name, {"files": [], "doc": "", "score": 0})
-                if rel not in entry["files"]:
-                    entry["files"].append(rel)
-                text = line.strip().lstrip("#").strip().strip('"').strip()
-                score = _doc_score(name, text)
-                if score > entry["score"]:
-                    entry["doc"], entry["score"] = text, score
-    out.append("## Every `ADAPTERHUB_*` name in the code\n\n")
     out.append(
-        "Found in the source of `adapterhub_lite/` and `cli/` at build time: a variable the code reads "
-        "appears here by construction. *What the code says* is the first line of source that describes "
-        "it. Command-line flags that set the same thing are in the [CLI reference](cli.md).\n\n"
+        "Every `ADAPTERHUB_*` name in the code is a field above (`tests/test_settings.py` checks it), and "
+        "only `adapterhub_lite/settings.py` reads them. Command-line flags that set the same thing are in "
+        "the [CLI reference](cli.md).\n"
     )
-    out.append("| variable | read in | what the code says |\n|---|---|---|\n")
-    for name in sorted(seen):
-        entry = seen[name]
-        where = ", ".join(f"`{f}`" for f in entry["files"][:4]) + (" ..." if len(entry["files"]) > 4 else "")
-        doc = entry["doc"]
-        doc = doc if len(doc) <= 200 else doc[:197] + "..."
-        out.append(f"| `{name}` | {where} | {_cell(doc).replace('`', '')} |\n")
     return "".join(out)
 
 
