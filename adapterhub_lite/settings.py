@@ -112,6 +112,9 @@ class Settings(BaseSettings):
     rate_limit_failure: Literal["open", "closed"] = Field(
         "open", description="Redis unreachable: `open` admits requests, `closed` answers 503"
     )
+    metrics_max_adapters: int = Field(
+        1000, ge=1, description="adapters with Prometheus series of their own; later ones count as `other`"
+    )
     # -- the usage ledger ------------------------------------------------------------------------
     usage_ledger: bool = Field(True, description="off: answered requests are not recorded in the ledger")
     usage_flush_seconds: float = Field(

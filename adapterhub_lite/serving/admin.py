@@ -68,7 +68,7 @@ async def admin_route(mw: TenancyMiddleware, scope: Scope, receive: Receive, sen
         if not evicted:
             await send_error(send, 404, f"adapter {name} is not loaded", "NotFoundError")
             return
-        mw.metrics.adapter_evictions.labels(name).inc()
+        mw.metrics.adapter_evictions.labels(mw.metrics.adapter(name)).inc()
         await send_json(send, 200, {"evicted": [name]})
     elif route == ("POST", "refresh"):
         await send_json(send, 200, {"tenants_version": mw.refresh(force=True)})

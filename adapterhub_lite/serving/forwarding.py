@@ -46,6 +46,7 @@ async def forward(
         await app(inner_scope, inner_receive, inner_send)
     finally:
         status = usage.status or 500
+        adapter_label = metrics.adapter(adapter_label)
         metrics.requests.labels(tenant_label, adapter_label, str(status)).inc()
         if status >= 400:
             metrics.errors.labels(tenant_label, adapter_label, f"http_{status}").inc()

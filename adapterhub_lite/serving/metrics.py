@@ -2,17 +2,31 @@
 
 vLLM serves `/metrics` from prometheus_client's default registry (in its API server process), so
 counters registered there by the middleware appear on the same page with no extra route.
+
+The `adapter` label is an immutable reference, and a server that runs for weeks sees new versions
+without end: the first `ADAPTERHUB_METRICS_MAX_ADAPTERS` distinct references get series of their own,
+later ones are counted under `adapter="other"`, so the series count stays bounded under churn (the
+usage ledger keeps every reference exactly).
 """
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+
+from adapterhub_lite.settings import settings
+
+OTHER = "other"
 
 
 class ServingMetrics:
     """The adapterhub_* metrics; one instance per registry."""
 
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(self, registry: CollectorRegistry = REGISTRY, max_adapters: int | None = None) -> None:
+        self.max_adapters = max_adapters if max_adapters is not None else settings().metrics_max_adapters
+        self._adapters: set[str] = set()
+        self._lock = threading.Lock()
         labels = ["tenant", "adapter"]
         self.requests = Counter(
             "adapterhub_requests",
@@ -56,6 +70,16 @@ class ServingMetrics:
         self.loaded_adapters = Gauge(
             "adapterhub_loaded_adapters", "Adapters currently loaded in vLLM.", registry=registry
         )
+
+    def adapter(self, ref: str) -> str:
+        """The `adapter` label of `ref`: itself while the bound allows a new series, else `other`."""
+        if not ref or ref in self._adapters:
+            return ref
+        with self._lock:
+            if len(self._adapters) < self.max_adapters:
+                self._adapters.add(ref)
+                return ref
+        return OTHER
 
 
 _DEFAULT: ServingMetrics | None = None

@@ -354,10 +354,10 @@ class TenancyMiddleware:
             await asyncio.to_thread(self.resolver.fetch, target.name)
             if engine is not None:
                 for name in await self.evictor.make_room(engine, target.name):
-                    self.metrics.adapter_evictions.labels(name).inc()
+                    self.metrics.adapter_evictions.labels(self.metrics.adapter(name)).inc()
                 self.metrics.loaded_adapters.set(len(engine.loaded()))
         except AdapterHubError as exc:
-            self.metrics.errors.labels(label, target.name, exc.kind.value).inc()
+            self.metrics.errors.labels(label, self.metrics.adapter(target.name), exc.kind.value).inc()
             if exc.kind is ErrorKind.NOT_FOUND:
                 message = f"The model `{target.name}` does not exist."
                 await send_project_error(send, exc, message, param="model")
@@ -375,7 +375,7 @@ class TenancyMiddleware:
                 self._log_outage(exc)
                 await send_project_error(send, exc, f"adapter {target.name} is unavailable; retry later")
             return False
-        self.metrics.adapter_loads.labels(target.name).inc()
+        self.metrics.adapter_loads.labels(self.metrics.adapter(target.name)).inc()
         return True
 
     # -- background work ---------------------------------------------------------------------------
@@ -402,7 +402,7 @@ class TenancyMiddleware:
         self.resolver.loaded_refs = lambda: [*engine.loaded(), *self.evictor.in_flight]
         evicted = await self.evictor.enforce(engine)
         for name in evicted:
-            self.metrics.adapter_evictions.labels(name).inc()
+            self.metrics.adapter_evictions.labels(self.metrics.adapter(name)).inc()
         self.metrics.loaded_adapters.set(len(engine.loaded()))
         return evicted
 
