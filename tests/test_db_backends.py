@@ -339,9 +339,10 @@ def test_an_unreachable_server_at_start_is_one_line_naming_the_url(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_server_stopped_under_use_is_unavailable_then_recovers(postgres, tmp_path, bundles_for_stop):
+def test_a_server_stopped_under_use_is_unavailable_then_recovers(own_postgres, tmp_path, bundles_for_stop):
     """Stop the real server: every path answers UNAVAILABLE (503 + Retry-After); start it again:
-    the same objects work again, without being reopened."""
+    the same objects work again, without being reopened. (A server of its own: the session's is shared.)"""
+    postgres = own_postgres
     tenants_url = postgres.new_database()
     registry_url = postgres.new_database()
     store = TenantStore.open(tenants_url)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from needs import missing
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -46,7 +47,7 @@ def test_serve_starts_answers_and_stops_cleanly_under_load(tmp_path, stop_signal
     from adapterhub_lite.serving.tenancy import TenantStore
 
     if not (EMBEDDED_BASE_DIR / "config.json").is_file():
-        pytest.skip("the embedded base is not built")
+        missing("the embedded base is not built (make base)")
     _, key = TenantStore.open(tmp_path / "t.db").add_tenant("acme", base_access=True)
     port = free_port()
     cmd = [
