@@ -97,9 +97,12 @@ def test_training_record_goes_into_manifest_and_card(trained_dir, tiny_base, tmp
 
 def test_training_record_for_another_base_is_refused(trained_dir, other_base, tmp_path):
     with pytest.raises(
-        BundleError, match="trained on base 'tiny-test-base'.*pass --base|training_record.json"
-    ):
+        BundleError,
+        match=r"training_record\.json: the adapter was trained on base 'tiny-test-base' "
+        r"\(sha256:[0-9a-f]{64}\), but the base given \(.*\) has fingerprint sha256:",
+    ) as err:
         pack_bundle(trained_dir, tmp_path / "b", base_dir=other_base, **PACK)
+    assert "pass --base" in err.value.hint
     assert not (tmp_path / "b").exists()
 
 
