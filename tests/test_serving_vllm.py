@@ -144,7 +144,27 @@ def world(tmp_path_factory):
         max_model_len=256,
         log_path=str(root / "vllm.log"),
     )
-    server = VLLMServer(opts).start()
+    server = VLLMServer(opts)
+    # /health asked for throughout the start, so the 503 while warming up is seen, not inferred.
+    health: list[tuple[int, str]] = []
+    started = threading.Event()
+
+    def poll_health() -> None:
+        while not started.is_set():
+            try:
+                r = httpx.get(server.url + "/health", timeout=2.0)
+                health.append((r.status_code, r.text))
+            except httpx.HTTPError:
+                pass  # not listening yet
+            time.sleep(0.05)
+
+    poller = threading.Thread(target=poll_health, name="health-poller")
+    poller.start()
+    try:
+        server.start()
+    finally:
+        started.set()
+        poller.join()
     shm: set[str] = set()
     try:
         from adapterhub_lite.serving.processes import group_pids, shm_segments
@@ -163,6 +183,7 @@ def world(tmp_path_factory):
             "registry": str(root / "registry"),
             "db": str(root / "tenants.db"),
             "server": server,
+            "health": health,
         }
     finally:
         server.stop()
@@ -567,6 +588,60 @@ def test_metrics_count_per_tenant_and_adapter(world):
     assert "vllm:" in text  # vLLM's own metrics are on the same page
 
 
+def _counters(world) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every adapterhub_* counter sample on /metrics, by (sample name, sorted labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(world["url"] + "/metrics", headers={"Authorization": f"Bearer {world['admin']}"}).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        if family.name.startswith("adapterhub_")
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+
+
+def _delta(before: dict, after: dict, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def test_adapter_loads_evictions_and_errors_are_counted_exactly(world):
+    """Adapter loads, evictions and errors read back as values, one request at a time: a load is
+    counted once (not again while the adapter stays loaded), each adapter pushed out of the hot set
+    (3 slots) adds exactly one eviction under its own name, and a corrupt adapter one error of kind
+    `internal` and no load."""
+    refs, exp = world["refs"], world["expected"]
+    admin = {"Authorization": f"Bearer {world['admin']}"}
+    client = _client(world, "acme")
+
+    def loaded() -> set[str]:
+        status = httpx.get(world["url"] + "/adapterhub/v1/status", headers=admin, timeout=30)
+        return set(status.json()["loaded"])
+
+    for name in ["e1", "e2", "e3", "bot1", "bot2", "e1", "e1", "bot2"]:
+        ref = refs[name]
+        held, before = loaded(), _counters(world)
+        assert _complete(client, ref, n=2)[1] == exp[name][:2]
+        now, after = loaded(), _counters(world)
+        assert ref in now and len(now) <= 3, now
+        assert _delta(before, after, "adapterhub_adapter_loads_total", adapter=ref) == (ref not in held), name
+        for gone in held - now:  # pushed out to make room: one eviction each, under its own name
+            assert _delta(before, after, "adapterhub_adapter_evictions_total", adapter=gone) == 1, gone
+        total = sum(v for (n, _), v in after.items() if n == "adapterhub_adapter_evictions_total")
+        total -= sum(v for (n, _), v in before.items() if n == "adapterhub_adapter_evictions_total")
+        assert total == len(held - now), (name, held, now)
+    before = _counters(world)
+    with pytest.raises(openai.InternalServerError):
+        _complete(client, "bad")
+    after = _counters(world)
+    bad = refs["bad"]
+    errors = _delta(before, after, "adapterhub_errors_total", tenant="acme", adapter=bad, reason="internal")
+    assert errors == 1
+    assert _delta(before, after, "adapterhub_adapter_loads_total", adapter=bad) == 0
+
+
 def test_hot_set_bound_holds_while_tenants_churn_adapters(world):
     """Five adapters for three slots, asked for concurrently: vLLM never holds more than --max-loaded
     (sampled throughout), and every answer is the adapter's own."""
@@ -611,6 +686,18 @@ def test_hot_set_bound_holds_while_tenants_churn_adapters(world):
     # vLLM's lora_requests_info keeps only its current sample, however many combinations went by
     text = httpx.get(world["url"] + "/metrics", headers=admin).text
     assert sum(1 for line in text.splitlines() if line.startswith("vllm:lora_requests_info{")) <= 1
+
+
+def test_health_is_503_while_warming_up_then_200(world):
+    """Requested while the server started: /health answered 503 "warming up" (with Retry-After) once
+    the API server listened and before the warm-up was done, and 200 only after; never back to 503."""
+    statuses = [status for status, _ in world["health"]]
+    assert 503 in statuses, f"no 503 was ever answered while warming up: {statuses[:20]}"
+    first_ok = statuses.index(200) if 200 in statuses else len(statuses)
+    assert all(s == 503 for s in statuses[:first_ok]), statuses
+    assert all(s == 200 for s in statuses[first_ok:]), statuses
+    assert all("warming up" in text for status, text in world["health"] if status == 503)
+    assert httpx.get(world["url"] + "/health", timeout=10).status_code == 200
 
 
 def test_ready_only_after_the_lora_warm_up(world):
