@@ -140,7 +140,7 @@ def test_serve_starts_answers_and_stops_cleanly_under_load(tmp_path, stop_signal
     # it: no 500, no half answer (a RemoteProtocolError or ReadError would be one).
     assert statuses.count(200) >= 3, statuses
     assert all(s in (200, 503, "ConnectError") for s in statuses), statuses
-    assert any(sent < signalled <= answered for sent, answered, _ in spans), "nothing was in flight at the stop"
+    assert any(sent < signalled <= answered for sent, answered, _ in spans), "nothing in flight at the stop"
     assert all(t.ident is None or not t.is_alive() for t in threads), "a request hung past the stop"
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=2)
