@@ -27,7 +27,7 @@ import pytest
 from needs import missing
 
 
-def find_pg_bin() -> Path | None:
+def find_pg_bin(debian_root: Path = Path("/usr/lib/postgresql")) -> Path | None:
     """The folder holding `initdb` and `pg_ctl`, whatever PostgreSQL major version is installed."""
     if os.environ.get("ADAPTERHUB_PG_BIN"):
         return Path(os.environ["ADAPTERHUB_PG_BIN"])
@@ -36,7 +36,7 @@ def find_pg_bin() -> Path | None:
         out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, timeout=30)
         if out.returncode == 0 and out.stdout.strip():
             candidates.append(Path(out.stdout.strip()))
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: _major(p.parent.name))
+    versions = sorted(debian_root.glob("*/bin"), key=lambda p: _major(p.parent.name))
     candidates += reversed(versions)
     if shutil.which("initdb"):
         candidates.append(Path(shutil.which("initdb")).parent)

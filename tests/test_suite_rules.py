@@ -2,7 +2,8 @@
 
 - a failure inside a worker thread fails its test (plugin `thread_failures`, and pyproject's
   `filterwarnings` for a thread that outlives its test);
-- no test sees another test's `ADAPTERHUB_*` variables or `HOME` (conftest's autouse fixture).
+- no test sees another test's `ADAPTERHUB_*` variables or `HOME` (plugin `isolation`);
+- what the suite needs is found wherever it is installed, and under `CI=1` a missing piece fails.
 """
 
 from __future__ import annotations
@@ -121,3 +122,29 @@ def test_environment_and_home_do_not_leak_between_tests(tmp_path, monkeypatch):
     assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout + r.stderr
     control = _pytest(tmp_path, ENV_LEAK)  # without the plugin the first test's changes reach the second
     assert control.returncode == 1 and "1 failed" in control.stdout, control.stdout + control.stderr
+
+
+def test_postgresql_of_any_major_version_is_found(tmp_path, monkeypatch):
+    """Not only Debian's PostgreSQL 15: the newest `/usr/lib/postgresql/<major>/bin` with both tools."""
+    from pg_server import find_pg_bin
+
+    for major, tools in (("15", ["initdb", "pg_ctl"]), ("17", ["initdb", "pg_ctl"]), ("18", ["initdb"])):
+        (tmp_path / major / "bin").mkdir(parents=True)
+        for tool in tools:
+            (tmp_path / major / "bin" / tool).write_text("")
+    monkeypatch.delenv("ADAPTERHUB_PG_BIN", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))  # no pg_config, no initdb on PATH
+    assert find_pg_bin(tmp_path) == tmp_path / "17" / "bin"  # 18 lacks pg_ctl
+    assert find_pg_bin(tmp_path / "absent") is None
+
+
+def test_a_missing_piece_skips_with_its_name_outside_ci_and_fails_in_ci(monkeypatch):
+    import pytest
+    from needs import missing, require_module
+
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no_such_module cannot be imported.*pip install it"):
+        require_module("no_such_module", "pip install it")
+    monkeypatch.setenv("CI", "1")
+    with pytest.raises(pytest.fail.Exception, match="CI=1 and redis-server is missing"):
+        missing("redis-server is missing")
