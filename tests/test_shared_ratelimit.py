@@ -171,3 +171,79 @@ def test_bad_urls_are_refused_in_one_line():
 def test_redact():
     assert redact("redis://u:pw@h:6379/0") == "redis://u:***@h:6379/0"
     assert redact("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def _middleware_on(url: str, failure: str, store_path):
+    """The tenancy middleware with its limits in Redis at `url`; an ASGI app stands in for vLLM (the
+    limiter's answer is under test, not generation). Returns (ask, middleware)."""
+    import json
+
+    from prometheus_client import CollectorRegistry
+
+    from adapterhub_lite.serving.config import ServingConfig
+    from adapterhub_lite.serving.metrics import ServingMetrics
+    from adapterhub_lite.serving.middleware import TenancyMiddleware
+    from adapterhub_lite.serving.tenancy import TenantStore
+
+    store = TenantStore.open(store_path)
+    _, key = store.add_tenant("acme", base_access=True, requests_per_minute=1000)
+
+    async def vllm(scope, receive, send):
+        body = json.dumps({"choices": [{"text": "ok"}], "usage": {"prompt_tokens": 1}}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    config = ServingConfig(admin_key="admin", warmup=False, served_name="base", rate_limit_url=url,
+                           rate_limit_failure=failure)
+    mw = TenancyMiddleware(vllm, config=config, store=store, metrics=ServingMetrics(CollectorRegistry()))
+    request = json.dumps({"model": "base", "prompt": "x", "max_tokens": 1}).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions",
+             "headers": [(b"authorization", f"Bearer {key}".encode())]}
+
+    async def ask() -> tuple[int, dict]:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": request, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await mw(scope, receive, send)
+        return sent[0]["status"], dict(sent[0]["headers"])
+
+    return ask, mw
+
+
+@pytest.mark.parametrize("failure", ["open", "closed"])
+def test_redis_unreachable_through_the_middleware(own_redis, tmp_path, caplog, failure):
+    """Redis stopped under a serving middleware: `open` admits every request with one warning for the
+    whole outage, `closed` answers each with 503 + Retry-After; never a 500; both admit again after the
+    restart."""
+    import logging
+
+    ask, mw = _middleware_on(own_redis.url, failure, tmp_path / "t.db")
+
+    async def run():
+        seen = {"up": [await ask()]}
+        own_redis.stop()
+        try:
+            with caplog.at_level(logging.WARNING):
+                seen["down"] = [await ask() for _ in range(5)]
+        finally:
+            own_redis.start()
+        seen["up again"] = [await ask()]
+        if mw._sweeper is not None:
+            mw._sweeper.cancel()
+        await mw.limiter.close()
+        return seen
+
+    seen = asyncio.run(run())
+    assert [s for s, _ in seen["up"] + seen["up again"]] == [200, 200]
+    down = [s for s, _ in seen["down"]]
+    unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    if failure == "open":
+        assert down == [200] * 5 and len(unreachable) == 1, (down, [r.getMessage() for r in unreachable])
+    else:
+        assert down == [503] * 5, down
+        assert all(int(headers[b"retry-after"]) >= 1 for _, headers in seen["down"])
