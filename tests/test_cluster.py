@@ -362,7 +362,7 @@ def test_a_replica_killed_under_load_fails_cleanly_and_comes_back(cluster):
     an OpenAI-style error event (not a dropped connection, not [DONE]) after only the adapter's own
     tokens; every other request ends with the adapter's own answer or a clean 503 with Retry-After,
     never a dropped connection or another adapter's answer; Ray's health check replaces the replica
-    (required, within 10 minutes) and every adapter is served again."""
+    (required, within 15 minutes) and every adapter is served again."""
     running, key, expected = cluster["cluster"], cluster["keys"]["acme"], cluster["expected"]
     before = {r["replica"]: r for r in _both_replicas(running)}
     results: list[dict] = []
@@ -393,8 +393,10 @@ def test_a_replica_killed_under_load_fails_cleanly_and_comes_back(cluster):
         finally:
             stream.close()
             client.close()
-        deadline = time.monotonic() + 600
-        while True:  # Ray's health check replaces the replica, which starts a new vLLM
+        # Ray's health check replaces the replica, which starts a new vLLM: measured 493 s on a loaded
+        # 2-core machine (six test runs at once), so 900 s fails only a replacement that never comes.
+        deadline = time.monotonic() + 900
+        while True:
             now = {r["replica"] for r in running.replicas()}
             if len(now) == 2 and victim["replica"] not in now:
                 break
