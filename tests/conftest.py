@@ -4,6 +4,14 @@
 on the embedded base) are plugins: every module sees their fixtures without importing them, and each
 session fixture is built once per run. `pg_server` starts one throwaway PostgreSQL per session for the
 tests that run the registry and the tenant store on both database backends.
+
+Two rules hold for every test, each a plugin of its own (`tests/test_suite_rules.py` proves them):
+- `thread_failures`: a failure inside a thread fails the test that started it;
+- `isolation`: no test sees another's `ADAPTERHUB_*` variables, `HOME` or torch thread count.
 """
 
-pytest_plugins = ["bundle_fixtures", "training_fixtures", "redis_server", "pg_server"]
+from __future__ import annotations
+
+pytest_plugins = [
+    "thread_failures", "isolation", "bundle_fixtures", "training_fixtures", "redis_server", "pg_server"
+]

@@ -1,16 +1,19 @@
 """A throwaway PostgreSQL server for the tests, started once per session (a pytest plugin).
 
-`initdb` + `pg_ctl` from Debian's PostgreSQL 15 in a temp folder, on a free loopback port, its unix
-socket in that folder too: no test depends on a server someone left running. As root (CI, this
+`initdb` + `pg_ctl` from the installed PostgreSQL (any major version: `$ADAPTERHUB_PG_BIN`, else
+`pg_config --bindir`, else the newest `/usr/lib/postgresql/*/bin`) in a temp folder, on a free loopback
+port, its unix socket in that folder too: no test depends on a server someone left running. As root (CI, this
 machine) the server runs as the `postgres` user, since PostgreSQL refuses to run as root.
 `fsync=off`: the tests kill clients, never the server's machine, so durability on disk is not what
 they prove. Each test gets a fresh database (`new_database`).
 
-Without PostgreSQL binaries the PostgreSQL cases are skipped locally and fail in CI (`$CI` set).
+Without PostgreSQL binaries the PostgreSQL cases are skipped locally, naming what is missing, and fail in
+CI (`$CI` set).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -21,8 +24,30 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from needs import missing
 
-PG_BIN = Path(os.environ.get("ADAPTERHUB_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def find_pg_bin(debian_root: Path = Path("/usr/lib/postgresql")) -> Path | None:
+    """The folder holding `initdb` and `pg_ctl`, whatever PostgreSQL major version is installed."""
+    if os.environ.get("ADAPTERHUB_PG_BIN"):
+        return Path(os.environ["ADAPTERHUB_PG_BIN"])
+    candidates: list[Path] = []
+    if shutil.which("pg_config"):
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            candidates.append(Path(out.stdout.strip()))
+    versions = sorted(debian_root.glob("*/bin"), key=lambda p: _major(p.parent.name))
+    candidates += reversed(versions)
+    if shutil.which("initdb"):
+        candidates.append(Path(shutil.which("initdb")).parent)
+    return next((c for c in candidates if (c / "initdb").exists() and (c / "pg_ctl").exists()), None)
+
+
+def _major(name: str) -> int:
+    return int(name) if name.isdigit() else -1
+
+
+PG_BIN = find_pg_bin()
 USER = "adapterhub"
 
 
@@ -74,13 +99,14 @@ class PostgresServer:
         return self.url(name)
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    if not (PG_BIN / "initdb").exists():
-        msg = f"PostgreSQL binaries not found in {PG_BIN} (apt-get install -y postgresql)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+@contextlib.contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """A fresh cluster in a temp folder, stopped and removed on the way out (whatever happened)."""
+    if PG_BIN is None:
+        missing(
+            "PostgreSQL's initdb/pg_ctl not found (not in $ADAPTERHUB_PG_BIN, `pg_config --bindir`, "
+            "/usr/lib/postgresql/*/bin or PATH): apt-get install -y postgresql"
+        )
     root = Path(tempfile.mkdtemp(prefix="adapterhub-pg-"))
     server = PostgresServer(root)
     try:
@@ -89,6 +115,20 @@ def postgres() -> Iterator[PostgresServer]:
     finally:
         server.stop("immediate")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """The session's server: tests share it, so no test may stop it (they take `own_postgres`)."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A server of this test's own, for tests that stop it (an outage) without touching the others'."""
+    with running_postgres() as server:
+        yield server
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])

@@ -65,8 +65,21 @@ class RedisServer:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
-    """A running Redis server for the session."""
+    """A running Redis server for the session: tests share it, so no test may stop it."""
     server = RedisServer(tmp_path_factory.mktemp("redis"), _free_port())
     server.start()
-    yield server
-    server.stop()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path_factory) -> Iterator[RedisServer]:
+    """A Redis server of this test's own, for tests that stop it (an outage)."""
+    server = RedisServer(tmp_path_factory.mktemp("own-redis"), _free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from needs import missing
 from safetensors.torch import load_file, save_file
 
 from adapterhub_lite.base import EMBEDDED_BASE_DIR, fingerprint, load_base, load_tokenizer, resolve_base_dir
@@ -173,8 +174,9 @@ def test_nf4_loading_peak_memory_is_not_the_whole_fp32_file(tiny_model_dir, tmp_
     assert r["above_mib"] < r["weights_mib"] + 25, r
 
 
-@pytest.mark.skipif(not EMBEDDED_BASE_DIR.is_dir(), reason="embedded base not built")
 def test_embedded_base_is_pretrained_and_knows_its_world():
+    if not EMBEDDED_BASE_DIR.is_dir():
+        missing("the embedded base is not built (make base)")
     report = json.loads((EMBEDDED_BASE_DIR / "pretraining.json").read_text())
     assert report["heldout_loss"] < report["random_init_heldout_loss"] / 2
     tok = load_tokenizer(None)

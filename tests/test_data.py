@@ -214,9 +214,10 @@ def test_json_array_csv_parquet_and_saved_folder_read_the_same(tmp_path):
     jsonl = load_dataset(write(tmp_path / "a.jsonl", *ROWS))
     for name in ("a.json", "a.csv", "a.parquet", "saved", "dict"):
         ds = load_dataset(tmp_path / name)
-        assert ds.format == "prompt_completion" and ds.examples == jsonl.examples or [
-            (e.prompt, e.completion) for e in ds.examples
-        ] == [(e.prompt, e.completion) for e in jsonl.examples], name
+        assert ds.format == "prompt_completion", name
+        assert [(e.prompt, e.completion) for e in ds.examples] == [
+            (e.prompt, e.completion) for e in jsonl.examples
+        ], name
         assert ds.digest.startswith("sha256:")
     assert not list(tmp_path.glob("**/*.arrow-cache*"))
 

@@ -339,9 +339,10 @@ def test_an_unreachable_server_at_start_is_one_line_naming_the_url(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_server_stopped_under_use_is_unavailable_then_recovers(postgres, tmp_path, bundles_for_stop):
+def test_a_server_stopped_under_use_is_unavailable_then_recovers(own_postgres, tmp_path, bundles_for_stop):
     """Stop the real server: every path answers UNAVAILABLE (503 + Retry-After); start it again:
-    the same objects work again, without being reopened."""
+    the same objects work again, without being reopened. (A server of its own: the session's is shared.)"""
+    postgres = own_postgres
     tenants_url = postgres.new_database()
     registry_url = postgres.new_database()
     store = TenantStore.open(tenants_url)
@@ -442,3 +443,87 @@ def test_a_registry_made_by_the_previous_release_opens_unchanged(tmp_path, bundl
     assert sorted(p.name for p in location.iterdir()) == ["blobs", "config.json", "index.sqlite"] + [
         n for n in ("index.sqlite-shm", "index.sqlite-wal") if (location / n).exists()
     ]
+
+
+@pytest.mark.slow
+def test_a_tenant_already_in_memory_gets_503_while_the_database_is_down(own_postgres, tmp_path):
+    """The tenancy layer on a real PostgreSQL store: a tenant served (so in memory) gets 503 with
+    Retry-After once the server is stopped and the change feed has noticed (within its poll interval),
+    and never a 200 again while it stays down; after the restart it is served again. The ASGI app
+    behind the middleware stands in for vLLM (only the tenancy layer's answer is under test here;
+    tests/test_cluster.py runs the same outage through real vLLM replicas)."""
+    import asyncio
+    import json
+
+    from prometheus_client import CollectorRegistry
+
+    from adapterhub_lite.serving.config import ServingConfig
+    from adapterhub_lite.serving.metrics import ServingMetrics
+    from adapterhub_lite.serving.middleware import TenancyMiddleware
+
+    store = TenantStore.open(own_postgres.new_database())
+    _, key = store.add_tenant("acme", base_access=True)
+    reached = [0]
+
+    async def vllm(scope, receive, send):  # stands in for vLLM's API server
+        reached[0] += 1
+        body = json.dumps({"choices": [{"text": "ok"}], "usage": {"prompt_tokens": 1}})
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+    mw = TenancyMiddleware(
+        vllm,
+        config=ServingConfig(admin_key="admin", warmup=False, served_name="base"),
+        store=store,
+        metrics=ServingMetrics(CollectorRegistry()),
+    )
+    request = json.dumps({"model": "base", "prompt": "x", "max_tokens": 1}).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions",
+             "headers": [(b"authorization", f"Bearer {key}".encode())]}
+
+    async def ask() -> tuple[int, dict]:
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": request, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await mw(scope, receive, send)
+        return sent[0]["status"], dict(sent[0]["headers"])
+
+    async def run() -> list[tuple[str, int, dict]]:
+        seen = [("up", *await ask())]
+        own_postgres.stop()
+        try:
+            stopped = time.monotonic()
+            while True:  # the change feed notices within its poll interval
+                status, headers = await ask()
+                seen.append(("noticing", status, headers))
+                if status == 503:
+                    break
+                assert time.monotonic() - stopped < 15, "still served 15 s into the outage"
+                await asyncio.sleep(0.05)
+            noticed = time.monotonic()
+            while time.monotonic() - noticed < 3:  # down: never a 200 again
+                seen.append(("down", *await ask()))
+                await asyncio.sleep(0.05)
+        finally:
+            own_postgres.start()
+        restarted = time.monotonic()
+        while (answer := await ask())[0] != 200:
+            assert time.monotonic() - restarted < 30, f"not served 30 s after the restart: {answer}"
+            await asyncio.sleep(0.2)
+        seen.append(("up again", *answer))
+        if mw._sweeper is not None:
+            mw._sweeper.cancel()
+        return seen
+
+    seen = asyncio.run(run())
+    assert seen[0][1] == 200 and seen[-1][1] == 200 and reached[0] >= 2  # the 200s came from "vLLM"
+    down = [(status, headers) for phase, status, headers in seen if phase == "down"]
+    assert len(down) >= 10 and all(status == 503 for status, _ in down), [s for s, _ in down]
+    assert all(int(headers[b"retry-after"]) >= 1 for _, headers in down)
+    assert {status for phase, status, _ in seen if phase == "noticing"} <= {200, 503}

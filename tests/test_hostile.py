@@ -134,7 +134,6 @@ def test_absurd_magnitudes_are_flagged_not_refused(bundle):
 
 
 def test_value_scan_handles_every_float_dtype_and_chunk_boundary():
-    import numpy as np
     import torch
     from safetensors.torch import save
 
@@ -168,7 +167,6 @@ def test_value_scan_handles_every_float_dtype_and_chunk_boundary():
         scan = ValueScan(tensors, 8 + int.from_bytes(data[:8], "little"), "f")
         scan.update(data)
         assert bool(scan.finish().absurd) is flagged
-    assert np.isfinite(2.5)
 
 
 # ------------------------------------------------------------------ agreement

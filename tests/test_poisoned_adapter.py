@@ -30,6 +30,9 @@ from test_serving_vllm import PROMPT_IDS, _base_dir, _make_adapters
 LONG = 150  # >= 128 prompt tokens: the grouped CPU LoRA ops path, and a second KV block
 N_TOKENS = 6
 OVERFLOW = 1e30  # finite in float32; x @ A @ B overflows to Inf, and RMSNorm turns Inf into NaN
+# Read at import: the server (a module fixture) starts with the environment the suite was started in,
+# while each test body runs with the ADAPTERHUB_* variables cleared (tests/isolation.py).
+ZEROING = os.environ.get("ADAPTERHUB_KV_ZEROING", "1")
 
 
 def _rewrite(adapter_dir: Path, out: Path, change) -> Path:
@@ -242,7 +245,7 @@ def test_overflowing_adapter_in_the_same_batches_leaves_other_tenants_exact(lane
         ]
     # Not vacuous: the overflowing adapter was served, and its logits were NaN (greedy picks token 0).
     assert poisoned and all(tokens == [0] * N_TOKENS for tokens in poisoned), poisoned[:4]
-    zeroing = os.environ.get("ADAPTERHUB_KV_ZEROING", "1")
+    zeroing = ZEROING
     assert not wrong, (
         f"{len(wrong)} of {3 * 2 * 2 * len(lanes['prompts'])} tenant completions changed "
         f"(ADAPTERHUB_KV_ZEROING={zeroing}):\n" + "\n".join(wrong)

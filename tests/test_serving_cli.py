@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from needs import missing
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -46,7 +47,7 @@ def test_serve_starts_answers_and_stops_cleanly_under_load(tmp_path, stop_signal
     from adapterhub_lite.serving.tenancy import TenantStore
 
     if not (EMBEDDED_BASE_DIR / "config.json").is_file():
-        pytest.skip("the embedded base is not built")
+        missing("the embedded base is not built (make base)")
     _, key = TenantStore.open(tmp_path / "t.db").add_tenant("acme", base_access=True)
     port = free_port()
     cmd = [
@@ -73,11 +74,13 @@ def test_serve_starts_answers_and_stops_cleanly_under_load(tmp_path, stop_signal
     lines: list[str] = []
     stop = threading.Event()
     statuses: list[int | str] = []
+    spans: list[tuple[float, float, int | str]] = []  # (sent, answered, status) of each load request
     url = f"http://127.0.0.1:{port}"
     name = EMBEDDED_BASE_DIR.name
 
     def load() -> None:
         while not stop.is_set():
+            started = time.monotonic()
             try:
                 r = httpx.post(
                     url + "/v1/completions",
@@ -86,8 +89,10 @@ def test_serve_starts_answers_and_stops_cleanly_under_load(tmp_path, stop_signal
                     timeout=60,
                 )
                 statuses.append(r.status_code)
+                spans.append((started, time.monotonic(), r.status_code))
             except httpx.HTTPError as exc:
                 statuses.append(type(exc).__name__)
+                spans.append((started, time.monotonic(), type(exc).__name__))
                 return
 
     threads = [threading.Thread(target=load) for _ in range(3)]
@@ -118,8 +123,12 @@ def test_serve_starts_answers_and_stops_cleanly_under_load(tmp_path, stop_signal
         assert shm, "vLLM's engine maps shared memory: the check below would prove nothing"
         for t in threads:
             t.start()
-        time.sleep(3)  # requests in flight when the stop arrives
+        deadline = time.monotonic() + 300
+        while statuses.count(200) < 3:  # the load is being answered: requests are in flight at the stop
+            assert time.monotonic() < deadline, f"no answers under load: {statuses}"
+            time.sleep(0.05)
     finally:
+        signalled = time.monotonic()
         proc.send_signal(stop_signal)
         code = proc.wait(timeout=180)
         stop.set()
@@ -127,7 +136,14 @@ def test_serve_starts_answers_and_stops_cleanly_under_load(tmp_path, stop_signal
             if t.ident is not None:
                 t.join(timeout=60)
     assert code == 0, proc.stdout.read()
-    assert 200 in statuses
+    # Answered under load before the stop, and never an HTTP error (a 500) during it. What happens to a
+    # request in flight is not a promise of `serve` today: runs saw it cut (RemoteProtocolError,
+    # ReadError) and once left without an answer until the client's 60 s timeout (ReadTimeout, Ctrl-C);
+    # docs/explanation/claims.md lists it as open.
+    assert statuses.count(200) >= 3, statuses
+    assert all(s in (200, 503) for s in statuses if isinstance(s, int)), statuses
+    assert any(sent < signalled <= answered for sent, answered, _ in spans), "nothing in flight at the stop"
+    assert all(t.ident is None or not t.is_alive() for t in threads), "a request hung past the stop"
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=2)
     assert _vllm_pids(port) == []

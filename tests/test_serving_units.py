@@ -80,17 +80,25 @@ def test_rate_limiter_blocks_then_recovers(monkeypatch):
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     lim = RateLimiter()
     assert all(lim.admit("t", 3, None) is None for _ in range(3))
+    # 3 a minute refills one request every 60/3 = 20 s: the wait is exactly 20 s (a limiter refilling
+    # twice as fast would say 10), and one second before it the tenant is still refused.
     wait = lim.admit("t", 3, None)
-    assert wait is not None and 1 <= wait <= 20
+    assert wait == 20
     assert lim.admit("other", 3, None) is None  # per tenant
-    clock[0] += wait
+    clock[0] += wait - 1
+    assert lim.admit("t", 3, None) is not None
+    clock[0] += 1
     assert lim.admit("t", 3, None) is None
-    # tokens: charged after the fact, then the tenant waits the overshoot off
+    # tokens: charged after the fact, then the tenant waits the overshoot off: 150 used of a bucket of
+    # 100 leaves it at -50, and 50 tokens at 100 a minute take 30 s (rounded up past the 1e-3 margin
+    # that makes the bucket positive again: 31).
     assert lim.admit("u", None, 100) is None
     lim.charge_tokens("u", 100, 150)
     wait = lim.admit("u", None, 100)
-    assert wait is not None and wait >= 30
-    clock[0] += wait
+    assert wait == 31
+    clock[0] += 29
+    assert lim.admit("u", None, 100) is not None
+    clock[0] += wait - 29
     assert lim.admit("u", None, 100) is None
 
 
