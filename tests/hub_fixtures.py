@@ -49,8 +49,9 @@ class RunningHub:
 
 
 @contextmanager
-def running_hub(registry_dir: Path, **config) -> Iterator[RunningHub]:
-    """Start a hub over `registry_dir` (created if new); stop it on exit.
+def running_hub(registry_dir: Path, limits=None, **config) -> Iterator[RunningHub]:
+    """Start a hub over `registry_dir` (created if new), with the connection limits `hub serve` uses
+    (or `limits`); stop it on exit.
 
     vLLM's validator is off unless asked for: importing vLLM takes 10-30 s on the test machines, which
     the fast suite cannot afford; the browser test (slow) runs the hub with it on.
@@ -58,16 +59,14 @@ def running_hub(registry_dir: Path, **config) -> Iterator[RunningHub]:
     config.setdefault("vllm_check", False)
     import uvicorn
 
-    from adapterhub_lite.hub import HubConfig, create_app
+    from adapterhub_lite.hub import HubConfig, Limits, create_app, uvicorn_config
     from adapterhub_lite.registry import Registry
 
     registry = Registry.open(registry_dir)
     state = Path(registry_dir) / "hub"
     app = create_app(registry, HubConfig(state_dir=state, **config))
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=5)
-    )
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, limits or Limits()))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

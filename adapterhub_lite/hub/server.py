@@ -1,0 +1,137 @@
+"""How the hub meets the network: uvicorn with limits that a slow or silent client cannot turn into an
+off switch.
+
+uvicorn's own `limit_concurrency` counts open connections, and nothing in it closes a connection that
+never finishes its request headers: 256 silent sockets answered 503 to everyone. Here every connection
+has `header_timeout_s` to deliver each request's headers (whatever it sends meanwhile), one client
+address holds at most `per_client` connections at once (more are closed on arrival), idle keep-alive
+connections close after `keep_alive_s`, and request headers are bounded in size (h11's limit). Bodies
+have their own deadlines (`guard`, `upload`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+MAX_HEADER_BYTES = 32 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The connection limits of one hub server."""
+
+    header_timeout_s: float = 10.0
+    per_client: int = 32
+    keep_alive_s: float = 5.0
+    max_connections: int = 1024
+
+
+class _GuardedH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for request headers and a cap per client address."""
+
+    limits: Limits = Limits()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._counted = False
+        self._header_timer: asyncio.TimerHandle | None = None
+        counts = _counts(self.server_state)
+        self._peer = self.client[0] if self.client else ""
+        if counts[self._peer] >= self.limits.per_client:
+            transport.abort()  # refused on arrival: no slot, no buffer, no task
+            return
+        counts[self._peer] += 1
+        self._counted = True
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if getattr(self, "_counted", False):
+            counts = _counts(self.server_state)
+            counts[self._peer] -= 1
+            if counts[self._peer] <= 0:
+                del counts[self._peer]
+            self._counted = False
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE:  # a request's headers are complete
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()  # the next request's headers get the same deadline
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._headers_late)
+
+    def _disarm(self) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.abort()
+
+
+def _counts(server_state: Any) -> Counter:
+    counts = getattr(server_state, "hub_per_client", None)
+    if counts is None:
+        counts = server_state.hub_per_client = Counter()
+    return counts
+
+
+def uvicorn_config(
+    app: Any, host: str, port: int, limits: Limits = Limits(), log_level: str = "warning"
+) -> Any:
+    """The uvicorn configuration of a hub: h11 with the limits above (the test fixture runs the same)."""
+    import uvicorn
+
+    protocol = type("HubH11", (_GuardedH11,), {"limits": limits})
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=protocol,
+        log_level=log_level,
+        timeout_keep_alive=limits.keep_alive_s,
+        limit_concurrency=limits.max_connections,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        access_log=False,
+        server_header=False,
+    )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str) -> str | None:
+    """What listening on `host` risks, when it is reachable from other machines (the hub speaks plain
+    HTTP: tokens, private weights and publishes would cross the network readable by anyone on the path)."""
+    if is_loopback(host):
+        return None
+    return (
+        f"warning: the hub listens on {host} without TLS: bearer tokens, private adapters and uploads "
+        "cross the network in clear text, readable and changeable by anyone on the path. Listen on "
+        "127.0.0.1 behind a TLS reverse proxy (docs/how-to/behind-a-tls-proxy.md) and pass --public-url "
+        "https://..."
+    )
