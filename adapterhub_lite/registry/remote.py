@@ -35,7 +35,14 @@ from adapterhub_lite.bundles.verify import check_bundle
 from adapterhub_lite.display import safe
 from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError
 from adapterhub_lite.registry import wire
-from adapterhub_lite.registry.credentials import ENV_TOKEN, TOKEN_FILE, load_token, save_token, token_path
+from adapterhub_lite.registry.credentials import (
+    ENV_TOKEN,
+    TOKEN_FILE,
+    check_transport,
+    load_token,
+    save_token,
+    token_path,
+)
 from adapterhub_lite.registry.intake import FileIntake, precomputed
 from adapterhub_lite.registry.pull import existing_copy
 from adapterhub_lite.registry.records import Published
@@ -54,6 +61,7 @@ __all__ = [
     "RemoteRegistry",
     "is_hub_url",
     "load_token",
+    "login",
     "save_token",
     "token_path",
 ]
@@ -104,6 +112,27 @@ def _namespaces(data: Any) -> builtins.list[str]:
     return builtins.list(_checked(_NamespaceList, data, "namespace list").root)
 
 
+def login(hub: str | None, token: str) -> tuple[str, str, Path]:
+    """Check `token` against `hub` (whoami) and store it for that hub only; (namespace, scope, file)."""
+    if not is_hub_url(hub):
+        raise RegistryError(
+            "which hub is this token for?",
+            hint="pass --hub https://HOST (the token is checked there and sent to no other hub)",
+            kind=ErrorKind.INVALID,
+        )
+    assert hub is not None
+    client = RemoteRegistry(hub, token=token)
+    try:
+        who = client.whoami()
+    finally:
+        client.close()
+    if who.namespace is None or who.scope is None:
+        raise RegistryError(
+            f"the hub at {hub} does not take this token", kind=ErrorKind.UNAUTHENTICATED
+        )
+    return who.namespace, who.scope, save_token(token, hub)
+
+
 class RemoteRegistry:
     """A hub's registry, through its HTTP API (see `adapterhub_lite.hub.api`)."""
 
@@ -117,6 +146,8 @@ class RemoteRegistry:
     ) -> None:
         self.location = self.url = url.rstrip("/")
         self.token = token if token is not None else load_token(self.url)
+        if self.token:
+            check_transport(self.url)
         self.trusted_keys = load_public_keys(trusted_keys)
         self._timeout_s = timeout_s
         headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
@@ -157,6 +188,10 @@ class RemoteRegistry:
 
     def close(self) -> None:
         self._http.close()
+
+    def whoami(self) -> wire.Whoami:
+        """Who this client's token says it is (namespace and scope; None for anonymous)."""
+        return _checked(wire.Whoami, self._get(wire.WHOAMI.path), "whoami answer")
 
     # Bulk bytes go through http.client (readinto, large blocks): httpx's pure-Python body handling
     # takes about twice the CPU per byte, which is most of a pull's time on a small machine.

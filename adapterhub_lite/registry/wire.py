@@ -101,6 +101,7 @@ Tag = Annotated[str, StringConstraints(max_length=32), AfterValidator(_tag)]
 Digest = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 QueryText = Annotated[str, StringConstraints(max_length=MAX_QUERY_CHARS), AfterValidator(_text)]
+Word = Annotated[str, StringConstraints(max_length=200), AfterValidator(_plain)]  # a fingerprint, a time
 Scope = Literal["read", "publish", "admin"]
 ErrorKindName = Literal[
     "invalid", "not_found", "conflict", "unauthenticated", "forbidden", "limited", "unavailable", "internal"
@@ -151,19 +152,19 @@ class VersionRow(_Answer):
     version: Version
     digest: Digest
     base_name: Annotated[str, Field(max_length=1000)]
-    base_fingerprint: Annotated[str, Field(max_length=200)]
+    base_fingerprint: Word
     yanked: StrictBool
     public: StrictBool
     size: Annotated[int, Field(ge=0)]
     rank: Annotated[int, Field(ge=0)]
     license: Annotated[str, Field(max_length=1000)]
     description: Annotated[str, Field(max_length=100_000)]
-    created: Annotated[str, Field(max_length=100)]
-    published_at: Annotated[str, Field(max_length=100)]
+    created: Word
+    published_at: Word
     signed: StrictBool
     tags: list[Tag] = []
     yank_reason: Annotated[str, Field(max_length=1000)] = ""
-    checked_bases: list[Annotated[str, Field(max_length=200)]] = []
+    checked_bases: list[Word] = []
 
     @model_validator(mode="after")
     def _ref_is_its_parts(self) -> VersionRow:
