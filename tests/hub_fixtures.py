@@ -96,3 +96,49 @@ def with_loss_history(adapter_dir: Path, out: Path, steps: int = 30) -> Path:
     record["losses"] = [[s, round(2.5 * 0.93**s + 0.4, 4)] for s in range(1, steps + 1)]
     record_path.write_text(json.dumps(record))
     return out
+
+
+@contextmanager
+def served_hub(registry_dir: Path, *args: str, timeout: float = 60.0) -> Iterator[tuple[str, object]]:
+    """`adapterhub hub serve` as a user runs it (a subprocess, its own settings), on a free loopback
+    port; yields (its URL, the process); stops it on exit."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from cli.main import app; app()",
+            "hub",
+            "serve",
+            "--registry",
+            str(registry_dir),
+        ]
+        + ["--port", str(port), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"`hub serve` exited: {proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"`hub serve` did not answer /health within {timeout:g} s")
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
