@@ -32,7 +32,10 @@ def _validation_message(exc: RequestValidationError) -> str:
     first = errors[0]
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "request"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {first.get('msg', 'invalid')}{more}"[:500]
+    msg = str(first.get("msg", "invalid"))
+    if first.get("type") == "string_pattern_mismatch":  # the pattern means nothing to a reader
+        msg = f"{str(first.get('input'))[:80]!r} is not a valid {where.rsplit('.', 1)[-1]}"
+    return f"{where}: {msg}{more}"[:500]
 
 
 def create_app(registry: Any, config: HubConfig) -> FastAPI:

@@ -93,10 +93,18 @@ def _text(value: str) -> str:
 
 # Length rules as StringConstraints (not Field), so FastAPI keeps them on query and path parameters.
 # pydantic's patterns are Rust regexes, where `$` is the end of the text (no newline before it).
-Namespace = Annotated[str, StringConstraints(max_length=64), AfterValidator(_namespace)]
-Name = Annotated[str, StringConstraints(max_length=64), AfterValidator(_name)]
-Version = Annotated[str, StringConstraints(max_length=64), AfterValidator(_version)]
-Ref = Annotated[str, StringConstraints(max_length=200), AfterValidator(_ref)]
+# The patterns (loose: the validators hold the exact rules) put the shapes into the OpenAPI document, so
+# a generated request can be a well-formed one.
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+_VERSION = r"[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.-]{1,50})?"
+Namespace = Annotated[str, StringConstraints(max_length=64, pattern=f"^{_NAME}$"), AfterValidator(_namespace)]
+Name = Annotated[str, StringConstraints(max_length=64, pattern=f"^{_NAME}$"), AfterValidator(_name)]
+Version = Annotated[str, StringConstraints(max_length=64, pattern=f"^{_VERSION}$"), AfterValidator(_version)]
+Ref = Annotated[
+    str,
+    StringConstraints(max_length=200, pattern=f"^{_NAME}/{_NAME}(@{_VERSION})?$"),
+    AfterValidator(_ref),
+]
 Tag = Annotated[str, StringConstraints(max_length=32), AfterValidator(_tag)]
 Digest = Annotated[str, StringConstraints(pattern=r"^sha256:[0-9a-f]{64}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
