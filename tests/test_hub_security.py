@@ -558,6 +558,12 @@ def test_smaller_holes(hub, packs):
         globex.yank("globex/bot@1.0.0", undo=True)
 
 
+def test_private_weights_and_the_index_are_not_readable_by_other_local_users(hub):
+    registry = hub.app.state.hub.registry
+    for folder in (hub.registry_dir, Path(registry.blobs.root), registry.index.db.path.parent, hub.state_dir):
+        assert folder.stat().st_mode & 0o077 == 0, (folder, oct(folder.stat().st_mode))
+
+
 def test_an_anonymous_search_never_answers_from_before_a_privacy_change(tmp_path, packs):
     from adapterhub_lite.registry import Registry
 

@@ -59,6 +59,7 @@ class Hub:
     def __init__(self, registry: Any, config: HubConfig) -> None:
         self.registry = registry
         self.config = config
+        keep_private(registry, config.state_dir)
         self.tokens = TokenStore(config.tokens_db or config.state_dir / TOKENS_FILE)
         limits = UploadLimits(config.upload_deadline_s, config.uploads_per_token, config.uploads_total)
         self.uploads = Uploads(
@@ -116,6 +117,24 @@ class Hub:
         self.cache.adopt(bundle, published.digest)
         self.catalog.refresh()
         return published, bundle
+
+
+def keep_private(registry: Any, state_dir: Path) -> None:
+    """Only the hub's own user may enter the folders that hold private weights, the index and the
+    hub's state (the registry creates them with the usual 0755, for every local user to read)."""
+    folders = [Path(state_dir)]
+    where = getattr(registry, "where", None)
+    if getattr(where, "directory", None) is not None:
+        folders.append(Path(where.directory))
+    blobs = getattr(registry, "blobs", None)
+    if blobs is not None and type(getattr(blobs, "fs", None)).__name__ == "LocalFileSystem" and blobs.root:
+        folders.append(Path(blobs.root))
+    index_path = getattr(getattr(getattr(registry, "index", None), "db", None), "path", None)
+    if index_path is not None:
+        folders.append(Path(index_path).parent)
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o700)
 
 
 def _change_probe(registry: Any) -> Any:
