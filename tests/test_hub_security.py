@@ -583,3 +583,23 @@ def test_hub_serve_off_loopback_says_what_it_risks():
     assert exposure_warning("localhost") is None
     warning = exposure_warning("0.0.0.0")
     assert warning and "clear text" in warning and "TLS" in warning
+
+
+@pytest.mark.slow
+def test_hub_cli_says_what_to_do_next(tmp_path):
+    """Issue 28: `hub serve` suggests the next step, `hub tokens` has a header row."""
+    from typer.testing import CliRunner
+
+    from cli.main import app as cli_app
+
+    with served_hub(tmp_path / "registry", "--public-url", "https://hub.example") as (_, proc):
+        pass
+    said = proc.stderr.read()
+    assert "next: make a publish token with `adapterhub hub token NAMESPACE --scope publish`" in said
+    assert "--registry https://hub.example" in said and "warning" not in said  # loopback: nothing to warn
+    runner = CliRunner()
+    reg = str(tmp_path / "registry")
+    assert runner.invoke(cli_app, ["hub", "token", "acme", "--registry", reg, "--note", "ci"]).exit_code == 0
+    listed = runner.invoke(cli_app, ["hub", "tokens", "--registry", reg]).output.splitlines()
+    assert listed[0].split() == ["ID", "NAMESPACE", "SCOPE", "CREATED", "STATE", "NOTE"]
+    assert listed[1].split()[1:3] == ["acme", "read"] and listed[1].split()[-2:] == ["active", "ci"]

@@ -12,13 +12,14 @@ have their own deadlines (`guard`, `upload`).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from adapterhub_lite.registry.credentials import is_loopback_host
 
 MAX_HEADER_BYTES = 32 * 1024
 
@@ -115,19 +116,10 @@ def uvicorn_config(
     )
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def exposure_warning(host: str) -> str | None:
     """What listening on `host` risks, when it is reachable from other machines (the hub speaks plain
     HTTP: tokens, private weights and publishes would cross the network readable by anyone on the path)."""
-    if is_loopback(host):
+    if is_loopback_host(host):
         return None
     return (
         f"warning: the hub listens on {host} without TLS: bearer tokens, private adapters and uploads "
