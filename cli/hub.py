@@ -48,14 +48,34 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="a base model this hub serves (repeatable): its publishes are shape-checked"),
         ] = None,
         max_upload: Annotated[int | None, typer.Option(help="largest accepted upload, bytes")] = None,
-        public_url: Annotated[str, typer.Option(help="URL shown in the catalog's commands")] = "",
+        public_url: Annotated[
+            str, typer.Option(help="the hub's address as users reach it (https://... behind a TLS proxy)")
+        ] = "",
+        header_timeout: Annotated[
+            float, typer.Option(help="seconds a connection has to send each request's headers")
+        ] = 10.0,
+        per_client: Annotated[
+            int, typer.Option(help="most connections one client address may hold open at once")
+        ] = 32,
     ) -> None:
         """Serve the registry over HTTP (API under /api/v1, web catalog at /, GET /health)."""
+        from adapterhub_lite.display import safe
+        from adapterhub_lite.hub import Limits, exposure_warning
         from adapterhub_lite.hub import serve as run
 
-        typer.echo(f"hub on http://{host}:{port} over {_location(registry)}", err=True)
+        location = _location(registry)
+        warning = exposure_warning(host)
+        if warning:
+            typer.secho(warning, err=True, fg=typer.colors.YELLOW)
+        url = public_url or f"http://{host}:{port}"
+        typer.echo(f"hub on http://{host}:{port} over {safe(location)}", err=True)
+        typer.echo(
+            f"next: make a publish token with `adapterhub hub token NAMESPACE --scope publish`, then "
+            f"`adapterhub publish BUNDLE --registry {safe(url)}`; the catalog is at {safe(url)}/",
+            err=True,
+        )
         run(
-            _location(registry),
+            location,
             host=host,
             port=port,
             state_dir=state,
@@ -63,6 +83,7 @@ def register(app: typer.Typer) -> None:
             bases=list(base or []),
             max_upload=max_upload,
             public_url=public_url,
+            limits=Limits(header_timeout_s=header_timeout, per_client=per_client),
         )
 
     @hub_app.command("token")
@@ -102,10 +123,14 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json([t.to_dict() for t in rows])
             return
+        if not rows:
+            typer.echo("(no tokens)")
+            return
+        typer.echo(f"{'ID':<12}  {'NAMESPACE':<24} {'SCOPE':<8} {'CREATED':<20}  {'STATE':<8} NOTE")
         for t in rows:
             typer.echo(
-                f"{t.id}  {safe(t.namespace):<24} {t.scope:<8} {t.created}"
-                f"{'  REVOKED' if t.revoked else ''}  {safe(t.note)}"
+                f"{t.id:<12}  {safe(t.namespace):<24} {t.scope:<8} {t.created:<20}  "
+                f"{'REVOKED' if t.revoked else 'active':<8} {safe(t.note)}"
             )
 
     @hub_app.command("revoke")
@@ -128,10 +153,17 @@ def register(app: typer.Typer) -> None:
         token: Annotated[
             str, typer.Option(prompt=True, hide_input=True, envvar="ADAPTERHUB_TOKEN", help="the hub token")
         ],
-        hub: Annotated[str | None, typer.Option(help="only for this hub URL [default: every hub]")] = None,
+        hub: Annotated[
+            str | None,
+            typer.Option(
+                envvar="ADAPTERHUB_REGISTRY",
+                help="the hub URL the token is for; it is checked there and sent to no other hub",
+            ),
+        ] = None,
     ) -> None:
-        """Store a hub token (file mode 0600) for commands given an http(s):// registry."""
-        from adapterhub_lite.registry.remote import save_token
+        """Check a hub token against its hub and store it for that hub only (file mode 0600)."""
+        from adapterhub_lite.display import safe
+        from adapterhub_lite.registry.remote import login as check_and_store
 
-        path = save_token(token.strip(), hub)
-        typer.echo(f"token stored in {path}")
+        namespace, scope, path = check_and_store(hub, token.strip())
+        typer.echo(f"token for {safe(namespace)} ({scope}) at {safe(hub)} stored in {path}")

@@ -41,7 +41,9 @@ def _table(rows) -> None:
     for p in rows:
         marks = (("yanked", p.yanked), ("public", p.public), ("signed", p.signed))
         flags = " ".join(f for f, on in marks if on)
-        typer.echo(f"{p.ref:<40} rank {p.rank:<4} base {safe(p.base_name, 40):<20} {p.size:>12,} B  {flags}")
+        typer.echo(
+            f"{safe(p.ref):<40} rank {p.rank:<4} base {safe(p.base_name, 40):<20} {p.size:>12,} B  {flags}"
+        )
 
 
 def register(app: typer.Typer) -> None:
@@ -152,19 +154,20 @@ def register(app: typer.Typer) -> None:
         typer.echo(
             f"{p.ref}{'  (yanked: ' + safe(p.yank_reason or 'no reason given') + ')' if p.yanked else ''}"
         )
-        typer.echo(f"  digest      {p.digest}\n  base        {safe(p.base_name)} ({p.base_fingerprint})")
-        typer.echo(f"  checked     {', '.join(p.checked_bases) or 'against no base at publish'}")
+        typer.echo(f"  digest      {p.digest}")
+        typer.echo(f"  base        {safe(p.base_name)} ({safe(p.base_fingerprint)})")
+        typer.echo(f"  checked     {safe(', '.join(p.checked_bases)) or 'against no base at publish'}")
         a = m.adapter
         typer.echo(
             f"  adapter     rank {a.rank}, alpha {a.alpha:g}, {safe(', '.join(a.target_modules))}, "
             f"{a.parameter_count:,} parameters"
         )
         typer.echo(
-            f"  license     {safe(p.license)}\n  published   {p.published_at}\n  signed      {p.signed}"
+            f"  license     {safe(p.license)}\n  published   {safe(p.published_at)}\n  signed      {p.signed}"
         )
         typer.echo(
             f"  visibility  {'public' if p.public else 'private'}; shared with "
-            f"{', '.join(data['shared_with']) or 'nobody'}"
+            f"{safe(', '.join(data['shared_with'])) or 'nobody'}"
         )
         metrics = (m.training or {}).get("metrics")
         if isinstance(metrics, dict):

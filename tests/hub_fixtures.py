@@ -49,8 +49,9 @@ class RunningHub:
 
 
 @contextmanager
-def running_hub(registry_dir: Path, **config) -> Iterator[RunningHub]:
-    """Start a hub over `registry_dir` (created if new); stop it on exit.
+def running_hub(registry_dir: Path, limits=None, **config) -> Iterator[RunningHub]:
+    """Start a hub over `registry_dir` (created if new), with the connection limits `hub serve` uses
+    (or `limits`); stop it on exit.
 
     vLLM's validator is off unless asked for: importing vLLM takes 10-30 s on the test machines, which
     the fast suite cannot afford; the browser test (slow) runs the hub with it on.
@@ -58,16 +59,14 @@ def running_hub(registry_dir: Path, **config) -> Iterator[RunningHub]:
     config.setdefault("vllm_check", False)
     import uvicorn
 
-    from adapterhub_lite.hub import HubConfig, create_app
+    from adapterhub_lite.hub import HubConfig, Limits, create_app, uvicorn_config
     from adapterhub_lite.registry import Registry
 
     registry = Registry.open(registry_dir)
     state = Path(registry_dir) / "hub"
     app = create_app(registry, HubConfig(state_dir=state, **config))
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=5)
-    )
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, limits or Limits()))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -97,3 +96,49 @@ def with_loss_history(adapter_dir: Path, out: Path, steps: int = 30) -> Path:
     record["losses"] = [[s, round(2.5 * 0.93**s + 0.4, 4)] for s in range(1, steps + 1)]
     record_path.write_text(json.dumps(record))
     return out
+
+
+@contextmanager
+def served_hub(registry_dir: Path, *args: str, timeout: float = 60.0) -> Iterator[tuple[str, object]]:
+    """`adapterhub hub serve` as a user runs it (a subprocess, its own settings), on a free loopback
+    port; yields (its URL, the process); stops it on exit."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from cli.main import app; app()",
+            "hub",
+            "serve",
+            "--registry",
+            str(registry_dir),
+        ]
+        + ["--port", str(port), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"`hub serve` exited: {proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"`hub serve` did not answer /health within {timeout:g} s")
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

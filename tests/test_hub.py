@@ -312,7 +312,7 @@ def test_cli_commands_take_a_hub_url(hub, bundles, tmp_path, monkeypatch):
     assert missing.exit_code == 66 and "no acme/geo@1.0.0 on this hub" in missing.output
     # `adapterhub login` stores the token in a 0600 file that later commands use.
     monkeypatch.delenv("ADAPTERHUB_TOKEN")
-    login = runner.invoke(cli_app, ["login", "--token", hub.token("acme", "read")])
+    login = runner.invoke(cli_app, ["login", "--token", hub.token("acme", "read"), "--hub", hub.url])
     assert login.exit_code == 0, login.output
     stored = tmp_path / "cfg" / "adapterhub" / "hub-tokens.json"
     assert (stored.stat().st_mode & 0o777) == 0o600

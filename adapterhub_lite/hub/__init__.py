@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from adapterhub_lite.hub.app import HubConfig, create_app, state_dir_for
+from adapterhub_lite.hub.server import Limits, exposure_warning, uvicorn_config
 from adapterhub_lite.hub.tokens import ENV_TOKENS_DB, SCOPES, TOKENS_FILE, HubError, TokenInfo, TokenStore
 
 __all__ = [
@@ -17,13 +18,16 @@ __all__ = [
     "SCOPES",
     "HubConfig",
     "HubError",
+    "Limits",
     "TokenInfo",
     "TokenStore",
     "create_app",
+    "exposure_warning",
     "known_bases",
     "serve",
     "state_dir_for",
     "token_store",
+    "uvicorn_config",
 ]
 
 
@@ -73,6 +77,7 @@ def serve(
     bases: list[str | Path] | None = None,
     max_upload: int | None = None,
     public_url: str = "",
+    limits: Limits | None = None,
     log_level: str = "warning",
 ) -> None:
     """Run the hub over the registry at `registry_location` until interrupted."""
@@ -92,16 +97,7 @@ def serve(
         config.max_upload = max_upload
     app = create_app(registry, config)
     _warm_vllm_validator()
-    # timeout_keep_alive bounds idle connections; the upload's own idle timeout bounds slow bodies.
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        timeout_keep_alive=5,
-        limit_concurrency=256,
-        access_log=False,
-    )
+    uvicorn.Server(uvicorn_config(app, host, port, limits or Limits(), log_level)).run()
 
 
 def _warm_vllm_validator() -> None:

@@ -11,8 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from adapterhub_lite.errors import AdapterHubError, ErrorKind
+import sqlalchemy as sa
+
+from adapterhub_lite.errors import ErrorKind
 from adapterhub_lite.hub.tokens import HubError, TokenInfo
+from adapterhub_lite.registry.records import Published, newest, ref_of
 
 
 @dataclass(frozen=True)
@@ -29,17 +32,36 @@ class Caller:
     def admin(self) -> bool:
         return bool(self.token and self.token.scope == "admin")
 
-    def can_read(self, registry: Any, ref: str) -> bool:
-        """Whether this caller may see `ref` (unknown refs: False)."""
-        if self.admin:
-            return _exists(registry, ref)
-        if self.namespace:
-            return bool(registry.can_read(self.namespace, ref))
-        return _public(registry, ref)  # anonymous: public only
+    def lookup(self, registry: Any, ref: str) -> Published | None:
+        """The version `ref` names when this caller may read it, else None (`ref` already parsed).
 
-    def require_read(self, registry: Any, ref: str) -> None:
-        if not self.can_read(registry, ref):
-            raise not_found(ref)
+        The same two statements run whether the adapter is missing, private or readable, so how long a
+        refusal takes does not say which it was: the package's versions, and who it is shared with.
+        """
+        r = ref_of(ref)
+        rows = registry.index.versions_of(r.namespace, r.name)
+        grantees = registry.index.shared_with(r.namespace, r.name)
+        if not self._may_read(r.namespace, rows, grantees):
+            return None
+        if r.version is not None:
+            return next((p for p in rows if p.version == r.version), None)
+        return newest(p for p in rows if not p.yanked)
+
+    def _may_read(self, namespace: str, rows: list, grantees: list[str]) -> bool:
+        public = any(p.public for p in rows)  # a package's flag: every row carries the same
+        if not rows:
+            return False
+        if self.admin or public:
+            return True
+        return self.namespace is not None and (self.namespace == namespace or self.namespace in grantees)
+
+    def can_read(self, registry: Any, ref: str) -> bool:
+        """Whether this caller may see the package of `ref`, and the version if `ref` names one."""
+        r = ref_of(ref)
+        if r.version is not None:
+            return self.lookup(registry, ref) is not None
+        rows = registry.index.versions_of(r.namespace, r.name)
+        return self._may_read(r.namespace, rows, registry.index.shared_with(r.namespace, r.name))
 
     def require_write(self, registry: Any, namespace: str, ref: str | None = None) -> None:
         """Publish, yank or share under `namespace`; a ref the caller cannot read stays a 404."""
@@ -66,33 +88,40 @@ class Caller:
                 kind=ErrorKind.FORBIDDEN,
             )
 
+    def require_own(self, namespace: str) -> None:
+        """Questions about what a namespace may read are for that namespace's tokens (or an admin's):
+        anyone else would learn who an adapter is shared with."""
+        if self.admin or namespace == self.namespace:
+            return
+        if self.token is None:
+            raise HubError(
+                "this needs a token of the namespace asked about",
+                hint="pass a token (ADAPTERHUB_TOKEN or `adapterhub login`)",
+                kind=ErrorKind.UNAUTHENTICATED,
+            )
+        raise HubError(
+            f"a token of namespace {self.namespace!r} can ask only about {self.namespace!r}",
+            hint="ask with a token of that namespace, or an admin token",
+            kind=ErrorKind.FORBIDDEN,
+        )
+
     def visible(self, registry: Any, rows: list) -> list:
-        """The rows (Published) this caller may see."""
+        """The rows (Published) this caller may see; one statement whatever the number of rows."""
         if self.admin:
             return rows
         if self.namespace is None:
             return [p for p in rows if p.public]
-        ns = self.namespace
-        return [p for p in rows if p.namespace == ns or p.public or registry.can_read(ns, p.ref)]
+        ns, shared = self.namespace, shared_to(registry, self.namespace)
+        return [p for p in rows if p.namespace == ns or p.public or (p.namespace, p.name) in shared]
 
 
-def _resolve(registry: Any, ref: str) -> Any:
-    """The version `ref` names, or None when there is none (an unreachable registry still raises)."""
-    try:
-        return registry.resolve(ref)
-    except AdapterHubError as exc:
-        if exc.kind in (ErrorKind.NOT_FOUND, ErrorKind.INVALID):
-            return None
-        raise
+def shared_to(registry: Any, grantee: str) -> set[tuple[str, str]]:
+    """(namespace, name) of every package shared with `grantee`, in one statement."""
+    from adapterhub_lite.registry.index import shares
 
-
-def _exists(registry: Any, ref: str) -> bool:
-    return _resolve(registry, ref) is not None
-
-
-def _public(registry: Any, ref: str) -> bool:
-    p = _resolve(registry, ref)
-    return bool(p is not None and p.public)
+    q = sa.select(shares.c.namespace, shares.c.name).where(shares.c.grantee == grantee)
+    with registry.index.db.read() as con:
+        return {(ns, name) for ns, name in con.execute(q)}
 
 
 def not_found(ref: str) -> HubError:

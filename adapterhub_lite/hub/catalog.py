@@ -8,12 +8,13 @@ case) is laid end to end in one string, so a query is `str.find` in C plus a bis
 adapters in a dict; each entry's JSON is encoded once per snapshot. Anonymous callers search a second
 snapshot of public adapters only, so their answers need no filtering at all.
 
-The snapshot is rebuilt synchronously after the hub's own changes, and in the background when the
-registry's change probe moves (another process published, yanked or shared; SQLite's data_version,
-PostgreSQL's notifications) or, without a probe, when it is older than `max_age_s`. A query never
-waits for a rebuild. The match rules are the registry's: text in `namespace/name`, description or tags
-(case-insensitive), newest non-yanked version of each adapter (pre-releases only where nothing else is
-left).
+The snapshot is rebuilt synchronously after the hub's own changes and when the registry's change probe
+moves (another process published, yanked or shared; SQLite's data_version, PostgreSQL's
+notifications): a query after a change made behind the hub's back waits for the rebuild, so an
+adapter made private there is never shown from an older snapshot. Without a probe it is rebuilt in the
+background when older than `max_age_s`. The match rules are the registry's: text in `namespace/name`,
+description or tags (case-insensitive), newest non-yanked version of each adapter (pre-releases only
+where nothing else is left).
 """
 
 from __future__ import annotations
@@ -123,6 +124,14 @@ class Catalog:
     def _current(self) -> None:
         if not self._at:
             self.refresh()
+        elif self._changed is not None:
+            # Another process changed the registry (a publish, a yank, an adapter made private): the
+            # answer waits for the rebuild, or it could show what may no longer be shown.
+            if self._probe() != self._seen:
+                with self._lock:
+                    current = self._probe() == self._seen  # another thread rebuilt it meanwhile
+                if not current:
+                    self.refresh()
         elif not self._refreshing and self._stale():
             self._refreshing = True
             threading.Thread(target=self._background_refresh, daemon=True).start()

@@ -70,6 +70,10 @@ def loss_svg(points: list[tuple[float, float]], eval_losses: dict[str, float] | 
     """A loss-per-step line chart with the held-out losses as dashed lines, as an inline SVG."""
     w, h, pad = 640, 280, 44
     evals = {k: v for k, v in (eval_losses or {}).items() if isinstance(v, (int, float)) and v == v}
+    # The legend sits under the plot, where no line can cross it (inside, a held-out line at the
+    # height of a label struck it through).
+    legend_y = h + 2
+    total_h = h + 16 * len(evals) + (6 if evals else 0)
     ys = [y for _, y in points] + list(evals.values())
     if not ys:
         return Markup("")
@@ -86,8 +90,8 @@ def loss_svg(points: list[tuple[float, float]], eval_losses: dict[str, float] | 
 
     line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
     parts = [
-        f'<svg class="loss-curve" role="img" aria-label="training loss per step" viewBox="0 0 {w} {h}" '
-        f'width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg">',
+        f'<svg class="loss-curve" role="img" aria-label="training loss per step" '
+        f'viewBox="0 0 {w} {total_h}" width="{w}" height="{total_h}" xmlns="http://www.w3.org/2000/svg">',
         f'<rect x="{pad}" y="{pad}" width="{w - 2 * pad}" height="{h - 2 * pad}" fill="#fafafa" '
         'stroke="#ccc"/>',
         f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{line}"/>' if points else "",
@@ -103,8 +107,13 @@ def loss_svg(points: list[tuple[float, float]], eval_losses: dict[str, float] | 
             f'<line x1="{pad}" x2="{w - pad}" y1="{sy(v):.1f}" y2="{sy(v):.1f}" stroke="{c}" '
             'stroke-dasharray="5,4"/>'
         )
+        y = legend_y + 16 * (i + 1)
         parts.append(
-            f'<text x="{w - pad - 4}" y="{pad + 14 + 14 * i}" font-size="11" text-anchor="end" fill="{c}">'
+            f'<line x1="{pad}" x2="{pad + 24}" y1="{y - 4}" y2="{y - 4}" stroke="{c}" '
+            'stroke-dasharray="5,4"/>'
+        )
+        parts.append(
+            f'<text x="{pad + 30}" y="{y}" font-size="11" fill="{c}">'
             f"held-out loss, {escape(who)}: {v:.3f}</text>"
         )
     parts.append("</svg>")

@@ -65,6 +65,14 @@ class TokenInfo:
         return asdict(self)
 
 
+def _bad_token() -> HubError:
+    return HubError(
+        "invalid or revoked token",
+        hint="create one with `adapterhub hub token NAMESPACE`",
+        kind=ErrorKind.UNAUTHENTICATED,
+    )
+
+
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -148,11 +156,7 @@ class TokenStore:
 
     def check(self, token: str) -> TokenInfo:
         """The record of a valid, unrevoked token; UNAUTHENTICATED otherwise (one message for every case)."""
-        bad = HubError(
-            "invalid or revoked token",
-            hint="create one with `adapterhub hub token NAMESPACE`",
-            kind=ErrorKind.UNAUTHENTICATED,
-        )
+        bad = _bad_token()
         if len(token) > _MAX_TOKEN_CHARS or not token.startswith(PREFIX) or token.count("_") < 2:
             raise bad
         token_id, secret = token[len(PREFIX) :].split("_", 1)
@@ -161,6 +165,13 @@ class TokenStore:
         if r is None or not hmac.compare_digest(r._mapping["hash"], _hash(secret)) or r._mapping["revoked"]:
             raise bad
         return _info(r, revoked=False)
+
+    def require_active(self, token_id: str) -> None:
+        """UNAUTHENTICATED unless the token with this id exists and is not revoked (now)."""
+        with self.db.read() as con:
+            r = con.execute(sa.select(_t.revoked).where(_t.id == token_id)).first()
+        if r is None or r[0]:
+            raise _bad_token()
 
     def close(self) -> None:
         self.db.close()

@@ -86,7 +86,11 @@ class StreamUnpacker:
         except (tarfile.TarError, ValueError) as exc:
             raise self._fail(f"corrupt header at byte {at} ({exc})") from None
         check_entry_name(info, _LABEL)
-        if block != canonical_header(info.name, info.size):
+        try:
+            canonical = canonical_header(info.name, info.size)
+        except ValueError as exc:  # a size no tar header of `adapterhub pack` can hold
+            raise self._fail(f"corrupt header at byte {at} ({exc})") from None
+        if block != canonical:
             raise self._fail(
                 f"header of entry {info.name!r} is not the one `adapterhub pack` writes "
                 "(time, owner or mode changed, or corrupt)"

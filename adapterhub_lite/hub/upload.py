@@ -14,7 +14,9 @@ import asyncio
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,15 @@ class Staged:
 DEFAULT_IDLE_TIMEOUT_S = 60.0
 
 
+@dataclass(frozen=True)
+class UploadLimits:
+    """How long one upload may take in all, and how many may be open at once (per token; in all)."""
+
+    deadline_s: float = 900.0  # 2 GiB at 2.5 MB/s
+    per_token: int = 2
+    total: int = 8
+
+
 class Uploads:
     """The folder where uploads land before the registry takes them."""
 
@@ -49,8 +60,11 @@ class Uploads:
         max_bytes: int = DEFAULT_MAX_UPLOAD,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         vllm_check: bool | None = None,
+        limits: UploadLimits = UploadLimits(),
     ) -> None:
         self.root = Path(root)
+        self.limits = limits
+        self._open: Counter[str] = Counter()
         self.vllm_check = vllm_check
         self.max_bytes = max_bytes
         self.idle_timeout_s = idle_timeout_s
@@ -61,10 +75,31 @@ class Uploads:
     def leftovers(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir())
 
+    @contextmanager
+    def slot(self, token_id: str) -> Iterator[None]:
+        """Hold one of the open-upload slots of `token_id` (LIMITED when its own or the hub's are taken)."""
+        if self._open[token_id] >= self.limits.per_token or self._open.total() >= self.limits.total:
+            mine = self._open[token_id] >= self.limits.per_token
+            raise HubError(
+                f"{'this token has' if mine else 'the hub has'} "
+                f"{self.limits.per_token if mine else self.limits.total} uploads open already",
+                hint="publish again when one of them has finished",
+                kind=ErrorKind.LIMITED,
+                retry_after=5,
+            )
+        self._open[token_id] += 1
+        try:
+            yield
+        finally:
+            self._open[token_id] -= 1
+            if self._open[token_id] <= 0:
+                del self._open[token_id]
+
     async def receive(self, chunks: AsyncIterator[bytes], declared: int | None) -> Staged:
         """Unpack the request body into a new private folder as it arrives (hashing and value-scanning
-        on the way, in worker threads); refuse it past the size limit, when it stalls, or when the
-        archive breaks a rule. Nothing is left behind on any failure."""
+        on the way, in worker threads); refuse it past the size limit, when it stalls, when it takes
+        longer than the upload deadline in all, or when the archive breaks a rule. Nothing is left
+        behind on any failure."""
         if declared is not None and declared > self.max_bytes:
             raise _too_large(declared, self.max_bytes)
         folder = self.root / uuid.uuid4().hex
@@ -74,13 +109,14 @@ class Uploads:
         batch: list[bytes] = []
         batched = received = 0
         try:
-            idle = self.idle_timeout_s
+            idle, total = self.idle_timeout_s, self.limits.deadline_s
+            end = loop.time() + total
             try:
                 # One deadline moved forward per chunk (a task per chunk, as wait_for makes, costs more
-                # than the chunk's bytes on a fast link).
-                async with asyncio.timeout(idle) as deadline:
+                # than the chunk's bytes on a fast link), never past the upload's own end.
+                async with asyncio.timeout(min(idle, total)) as deadline:
                     async for chunk in chunks:
-                        deadline.reschedule(loop.time() + idle)
+                        deadline.reschedule(min(loop.time() + idle, end))
                         received += len(chunk)
                         if received > self.max_bytes:
                             raise _too_large(received, self.max_bytes)
@@ -92,6 +128,12 @@ class Uploads:
                             pending = loop.run_in_executor(None, unpacker.feed, b"".join(batch))
                             batch, batched = [], 0
             except TimeoutError:
+                if loop.time() >= end:
+                    raise HubError(
+                        f"upload not finished within {total:g} s",
+                        hint="publish again from a faster connection",
+                        kind=ErrorKind.INVALID,
+                    ) from None
                 raise HubError(
                     f"upload stalled: no data for {idle:g} s",
                     hint="publish again from a steadier connection",

@@ -118,8 +118,17 @@ def _adapter_context(request: Request, ns: str, name: str) -> dict[str, Any]:
         plot=loss_svg(history, evals),
         has_history=bool(history),
         card=card_html((d / CARD_FILE).read_text(encoding="utf-8", errors="replace")),
-        hub_url=hub.config.public_url or str(request.base_url).rstrip("/"),
+        hub_url=hub.config.public_url or _own_address(request),
     )
+
+
+def _own_address(request: Request) -> str:
+    """The address this hub listens on (never the request's Host header, which the client chose)."""
+    server = request.scope.get("server")
+    if not server or server[1] is None:
+        return "http://HUB"
+    host, port = server
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 async def adapter_page(request: Request) -> Response:

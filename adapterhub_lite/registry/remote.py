@@ -19,10 +19,11 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import BaseModel, RootModel, ValidationError
 
 from adapterhub_lite.bundles.archive import write_archive
 from adapterhub_lite.bundles.compat import WEIGHTS_FILE
@@ -31,8 +32,17 @@ from adapterhub_lite.bundles.naming import parse_ref
 from adapterhub_lite.bundles.signing import PublicKeyLike, load_public_keys
 from adapterhub_lite.bundles.values import ValueReport
 from adapterhub_lite.bundles.verify import check_bundle
+from adapterhub_lite.display import safe
 from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError
-from adapterhub_lite.registry.credentials import ENV_TOKEN, TOKEN_FILE, load_token, save_token, token_path
+from adapterhub_lite.registry import wire
+from adapterhub_lite.registry.credentials import (
+    ENV_TOKEN,
+    TOKEN_FILE,
+    check_transport,
+    load_token,
+    save_token,
+    token_path,
+)
 from adapterhub_lite.registry.intake import FileIntake, precomputed
 from adapterhub_lite.registry.pull import existing_copy
 from adapterhub_lite.registry.records import Published
@@ -42,6 +52,8 @@ from adapterhub_lite.registry.records import Published
 _CHUNK = 1 << 20
 _PAGE = 500
 _PUBLISHED_FIELDS = {f.name for f in fields(Published)} - {"id"}
+_M = TypeVar("_M", bound=BaseModel)
+_NamespaceList = RootModel[builtins.list[wire.Namespace]]
 # The token helpers moved to `credentials`; importing them from here keeps working.
 __all__ = [
     "ENV_TOKEN",
@@ -49,6 +61,7 @@ __all__ = [
     "RemoteRegistry",
     "is_hub_url",
     "load_token",
+    "login",
     "save_token",
     "token_path",
 ]
@@ -66,11 +79,58 @@ def _check_ref(ref: str) -> None:
         raise RegistryError(exc.message, hint=exc.hint, kind=ErrorKind.INVALID) from None
 
 
-def _published(d: dict[str, Any]) -> Published:
-    kw = {k: v for k, v in d.items() if k in _PUBLISHED_FIELDS}
+def _checked(model: type[_M], data: Any, what: str) -> _M:
+    """An answer of the hub, validated against its wire model: a row whose name is not a name (or any
+    other malformed answer) is refused, never shown."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise RegistryError(
+            f"the hub sent a malformed {what} ({where or 'answer'}: {first.get('msg', 'invalid')})",
+            hint="the hub is not an adapterhub hub, or something on the way changed its answer",
+            kind=ErrorKind.INVALID,
+        ) from None
+
+
+def _published(d: Any) -> Published:
+    row = _checked(wire.VersionRow, d, "version row")
+    kw = {k: v for k, v in row.model_dump().items() if k in _PUBLISHED_FIELDS}
     kw["tags"] = tuple(kw.get("tags") or ())
     kw["checked_bases"] = tuple(kw.get("checked_bases") or ())
     return Published(**kw)
+
+
+def _rows(data: Any) -> builtins.list[Published]:
+    if not isinstance(data, builtins.list):
+        raise RegistryError("the hub sent a malformed answer (not a list)", kind=ErrorKind.INVALID)
+    return [_published(d) for d in data]
+
+
+def _namespaces(data: Any) -> builtins.list[str]:
+    return builtins.list(_checked(_NamespaceList, data, "namespace list").root)
+
+
+def login(hub: str | None, token: str) -> tuple[str, str, Path]:
+    """Check `token` against `hub` (whoami) and store it for that hub only; (namespace, scope, file)."""
+    if not is_hub_url(hub):
+        raise RegistryError(
+            "which hub is this token for?",
+            hint="pass --hub https://HOST (the token is checked there and sent to no other hub)",
+            kind=ErrorKind.INVALID,
+        )
+    assert hub is not None
+    client = RemoteRegistry(hub, token=token)
+    try:
+        who = client.whoami()
+    finally:
+        client.close()
+    if who.namespace is None or who.scope is None:
+        raise RegistryError(
+            f"the hub at {hub} does not take this token", kind=ErrorKind.UNAUTHENTICATED
+        )
+    return who.namespace, who.scope, save_token(token, hub)
 
 
 class RemoteRegistry:
@@ -86,6 +146,8 @@ class RemoteRegistry:
     ) -> None:
         self.location = self.url = url.rstrip("/")
         self.token = token if token is not None else load_token(self.url)
+        if self.token:
+            check_transport(self.url)
         self.trusted_keys = load_public_keys(trusted_keys)
         self._timeout_s = timeout_s
         headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
@@ -100,10 +162,9 @@ class RemoteRegistry:
     # ---------------------------------------------------------------- transport
     def _error(self, r: httpx.Response) -> RegistryError:
         try:
-            e = r.json()["error"]
-            kind = ErrorKind(e["kind"])
-            return RegistryError(str(e["message"]), hint=e.get("hint"), kind=kind)
-        except (ValueError, KeyError, TypeError):
+            e = wire.ErrorBody.model_validate_json(r.content).error
+            return RegistryError(e.message[:2000], hint=(e.hint or "")[:2000] or None, kind=ErrorKind(e.kind))
+        except (ValueError, ValidationError):
             return RegistryError(f"hub {self.url} answered HTTP {r.status_code}", kind=ErrorKind.UNAVAILABLE)
 
     def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -127,6 +188,10 @@ class RemoteRegistry:
 
     def close(self) -> None:
         self._http.close()
+
+    def whoami(self) -> wire.Whoami:
+        """Who this client's token says it is (namespace and scope; None for anonymous)."""
+        return _checked(wire.Whoami, self._get(wire.WHOAMI.path), "whoami answer")
 
     # Bulk bytes go through http.client (readinto, large blocks): httpx's pure-Python body handling
     # takes about twice the CPU per byte, which is most of a pull's time on a small machine.
@@ -165,11 +230,11 @@ class RemoteRegistry:
     # ---------------------------------------------------------------- reading
     def resolve(self, ref: str) -> Published:
         _check_ref(ref)
-        return _published(self._get("/api/v1/resolve", ref=ref))
+        return _published(self._get(wire.RESOLVE.path, ref=ref))
 
     def manifest(self, ref: str) -> Manifest:
         p = self.resolve(ref)
-        data = self._call("GET", "/api/v1/manifest", params={"ref": p.ref}).content
+        data = self._call("GET", wire.MANIFEST.path, params={"ref": p.ref}).content
         m = parse_manifest(data, f"{self.url}:{p.ref}:{MANIFEST_FILE}")
         if m.digest != p.digest:
             raise RegistryError(
@@ -183,30 +248,32 @@ class RemoteRegistry:
         out: builtins.list[Published] = []
         while True:  # every page (the hub answers at most `_PAGE` per request)
             params = {"q": text, "base": base, "tag": tag, "limit": _PAGE, "offset": len(out)}
-            r = self._call("GET", "/api/v1/search", params={k: v for k, v in params.items() if v is not None})
-            page = [_published(d) for d in r.json()]
+            r = self._call("GET", wire.SEARCH.path, params={k: v for k, v in params.items() if v is not None})
+            page = _rows(r.json())
             out += page
-            total = int(r.headers.get("x-total-count", len(out)))
+            count = r.headers.get("x-total-count", "")
+            total = int(count) if count.isascii() and count.isdigit() else len(out)
             if not page or len(out) >= total:
                 return out
 
     def versions(self, namespace: str | None = None) -> builtins.list[Published]:
-        return [_published(d) for d in self._get("/api/v1/versions", namespace=namespace)]
+        return _rows(self._get(wire.VERSIONS.path, namespace=namespace))
 
     list = versions  # the name before the registry's rename
 
     def namespaces(self) -> builtins.list[str]:
-        return builtins.list(self._get("/api/v1/namespaces"))
+        return _namespaces(self._get(wire.NAMESPACES.path))
 
     def shared_with(self, ref: str) -> builtins.list[str]:
-        return builtins.list(self._get("/api/v1/shared-with", ref=ref))
+        return _namespaces(self._get(wire.SHARED_WITH.path, ref=ref))
 
     def readable(self, namespace: str, base: str | None = None) -> builtins.list[Published]:
-        return [_published(d) for d in self._get("/api/v1/readable", namespace=namespace, base=base)]
+        return _rows(self._get(wire.READABLE.path, namespace=namespace, base=base))
 
     def can_read(self, namespace: str, ref: str) -> bool:
         try:
-            return bool(self._get("/api/v1/can-read", namespace=namespace, ref=ref)["readable"])
+            answer = self._get(wire.CAN_READ.path, namespace=namespace, ref=ref)
+            return _checked(wire.Readable, answer, "can-read answer").readable
         except RegistryError as exc:
             if exc.kind in (ErrorKind.NOT_FOUND, ErrorKind.INVALID):
                 return False
@@ -230,25 +297,39 @@ class RemoteRegistry:
                 )
             size = archive.stat().st_size
             with archive.open("rb") as body:
-                status, data = self._bulk(
-                    "PUT",
-                    "/api/v1/publish",
-                    {"content-length": str(size), "content-type": "application/x-tar"},
-                    body=_Progress(body, size, progress, f"publish {src.name}"),
-                )
+                bar = _Progress(body, size, progress, f"publish {safe(src.name, 60)}")
+                status, data = 0, b""
+                try:
+                    status, data = self._bulk(
+                        wire.PUBLISH.method,
+                        wire.PUBLISH.path,
+                        {"content-length": str(size), "content-type": "application/x-tar"},
+                        body=bar,
+                    )
+                finally:
+                    # A hub that already holds the files answers before taking every byte: done is done.
+                    bar.close(done=0 < status < 400)
         if status >= 400:
             raise self._error_from(status, data)
-        r = json.loads(data)
+        try:
+            r = json.loads(data)
+        except ValueError:
+            raise RegistryError(
+                "the hub sent a malformed answer (not JSON)", kind=ErrorKind.INVALID
+            ) from None
         return _published(r)
 
     def yank(self, ref: str, *, reason: str = "", undo: bool = False) -> Published:
-        return _published(self._post("/api/v1/yank", {"ref": ref, "reason": reason, "undo": undo}))
+        body = wire.YankRequest(ref=ref, reason=reason, undo=undo)
+        return _published(self._post(wire.YANK.path, body.model_dump()))
 
     def share(self, ref: str, with_namespace: str, *, revoke: bool = False) -> None:
-        self._post("/api/v1/share", {"ref": ref, "with": with_namespace, "revoke": revoke})
+        body = wire.ShareRequest(ref=ref, with_=with_namespace, revoke=revoke)
+        self._post(wire.SHARE.path, body.model_dump(by_alias=True, exclude_none=True))
 
     def set_public(self, ref: str, public: bool = True) -> None:
-        self._post("/api/v1/share", {"ref": ref, "public": public})
+        body = wire.ShareRequest(ref=ref, public=public)
+        self._post(wire.SHARE.path, body.model_dump(by_alias=True, exclude_none=True))
 
     def check(self, **_: Any) -> Any:
         raise RegistryError(
@@ -284,8 +365,8 @@ class RemoteRegistry:
         )
         if dest.exists():
             return self._existing(dest, p, verify)
-        listing = self._get("/api/v1/files", ref=p.ref)
-        if listing.get("digest") != p.digest:
+        listing = _checked(wire.FileListing, self._get(wire.FILES.path, ref=p.ref), "file listing")
+        if listing.digest != p.digest:
             raise RegistryError(
                 f"the hub changed {p.ref} while it was being pulled; pull again", kind=ErrorKind.CONFLICT
             )
@@ -294,9 +375,9 @@ class RemoteRegistry:
         partial.mkdir(exist_ok=True)
         hashes: dict[str, str] = {}
         scanned: ValueReport | BundleError | None = None
-        for f in listing["files"]:
-            name, sha = str(f["path"]), str(f["sha256"])
-            values = self._download(p, name, int(f["size"]), sha, partial, progress)
+        for f in listing.files:
+            name, sha = f.path, f.sha256
+            values = self._download(p, name, f.size, sha, partial, progress)
             hashes[name] = sha  # checked against the bytes as they were written
             scanned = values if name == WEIGHTS_FILE else scanned
         try:
@@ -332,7 +413,7 @@ class RemoteRegistry:
         value scan when it ran during the download (a fresh download of the weights)."""
         if "/" in name or name.startswith(".") or name not in _ALLOWED_FILES:
             raise RegistryError(
-                f"the hub listed an unexpected file {name!r} for {p.ref}", kind=ErrorKind.INVALID
+                f"the hub listed an unexpected file {safe(name)} for {p.ref}", kind=ErrorKind.INVALID
             )
         path = partial / name
         have = path.stat().st_size if path.exists() else 0
@@ -341,7 +422,7 @@ class RemoteRegistry:
             have = 0
         values: ValueReport | BundleError | None = None
         if have < size:
-            url = urlsplit(self.url).path + f"/api/v1/file/{p.namespace}/{p.name}/{p.version}/{name}"
+            url = urlsplit(self.url).path + wire.file_path(p.namespace, p.name, p.version, name)
             conn = self._connection()
             try:
                 conn.request("GET", url, headers=self._headers({"range": f"bytes={have}-"} if have else {}))
@@ -422,7 +503,10 @@ class _Progress:
     def read(self, n: int = -1) -> bytes:
         data = self._f.read(n)
         self._bar.update(len(data))
-        if not data:
-            self._bar.close()
         return data
+
+    def close(self, done: bool) -> None:
+        if done and self._bar.total is not None:
+            self._bar.update(self._bar.total - self._bar.n)
+        self._bar.close()
 
