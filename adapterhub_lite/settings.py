@@ -91,6 +91,9 @@ class Settings(BaseSettings):
         description="public key files, separated by the path separator: bundles must carry a "
         "signature by one of them",
     )
+    allow_http_token: bool = Field(
+        False, description="on: a hub token may travel over plain http to a host that is not this machine"
+    )
     namespace: str | None = Field(None, description="the namespace `pack` uses when a recipe names none")
     # -- serving ---------------------------------------------------------------------------------
     served_name: str | None = Field(None, description="the base model's name as vLLM serves it")

@@ -6,12 +6,12 @@ import this package: they speak HTTP through `adapterhub_lite.registry.remote`.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from adapterhub_lite.hub.app import HubConfig, create_app, state_dir_for
 from adapterhub_lite.hub.server import Limits, exposure_warning, uvicorn_config
 from adapterhub_lite.hub.tokens import ENV_TOKENS_DB, SCOPES, TOKENS_FILE, HubError, TokenInfo, TokenStore
+from adapterhub_lite.settings import settings
 
 __all__ = [
     "ENV_TOKENS_DB",
@@ -52,7 +52,7 @@ def token_store(
 ) -> TokenStore:
     """The token store of the hub over `registry_location`: the database `tokens_db` (a path or a
     `postgresql://` URL; default `$ADAPTERHUB_HUB_TOKENS_DB`), else a SQLite file in its state folder."""
-    location = tokens_db or os.environ.get(ENV_TOKENS_DB)
+    location = tokens_db or settings().hub_tokens_db
     return TokenStore(location or _state_dir(registry_location, state_dir) / TOKENS_FILE)
 
 
@@ -90,7 +90,7 @@ def serve(
     config = HubConfig(
         state_dir=state,
         public_url=public_url,
-        tokens_db=tokens_db or os.environ.get(ENV_TOKENS_DB),
+        tokens_db=tokens_db or settings().hub_tokens_db,
         bases=known_bases(bases or []),
     )
     if max_upload is not None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 
+from adapterhub_lite import keys
 from adapterhub_lite.bundles.manifest import MANIFEST_FILE, Manifest, parse_manifest
 from adapterhub_lite.bundles.naming import Ref
 from adapterhub_lite.bundles.naming import parse_ref as _parse_ref
@@ -76,10 +77,10 @@ class Hub:
     def caller(self, authorization: str | None) -> Caller:
         if not authorization:
             return Caller()
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = keys.bearer(authorization)
+        if token is None:
             raise HubError("Authorization must be `Bearer TOKEN`", kind=ErrorKind.UNAUTHENTICATED)
-        return Caller(self.tokens.check(token.strip()))
+        return Caller(self.tokens.check(token))
 
     def versions(self, namespace: str | None) -> list:
         return self.registry.versions(namespace)

@@ -8,9 +8,6 @@ the registry index uses): a SQLite file in the hub's state folder by default, or
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,12 +16,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Row
 
+from adapterhub_lite import keys
 from adapterhub_lite.bundles.naming import check_name
 from adapterhub_lite.db import Database
 from adapterhub_lite.errors import AdapterHubError, ErrorKind
+from adapterhub_lite.settings import env_name
 
 TOKENS_FILE = "tokens.sqlite"
-ENV_TOKENS_DB = "ADAPTERHUB_HUB_TOKENS_DB"
+ENV_TOKENS_DB = env_name("hub_tokens_db")
 PREFIX = "ahub_"
 SCOPES = ("read", "publish", "admin")
 _MAX_TOKEN_CHARS = 200
@@ -73,10 +72,6 @@ def _bad_token() -> HubError:
     )
 
 
-def _hash(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
 def _info(r: Row, revoked: bool | None = None) -> TokenInfo:
     m = r._mapping
     return TokenInfo(
@@ -115,8 +110,8 @@ class TokenStore:
         check_name(namespace, "namespace", HubError)
         if scope not in SCOPES:
             raise HubError(f"unknown scope {scope!r}", hint=f"use one of: {', '.join(SCOPES)}")
-        token_id = secrets.token_hex(6)
-        secret = secrets.token_urlsafe(32)
+        token_id = keys.new_id()
+        secret = keys.mint("")
         info = TokenInfo(
             token_id, namespace, scope, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), False, note[:200]
         )
@@ -126,7 +121,7 @@ class TokenStore:
                     id=token_id,
                     namespace=namespace,
                     scope=scope,
-                    hash=_hash(secret),
+                    hash=keys.digest(secret),
                     created=info.created,
                     note=info.note,
                 )
@@ -162,7 +157,7 @@ class TokenStore:
         token_id, secret = token[len(PREFIX) :].split("_", 1)
         with self.db.read() as con:
             r = con.execute(sa.select(_tokens).where(_t.id == token_id)).first()
-        if r is None or not hmac.compare_digest(r._mapping["hash"], _hash(secret)) or r._mapping["revoked"]:
+        if r is None or not keys.matches(secret, r._mapping["hash"]) or r._mapping["revoked"]:
             raise bad
         return _info(r, revoked=False)
 

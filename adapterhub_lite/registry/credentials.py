@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -17,9 +16,10 @@ from urllib.parse import urlsplit
 from adapterhub_lite import atomic
 from adapterhub_lite.bundles.signing import config_dir
 from adapterhub_lite.errors import ErrorKind, RegistryError
+from adapterhub_lite.settings import env_name, settings
 
-ENV_TOKEN = "ADAPTERHUB_TOKEN"
-ENV_ALLOW_HTTP = "ADAPTERHUB_ALLOW_HTTP_TOKEN"
+ENV_TOKEN = env_name("token")
+ENV_ALLOW_HTTP = env_name("allow_http_token")
 TOKEN_FILE = "hub-tokens.json"
 
 
@@ -53,7 +53,7 @@ def check_transport(hub: str) -> None:
     u = urlsplit(hub)
     if u.scheme != "http" or is_loopback_host(u.hostname or ""):
         return
-    if os.environ.get(ENV_ALLOW_HTTP, "").strip().lower() in ("1", "true", "yes", "on"):
+    if settings().allow_http_token:
         return
     raise RegistryError(
         f"refusing to send a token to {u.hostname} over plain http: anything on the path could read it",
@@ -88,8 +88,8 @@ def save_token(token: str, hub: str) -> Path:
 
 def load_token(hub: str) -> str | None:
     """`$ADAPTERHUB_TOKEN`, else the token stored for exactly this hub (never another hub's)."""
-    if os.environ.get(ENV_TOKEN):
-        return os.environ[ENV_TOKEN].strip()
+    if configured := settings().token:
+        return configured.strip()
     hubs = _stored().get("hubs")
     if not isinstance(hubs, dict):
         return None
