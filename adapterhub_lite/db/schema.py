@@ -31,11 +31,13 @@ def meta_table(metadata: sa.MetaData) -> sa.Table:
     )
 
 
-def stored_version(con: Connection, legacy: Callable[[Connection], int]) -> int:
+def stored_version(
+    con: Connection, legacy: Callable[[Connection], int], key: str = "schema_version"
+) -> int:
     """The schema version recorded in the database; `legacy(con)` for databases made before `meta`."""
     if not sa.inspect(con).has_table(META):
         return legacy(con)
-    row = con.execute(sa.text("SELECT value FROM meta WHERE key = 'schema_version'")).scalar()
+    row = con.execute(sa.text("SELECT value FROM meta WHERE key = :key"), {"key": key}).scalar()
     return int(row) if row is not None else legacy(con)
 
 
@@ -45,13 +47,16 @@ def migrate(
     latest: int,
     upgrades: Mapping[int, Upgrade] | None = None,
     legacy: Callable[[Connection], int] = lambda con: 0,
+    key: str = "schema_version",
 ) -> int:
     """Bring the database to schema `latest`; returns the version found before.
 
     `upgrades[v]` turns version v-1 into v; version 0 (nothing there) gets `metadata.create_all`.
+    `key` names the version in `meta`: a part that keeps tables of its own in a shared database (the
+    rollouts beside the tenant store) versions them under its own key, so parts migrate independently.
     """
     with db.read() as con:  # the usual case, without taking the write lock
-        if stored_version(con, legacy) == latest:
+        if stored_version(con, legacy, key) == latest:
             return latest
     if db.dialect == "sqlite":
         try:
@@ -66,7 +71,7 @@ def migrate(
         if db.dialect == "postgresql":
             # Two processes creating the same database at once: the second waits, then sees v=latest.
             con.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('adapterhub-schema'))"))
-        found = stored_version(con, legacy)
+        found = stored_version(con, legacy, key)
         if found > latest:
             raise db.error(
                 f"{db.what} {db.shown} has schema version {found}, newer than this adapterhub-lite "
@@ -81,8 +86,8 @@ def migrate(
                 (upgrades or {})[version](con)
         if found != latest:
             meta_table(sa.MetaData()).create(con, checkfirst=True)
-            con.execute(sa.text("DELETE FROM meta WHERE key = 'schema_version'"))
+            con.execute(sa.text("DELETE FROM meta WHERE key = :key"), {"key": key})
             con.execute(
-                sa.text("INSERT INTO meta (key, value) VALUES ('schema_version', :v)"), {"v": str(latest)}
+                sa.text("INSERT INTO meta (key, value) VALUES (:key, :v)"), {"key": key, "v": str(latest)}
             )
     return found

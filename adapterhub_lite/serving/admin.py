@@ -15,6 +15,7 @@ from adapterhub_lite.serving.asgi import (
     send_json,
     send_project_error,
 )
+from adapterhub_lite.serving.rollout_admin import rollout_route
 from adapterhub_lite.vllm_compat.server import Engine
 
 if TYPE_CHECKING:
@@ -25,6 +26,8 @@ ADMIN_PREFIX = "/adapterhub/v1/"
 
 async def admin_route(mw: TenancyMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer one admin request."""
+    if await rollout_route(mw, scope, receive, send):  # rollout routes (rollout_admin.py)
+        return
     route = (scope["method"], scope["path"][len(ADMIN_PREFIX) :])
     engine = Engine.from_scope(scope)
     if route == ("GET", "status"):

@@ -64,6 +64,7 @@ from adapterhub_lite.serving.eviction import Evictor
 from adapterhub_lite.serving.forwarding import forward
 from adapterhub_lite.serving.metrics import ServingMetrics, default_metrics
 from adapterhub_lite.serving.ratelimit import open_limiter
+from adapterhub_lite.serving.rollout_router import RolloutRouter
 from adapterhub_lite.serving.tenancy import Tenant, TenantStore
 from adapterhub_lite.serving.tenant_cache import TenantCache
 from adapterhub_lite.serving.usage import ask_for_stream_usage
@@ -110,6 +111,7 @@ class TenancyMiddleware:
         self.evictor = Evictor(self.config.hot_set_size(), self.config.idle_seconds)
         self.ready = not self.config.warmup
         self.tenants = TenantCache(self.store)
+        self.rollouts = RolloutRouter(self.store)  # rollout: canary split + live gate (rollout_router.py)
         self._registry: CachedRegistry | None = None
         self._background: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
@@ -298,6 +300,10 @@ class TenancyMiddleware:
                 )
                 return
 
+        # rollout: resolve an alias under rollout once per request; name the answering ref in a header
+        who = tenant.name if tenant else None
+        target, rollout = self.rollouts.route(who, model, target, payload, scope["headers"])
+        send = self.rollouts.observe(send, target, rollout)
         if target.managed:
             self.evictor.begin(target.name)
         try:
