@@ -34,7 +34,7 @@ from adapterhub_lite.serving.asgi import (
     send_project_error,
 )
 from adapterhub_lite.serving.rollout_eval import MAX_EXAMPLES, Example
-from adapterhub_lite.serving.rollout_store import rollout_dict
+from adapterhub_lite.serving.rollout_store import RolloutStore, rollout_dict
 
 if TYPE_CHECKING:
     from adapterhub_lite.serving.middleware import TenancyMiddleware
@@ -65,7 +65,7 @@ async def rollout_route(mw: TenancyMiddleware, scope: Scope, receive: Receive, s
     """Answer the request if it is a rollout route; False if it is not one of ours."""
     method, sub = scope["method"], scope["path"][len("/adapterhub/v1/") :]
     if sub == "rollouts" and method == "GET":
-        await asyncio.to_thread(mw.rollouts.refresh)
+        mw.rollouts.refresh()  # on the loop, as every request does: the router's state has one writer
         await send_json(send, 200, {"rollouts": [rollout_dict(r) for r in mw.rollouts.active()]})
         return True
     store = mw.rollouts.rollouts
@@ -117,7 +117,14 @@ async def rollout_route(mw: TenancyMiddleware, scope: Scope, receive: Receive, s
 
 
 async def _start(
-    mw, scope: Scope, send: Send, store, tenant: str, alias: str, req: _Start, actor: str
+    mw: TenancyMiddleware,
+    scope: Scope,
+    send: Send,
+    store: RolloutStore,
+    tenant: str,
+    alias: str,
+    req: _Start,
+    actor: str,
 ) -> None:
     if req.eval is None and not req.skip_eval:
         await send_error(
