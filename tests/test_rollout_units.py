@@ -152,3 +152,12 @@ def test_output_ok():
     assert not output_ok(200, b'{"choices": [{"text": ""}]}')
     assert not output_ok(200, b'{"choices": [{"text": "x", "logprobs": {"token_logprobs": [NaN]}}]}')
     assert not output_ok(200, b"not json")
+
+
+def test_live_gate_is_bounded_and_its_counts_stay_exact():
+    gate = LiveGate(_rollout(), GateSettings(window_s=10, min_sample=5, max_increase=0.1))
+    for i in range(LiveGate.MAX_EVENTS + 500):
+        gate.record(CAND, i % 2 == 0, now=1.0)
+    bad, n = gate.rates(now=1.0)[CAND]
+    assert n == LiveGate.MAX_EVENTS and bad == LiveGate.MAX_EVENTS // 2
+    assert gate.rates(now=12.0)[CAND] == (0, 0)

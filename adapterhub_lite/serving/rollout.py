@@ -200,15 +200,21 @@ class LiveGate:
     def __init__(self, rollout: Rollout, settings: GateSettings | None = None) -> None:
         self.rollout = rollout
         self.settings = settings or GateSettings()
-        self._events: dict[str, deque[tuple[float, bool]]] = {
-            rollout.current: deque(maxlen=self.MAX_EVENTS),
-            rollout.candidate: deque(maxlen=self.MAX_EVENTS),
-        }
+        refs = (rollout.current, rollout.candidate)
+        self._events: dict[str, deque[tuple[float, bool]]] = {ref: deque() for ref in refs}
+        self._failed = dict.fromkeys(refs, 0)  # running counts: each request costs O(1), not O(window)
+
+    def _drop_oldest(self, ref: str) -> None:
+        _, ok = self._events[ref].popleft()
+        self._failed[ref] -= not ok
 
     def record(self, ref: str, ok: bool, now: float | None = None) -> None:
         events = self._events.get(ref)
         if events is not None:
+            if len(events) >= self.MAX_EVENTS:
+                self._drop_oldest(ref)
             events.append((now if now is not None else time.monotonic(), ok))
+            self._failed[ref] += not ok
 
     def rates(self, now: float | None = None) -> dict[str, tuple[int, int]]:
         """ref -> (failures, requests) inside the window."""
@@ -216,8 +222,8 @@ class LiveGate:
         out = {}
         for ref, events in self._events.items():
             while events and events[0][0] < now - self.settings.window_s:
-                events.popleft()
-            out[ref] = (sum(1 for _, ok in events if not ok), len(events))
+                self._drop_oldest(ref)
+            out[ref] = (self._failed[ref], len(events))
         return out
 
     def verdict(self, now: float | None = None) -> str | None:
