@@ -5,12 +5,12 @@ These commands write the store directly; a running server sees each change on it
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated
 
 import typer
 
 from cli.common import print_json, run_cli
+from cli.rollout import register_rollout
 
 DbOpt = Annotated[str | None, typer.Option("--db", help="tenant store (else $ADAPTERHUB_TENANTS_DB)")]
 RegOpt = Annotated[
@@ -114,14 +114,6 @@ def register(app: typer.Typer) -> None:
         _store(db).remove_alias(tenant, alias)
         typer.echo(f"{tenant}: alias {alias} removed")
 
-    @tenant_app.command("history")
-    @run_cli
-    def history(tenant: str, alias: str, db: DbOpt = None) -> None:
-        """Show every move of an alias, oldest first (what to roll back to)."""
-        for at, ref in _store(db).alias_history(tenant, alias):
-            stamp = dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-            typer.echo(f"{stamp}  {ref or '(removed)'}")
-
     @tenant_app.command("grant-base")
     @run_cli
     def grant_base(
@@ -152,3 +144,6 @@ def register(app: typer.Typer) -> None:
         t = _store(db).get(tenant)
         _registry(registry).share(ref, t.namespace)
         typer.echo(f"{ref} shared with namespace {t.namespace} (tenant {tenant})")
+
+    # `tenant rollout ...` and `tenant history` (the audit trail, alias moves included): cli/rollout.py
+    register_rollout(tenant_app)

@@ -52,7 +52,7 @@ def migrate(
 
     `upgrades[v]` turns version v-1 into v; version 0 (nothing there) gets `metadata.create_all`.
     `key` names the version in `meta`: a set of tables with a life of its own in the same database (the
-    usage ledger beside the tenant store) keeps its own version there, so neither migration waits on,
+    usage ledger, the rollouts beside the tenant store) keeps its own version there, so neither migration waits on,
     or renumbers, the other's.
     """
     with db.read() as con:  # the usual case, without taking the write lock

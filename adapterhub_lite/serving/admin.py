@@ -16,6 +16,7 @@ from adapterhub_lite.serving.asgi import (
     send_json,
     send_project_error,
 )
+from adapterhub_lite.serving.rollout_admin import rollout_route
 from adapterhub_lite.serving.usage_api import usage_route
 from adapterhub_lite.vllm_compat.server import Engine
 
@@ -28,6 +29,8 @@ _MAX_REQUEST_BYTES = 64 * 1024
 
 async def admin_route(mw: TenancyMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer one admin request."""
+    if await rollout_route(mw, scope, receive, send):  # rollout routes (rollout_admin.py)
+        return
     route = (scope["method"], scope["path"][len(ADMIN_PREFIX) :])
     engine = Engine.from_scope(scope)
     if route == ("GET", "status"):

@@ -66,6 +66,7 @@ from adapterhub_lite.serving.ledger import UsageLedger, open_ledger
 from adapterhub_lite.serving.metrics import ServingMetrics, default_metrics
 from adapterhub_lite.serving.openai_request import RequestRefused, parse_request
 from adapterhub_lite.serving.ratelimit import open_limiter
+from adapterhub_lite.serving.rollout_router import RolloutRouter
 from adapterhub_lite.serving.tenancy import Tenant, TenantStore
 from adapterhub_lite.serving.tenant_cache import TenantCache
 from adapterhub_lite.serving.usage import ask_for_stream_usage
@@ -113,6 +114,7 @@ class TenancyMiddleware:
         self.ready = not self.config.warmup
         self.tenants = TenantCache(self.store)
         self.ledger = open_ledger(self.store.db)  # the usage ledger (ledger.py); None when turned off
+        self.rollouts = RolloutRouter(self.store)  # rollout: canary split + live gate (rollout_router.py)
         self._registry: CachedRegistry | None = None
         self._background: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
@@ -308,6 +310,12 @@ class TenancyMiddleware:
                 )
                 return
 
+        # rollout: resolve an alias under rollout once per request; name the answering ref in a header
+        who = tenant.name if tenant else None
+        target, rollout = self.rollouts.route(who, model, target, payload, scope["headers"])
+        send = self.rollouts.observe(send, target, rollout)
+        if rollout is not None:  # the ledger names the version that answers, not the one first resolved
+            UsageLedger.attribute(scope, ref=target.name if target.managed else "")
         if target.managed:
             self.evictor.begin(target.name)
         try:

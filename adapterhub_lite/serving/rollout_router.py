@@ -1,0 +1,149 @@
+"""The gateway's side of a rollout: which version answers each request, and the live gate.
+
+Each request of an alias under rollout is resolved once, here, to the current or the candidate
+reference (rollout.choose), before anything else happens to it; the request then runs on that version
+to its end whatever moves meanwhile. The response carries `x-adapterhub-adapter: <full ref>`.
+
+The active rollouts are held in memory and re-read only when the tenant store's change probe moves
+(the same probe that makes a promote visible on the next request), so a step, an abort or a rollback
+made on any replica or by the CLI reaches every replica as fast as a promote does.
+
+Outcomes (5xx, empty or non-finite answers) of both versions feed the rollout's live gate; when the
+candidate fails it, this replica stops routing to the candidate at once and writes the rollback to the
+store (off the event loop), which every other replica then sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+
+from adapterhub_lite.errors import AdapterHubError
+from adapterhub_lite.serving.asgi import Message, Send
+from adapterhub_lite.serving.rollout import (
+    ANSWERED_BY_HEADER,
+    ROUTING,
+    GateSettings,
+    LiveGate,
+    Rollout,
+    caller_key,
+    choose,
+    output_ok,
+)
+from adapterhub_lite.serving.rollout_store import RolloutStore
+from adapterhub_lite.serving.tenancy import TenantStore
+from adapterhub_lite.serving.view import Target
+
+logger = logging.getLogger("adapterhub.rollout")
+MAX_INSPECT_BYTES = 256 * 1024  # a non-streaming answer up to this size is checked for empty/non-finite
+
+
+class RolloutRouter:
+    """Routes aliases under rollout and runs their live gates, for one gateway process."""
+
+    def __init__(self, store: TenantStore, settings: GateSettings | None = None) -> None:
+        self.rollouts = RolloutStore(store)
+        self.settings = settings or GateSettings()
+        self.version: int | None = None
+        self._active: dict[tuple[str, str], Rollout] = {}
+        self._gates: dict[int, LiveGate] = {}
+        self._stopped: set[int] = set()  # rolled back here, the store write may still be under way
+        self._rng = random.Random()
+        self._tasks: set[asyncio.Task] = set()
+
+    def refresh(self) -> None:
+        """Re-read the active rollouts if the store changed."""
+        version = self.rollouts.data_version()
+        if version != self.version:
+            self._active = self.rollouts.active_all()
+            self.version = version
+            live = {r.id for r in self._active.values()}
+            for rid in [rid for rid in self._gates if rid not in live]:
+                del self._gates[rid]
+            self._stopped &= live
+
+    def active(self) -> list[Rollout]:
+        return list(self._active.values())
+
+    def route(
+        self, tenant: str | None, model: str, target: Target, payload: dict, headers: list
+    ) -> tuple[Target, Rollout | None]:
+        """The version of `model` that answers this request, and the rollout that chose it (or None)."""
+        if tenant is None or not target.managed:
+            return target, None
+        try:
+            self.refresh()
+        except AdapterHubError:
+            # The store just answered this request's key lookup; if it is gone now, keep the alias's
+            # current version: never the candidate on stale state.
+            return target, None
+        r = self._active.get((tenant, model))
+        if r is None or r.state not in ROUTING or target.name != r.current or r.id in self._stopped:
+            return target, None  # (an alias moved by hand during a rollout: its new ref, untouched)
+        return Target(choose(r, caller_key(payload, headers), self._rng), True), r
+
+    def observe(self, send: Send, target: Target, rollout: Rollout | None) -> Send:
+        """`send` that names the answering version in a header and, under a rollout, feeds the gate."""
+        if not target.managed:
+            return send
+        status = 0
+        body: bytearray | None = bytearray()
+
+        async def observed(message: Message) -> None:
+            nonlocal status, body
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((ANSWERED_BY_HEADER, target.name.encode()))
+                message = {**message, "headers": headers}
+                if any(k.lower() == b"content-type" and b"event-stream" in v for k, v in headers):
+                    body = None  # streamed: the status decides
+            elif message["type"] == "http.response.body" and rollout is not None:
+                if body is not None:
+                    chunk = message.get("body", b"")
+                    if len(body) + len(chunk) > MAX_INSPECT_BYTES:
+                        body = None
+                    else:
+                        body += chunk
+                if not message.get("more_body", False):
+                    self._outcome(rollout, target.name, status, bytes(body) if body is not None else None)
+            await send(message)
+
+        return observed
+
+    def _outcome(self, rollout: Rollout, ref: str, status: int, body: bytes | None) -> None:
+        if 400 <= status < 500:
+            return  # the caller's fault (limits, bad input): says nothing about either version
+        gate = self._gates.get(rollout.id)
+        if gate is None:
+            gate = self._gates[rollout.id] = LiveGate(rollout, self.settings)
+        gate.record(ref, output_ok(status, body))
+        if rollout.id in self._stopped:
+            return
+        why = gate.verdict()
+        if why is None:
+            return
+        self._stopped.add(rollout.id)  # this replica stops routing to the candidate now
+        failed, total = gate.rates()[rollout.candidate]
+        detail = {"failed": failed, "requests": total, "replica": os.getpid()}
+        logger.warning("adapterhub: rolling back %s/%s: %s", rollout.tenant, rollout.alias, why)
+        task = asyncio.get_running_loop().create_task(self._roll_back(rollout, why, detail))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _roll_back(self, rollout: Rollout, why: str, detail: dict) -> None:
+        for attempt in range(5):
+            try:
+                await asyncio.to_thread(
+                    self.rollouts.roll_back, rollout.tenant, rollout.alias, rollout.id, why, "gate", detail
+                )
+                return
+            except AdapterHubError as exc:
+                if exc.kind.value == "conflict":  # already ended (another replica, an operator)
+                    return
+                logger.warning(
+                    "adapterhub: rollback of rollout %s not stored yet: %s", rollout.id, exc.message
+                )
+                await asyncio.sleep(0.5 * (attempt + 1))
