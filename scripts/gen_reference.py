@@ -191,7 +191,10 @@ def hub_api_page() -> str:
     app = _hub_app()
     doc = _openapi_document(app)
     if doc is not None:
-        out.append(f"From the hub's OpenAPI document ({_cell(doc.get('info', {}).get('title', ''))}).\n\n")
+        served = next((r.path for r in app.routes if getattr(r, "path", "").endswith("openapi.json")), None)
+        where = f", which the hub serves at `{served}`" if served else ""
+        title = _cell(doc.get("info", {}).get("title", ""))
+        out.append(f"From the hub's OpenAPI document ({title}){where}.\n\n")
         for path, ops in sorted(doc.get("paths", {}).items()):
             for method, op in ops.items():
                 out.append(f"## `{method.upper()} {path}`\n\n{op.get('summary') or ''}\n\n")

@@ -52,8 +52,8 @@ def migrate(
 
     `upgrades[v]` turns version v-1 into v; version 0 (nothing there) gets `metadata.create_all`.
     `key` names the version in `meta`: a set of tables with a life of its own in the same database (the
-    usage ledger, the rollouts beside the tenant store) keeps its own version there, so neither migration waits on,
-    or renumbers, the other's.
+    usage ledger and the rollouts beside the tenant store) keeps its own version there, so no migration
+    waits on, or renumbers, another's.
     """
     with db.read() as con:  # the usual case, without taking the write lock
         if stored_version(con, legacy, key) == latest:

@@ -30,7 +30,9 @@ def check_candidate(store: RolloutStore, registry: Any, tenant: str, ref: str) -
     published = registry.resolve(ref)
     full = published.ref
     if getattr(published, "yanked", False):
-        raise ServingError(f"{full} is yanked and cannot be rolled out", hint="pick another version")
+        raise ServingError(
+            f"{full} is yanked and cannot be rolled out", hint="pick another version", kind=ErrorKind.INVALID
+        )
     if not registry.can_read(t.namespace, full):
         raise ServingError(
             f"tenant {tenant!r} (namespace {t.namespace!r}) may not use {full}",
