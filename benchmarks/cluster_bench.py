@@ -90,10 +90,10 @@ def make_world(root: Path, tenants: int) -> dict:
     from transformers.utils import logging as hf_logging
 
     from adapterhub_lite.bundles import pack_bundle
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
     hf_logging.disable_progress_bar()
-    reg = Registry.open(root / "registry")
+    reg = open_registry(root / "registry")
     store = TenantStore.open(root / "tenants.db")
     refs, keys = {}, {}
     for i in range(tenants + 1):

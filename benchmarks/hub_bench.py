@@ -70,10 +70,10 @@ def hub_process(registry: Path, warm_bundle: Path) -> Iterator[str]:
     from hub_fixtures import free_port
 
     from adapterhub_lite.hub import token_store
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.registry.remote import RemoteRegistry
 
-    Registry.open(registry)
+    open_registry(registry)
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-c", "from cli.main import app; app()", "hub", "serve", "--registry", str(registry),
@@ -133,9 +133,9 @@ def seed_registry(location: Path, base: Path, adapter: Path, n_versions: int, n_
     (same tables, same blobs): the search runs over exactly the rows a real publish writes.
     """
     from adapterhub_lite.bundles import pack_bundle
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
-    reg = Registry.open(location)
+    reg = open_registry(location)
     t = time.perf_counter()
     bundles = location.parent / "seed-bundles"
     words = ["geo", "math", "support", "legal", "poetry", "code", "sql", "chem", "bio", "music"]

@@ -134,7 +134,7 @@ def main() -> None:
 
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
     from adapterhub_lite.bundles import pack_bundle
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
     from adapterhub_lite.serving.rollout_store import RolloutStore
 
@@ -142,7 +142,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="rollout-bench-"))
     base = EMBEDDED_BASE_DIR
     good, broken = build_adapters(base, work / "adapters", 2, 8)
-    reg = Registry.open(work / "registry")
+    reg = open_registry(work / "registry")
     for version, adapter in (("1.0.0", good), ("2.0.0", good), ("4.0.0", broken)):
         b = pack_bundle(
             adapter, work / "b" / version, namespace="acme", name="bot", version=version, base_dir=base

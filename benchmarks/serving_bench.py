@@ -358,10 +358,10 @@ def hot_swaps(
     work: Path, store: TenantStore, plugin: VLLMServer, key: str, targets: list[str], n: int
 ) -> dict:
     """Promote tenant 0's alias to a version never loaded, then to and fro; promote -> first token."""
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving.view import promote
 
-    reg = Registry.open(work / "registry")
+    reg = open_registry(work / "registry")
     swaps = []
     for i in range(n):
         target = targets[i % 2]

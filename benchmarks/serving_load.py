@@ -92,9 +92,9 @@ def publish_all(base: Path, adapters: list[Path], work: Path) -> list[str]:
     from tqdm import tqdm
 
     from adapterhub_lite.bundles import pack_bundle
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
-    reg = Registry.open(work / "registry")
+    reg = open_registry(work / "registry")
     refs = []
     for i, d in enumerate(tqdm(adapters, desc="pack+publish", unit="adapter")):
         bundle = pack_bundle(

@@ -121,12 +121,12 @@ def make_adapters(base: Path, out: Path, names: list[str]) -> tuple[dict[str, Pa
 
 def publish(base: Path, work: Path, args: argparse.Namespace):
     from adapterhub_lite.bundles import pack_bundle
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
     tenants = [f"t{i}" for i in range(args.tenants)]
     names = [f"{t}-a{j}" for t in tenants for j in range(args.adapters_per_tenant)]
     dirs, expected = make_adapters(base, work / "adapters", names)
-    reg = Registry.open(work / "registry")
+    reg = open_registry(work / "registry")
     store = TenantStore.open(work / "tenants.db")
     keys, aliases, by_ref = {}, {}, {}
     for t in tenants:

@@ -143,7 +143,7 @@ def _start(store, tenant, alias, ref, steps, margin, eval_file, skip_eval, serve
     import asyncio
 
     from adapterhub_lite.errors import ErrorKind, ServingError
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving import rollout_ops
     from adapterhub_lite.serving.config import ENV_ADMIN_KEY, ServingConfig
     from adapterhub_lite.serving.rollout_eval import load_examples
@@ -162,7 +162,7 @@ def _start(store, tenant, alias, ref, steps, margin, eval_file, skip_eval, serve
             f"the evaluation gate calls the server with the admin key: set {ENV_ADMIN_KEY}",
             kind=ErrorKind.INVALID,
         )
-    full = rollout_ops.check_candidate(store, Registry.open(registry), tenant, ref)
+    full = rollout_ops.check_candidate(store, open_registry(registry), tenant, ref)
     r = rollout_ops.start(
         store, tenant, alias, full, steps=steps, margin=margin, actor=rollout_ops.CLI_ACTOR, reason=reason
     )

@@ -25,9 +25,9 @@ def _store(db: str | None):
 
 
 def _registry(location: str | None):
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
-    return Registry.open(location)
+    return open_registry(location)
 
 
 def register(app: typer.Typer) -> None:

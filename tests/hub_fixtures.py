@@ -60,9 +60,9 @@ def running_hub(registry_dir: Path, limits=None, **config) -> Iterator[RunningHu
     import uvicorn
 
     from adapterhub_lite.hub import HubConfig, Limits, create_app, uvicorn_config
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
-    registry = Registry.open(registry_dir)
+    registry = open_registry(registry_dir)
     state = Path(registry_dir) / "hub"
     app = create_app(registry, HubConfig(state_dir=state, **config))
     port = free_port()

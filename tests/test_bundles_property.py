@@ -176,11 +176,11 @@ def _refused_unchanged(bundle: Path, reg_dir: Path, reason: str) -> None:
     import re
 
     from adapterhub_lite.errors import AdapterHubError
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
     for attempt in (
         lambda: verify_bundle(bundle, vllm_check=False),
-        lambda: Registry.open(reg_dir).publish(bundle),
+        lambda: open_registry(reg_dir).publish(bundle),
     ):
         try:
             attempt()
@@ -189,7 +189,7 @@ def _refused_unchanged(bundle: Path, reg_dir: Path, reason: str) -> None:
             assert re.search(reason, exc.message), f"refused for another reason: {exc.message!r}"
         else:
             raise AssertionError(f"a hostile bundle was accepted: {bundle}")
-    reg = Registry.open(reg_dir)
+    reg = open_registry(reg_dir)
     assert reg.search() == [] and not [p for p in (reg_dir / "blobs").rglob("*") if p.is_file()]
 
 

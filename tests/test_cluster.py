@@ -64,14 +64,14 @@ def cluster(tmp_path_factory, redis_server, postgres):
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
     from adapterhub_lite.bundles import pack_bundle
     from adapterhub_lite.cluster.launch import Cluster, ClusterOptions
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving import ServeOptions, TenantStore
     from adapterhub_lite.serving.launcher import free_port
 
     root = tmp_path_factory.mktemp("cluster")
     tenants_url, registry_url = postgres.new_database(), postgres.new_database()
     dirs, expected = _adapters(EMBEDDED_BASE_DIR, root / "adapters", {"a": 11, "b": 12, "c": 13, "a2": 14})
-    reg = Registry.open(registry_url, blobs=str(root / "blobs"))
+    reg = open_registry(registry_url, blobs=str(root / "blobs"))
     refs = {}
     for key, (name, version) in {
         "a": ("a", "1.0.0"),

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from adapterhub_lite.errors import ErrorKind, RegistryError, ServingError, http_status
-from adapterhub_lite.registry import Registry
+from adapterhub_lite.registry import open_registry
 from adapterhub_lite.serving.tenancy import TenantStore, hash_key
 from adapterhub_lite.serving.view import CachedRegistry
 
@@ -269,31 +269,31 @@ def test_a_database_newer_than_the_code_is_refused(db_location, tmp_path, backen
 def test_a_registry_index_newer_than_the_code_is_refused(backend, tmp_path, request):
     if backend == "sqlite":
         location, index = str(tmp_path / "reg"), f"sqlite:///{tmp_path / 'reg' / 'index.sqlite'}"
-        Registry.open(location)
+        open_registry(location)
     else:
         location = request.getfixturevalue("postgres").new_database()
         index = location.replace("postgresql://", "postgresql+psycopg://")
-        Registry.open(location, blobs=str(tmp_path / "blobs"))
+        open_registry(location, blobs=str(tmp_path / "blobs"))
     engine = sa.create_engine(index)
     with engine.begin() as con:
         con.execute(sa.text("UPDATE meta SET value = '7' WHERE key = 'schema_version'"))
     engine.dispose()
     with pytest.raises(RegistryError, match="schema version 7, newer than"):
-        Registry.open(location)
+        open_registry(location)
 
 
 @pytest.mark.slow
 def test_a_registry_on_a_server_needs_blobs_once_and_remembers_them(postgres, tmp_path):
     url = postgres.new_database()
     with pytest.raises(RegistryError, match="needs a home for its blobs") as e:
-        Registry.open(url)
+        open_registry(url)
     assert e.value.kind is ErrorKind.INVALID and "--blobs" in e.value.hint
     with pytest.raises(RegistryError, match="no registry at"):
-        Registry.open(url, create=False)
-    Registry.open(url, blobs=str(tmp_path / "blobs"))
-    assert Registry.open(url).blobs.url == str(tmp_path / "blobs")
+        open_registry(url, create=False)
+    open_registry(url, blobs=str(tmp_path / "blobs"))
+    assert open_registry(url).blobs.url == str(tmp_path / "blobs")
     with pytest.raises(RegistryError, match="stores its blobs in") as e:
-        Registry.open(url, blobs=str(tmp_path / "elsewhere"))
+        open_registry(url, blobs=str(tmp_path / "elsewhere"))
     assert e.value.kind is ErrorKind.CONFLICT
 
 
@@ -313,7 +313,7 @@ def test_unknown_schemes_are_refused_with_the_supported_list():
         TenantStore.open("mysql://u:pw@host/db")
     assert e.value.kind is ErrorKind.INVALID and "postgresql://" in e.value.hint and "pw" not in str(e.value)
     with pytest.raises(RegistryError, match="unknown scheme 'redis'") as e:
-        Registry.open("redis://localhost/0")
+        open_registry("redis://localhost/0")
     assert e.value.kind is ErrorKind.INVALID and "sqlite:///" in e.value.hint
 
 
@@ -347,7 +347,7 @@ def test_a_server_stopped_under_use_is_unavailable_then_recovers(own_postgres, t
     registry_url = postgres.new_database()
     store = TenantStore.open(tenants_url)
     _, key = store.add_tenant("acme")
-    reg = Registry.open(registry_url, blobs=str(tmp_path / "blobs"))
+    reg = open_registry(registry_url, blobs=str(tmp_path / "blobs"))
     reg.publish(bundles_for_stop)
     version = store.data_version()
     view = CachedRegistry(reg)
@@ -420,7 +420,7 @@ def test_sqlite_urls_name_the_same_files_as_paths(tmp_path):
     TenantStore.open(f"sqlite:///{tmp_path / 'tenants.db'}").add_tenant("acme")
     assert TenantStore.open(tmp_path / "tenants.db").get("acme").namespace == "acme"
     for location in (f"sqlite:///{tmp_path / 'reg'}", f"sqlite:///{tmp_path / 'reg' / 'index.sqlite'}"):
-        reg = Registry.open(location)
+        reg = open_registry(location)
         assert reg.location == tmp_path / "reg" and (tmp_path / "reg" / "index.sqlite").is_file()
         assert reg.blobs.url == str(tmp_path / "reg" / "blobs")
 
@@ -434,7 +434,7 @@ def test_a_registry_made_by_the_previous_release_opens_unchanged(tmp_path, bundl
     con.commit()
     con.close()
     (location / "config.json").write_text('{"schema_version": 1, "blobs": null, "trusted_keys": []}')
-    reg = Registry.open(location)
+    reg = open_registry(location)
     p = reg.publish(bundles_for_stop)
     reg.share("acme/bot", "globex")
     assert reg.resolve("acme/bot").digest == p.digest and reg.can_read("globex", "acme/bot@1.0.0")

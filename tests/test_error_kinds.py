@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from adapterhub_lite import errors
 from adapterhub_lite.bundles import pack_bundle
 from adapterhub_lite.errors import ErrorKind, ServingError
-from adapterhub_lite.registry import Registry
+from adapterhub_lite.registry import open_registry
 from cli.common import EXIT_CODES
 from cli.main import app
 
@@ -74,7 +74,7 @@ def test_the_walk_sees_the_raise_sites():
 def world(tmp_path, lora_dir, tiny_base, monkeypatch):
     monkeypatch.setenv("ADAPTERHUB_REGISTRY", str(tmp_path / "registry"))
     monkeypatch.setenv("ADAPTERHUB_TENANTS_DB", str(tmp_path / "tenants.db"))
-    reg = Registry.open(tmp_path / "registry")
+    reg = open_registry(tmp_path / "registry")
     for namespace, version in (("acme", "1.0.0"), ("acme", "1.1.0"), ("globex", "1.0.0")):
         bundle = pack_bundle(
             lora_dir, tmp_path / f"{namespace}-{version}", namespace=namespace, name="geo",
@@ -115,7 +115,7 @@ def test_an_unknown_served_base_is_invalid(tmp_path):
     from adapterhub_lite.serving.config import ServingConfig
     from adapterhub_lite.serving.resolver import AdapterResolver
 
-    resolver = AdapterResolver(ServingConfig(base_dir=None), registry=Registry.open(tmp_path / "r"))
+    resolver = AdapterResolver(ServingConfig(base_dir=None), registry=open_registry(tmp_path / "r"))
     with pytest.raises(ServingError, match="base model directory is unknown") as e:
         resolver.base_fingerprint()
     assert e.value.kind is ErrorKind.INVALID

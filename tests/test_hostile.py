@@ -105,7 +105,7 @@ def _refused(path: Path, match: str, **kw) -> str:
 # ------------------------------------------------------------------ values
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_weights_refused_by_verify_pack_and_publish(value, bundle, lora_dir, tiny_base, tmp_path):
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
     fx.reseal(bundle, {"adapter_model.safetensors": _poisoned_weights(bundle, value)})
     _refused(bundle, r"adapter_model\.safetensors: tensor '.*lora_B.weight' holds non-finite values")
@@ -121,7 +121,7 @@ def test_non_finite_weights_refused_by_verify_pack_and_publish(value, bundle, lo
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "src"]
     # publish (which verifies) refuses it; the registry stays empty
-    reg = Registry.open(tmp_path / "reg")
+    reg = open_registry(tmp_path / "reg")
     with pytest.raises(AdapterHubError, match="non-finite"):
         reg.publish(bundle)
     assert reg.search() == [] and not any(p.is_file() for p in (tmp_path / "reg" / "blobs").rglob("*"))
@@ -371,7 +371,7 @@ def test_serving_resolver_refuses_non_finite_weights(tmp_path):
 
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
     from adapterhub_lite.bundles import parse_manifest
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving.config import ServingConfig
     from adapterhub_lite.serving.resolver import AdapterResolver
 
@@ -383,7 +383,7 @@ def test_serving_resolver_refuses_non_finite_weights(tmp_path):
         tmp_path / "ad", tmp_path / "b", namespace="acme", name="nan", base_dir=EMBEDDED_BASE_DIR, **PACK
     )
     fx.reseal(b, {"adapter_model.safetensors": _poisoned_weights(b, float("nan"))})
-    reg = Registry.open(tmp_path / "reg")
+    reg = open_registry(tmp_path / "reg")
     manifest = parse_manifest((b / "manifest.json").read_bytes())
     from adapterhub_lite.registry.publish import store_verified
 

@@ -107,7 +107,7 @@ def test_token_store_on_every_database_backend(db_location, tmp_path):
 
     from adapterhub_lite.hub import HubConfig, TokenStore, create_app
     from adapterhub_lite.hub.tokens import HubError
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
     first, second = TokenStore(db_location), TokenStore(db_location)  # two replicas, one database
     token, info = first.create("acme", "publish", note="ci")
@@ -127,7 +127,7 @@ def test_token_store_on_every_database_backend(db_location, tmp_path):
 
     reader, _ = first.create("acme", "read")
     config = HubConfig(state_dir=tmp_path / "state", tokens_db=db_location)
-    with TestClient(create_app(Registry.open(tmp_path / "reg"), config)) as client:
+    with TestClient(create_app(open_registry(tmp_path / "reg"), config)) as client:
         r = client.get("/api/v1/whoami", headers={"authorization": f"Bearer {reader}"})
         assert r.json() == {"namespace": "acme", "scope": "read"}
         assert client.get("/api/v1/whoami", headers={"authorization": f"Bearer {token}"}).status_code == 401
@@ -323,10 +323,10 @@ def test_cli_commands_take_a_hub_url(hub, bundles, tmp_path, monkeypatch):
 
 def test_hub_with_trusted_keys_refuses_unsigned_and_shows_the_signer(tmp_path, lora_dir, tiny_base):
     from adapterhub_lite.bundles.signing import generate_key
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
     key = generate_key("hubkey", tmp_path / "keys")
-    Registry.open(tmp_path / "registry").trust(key.public_key)
+    open_registry(tmp_path / "registry").trust(key.public_key)
     unsigned = pack_bundle(
         lora_dir,
         tmp_path / "u.tar",
@@ -403,7 +403,7 @@ def test_hub_serve_command_answers_health(tmp_path):
 def test_search_pages_and_sees_changes_made_behind_the_hubs_back(tmp_path, bundles, monkeypatch):
     import time
 
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.registry import remote as remote_mod
 
     registry_dir = tmp_path / "registry"
@@ -422,7 +422,7 @@ def test_search_pages_and_sees_changes_made_behind_the_hubs_back(tmp_path, bundl
             assert r.status_code == 422 and "limit" in r.json()["error"]["message"]  # INVALID
         assert h.get("/api/v1/search", params={"q": "bot"}).json() == []  # private so far
         # Another process makes it public: the next searches see it (no hub call involved).
-        Registry.open(registry_dir).set_public("globex/bot")
+        open_registry(registry_dir).set_public("globex/bot")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if [d["ref"] for d in h.get("/api/v1/search", params={"q": "bot"}).json()] == [
@@ -473,10 +473,10 @@ def test_catalog_matches_within_one_adapter_only():
 
 def test_publish_records_the_bases_it_checked_against(tmp_path, bundles, tiny_base, other_base):
     from adapterhub_lite.base import fingerprint
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
     fp = fingerprint(tiny_base)
-    reg = Registry.open(tmp_path / "local")
+    reg = open_registry(tmp_path / "local")
     assert reg.publish(bundles["1.0.0"], base_dir=tiny_base).checked_bases == (fp,)
     assert reg.publish(bundles["globex"]).checked_bases == ()  # no base known: nothing checked
     with pytest.raises(RegistryError) as e:
@@ -503,16 +503,16 @@ def test_publish_records_the_bases_it_checked_against(tmp_path, bundles, tiny_ba
 
 
 def test_an_index_from_before_checked_bases_is_upgraded(tmp_path, bundles):
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
-    Registry.open(tmp_path / "reg").publish(bundles["globex"])
+    open_registry(tmp_path / "reg").publish(bundles["globex"])
     index = next((tmp_path / "reg").rglob("index.sqlite"))
     con = sqlite3.connect(index)
     con.execute("ALTER TABLE versions DROP COLUMN checked_bases")
     con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     con.commit()
     con.close()
-    assert Registry.open(tmp_path / "reg").resolve("globex/bot@1.0.0").checked_bases == ()
+    assert open_registry(tmp_path / "reg").resolve("globex/bot@1.0.0").checked_bases == ()
     con = sqlite3.connect(index)
     assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
     con.close()

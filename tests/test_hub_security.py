@@ -565,14 +565,14 @@ def test_private_weights_and_the_index_are_not_readable_by_other_local_users(hub
 
 
 def test_an_anonymous_search_never_answers_from_before_a_privacy_change(tmp_path, packs):
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
     with running_hub(tmp_path / "registry") as h:
         globex = h.client("globex", "publish")
         globex.publish(packs["bot"])
         globex.set_public("globex/bot")
         assert [d["ref"] for d in h.get("/api/v1/search", params={"q": "bot"}).json()] == ["globex/bot@1.0.0"]
-        Registry.open(tmp_path / "registry").set_public("globex/bot", False)  # behind the hub's back
+        open_registry(tmp_path / "registry").set_public("globex/bot", False)  # behind the hub's back
         assert h.get("/api/v1/search", params={"q": "bot"}).json() == []  # the very next answer
 
 

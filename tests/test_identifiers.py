@@ -258,7 +258,7 @@ def test_every_pydantic_pattern_refuses_a_trailing_newline(pattern):
 def test_a_version_with_a_newline_neither_packs_nor_publishes(lora_dir, tiny_base, tmp_path):
     from adapterhub_lite.bundles.card import render_card
     from adapterhub_lite.bundles.manifest import Manifest
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
     with pytest.raises(AdapterHubError, match="invalid version") as e:
         pack_bundle(
@@ -295,7 +295,7 @@ def test_a_version_with_a_newline_neither_packs_nor_publishes(lora_dir, tiny_bas
     ]
     (bundle / "manifest.json").write_bytes(forged.model_copy(update={"files": files}).to_json())
     (bundle / "signatures.json").unlink(missing_ok=True)
-    reg = Registry.open(tmp_path / "registry")
+    reg = open_registry(tmp_path / "registry")
     with pytest.raises(AdapterHubError, match="invalid version") as e:
         reg.publish(bundle)
     assert e.value.kind is ErrorKind.INVALID

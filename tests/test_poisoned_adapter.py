@@ -83,7 +83,7 @@ def adapters(tmp_path_factory) -> dict:
 def lanes(adapters):
     from adapterhub_lite.bundles import check_bundle, pack_bundle
     from adapterhub_lite.errors import BundleError
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
 
     root, base, dirs = adapters["root"], adapters["base"], adapters["dirs"]
@@ -101,7 +101,7 @@ def lanes(adapters):
     prompts = [PROMPT_IDS, [(11 * i + 5) % 1400 + 3 for i in range(LONG)]]
     expected = {t: _offline(base, dirs[t], prompts) for t in ("acme", "globex")}
 
-    reg = Registry.open(root / "registry")
+    reg = open_registry(root / "registry")
     store = TenantStore.open(root / "tenants.db")
     keys = {}
     for tenant in ("acme", "globex"):

@@ -63,7 +63,7 @@ def test_prometheus_reads_per_tenant_tokens_back(tmp_path):
     from test_serving_vllm import _base_dir
 
     from adapterhub_lite.bundles import pack_bundle
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
 
     binary = _prometheus_binary()
@@ -71,7 +71,7 @@ def test_prometheus_reads_per_tenant_tokens_back(tmp_path):
     adapter = make_adapter(base, tmp_path / "adapter", seed=5)
     bundle = pack_bundle(adapter, tmp_path / "bot.bundle", namespace="acme", name="bot", version="1.0.0",
                          base_dir=base)
-    ref = Registry.open(tmp_path / "registry").publish(bundle).ref
+    ref = open_registry(tmp_path / "registry").publish(bundle).ref
     store = TenantStore.open(tmp_path / "tenants.db")
     _, acme = store.add_tenant("acme", base_access=True)
     store.set_alias("acme", "bot", ref)

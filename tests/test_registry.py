@@ -15,7 +15,7 @@ from fsspec.implementations.local import LocalFileSystem
 from adapterhub_lite.bundles import pack_bundle, verify_bundle
 from adapterhub_lite.bundles.signing import generate_key
 from adapterhub_lite.errors import ErrorKind, RegistryError
-from adapterhub_lite.registry import Registry
+from adapterhub_lite.registry import Registry, open_registry
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def bundles(lora_dir, tiny_base, tmp_path_factory) -> dict[str, Path]:
 
 @dataclass(frozen=True)
 class Where:
-    location: str  # what --registry / Registry.open take
+    location: str  # what --registry / open_registry take
     blobs: Path  # where that registry's blobs are
 
 
@@ -81,13 +81,13 @@ def where(backend, tmp_path, request) -> Where:
     if backend == "sqlite":
         return Where(str(tmp_path / "registry"), tmp_path / "registry" / "blobs")
     url = request.getfixturevalue("postgres").new_database()
-    Registry.open(url, blobs=str(tmp_path / "pg-blobs"))
+    open_registry(url, blobs=str(tmp_path / "pg-blobs"))
     return Where(url, tmp_path / "pg-blobs")
 
 
 @pytest.fixture
 def reg(where) -> Registry:
-    return Registry.open(where.location)
+    return open_registry(where.location)
 
 
 def test_publish_resolve_pull(reg, bundles, tiny_base, tmp_path):
@@ -201,9 +201,9 @@ def test_sharing_and_public(reg, bundles):
 def test_trusted_keys_required(where, tmp_path, bundles, lora_dir, tiny_base, monkeypatch):
     monkeypatch.setenv("ADAPTERHUB_CONFIG_DIR", str(tmp_path / "cfg"))
     key = generate_key("team")
-    reg = Registry.open(where.location)
+    reg = open_registry(where.location)
     reg.trust(key.public_key)
-    reg = Registry.open(where.location)  # the trust is remembered
+    reg = open_registry(where.location)  # the trust is remembered
     with pytest.raises(RegistryError, match="refusing to publish .*unsigned"):
         reg.publish(bundles["1.0.0"])
     signed = pack_bundle(
@@ -229,7 +229,7 @@ def test_fsspec_blob_stores(tmp_path, bundles, store):
     else:
         (tmp_path / "bucket").mkdir()
         blobs = DirFileSystem(path=str(tmp_path / "bucket"), fs=LocalFileSystem())
-    reg = Registry.open(tmp_path / "registry", blobs=blobs)
+    reg = open_registry(tmp_path / "registry", blobs=blobs)
     p = reg.publish(bundles["1.0.0"])
     assert not (tmp_path / "registry" / "blobs").exists()  # the bytes went to the fsspec store
     if store == "dirfs":
@@ -242,21 +242,21 @@ def test_fsspec_blob_stores(tmp_path, bundles, store):
 
 def test_blob_url_is_remembered_and_conflicts_refused(tmp_path, bundles):
     url = f"memory://adapterhub-remember-{os.getpid()}"
-    Registry.open(tmp_path / "r", blobs=url).publish(bundles["1.0.0"])
-    assert Registry.open(tmp_path / "r").blobs.url == url
+    open_registry(tmp_path / "r", blobs=url).publish(bundles["1.0.0"])
+    assert open_registry(tmp_path / "r").blobs.url == url
     with pytest.raises(RegistryError, match="stores its blobs in"):
-        Registry.open(tmp_path / "r", blobs="memory://elsewhere")
+        open_registry(tmp_path / "r", blobs="memory://elsewhere")
     with pytest.raises(RegistryError, match="unknown scheme 's3'") as e:
-        Registry.open("s3://bucket/registry")
+        open_registry("s3://bucket/registry")
     assert e.value.kind is ErrorKind.INVALID and "postgresql://" in e.value.hint
 
 
 def test_location_from_env(tmp_path, monkeypatch, bundles):
     monkeypatch.setenv("ADAPTERHUB_REGISTRY", str(tmp_path / "env-reg"))
-    Registry.open().publish(bundles["1.0.0"])
+    open_registry().publish(bundles["1.0.0"])
     assert (tmp_path / "env-reg" / "index.sqlite").is_file()
     with pytest.raises(RegistryError, match="no registry at"):
-        Registry.open(tmp_path / "missing", create=False)
+        open_registry(tmp_path / "missing", create=False)
 
 
 def test_check_finds_missing_and_corrupt_blobs(where, reg, bundles, tiny_base, tmp_path):
@@ -318,18 +318,18 @@ def test_cli_registry_commands(where, tmp_path, bundles):
 
 
 def test_search_text_is_literal_and_io_errors_are_project_errors(tmp_path, bundles):
-    reg = Registry.open(tmp_path / "registry")
+    reg = open_registry(tmp_path / "registry")
     reg.publish(bundles["1.0.0"])
     assert reg.search("%") == [] and reg.search("_") == [] and len(reg.search("BOT")) == 1
     # A blob store that cannot be written: a clean RegistryError, and nothing becomes visible.
     (tmp_path / "not-a-dir").write_text("x")
-    broken = Registry.open(tmp_path / "registry2", blobs=str(tmp_path / "not-a-dir" / "blobs"))
+    broken = open_registry(tmp_path / "registry2", blobs=str(tmp_path / "not-a-dir" / "blobs"))
     with pytest.raises(RegistryError, match="cannot publish"):
         broken.publish(bundles["1.0.0"])
     assert broken.versions() == []
     (tmp_path / "registry" / "config.json").write_text('{"schema_version": 9}')
     with pytest.raises(RegistryError, match="registry format 9 is not one this version"):
-        Registry.open(tmp_path / "registry")
+        open_registry(tmp_path / "registry")
 
 
 def test_cli_keys_sign_trust_and_repair(where, tmp_path, bundles, monkeypatch):
@@ -395,9 +395,9 @@ def test_keys_are_trusted_per_namespace(where, tmp_path, lora_dir, tiny_base, mo
         app, ["registry", "trust", "acme-key", "--namespace", "acme", "--registry", where.location]
     )
     assert res.exit_code == 0 and res.output.strip().endswith("for acme"), res.output
-    reg = Registry.open(where.location)
+    reg = open_registry(where.location)
     reg.trust(globex_key.public_key, ["globex", "initech"])
-    reg = Registry.open(where.location)  # the scopes are remembered
+    reg = open_registry(where.location)  # the scopes are remembered
     assert reg.publish(signed("acme", "1.0.0", "acme-key")).ref == "acme/geo@1.0.0"
     assert reg.publish(signed("globex", "1.0.0", "globex-key")).ref == "globex/geo@1.0.0"
     with pytest.raises(RegistryError, match="not trusted for namespace 'acme'") as e:

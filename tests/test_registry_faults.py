@@ -14,7 +14,7 @@ import pytest
 
 from adapterhub_lite.bundles import pack_bundle, verify_bundle
 from adapterhub_lite.errors import RegistryError
-from adapterhub_lite.registry import Registry
+from adapterhub_lite.registry import open_registry
 
 # A child that publishes, and at the k-th time it reaches `step` writes a marker and waits to be killed
 # (or, with step "go", waits for the go-file before entering the index transaction).
@@ -22,7 +22,7 @@ CHILD = r"""
 import sys, time
 from pathlib import Path
 from adapterhub_lite.errors import RegistryError
-from adapterhub_lite.registry import Registry, faults
+from adapterhub_lite.registry import faults, open_registry
 
 location, bundle, step, k, marker = sys.argv[1:6]
 seen = {"n": 0}
@@ -41,7 +41,7 @@ def hook(name):
 
 faults.hook = hook
 try:
-    print(Registry.open(location).publish(bundle).digest)
+    print(open_registry(location).publish(bundle).digest)
 except RegistryError as exc:
     print(exc.message, file=sys.stderr)
     sys.exit(3)
@@ -88,10 +88,10 @@ def location(backend, tmp_path, request) -> str:
     """A registry created up front (so the child's first step is the publish itself), on each backend."""
     if backend == "sqlite":
         loc = str(tmp_path / "registry")
-        Registry.open(loc)
+        open_registry(loc)
     else:
         loc = request.getfixturevalue("postgres").new_database()
-        Registry.open(loc, blobs=str(tmp_path / "blobs"))
+        open_registry(loc, blobs=str(tmp_path / "blobs"))
     return loc
 
 
@@ -116,7 +116,7 @@ def test_sigkill_during_publish_is_all_or_nothing(tmp_path, location, bundle, st
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
 
-    reg = Registry.open(location)
+    reg = open_registry(location)
     digest = verify_bundle(bundle, vllm_check=False).digest
     if visible:
         assert reg.resolve("acme/bot@1.0.0").digest == digest
@@ -179,7 +179,7 @@ def test_concurrent_publishes_of_one_version_have_one_winner(tmp_path, location,
     winner = next(r[0].strip() for r in results if r[2] == 0)
     loser_err = next(r[1] for r in results if r[2] == 3)
     assert "already published with other content" in loser_err
-    reg = Registry.open(location)
+    reg = open_registry(location)
     assert reg.resolve("acme/bot@1.0.0").digest == winner
     assert [p.version for p in reg.versions()] == ["1.0.0"]
     # The loser's distinct blobs are orphans that check finds and repair removes.
@@ -205,20 +205,20 @@ def test_concurrent_publishes_of_identical_content_both_succeed(tmp_path, locati
     results = [p.communicate(timeout=60) + (p.returncode,) for p in procs]
     assert [r[2] for r in results] == [0, 0], results
     assert len({r[0].strip() for r in results}) == 1
-    assert Registry.open(location).check(deep=True).ok
+    assert open_registry(location).check(deep=True).ok
 
 
 def test_blobs_are_fsynced_before_the_version_is_committed(tmp_path, bundle, monkeypatch):
     from adapterhub_lite.registry import blobs as blob_module
 
     location = tmp_path / "registry"
-    reg = Registry.open(location)
+    reg = open_registry(location)
     synced: list[str] = []
     real_fsync = os.fsync
 
     def recording_fsync(fd: int) -> None:
         # A blob synced after its version became visible could be lost by a power cut while named.
-        assert not Registry.open(location).versions(), "fsync after the version was committed"
+        assert not open_registry(location).versions(), "fsync after the version was committed"
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 

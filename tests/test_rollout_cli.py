@@ -15,11 +15,11 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def setup(tiny_base, lora_dir, tmp_path_factory):
     from adapterhub_lite.bundles import pack_bundle
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving.tenancy import TenantStore
 
     root = tmp_path_factory.mktemp("rollout-cli")
-    reg = Registry.open(root / "registry")
+    reg = open_registry(root / "registry")
     refs = []
     for version in ("1.0.0", "2.0.0"):
         bundle = pack_bundle(

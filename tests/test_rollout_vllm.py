@@ -33,13 +33,13 @@ PROMPTS = ["the river", "a small town", "on monday", "she said", "north of the",
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from adapterhub_lite.bundles import pack_bundle
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
 
     root = tmp_path_factory.mktemp("rollout")
     base = _base_dir()
     dirs, _ = _make_adapters(base, root / "adapters", {"good": 11, "worse": 12, "broken": 13})
-    reg = Registry.open(root / "registry")
+    reg = open_registry(root / "registry")
     for version, key in [("1.0.0", "good"), ("2.0.0", "good"), ("3.0.0", "worse"), ("4.0.0", "broken")]:
         bundle = pack_bundle(
             dirs[key],

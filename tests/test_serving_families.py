@@ -88,7 +88,7 @@ def _offline(base: Path, adapter_out: Path) -> dict[str, tuple[list[int], list[f
 @pytest.fixture(scope="module")
 def qwen2_server(tmp_path_factory):
     from adapterhub_lite.bundles import pack_bundle
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
 
     root = tmp_path_factory.mktemp("qwen2-serving")
@@ -97,7 +97,7 @@ def qwen2_server(tmp_path_factory):
     bundle = pack_bundle(
         root / "adapter", root / "bundle", namespace="acme", name="qwen-bot", version="1.0.0", base_dir=base
     )
-    ref = Registry.open(root / "registry").publish(bundle).ref
+    ref = open_registry(root / "registry").publish(bundle).ref
     store = TenantStore.open(root / "tenants.db")
     _, key = store.add_tenant("acme", base_access=True)
     store.set_alias("acme", "bot", ref)

@@ -345,11 +345,11 @@ def served(tmp_path_factory) -> Iterator[dict]:
     base access. No adapters: what is under test is the front, and a base request goes through the
     same middleware path (auth, body, typed fields, rate limits, forwarding) as an adapter request."""
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving import ServeOptions, VLLMServer
 
     root = tmp_path_factory.mktemp("served-front")
-    Registry.open(root / "registry")
+    open_registry(root / "registry")
     store = TenantStore.open(root / "tenants.db")
     keys = {name: store.add_tenant(name, base_access=True)[1] for name in ("acme", "globex")}
     opts = ServeOptions(

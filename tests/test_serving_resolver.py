@@ -21,7 +21,7 @@ def setup(tmp_path_factory):
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
     from adapterhub_lite.bundles import pack_bundle
     from adapterhub_lite.bundles.signing import generate_key
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
     if not (EMBEDDED_BASE_DIR / "config.json").is_file():
         missing("the embedded base is not built (make base)")
@@ -30,7 +30,7 @@ def setup(tmp_path_factory):
     peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     peft_model.save_pretrained(root / "adapter")
     key = generate_key("signer", root / "keys")
-    reg = Registry.open(root / "registry")
+    reg = open_registry(root / "registry")
     refs = {}
     for name, signed in [("signed", True), ("plain", False)]:
         bundle = pack_bundle(

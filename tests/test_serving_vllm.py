@@ -74,7 +74,7 @@ def _make_adapters(
 def world(tmp_path_factory):
     """Registry with published bundles, tenants with aliases, and one running vLLM server."""
     from adapterhub_lite.bundles import pack_bundle
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
 
     root = tmp_path_factory.mktemp("serving")
@@ -86,7 +86,7 @@ def world(tmp_path_factory):
     shutil.copytree(base, other_base)
     _perturb_weights(other_base)
 
-    reg = Registry.open(root / "registry")
+    reg = open_registry(root / "registry")
     refs = {
         "bot1": ("acme", "bot", "1.0.0"),
         "bot2": ("acme", "bot", "2.0.0"),
@@ -318,12 +318,12 @@ def test_models_list_shows_each_tenant_only_its_own(world):
 
 
 def test_models_list_shows_adapters_shared_with_a_tenant(world):
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
     _, key = world["store"].add_tenant("partner")
     client = openai.OpenAI(base_url=world["url"] + "/v1", api_key=key, max_retries=0)
     assert [m.id for m in client.models.list()] == []
-    Registry.open(world["registry"]).share("globex/helper", "partner")
+    open_registry(world["registry"]).share("globex/helper", "partner")
     shared = time.monotonic()
     while not (models := {m.id: m for m in client.models.list()}):  # registry answers are reused for 5 s
         assert time.monotonic() - shared < 30, "the share never reached the server"

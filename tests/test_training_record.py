@@ -29,7 +29,7 @@ def test_trained_adapter_carries_its_loss_curve_to_the_hub_page(
 
     from adapterhub_lite.bundles import pack_bundle, verify_bundle
     from adapterhub_lite.hub import HubConfig, create_app
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
     record = capitals_lora.record
     steps = record["recipe"]["max_steps"] if "max_steps" in record.get("recipe", {}) else None
@@ -54,7 +54,7 @@ def test_trained_adapter_carries_its_loss_curve_to_the_hub_page(
         vllm_check=False,
     )
     assert "losses" not in (verify_bundle(old, vllm_check=False).training or {})
-    registry = Registry.open(tmp_path / "registry")
+    registry = open_registry(tmp_path / "registry")
     for b in (bundle, old):
         registry.publish(b)
     registry.set_public("acme/cap")

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from adapterhub_lite.bundles import pack_bundle
 from adapterhub_lite.bundles.signing import generate_key
 from adapterhub_lite.errors import ErrorKind
-from adapterhub_lite.registry import Registry
+from adapterhub_lite.registry import open_registry
 from cli.common import EXIT_CODES
 from cli.main import app
 
@@ -27,7 +27,7 @@ from cli.main import app
 def env(tmp_path, monkeypatch, lora_dir, tiny_base):
     monkeypatch.setenv("ADAPTERHUB_CONFIG_DIR", str(tmp_path / "cfg"))
     monkeypatch.setenv("ADAPTERHUB_REGISTRY", str(tmp_path / "registry"))
-    Registry.open(tmp_path / "registry")
+    open_registry(tmp_path / "registry")
     keys = {name: generate_key(name) for name in ("acme-key", "globex-key", "ops-key")}
 
     def signed(namespace: str, version: str, key: str) -> Path:
@@ -46,7 +46,7 @@ def env(tmp_path, monkeypatch, lora_dir, tiny_base):
 
 
 def _trusted(tmp_path: Path) -> list:
-    return Registry.open(tmp_path / "registry").trusted.keys
+    return open_registry(tmp_path / "registry").trusted.keys
 
 
 def test_trust_without_a_namespace_is_refused_with_what_to_do(env):
@@ -74,7 +74,7 @@ def test_two_teams_keys_cannot_publish_under_each_others_namespace(env):
     res = runner.invoke(app, ["publish", str(signed("acme", "1.0.1", "globex-key"))])
     assert res.exit_code == EXIT_CODES[ErrorKind.FORBIDDEN], res.output
     assert "not trusted for namespace 'acme'" in res.output and "Traceback" not in res.output
-    assert Registry.open(tmp_path / "registry").resolve("acme/geo").version == "1.0.0"
+    assert open_registry(tmp_path / "registry").resolve("acme/geo").version == "1.0.0"
 
 
 def test_all_namespaces_is_explicit_and_loud_and_flagged_by_check(env):
@@ -92,7 +92,7 @@ def test_all_namespaces_is_explicit_and_loud_and_flagged_by_check(env):
 def test_an_old_config_with_an_unscoped_key_keeps_working_and_is_flagged(env):
     """Registries stored keys as bare hex (trusted everywhere): they still verify, and check names them."""
     tmp_path, keys, signed = env
-    reg = Registry.open(tmp_path / "registry")
+    reg = open_registry(tmp_path / "registry")
     reg.trust(keys["ops-key"].public_key)  # the library call an older CLI made: a bare hex entry
     reg.trust(keys["acme-key"].public_key, ["acme"])
     assert reg.publish(signed("globex", "1.0.0", "ops-key")).ref == "globex/geo@1.0.0"

@@ -485,14 +485,14 @@ def test_ledger_equals_what_each_openai_client_was_told_across_a_restart(tmp_pat
     from test_serving_vllm import _base_dir
 
     from adapterhub_lite.bundles import pack_bundle
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
 
     base = _base_dir()
     adapter = make_adapter(base, tmp_path / "adapter", seed=3)
     bundle = pack_bundle(adapter, tmp_path / "bot.bundle", namespace="acme", name="bot", version="1.0.0",
                          base_dir=base)
-    ref = Registry.open(tmp_path / "registry").publish(bundle).ref
+    ref = open_registry(tmp_path / "registry").publish(bundle).ref
     db = tmp_path / "tenants.db"
     store = TenantStore.open(db)
     keys = {"ref": ref}

@@ -51,13 +51,13 @@ class ClusterOptions:
 
 def make_keyer(tenants_db: str | None, registry: str | None, served_name: str) -> AffinityKeyer:
     """The ingress's keyer (a module-level function, so Ray can ship it to the ingress's process)."""
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving.tenancy import TenantStore
 
-    def open_registry() -> Any:
-        return Registry.open(registry)  # a path or a database URL (a Path would mangle postgresql://)
+    def open_the_registry() -> Any:
+        return open_registry(registry)  # a path or a database URL (a Path would mangle postgresql://)
 
-    return AffinityKeyer(TenantStore.open(tenants_db), open_registry, {served_name})
+    return AffinityKeyer(TenantStore.open(tenants_db), open_the_registry, {served_name})
 
 
 def build_app(opts: ClusterOptions, served_name: str) -> Any:

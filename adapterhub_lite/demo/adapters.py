@@ -85,12 +85,12 @@ def train_adapters(
 def publish_adapters(workdir: Path, runs: dict[str, Path], log: Callable[[str], None]):
     """Pack, sign and publish each trained adapter; returns (registry, public key path)."""
     from adapterhub_lite.bundles import generate_key, pack_bundle
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
     keys = workdir / "keys"
     if not (keys / "demo-publisher.key").exists():
         generate_key("demo-publisher", keys)
-    registry = Registry.open(str(workdir / "registry"))
+    registry = open_registry(str(workdir / "registry"))
     registry.trust(keys / "demo-publisher.pub")
     for a in DEMO_ADAPTERS:
         bundle = workdir / "bundles" / f"{a.namespace}-{a.name}-{a.version}.tar"

@@ -83,10 +83,10 @@ def serve(
     """Run the hub over the registry at `registry_location` until interrupted."""
     import uvicorn
 
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
 
     state = _state_dir(registry_location, state_dir)
-    registry = Registry.open(registry_location)
+    registry = open_registry(registry_location)
     config = HubConfig(
         state_dir=state,
         public_url=public_url,

@@ -1,5 +1,5 @@
 """The marketplace's one entry point: `Registry`, a thin facade over the index, the blobs and the
-publish, pull, access and check modules. Open one with `open_registry` (or `Registry.open`)."""
+publish, pull, access and check modules. Open one with `open_registry`, the one factory."""
 
 from __future__ import annotations
 
@@ -39,13 +39,6 @@ class Registry:
         self.blobs = blobs
         self.trusted = load_trust(trusted_keys)
         self.trusted_keys = self.trusted.keys  # for `verify_bundle`
-
-    @classmethod
-    def open(cls, location: str | Path | None = None, **kwargs: Any) -> Registry:
-        """Same as `open_registry` (kept for callers that hold the class)."""
-        from adapterhub_lite.registry.open import open_registry
-
-        return open_registry(location, **kwargs)
 
     def trust(self, public_key: PublicKeyLike, namespaces: Iterable[str] | None = None) -> str:
         """Trust a public key for signing bundles of `namespaces` (None: every namespace); running it

@@ -84,9 +84,9 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
     @property
     def registry(self) -> Any:
         if self._registry is None:
-            from adapterhub_lite.registry import Registry
+            from adapterhub_lite.registry import open_registry
 
-            self._registry = Registry.open(self.config.registry)
+            self._registry = open_registry(self.config.registry)
         return self._registry
 
     def base_fingerprint(self) -> str:
