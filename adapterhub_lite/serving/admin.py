@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 from adapterhub_lite.errors import AdapterHubError
+from adapterhub_lite.serving.admin_state import AdminState
 from adapterhub_lite.serving.asgi import (
     BodyRefused,
     Receive,
@@ -20,14 +20,11 @@ from adapterhub_lite.serving.rollout_admin import rollout_route
 from adapterhub_lite.serving.usage_api import usage_route
 from adapterhub_lite.vllm_compat.server import Engine
 
-if TYPE_CHECKING:
-    from adapterhub_lite.serving.middleware import TenancyMiddleware
-
 ADMIN_PREFIX = "/adapterhub/v1/"
 _MAX_REQUEST_BYTES = 64 * 1024
 
 
-async def admin_route(mw: TenancyMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
+async def admin_route(mw: AdminState, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer one admin request."""
     if await rollout_route(mw, scope, receive, send):  # rollout routes (rollout_admin.py)
         return

@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from adapterhub_lite.display import safe
 from adapterhub_lite.errors import AdapterHubError, BundleError, ErrorKind
+from adapterhub_lite.serving.admin_state import AdminState
 from adapterhub_lite.serving.asgi import (
     BodyRefused,
     Receive,
@@ -32,9 +32,6 @@ from adapterhub_lite.serving.asgi import (
     send_error,
     send_project_error,
 )
-
-if TYPE_CHECKING:
-    from adapterhub_lite.serving.middleware import TenancyMiddleware
 
 logger = logging.getLogger("adapterhub.serving")
 
@@ -100,7 +97,7 @@ def check_adapter_dir(
     return scan_file(weights_path, safe(str(weights_path))).warnings(safe(str(weights_path)))
 
 
-async def admin_load_lora(mw: TenancyMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
+async def admin_load_lora(mw: AdminState, scope: Scope, receive: Receive, send: Send) -> None:
     """Check the directory an admin asks vLLM to load, then pass the request on unchanged (or refuse)."""
     try:
         body = await read_body(receive, scope, limit=_MAX_REQUEST_BYTES)

@@ -18,12 +18,13 @@ import asyncio
 import json
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapterhub_lite.errors import AdapterHubError
 from adapterhub_lite.serving import rollout_ops
+from adapterhub_lite.serving.admin_state import AdminState
 from adapterhub_lite.serving.asgi import (
     Receive,
     Scope,
@@ -35,9 +36,6 @@ from adapterhub_lite.serving.asgi import (
 )
 from adapterhub_lite.serving.rollout_eval import MAX_EXAMPLES, Example
 from adapterhub_lite.serving.rollout_store import RolloutStore, rollout_dict
-
-if TYPE_CHECKING:
-    from adapterhub_lite.serving.middleware import TenancyMiddleware
 
 logger = logging.getLogger("adapterhub.rollout")
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
@@ -61,7 +59,7 @@ class _Start(BaseModel):
     reason: str | None = Field(default=None, max_length=500)
 
 
-async def rollout_route(mw: TenancyMiddleware, scope: Scope, receive: Receive, send: Send) -> bool:
+async def rollout_route(mw: AdminState, scope: Scope, receive: Receive, send: Send) -> bool:
     """Answer the request if it is a rollout route; False if it is not one of ours."""
     method, sub = scope["method"], scope["path"][len("/adapterhub/v1/") :]
     if sub == "rollouts" and method == "GET":
@@ -117,7 +115,7 @@ async def rollout_route(mw: TenancyMiddleware, scope: Scope, receive: Receive, s
 
 
 async def _start(
-    mw: TenancyMiddleware,
+    mw: AdminState,
     scope: Scope,
     send: Send,
     store: RolloutStore,
