@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -87,12 +88,12 @@ def up(
     )
     cluster = Cluster(opts)
 
-    def ready() -> None:
-        typer.echo(describe_phases(cluster.phases))
-        typer.echo(f"serving on {cluster.url}/v1  (OpenAI API; tenants use their own keys)")
-        typer.echo(f"status: adapterhub cluster status --port {port}; stop: Ctrl-C or SIGTERM")
+    def ready(say: Callable[[str], None]) -> None:
+        say(describe_phases(cluster.phases))
+        say(f"serving on {cluster.url}/v1  (OpenAI API; tenants use their own keys)")
+        say(f"status: adapterhub cluster status --port {port}; stop: Ctrl-C, SIGTERM or `cluster stop`")
         if not admin_key:
-            typer.echo(f"admin key (shown once): {cluster.admin_key}")
+            say(f"admin key (shown once): {cluster.admin_key}")
 
     run_until_stopped(cluster, typer.echo, on_ready=ready)
 

@@ -105,10 +105,12 @@ def build_app(opts: ClusterOptions, served_name: str) -> Any:
         IngressServer, name="ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024
     )
     keyer = functools.partial(make_keyer, opts.serve.tenants_db, opts.serve.registry, served_name)
+    loopback = opts.ray_address is None and is_loopback(opts.host)
     return ingress.bind(
-        replicas.bind(dataclasses.asdict(opts.serve), opts.state_dir, opts.cores_per_replica),
+        replicas.bind(dataclasses.asdict(opts.serve), opts.state_dir, opts.cores_per_replica, loopback),
         keyer,
         opts.affinity,
+        loopback,
     )
 
 
@@ -141,11 +143,22 @@ class Cluster:
         """Where Ray's own output goes (with `opts.ray_log`)."""
         return Path(str(self.opts.state_dir)) / RAY_LOG
 
+    def terminal(self, say: Callable[[str], None]) -> Callable[[str], None]:
+        """`say`, or while Ray's output goes to its log, a printer to the terminal itself."""
+
+        def echo(line: str) -> None:
+            if self._output is not None and self._output.active:
+                self._output.say(line)
+            else:
+                say(line)
+
+        return echo
+
     def start(self, say: Callable[[str], None] | None = None) -> Cluster:
         """Start Ray (unless joining one), deploy, and block until every replica is healthy; `say`
         hears each phase. A failure stops what started and raises ServingError in one line."""
         try:
-            return self._start(say or (lambda _line: None))
+            return self._start(self.terminal(say or (lambda _line: None)))
         except BaseException as exc:
             self.stop()
             if isinstance(exc, AdapterHubError) or not isinstance(exc, Exception):
@@ -271,7 +284,7 @@ class Cluster:
     def stop(self, say: Callable[[str], None] | None = None) -> None:
         """Delete the application (each replica stops its vLLM), stop Ray if this process started it,
         and remove what the run made (records, Ray's temp folder); the logs stay."""
-        say = say or (lambda _line: None)
+        say = self.terminal(say or (lambda _line: None))
         try:
             self._stop_ray(say)
         finally:
@@ -380,12 +393,14 @@ def quiet_ray_env() -> None:
 def run_until_stopped(
     cluster: Cluster,
     say: Callable[[str], None],
-    on_ready: Callable[[], None] | None = None,
+    on_ready: Callable[[Callable[[str], None]], None] | None = None,
     poll_seconds: float = 0.5,
 ) -> None:
-    """Start the cluster, call `on_ready`, block until SIGINT or SIGTERM, then stop it (the CLI's
-    foreground mode). Both handlers are set explicitly: a background job of a non-interactive shell
-    starts with SIGINT ignored, and a signal during the start stops what already started."""
+    """Start the cluster, call `on_ready` (with a printer that reaches the terminal while Ray's output
+    goes to its log), block until SIGINT or SIGTERM, then stop it (the CLI's foreground mode).
+
+    Both handlers are set explicitly: a background job of a non-interactive shell starts with SIGINT
+    ignored, and a signal during the start stops what already started."""
     stop = threading.Event()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -398,19 +413,18 @@ def run_until_stopped(
         try:
             cluster.start(say)
         except KeyboardInterrupt:
-            say("stopping (interrupted while starting) ...")
             cluster.stop(say)
-            say("stopped")
+            say("interrupted while starting: stopped what had started")
             return
         for sig in previous:
             signal.signal(sig, lambda *_: stop.set())
         if on_ready is not None:
-            on_ready()
+            on_ready(cluster.terminal(say))
         while not stop.wait(poll_seconds):
             pass
         stopping = time.monotonic()
         cluster.stop(say)
-        say(f"stopped in {time.monotonic() - stopping:.1f} s")
+        say(f"stopped in {time.monotonic() - stopping:.1f} s")  # Ray's output is back in its place
     except BaseException:
         cluster.stop()
         raise

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from adapterhub_lite.atomic import write_json
+from adapterhub_lite.cluster.ray_compat import keep_replica_grpc_on_loopback
 from adapterhub_lite.serving.launcher import ServeOptions, VLLMServer
 
 OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU build: the cores its OpenMP threads run on
@@ -64,9 +65,16 @@ class ReplicaServer:
     """The replica's body (Ray wraps it with `serve.deployment` and `serve.multiplexed` in `launch`)."""
 
     def __init__(
-        self, options: dict[str, Any], state_dir: str | None = None, cores_per_replica: int | None = None
+        self,
+        options: dict[str, Any],
+        state_dir: str | None = None,
+        cores_per_replica: int | None = None,
+        loopback: bool = False,
     ) -> None:
         from ray import serve
+
+        if loopback:
+            keep_replica_grpc_on_loopback()
 
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
