@@ -69,7 +69,9 @@ def register(app: typer.Typer) -> None:
                 help="while Redis is unreachable: 'open' admits, 'closed' answers 503",
             ),
         ] = DEFAULT_RATE_LIMIT_FAILURE,
-        log: Annotated[str | None, typer.Option(help="vLLM's log file (default: in $TMPDIR)")] = None,
+        log: Annotated[
+            str | None, typer.Option(help="vLLM's log file (default: ~/.adapterhub/logs/vllm-PORT.log)")
+        ] = None,
         print_command: Annotated[
             bool, typer.Option("--print-command", help="print the env and vLLM command line, do not start")
         ] = False,

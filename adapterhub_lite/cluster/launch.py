@@ -183,9 +183,14 @@ class Cluster:
                 # Ray resolves "127.0.0.1" to the host's reachable address, and its servers then listen
                 # on every interface, unless it takes this host for a single machine (read at import).
                 os.environ.setdefault(ENV_RAY_SINGLE_MACHINE, "0")
-        import ray
-        from ray import serve
-
+        try:
+            import ray
+            from ray import serve
+        except ImportError as exc:
+            raise ServingError(
+                f"Ray Serve is not installed ({exc.name or exc})",
+                hint="pip install 'adapterhub-lite[cluster]' (ray[serve])",
+            ) from None
         if self.opts.ray_log:
             self._output = OutputToLog(self.ray_log)
             self._output.start()
@@ -299,8 +304,11 @@ class Cluster:
                 clear(str(self.opts.state_dir))
 
     def _stop_ray(self, say: Callable[[str], None]) -> None:
-        import ray
-        from ray import serve
+        try:
+            import ray
+            from ray import serve
+        except ImportError:  # nothing of Ray ever started
+            return
 
         if not ray.is_initialized():
             return
