@@ -224,9 +224,19 @@ def test_cluster_up_twice_shows_its_phases_and_status_stops_on_both_signals_and_
                 assert stat.S_IMODE(token.stat().st_mode) == 0o600
                 assert stat.S_IMODE(token.parent.stat().st_mode) == 0o700
                 assert not (home / ".ray" / "auth_token").exists()
-            finally:
-                os.kill(pid, stop_signal)
+            except BaseException:
+                os.kill(pid, signal.SIGTERM)
                 _wait_gone(pid, 240)
+                raise
+            if stop_signal == signal.SIGINT:  # Ctrl-C, to a background job that started with it ignored
+                os.kill(pid, signal.SIGINT)
+            else:  # `cluster stop` sends SIGTERM and waits
+                stopped = subprocess.run(
+                    [ADAPTERHUB, "cluster", "stop", "--port", str(port)],
+                    capture_output=True, text=True, timeout=300, env=_env(home, tmp),
+                )  # fmt: skip
+                assert stopped.returncode == 0 and stopped.stdout.endswith("stopped\n"), stopped.stderr
+            _wait_gone(pid, 240)
             text = out.read_text()
             assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
             assert re.search(r"stopped in [\d.]+ s", text), text

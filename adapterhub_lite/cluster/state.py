@@ -22,6 +22,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from adapterhub_lite.atomic import write_json
 
 CLUSTER_HOME = Path(".adapterhub", "cluster")  # under the home folder
@@ -104,13 +106,12 @@ def clear(state_dir: str | Path) -> None:
 
 
 def alive(pid: object) -> bool:
-    """Whether process `pid` exists (someone else's counts)."""
+    """Whether process `pid` runs (someone else's counts; a zombie, exited but not yet reaped, does not)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
