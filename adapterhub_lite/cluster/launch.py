@@ -204,7 +204,7 @@ class Cluster:
                     kwargs["_node_ip_address"] = "127.0.0.1"
             try:
                 ray.init(
-                    address=self.opts.ray_address,
+                    address=self.opts.ray_address or "local",  # "local": a new instance, never another run's
                     include_dashboard=False,
                     log_to_driver=False,
                     logging_level=logging.WARNING,
