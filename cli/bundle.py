@@ -35,7 +35,8 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--out",
                 "-o",
-                help="bundle path; default ./NAME-VERSION.bundle (or .bundle.tar with --archive)",
+                help="bundle path; a name ending .tar writes one archive file; "
+                "default ./NAME-VERSION.bundle (or .bundle.tar with --archive)",
             ),
         ] = None,
         namespace: Annotated[
@@ -57,7 +58,9 @@ def register(app: typer.Typer) -> None:
         max_lora_rank: Annotated[
             int | None, typer.Option(help="refuse ranks above the server's limit")
         ] = None,
-        archive: Annotated[bool, typer.Option("--archive", help="write one reproducible .tar file")] = False,
+        archive: Annotated[
+            bool, typer.Option("--archive", help="write one reproducible .tar file (implied by -o NAME.tar)")
+        ] = False,
         as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     ) -> None:
         """Pack an adapter directory into a verified bundle pinned to its base model."""
@@ -65,6 +68,7 @@ def register(app: typer.Typer) -> None:
 
         name = name or adapter_dir.resolve().name
         warnings: list[str] = []
+        archive = archive or (out is not None and out.name.endswith(".tar"))  # `-o geo.tar`: an archive
         out = out or Path(f"{name}-{version}.bundle" + (".tar" if archive else ""))
         pack_bundle(
             adapter_dir,

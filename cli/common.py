@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import sys
@@ -26,6 +27,16 @@ EXIT_CODES: dict[ErrorKind, int] = {
     ErrorKind.UNAVAILABLE: 69,  # EX_UNAVAILABLE
     ErrorKind.INTERNAL: 74,  # EX_IOERR
 }
+
+
+class RateLimitFailure(enum.StrEnum):
+    """`--rate-limit-failure` of `serve` and `cluster up`: what limits do while Redis is unreachable."""
+
+    open = "open"  # admit
+    closed = "closed"  # answer 503
+
+
+DEFAULT_RATE_LIMIT_FAILURE = RateLimitFailure.open  # as ServingConfig.rate_limit_failure
 
 
 def run_cli(fn: F) -> F:

@@ -81,7 +81,12 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(p.to_dict())
         else:
-            checked = ", ".join(p.checked_bases) or "none (pass --base DIR to check the weights' shapes)"
+            unchecked = (
+                "none (pass --base DIR to check the weights' shapes)"
+                if isinstance(reg, Registry)
+                else "none (the hub has no matching base; its operator adds one: `hub serve --base DIR`)"
+            )
+            checked = ", ".join(p.checked_bases) or unchecked
             typer.echo(f"published {p.ref}\n  digest {p.digest}\n  checked against base {checked}")
 
     @app.command("pull")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shlex
 from typing import Annotated
 
 import typer
 
 from adapterhub_lite.serving.config import ENV_ADMIN_KEY, ENV_RATE_LIMIT_URL, ServingConfig
 from adapterhub_lite.serving.launcher import ServeOptions
-from cli.common import run_cli
+from cli.common import DEFAULT_RATE_LIMIT_FAILURE, RateLimitFailure, run_cli
 
 # Defaults live in ServeOptions / ServingConfig; the flags only read them.
 _D = ServeOptions
@@ -64,16 +63,22 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         rate_limit_failure: Annotated[
-            str, typer.Option(help="while Redis is unreachable: 'open' admits, 'closed' answers 503")
-        ] = _C.rate_limit_failure,
-        log: Annotated[str | None, typer.Option(help="vLLM's log file (default: in $TMPDIR)")] = None,
+            RateLimitFailure,
+            typer.Option(
+                envvar="ADAPTERHUB_RATE_LIMIT_FAILURE",
+                help="while Redis is unreachable: 'open' admits, 'closed' answers 503",
+            ),
+        ] = DEFAULT_RATE_LIMIT_FAILURE,
+        log: Annotated[
+            str | None, typer.Option(help="vLLM's log file (default: ~/.adapterhub/logs/vllm-PORT.log)")
+        ] = None,
         print_command: Annotated[
             bool, typer.Option("--print-command", help="print the env and vLLM command line, do not start")
         ] = False,
         verbose: Annotated[bool, typer.Option("--verbose", help="show vLLM's own output too")] = False,
     ) -> None:
         """Serve the base model and every tenant's adapters, from one vLLM server (Ctrl-C stops)."""
-        from adapterhub_lite.serving.launcher import VLLMServer, build_command
+        from adapterhub_lite.serving.launcher import VLLMServer
         from adapterhub_lite.serving.supervise import describe_phases, run_until_stopped
 
         config = ServingConfig(
@@ -86,7 +91,7 @@ def register(app: typer.Typer) -> None:
             idle_seconds=idle_seconds,
             trusted_keys=list(trusted_key or []),
             rate_limit_url=rate_limit_url,
-            rate_limit_failure=rate_limit_failure,
+            rate_limit_failure=rate_limit_failure.value,
         )
         if cache_dir:
             config.cache_dir = cache_dir
@@ -102,10 +107,10 @@ def register(app: typer.Typer) -> None:
             verbose=verbose,
         )
         if print_command:
-            cmd, env = build_command(opts)
-            env.setdefault(ENV_ADMIN_KEY, "<choose-a-long-random-secret>")
-            typer.echo(" ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())) + " \\")
-            typer.echo("  " + shlex.join(cmd))
+            from adapterhub_lite.serving.launcher import printable_command
+
+            for line in printable_command(opts):
+                typer.echo(line)
             return
         server = VLLMServer(opts)
         typer.echo(f"starting vLLM on {server.url} (log: {server.log_path}) ...")

@@ -14,8 +14,19 @@ from cli.rollout import register_rollout
 
 DbOpt = Annotated[str | None, typer.Option("--db", help="tenant store (else $ADAPTERHUB_TENANTS_DB)")]
 RegOpt = Annotated[
-    str | None, typer.Option("--registry", help="registry location (else $ADAPTERHUB_REGISTRY)")
+    str | None,
+    typer.Option(
+        "--registry",
+        envvar="ADAPTERHUB_REGISTRY",
+        help="registry: a directory, a database URL or a hub URL, as `serve --registry` "
+        "[default: ~/.adapterhub/registry]",
+    ),
 ]
+# Said when a reference is missing from the default registry: the server may read another one.
+_ONE_REGISTRY = (
+    "is the server reading another registry (`serve --registry URL`)? Set ADAPTERHUB_REGISTRY=URL "
+    "once, for `serve` and every command, or pass --registry URL here too"
+)
 
 
 def _store(db: str | None):
@@ -99,9 +110,15 @@ def register(app: typer.Typer) -> None:
     @run_cli
     def promote_cmd(tenant: str, alias: str, ref: str, db: DbOpt = None, registry: RegOpt = None) -> None:
         """Point ALIAS at REF live (hot swap); rolling back is promoting the previous version again."""
+        from adapterhub_lite.errors import ErrorKind, RegistryError
         from adapterhub_lite.serving.view import promote
 
-        full, previous = promote(_store(db), _registry(registry), tenant, alias, ref)
+        try:
+            full, previous = promote(_store(db), _registry(registry), tenant, alias, ref)
+        except RegistryError as exc:
+            if exc.kind is not ErrorKind.NOT_FOUND or registry:
+                raise
+            raise RegistryError(exc.message, hint=_ONE_REGISTRY, kind=exc.kind) from None
         typer.echo(f"{tenant}: {alias} -> {full}" + (f" (was {previous})" if previous else ""))
 
     # `alias` is the same command under the name people look for when they create one.

@@ -92,6 +92,9 @@ def register(app: typer.Typer) -> None:
             typer.Option("--set", help="any recipe field: --set warmup_steps=10 (repeatable)"),
         ] = None,
         resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint")] = False,
+        verbose: Annotated[
+            bool, typer.Option("--verbose", help="also show third-party warnings and loader bars")
+        ] = False,
         overwrite: Annotated[
             bool, typer.Option("--overwrite", help="replace a previous run in output_dir")
         ] = False,
@@ -117,7 +120,10 @@ def register(app: typer.Typer) -> None:
         if processes != 1:  # the children print the summary (the main one) or their error
             launch_processes(processes, child_argv(sys.argv), loaded.resolved_output_dir)
             return
-        result = train(loaded, resume=resume, progress=progress, overwrite=overwrite)
+        from adapterhub_lite.quiet import quiet_third_party
+
+        with quiet_third_party(verbose):
+            result = train(loaded, resume=resume, progress=progress, overwrite=overwrite)
         if not result.main:
             return
         if as_json:
@@ -152,23 +158,28 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--predictions", help="include every generated answer")
         ] = False,
         as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+        verbose: Annotated[
+            bool, typer.Option("--verbose", help="also show third-party warnings and loader bars")
+        ] = False,
     ) -> None:
         """Loss, perplexity and exact match of a base (and base + adapter, with the transfer gain)."""
         _quiet_optional_kernels()
         from adapterhub_lite.evaluation import evaluate_file
+        from adapterhub_lite.quiet import quiet_third_party
 
-        report = evaluate_file(
-            data,
-            base=base,
-            adapter=adapter,
-            format=format,
-            quantization=quantization,
-            device=device,
-            max_seq_len=max_seq_len,
-            max_new_tokens=max_new_tokens,
-            exact_match=exact_match,
-            with_predictions=predictions,
-        )
+        with quiet_third_party(verbose):
+            report = evaluate_file(
+                data,
+                base=base,
+                adapter=adapter,
+                format=format,
+                quantization=quantization,
+                device=device,
+                max_seq_len=max_seq_len,
+                max_new_tokens=max_new_tokens,
+                exact_match=exact_match,
+                with_predictions=predictions,
+            )
         if as_json:
             print_json(report)
             return

@@ -39,3 +39,107 @@ def test_a_replica_killed_outright_is_dropped_from_the_records(tmp_path):
     cluster = Cluster(ClusterOptions(serve=ServeOptions(base_dir="embedded"), state_dir=str(tmp_path)))
     assert sorted(r["replica"] for r in cluster.replicas()) == ["live", "remote"]
     assert not (tmp_path / "replica-dead.json").exists()
+
+
+def test_replica_caches_beyond_the_replica_count_and_old_random_ones_are_pruned(tmp_path):
+    """Each replica reuses `replica-<rank>`; a restart with fewer replicas, and folders named by Ray's
+    random replica id (earlier versions), leave nothing behind; bundle entries of the root stay."""
+    from adapterhub_lite.cluster.launch import prune_replica_caches
+
+    for name in ("replica-0", "replica-1", "replica-2", "k3j9x0ab", "sha256-" + "0" * 64):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text("x")
+    removed = prune_replica_caches(str(tmp_path), replicas=2)
+    assert sorted(p.name for p in removed) == ["k3j9x0ab", "replica-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["replica-0", "replica-1", "sha256-" + "0" * 64]
+    assert prune_replica_caches(str(tmp_path / "absent"), replicas=1) == []
+
+
+def test_a_private_temp_folder_is_removed_when_its_owner_is_gone(tmp_path):
+    from adapterhub_lite.serving import scratch
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        mine = scratch.make("vllm", os.getpid(), root=tmp_path)
+        theirs = scratch.make("vllm", child.pid, root=tmp_path)
+        assert oct(mine.stat().st_mode & 0o777) == "0o700"
+        assert scratch.prune("vllm", root=tmp_path) == []  # both owners alive
+    finally:
+        child.kill()
+        child.wait()
+    assert scratch.prune("vllm", root=tmp_path) == [theirs]
+    assert mine.is_dir() and not theirs.exists()
+    scratch.remove(mine)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_ray_token_is_private_and_made_once(tmp_path, monkeypatch):
+    from adapterhub_lite.cluster import state
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    token = state.ray_token_file()
+    assert token == tmp_path / ".adapterhub" / "cluster" / "ray-auth-token"
+    assert oct(token.stat().st_mode & 0o777) == "0o600"
+    assert oct(token.parent.stat().st_mode & 0o777) == "0o700"
+    first = token.read_text()
+    assert len(first) == 64
+    token.chmod(0o644)
+    assert state.ray_token_file().read_text() == first
+    assert oct(token.stat().st_mode & 0o777) == "0o600"
+
+
+def test_rays_output_goes_to_the_log_and_the_commands_lines_to_the_terminal(tmp_path):
+    """What writes to descriptors 1 and 2 (Ray's C++ core, its child processes, its print thread) lands
+    in the log; `say` reaches the terminal; afterwards everything is back in place."""
+    script = f"""
+import os, subprocess, sys
+from pathlib import Path
+from adapterhub_lite.cluster.output import OutputToLog
+out = OutputToLog(Path({str(tmp_path / "ray.log")!r}))
+out.start()
+os.write(2, b"graceful_shutdown failed\\n")
+print("(raylet) chatter", flush=True)
+subprocess.run(["sh", "-c", "echo from-a-child >&2"])
+out.say("phase line")
+out.stop()
+print("after", flush=True)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "phase line\nafter\n" and r.stderr == ""
+    log = (tmp_path / "ray.log").read_text()
+    assert "graceful_shutdown failed" in log and "(raylet) chatter" in log and "from-a-child" in log
+    assert oct((tmp_path / "ray.log").stat().st_mode & 0o777) == "0o600"
+
+
+def test_serve_replicas_grpc_server_is_rewritten_to_loopback():
+    from ray.serve._private import replica as replica_module
+
+    from adapterhub_lite.cluster.ray_compat import keep_replica_grpc_on_loopback
+
+    seen = []
+    original = replica_module.add_port_to_grpc_server
+    replica_module.add_port_to_grpc_server = lambda server, address: seen.append(address) or 1
+    try:
+        assert keep_replica_grpc_on_loopback() and keep_replica_grpc_on_loopback()  # idempotent
+        replica_module.add_port_to_grpc_server(None, "[::]:0")
+        replica_module.add_port_to_grpc_server(None, "10.0.0.5:7000")
+    finally:
+        replica_module.add_port_to_grpc_server = original
+    assert seen == ["127.0.0.1:0", "10.0.0.5:7000"]
+
+
+def test_the_cli_default_for_rate_limit_failure_is_the_servings():
+    from adapterhub_lite.serving.config import ServingConfig
+    from cli.common import DEFAULT_RATE_LIMIT_FAILURE
+
+    assert DEFAULT_RATE_LIMIT_FAILURE.value == ServingConfig.rate_limit_failure
+
+
+def test_a_vllm_log_per_port_and_no_more_than_the_bound(tmp_path):
+    from adapterhub_lite.serving.launcher import MAX_LOGS, default_log_path
+
+    for port in range(MAX_LOGS + 5):
+        default_log_path(port, tmp_path).write_text("x")
+    assert len(list(tmp_path.glob("vllm-*.log"))) == MAX_LOGS
+    assert default_log_path(7, tmp_path) == tmp_path / "vllm-7.log"

@@ -1,5 +1,5 @@
 """`adapterhub serve` as a user runs it: starts vLLM with the plugin, answers, reports its startup phases,
-and stops cleanly on Ctrl-C / SIGTERM, under load too, leaving nothing in /dev/shm."""
+and stops cleanly on Ctrl-C / SIGTERM, under load too, leaving nothing in /dev/shm or in its TMPDIR."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -50,6 +51,9 @@ def test_serve_starts_answers_and_stops_cleanly_under_load(tmp_path, stop_signal
         missing("the embedded base is not built (make base)")
     _, key = TenantStore.open(tmp_path / "t.db").add_tenant("acme", base_access=True)
     port = free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="ahl-t-", dir="/tmp"))  # its own TMPDIR: what vLLM leaves shows
+    home = tmp_path / "home"
+    home.mkdir()
     cmd = [
         str(Path(sys.executable).parent / "adapterhub"),
         "serve",
@@ -69,7 +73,7 @@ def test_serve_starts_answers_and_stops_cleanly_under_load(tmp_path, stop_signal
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "ADAPTERHUB_ADMIN_KEY": ""},
+        env={**os.environ, "ADAPTERHUB_ADMIN_KEY": "", "TMPDIR": str(tmp), "HOME": str(home)},
     )
     lines: list[str] = []
     stop = threading.Event()
@@ -148,3 +152,7 @@ def test_serve_starts_answers_and_stops_cleanly_under_load(tmp_path, stop_signal
         httpx.get(url + "/health", timeout=2)
     assert _vllm_pids(port) == []
     assert [p for p in shm if Path(p).exists()] == []
+    # nothing left in TMPDIR (vLLM's sockets, its vllm_dist_* file, logs); the log is where it was said
+    assert list(tmp.iterdir()) == [], list(tmp.iterdir())
+    tmp.rmdir()
+    assert f"(log: {home / '.adapterhub' / 'logs' / f'vllm-{port}.log'})" in out

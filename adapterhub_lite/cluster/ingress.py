@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from adapterhub_lite.cluster.affinity import MAX_BODY_BYTES, AffinityKeyer
+from adapterhub_lite.cluster.ray_compat import keep_replica_grpc_on_loopback
 from adapterhub_lite.cluster.replica import error_body
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,11 @@ def wants_stream(body: bytes) -> bool:
 class IngressServer:
     """The ingress's body (Ray wraps it with `serve.deployment` in `launch`)."""
 
-    def __init__(self, replicas: Any, keyer_factory: Any, affinity: bool = True) -> None:
+    def __init__(
+        self, replicas: Any, keyer_factory: Any, affinity: bool = True, loopback: bool = False
+    ) -> None:
+        if loopback:
+            keep_replica_grpc_on_loopback()
         self.replicas = replicas
         self.affinity = affinity
         self.keyer: AffinityKeyer | None = keyer_factory() if affinity else None

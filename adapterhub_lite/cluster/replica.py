@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from adapterhub_lite.atomic import write_json
+from adapterhub_lite.cluster.ray_compat import keep_replica_grpc_on_loopback
 from adapterhub_lite.serving.launcher import ServeOptions, VLLMServer
 
 OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU build: the cores its OpenMP threads run on
@@ -64,20 +65,34 @@ class ReplicaServer:
     """The replica's body (Ray wraps it with `serve.deployment` and `serve.multiplexed` in `launch`)."""
 
     def __init__(
-        self, options: dict[str, Any], state_dir: str | None = None, cores_per_replica: int | None = None
+        self,
+        options: dict[str, Any],
+        state_dir: str | None = None,
+        cores_per_replica: int | None = None,
+        loopback: bool = False,
     ) -> None:
         from ray import serve
 
+        if loopback:
+            keep_replica_grpc_on_loopback()
+
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
+        rank = getattr(context, "rank", None)
+        self.rank = getattr(rank, "rank", None)
         if cores_per_replica:
-            local_rank = getattr(context.rank, "local_rank", 0)
+            local_rank = getattr(rank, "local_rank", 0)
             cpus = sorted(os.sched_getaffinity(0))
             os.environ[OMP_BIND_ENV] = core_slice(cpus, local_rank, cores_per_replica)
         opts = ServeOptions(**options)
         opts.port = None  # a free port of this host, chosen by the launcher
-        if opts.cache_dir:  # each replica its own bounded cache: one folder must have one owner
-            opts.cache_dir = str(Path(opts.cache_dir) / self.replica_id)
+        slot = f"replica-{self.rank}" if self.rank is not None else self.replica_id
+        if opts.cache_dir:
+            # Each replica its own bounded cache (one folder must have one owner), named by its rank so
+            # that the next run's replica of that rank reuses it: disk stays bounded across restarts.
+            opts.cache_dir = str(Path(opts.cache_dir) / slot)
+        if state_dir and not opts.log_path:  # beside the cluster's records, replaced at the next start
+            opts.log_path = str(Path(state_dir) / f"{slot}.log")
         self.server = VLLMServer(opts).start()
         self.url = self.server.url
         self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(None, connect=5.0))
@@ -92,6 +107,8 @@ class ReplicaServer:
         vllm_pid = self.server.process.pid if self.server.process else None
         record = {
             "replica": self.replica_id,
+            "rank": self.rank,
+            "log": str(self.server.log_path),
             "url": self.url,
             "host": socket.gethostname(),
             "pid": os.getpid(),

@@ -18,7 +18,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,8 @@ from typing import Any
 import httpx
 
 from adapterhub_lite.errors import ServingError
-from adapterhub_lite.serving import processes
+from adapterhub_lite.registry.config import ENV_REGISTRY
+from adapterhub_lite.serving import processes, scratch
 from adapterhub_lite.serving.config import ServingConfig, default_lora_slots
 from adapterhub_lite.serving.logpump import LogPump
 from adapterhub_lite.serving.parent_watch import ENV_PARENT_PID
@@ -36,6 +36,8 @@ from adapterhub_lite.vllm_compat import launch
 logger = logging.getLogger("adapterhub.serving")
 
 MIDDLEWARE = "adapterhub_lite.serving.middleware.TenancyMiddleware"
+LOG_DIR = Path(".adapterhub", "logs")  # under the home folder: vLLM's logs, one per port
+MAX_LOGS = 16  # the most recently written port logs kept in LOG_DIR (each one bounded by LogPump)
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(ServingConfig)}
 
 
@@ -44,6 +46,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def default_log_path(port: int, log_dir: Path | None = None) -> Path:
+    """Where vLLM's log goes unless `--log` says: one file per port in the state directory, replaced
+    when a server starts on that port again; the oldest beyond `MAX_LOGS` are removed."""
+    folder = log_dir or Path.home() / LOG_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    logs = sorted(folder.glob("vllm-*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in logs[MAX_LOGS - 1 :]:
+        old.unlink(missing_ok=True)
+        old.with_name(old.name + ".1").unlink(missing_ok=True)
+    return folder / f"vllm-{port}.log"
 
 
 def on_cpu() -> bool:
@@ -177,6 +191,28 @@ def build_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
     return cmd, env
 
 
+def printable_command(opts: ServeOptions) -> list[str]:
+    """`serve --print-command`'s lines: the environment and the vLLM command line, to run elsewhere.
+
+    Secrets are never printed: the admin key and a hub token appear as references to the variables of
+    the shell that runs the command (`"$ADAPTERHUB_ADMIN_KEY"`), which the first lines say to set.
+    """
+    import shlex
+
+    from adapterhub_lite.registry.credentials import ENV_TOKEN
+    from adapterhub_lite.serving.config import ENV_ADMIN_KEY
+
+    cmd, env = build_command(opts)
+    secrets_: list[tuple[str, str]] = [(ENV_ADMIN_KEY, "the admin key: a long random secret")]
+    registry = opts.config.registry or os.environ.get(ENV_REGISTRY) or ""
+    if registry.startswith(("http://", "https://")):  # a hub: the plugin pulls with a token
+        secrets_.append((ENV_TOKEN, "a token of the hub (`adapterhub login` shows where yours is kept)"))
+    lines = [f"# set {name} first: {why}" for name, why in secrets_]
+    parts = [f"{k}={shlex.quote(v)}" for k, v in sorted(env.items()) if k not in dict(secrets_)]
+    parts += [f'{name}="${name}"' for name, _ in secrets_]
+    return [*lines, " ".join(parts) + " \\", "  " + shlex.join(cmd)]
+
+
 class VLLMServer:
     """A vLLM API server in a child process; a context manager that starts it and always stops it."""
 
@@ -189,11 +225,8 @@ class VLLMServer:
         self.startup_timeout = startup_timeout or opts.startup_timeout
         self.process: subprocess.Popen | None = None
         self.command, self.env = build_command(opts)  # bad options fail here, before anything starts
-        self.log_path = (
-            Path(opts.log_path)
-            if opts.log_path
-            else Path(tempfile.gettempdir(), f"adapterhub-vllm-{opts.port}.log")
-        )
+        self.log_path = Path(opts.log_path) if opts.log_path else default_log_path(opts.port)
+        self.scratch: Path | None = None  # vLLM's private TMPDIR while it runs (removed at stop)
         self.phases: dict[str, float] = {}  # startup phase -> seconds, once ready
         self._pump: LogPump | None = None
         self._shm: set[str] = set()
@@ -212,10 +245,12 @@ class VLLMServer:
         """Launch and block until /health answers 200 (after the warm-up); ServingError naming the root
         cause from vLLM's log if it dies or times out."""
         started = time.monotonic()
+        # vLLM leaves its sockets, a vllm_dist_* file and logs in TMPDIR: give it a folder of its own.
+        self.scratch = scratch.make("vllm", os.getpid())
         self.process = subprocess.Popen(
             self.command,
             # The pid lets vLLM stop itself if this process dies outright (parent_watch.py).
-            env={**os.environ, **self.env, ENV_PARENT_PID: str(os.getpid())},
+            env={**os.environ, **self.env, ENV_PARENT_PID: str(os.getpid()), "TMPDIR": str(self.scratch)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -271,6 +306,8 @@ class VLLMServer:
         Returns vLLM's exit code (None if it was not running)."""
         proc = self.process
         if proc is None:
+            scratch.remove(self.scratch)
+            self.scratch = None
             return None
         shm = self._shm | processes.shm_segments(processes.group_pids(proc.pid))
         code = processes.stop_in_order(proc, timeout=timeout)
@@ -283,6 +320,8 @@ class VLLMServer:
             self._pump.join()
         if proc.stdout is not None:
             proc.stdout.close()
+        scratch.remove(self.scratch)
+        self.scratch = None
         self.process = None
         return code
 

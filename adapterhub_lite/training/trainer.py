@@ -88,7 +88,7 @@ def _clean_failed(out: Path, created: bool) -> None:
         out.rmdir()
 
 
-def _check_resumable(recipe: Recipe, state: dict, path: Path, world: int) -> None:
+def _check_settings(recipe: Recipe, state: dict, path: Path) -> None:
     saved, now = state.get("settings", {}), recipe.lora_settings()
     diffs = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in now if saved.get(k) != now.get(k)]
     if diffs:
@@ -97,6 +97,18 @@ def _check_resumable(recipe: Recipe, state: dict, path: Path, world: int) -> Non
             hint="resume with the recipe it was made with (only max_steps/epochs and eval/output fields "
             "may change), or start over with --overwrite",
         )
+
+
+def _check_resume_early(recipe: Recipe, ckpt_dir: Path) -> None:
+    """Refuse a resume that cannot work before anything is loaded (the base model takes seconds)."""
+    found = list_checkpoints(ckpt_dir)
+    if not found:
+        raise TrainingError(f"nothing to resume: no checkpoint in {ckpt_dir}", hint="run without --resume")
+    _check_settings(recipe, found[-1].state, found[-1].path)
+
+
+def _check_resumable(recipe: Recipe, state: dict, path: Path, world: int) -> None:
+    _check_settings(recipe, state, path)
     procs = state.get("processes", {"world_size": 1, "per_process_batch": recipe.batch_size})
     then = procs["world_size"] * procs["per_process_batch"]
     if then != world * recipe.batch_size:
@@ -138,6 +150,8 @@ def train(
     """
     t_start = time.time()
     out = recipe.resolved_output_dir.resolve()
+    if resume:
+        _check_resume_early(recipe, out / "checkpoints")
     base_dir = resolve_base_dir(recipe.base)
     device = resolve_device(recipe)
     dtype = resolve_dtype(recipe, device)
