@@ -89,7 +89,7 @@ def _tenant_with_adapter(home: Path, work: Path) -> str:
 
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
     from adapterhub_lite.bundles import pack_bundle
-    from adapterhub_lite.registry import Registry
+    from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving.tenancy import TenantStore
 
     torch.manual_seed(0)
@@ -101,7 +101,7 @@ def _tenant_with_adapter(home: Path, work: Path) -> str:
         work / "adapter", work / "geo.bundle", namespace="acme", name="geo", version="1.0.0",
         base_dir=EMBEDDED_BASE_DIR,
     )  # fmt: skip
-    ref = Registry.open(str(home / "registry")).publish(bundle).ref
+    ref = open_registry(str(home / "registry")).publish(bundle).ref
     store = TenantStore.open(str(home / "tenants.db"))
     _, key = store.add_tenant("acme")
     store.set_alias("acme", "geo", ref)

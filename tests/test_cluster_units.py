@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from adapterhub_lite.cluster.launch import Cluster, ClusterOptions
 from adapterhub_lite.cluster.replica import core_slice
 from adapterhub_lite.serving.launcher import ServeOptions
@@ -143,3 +145,41 @@ def test_a_vllm_log_per_port_and_no_more_than_the_bound(tmp_path):
         default_log_path(port, tmp_path).write_text("x")
     assert len(list(tmp_path.glob("vllm-*.log"))) == MAX_LOGS
     assert default_log_path(7, tmp_path) == tmp_path / "vllm-7.log"
+
+
+def _ingress_request(headers: list[tuple[bytes, bytes]], chunks: list[bytes]):
+    from starlette.requests import Request
+
+    messages = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+    messages.append({"type": "http.request", "body": b"", "more_body": False})
+
+    async def receive():
+        return messages.pop(0)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/completions",
+        "query_string": b"",
+        "headers": headers,
+    }
+    return Request(scope, receive)
+
+
+@pytest.mark.parametrize(
+    ("headers", "chunks", "status"),
+    [
+        ([(b"content-length", "²".encode())], [b"{}"], 400),  # "²".isdigit() is true; int() refuses it
+        ([(b"content-length", str(64 * 1024 * 1024).encode())], [b"{}"], 413),
+        ([], [b"x" * (1024 * 1024)] * 9, 413),  # no length declared: stopped at the limit while reading
+    ],
+)
+def test_the_ingress_refuses_bad_or_oversized_bodies_before_routing(headers, chunks, status):
+    """The cluster's front door: a clear 4xx before any replica is asked, never a 500 or an unbounded read."""
+    import asyncio
+
+    from adapterhub_lite.cluster.ingress import IngressServer
+
+    ingress = IngressServer.__new__(IngressServer)  # no Ray: the body checks come before any routing
+    response = asyncio.run(ingress.__call__(_ingress_request(headers, chunks)))
+    assert response.status_code == status

@@ -12,18 +12,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from adapterhub_lite import keys
 from adapterhub_lite.serving.tenancy import TenantStore
 from adapterhub_lite.serving.tenant_cache import TenantCache
 from adapterhub_lite.serving.view import CachedRegistry, resolve_model
 
 INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 MAX_BODY_BYTES = 8 * 1024 * 1024
-
-
-def _bearer(authorization: str | None) -> str | None:
-    if not authorization or not authorization.lower().startswith("bearer "):
-        return None
-    return authorization[7:].strip() or None
 
 
 def requested_model(body: bytes) -> str | None:
@@ -50,7 +45,7 @@ class AffinityKeyer:
         """The affinity key of a request, or None when it has none (not inference, unknown, refused)."""
         if path not in INFERENCE_PATHS:
             return None
-        api_key, model = _bearer(authorization), requested_model(body)
+        api_key, model = keys.bearer(authorization), requested_model(body)
         if api_key is None or model is None:
             return None
         self.tenants.refresh()

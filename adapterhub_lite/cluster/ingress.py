@@ -52,11 +52,18 @@ class IngressServer:
         from starlette.responses import Response, StreamingResponse
 
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        # isascii: "²".isdigit() is true and int() refuses it.
+        if declared and not (declared.isascii() and declared.isdigit()):
+            return Response(error_body(400, "malformed Content-Length"), 400, headers=dict(_JSON))
+        if declared and int(declared) > MAX_BODY_BYTES:
             return Response(error_body(413, "request body too large"), 413, headers=dict(_JSON))
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            return Response(error_body(413, "request body too large"), 413, headers=dict(_JSON))
+        chunks, size = [], 0
+        async for chunk in request.stream():  # stops at the limit: a body without a length is bounded too
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                return Response(error_body(413, "request body too large"), 413, headers=dict(_JSON))
+            chunks.append(chunk)
+        body = b"".join(chunks)
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         headers = list(request.headers.items())
         key = None

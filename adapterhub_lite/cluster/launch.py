@@ -15,7 +15,6 @@ import functools
 import logging
 import os
 import re
-import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from adapterhub_lite import keys
 from adapterhub_lite.cluster.affinity import AffinityKeyer
 from adapterhub_lite.cluster.ingress import IngressServer
 from adapterhub_lite.cluster.output import OutputToLog
@@ -122,7 +122,7 @@ class Cluster:
             raise ServingError(f"--replicas must be at least 1 (got {opts.replicas})")
         self.opts = opts
         if not opts.serve.admin_key:  # one admin key for every replica, so /metrics is reachable on each
-            opts.serve.admin_key = "ahadmin_" + secrets.token_urlsafe(24)
+            opts.serve.admin_key = keys.mint("ahadmin_")
         if not opts.state_dir:
             opts.state_dir = str(run_dir(opts.port))
         self._started_ray = False

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -25,12 +24,13 @@ from typing import Any
 
 import httpx
 
-from adapterhub_lite.errors import ServingError
-from adapterhub_lite.registry.config import ENV_REGISTRY
+from adapterhub_lite import keys
+from adapterhub_lite.errors import ErrorKind, ServingError
 from adapterhub_lite.serving import processes, scratch
 from adapterhub_lite.serving.config import ServingConfig, default_lora_slots
 from adapterhub_lite.serving.logpump import LogPump
 from adapterhub_lite.serving.parent_watch import ENV_PARENT_PID
+from adapterhub_lite.settings import settings
 from adapterhub_lite.vllm_compat import launch
 
 logger = logging.getLogger("adapterhub.serving")
@@ -153,17 +153,20 @@ def build_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
         raise ServingError(
             f"--max-lora-rank {opts.max_lora_rank} is not one vLLM accepts",
             hint=f"choose one of {', '.join(map(str, launch.MAX_LORA_RANKS))}",
+            kind=ErrorKind.INVALID,
         )
     if opts.lora and opts.max_cpu_loras < opts.max_loras:
         raise ServingError(
             f"--max-cpu-loras ({opts.max_cpu_loras}) must be at least --max-loras ({opts.max_loras})",
             hint="vLLM keeps every adapter of a batch in its CPU cache too",
+            kind=ErrorKind.INVALID,
         )
     loaded = opts.config.max_loaded
     if opts.lora and loaded is not None and loaded > opts.max_cpu_loras:
         raise ServingError(
             f"--max-loaded ({loaded}) must be at most --max-cpu-loras ({opts.max_cpu_loras})",
             hint="vLLM's worker holds at most --max-cpu-loras adapters",
+            kind=ErrorKind.INVALID,
         )
     from adapterhub_lite.base import resolve_base_dir
 
@@ -204,7 +207,7 @@ def printable_command(opts: ServeOptions) -> list[str]:
 
     cmd, env = build_command(opts)
     secrets_: list[tuple[str, str]] = [(ENV_ADMIN_KEY, "the admin key: a long random secret")]
-    registry = opts.config.registry or os.environ.get(ENV_REGISTRY) or ""
+    registry = opts.config.registry or settings().registry or ""
     if registry.startswith(("http://", "https://")):  # a hub: the plugin pulls with a token
         secrets_.append((ENV_TOKEN, "a token of the hub (`adapterhub login` shows where yours is kept)"))
     lines = [f"# set {name} first: {why}" for name, why in secrets_]
@@ -221,7 +224,7 @@ class VLLMServer:
         if opts.port is None:
             opts.port = free_port()
         if opts.plugin and not opts.config.admin_key:
-            opts.config.admin_key = "ahadmin_" + secrets.token_urlsafe(24)
+            opts.config.admin_key = keys.mint("ahadmin_")
         self.startup_timeout = startup_timeout or opts.startup_timeout
         self.process: subprocess.Popen | None = None
         self.command, self.env = build_command(opts)  # bad options fail here, before anything starts
