@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ADAPTERHUB = str(Path(sys.executable).parent / "adapterhub")
-EXAMPLE = Path(__file__).resolve().parents[1] / "adapterhub_lite" / "examples" / "capitals"
+EXAMPLE = Path(__file__).resolve().parents[1] / "adapters" / "capitals"
 
 
 def run(args: list[str], home: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:

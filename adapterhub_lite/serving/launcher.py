@@ -291,6 +291,7 @@ class VLLMServer:
         return ServingError(
             f"{what}: {safe(cause)}" if cause else what,
             hint=f"vLLM's full log: {self.log_path}",
+            kind=ErrorKind.UNAVAILABLE,  # the server could not start: nothing the request itself got wrong
         )
 
     def _phases(self, started: float, ready: float) -> dict[str, float]:
