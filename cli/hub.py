@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
     @run_cli
     def serve(
         registry: RegistryDir = None,
-        port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+        port: Annotated[int, typer.Option(help="TCP port (beside a server on 8000)")] = 8100,
         host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
         state: StateOpt = None,
         tokens_db: TokensDbOpt = None,

@@ -107,3 +107,25 @@ def test_serving_config_reads_the_settings(monkeypatch):
     config = ServingConfig.from_env()
     assert config.warmup is False and config.idle_seconds == 42
     assert ServingConfig(**{**config.__dict__}).to_env()["ADAPTERHUB_WARMUP"] == "0"
+
+
+def test_the_hub_and_a_server_default_to_different_ports():
+    """Both on one machine out of the box: the hub's default port is not the server's."""
+    import click
+    import typer
+
+    from adapterhub_lite.settings import HUB_PORT, SERVE_PORT
+    from cli.main import app
+
+    root = typer.main.get_command(app)
+    ctx = click.Context(root)
+
+    def default_port(*path: str) -> int:
+        cmd = root
+        for name in path:
+            cmd = cmd.get_command(ctx, name)
+        return next(p.default for p in cmd.params if p.name == "port")
+
+    assert HUB_PORT != SERVE_PORT
+    assert default_port("serve") == SERVE_PORT
+    assert default_port("hub", "serve") == HUB_PORT
