@@ -12,6 +12,17 @@ Two rules hold for every test, each a plugin of its own (`tests/test_suite_rules
 
 from __future__ import annotations
 
+import os
+
+from hypothesis import settings
+
 pytest_plugins = [
     "thread_failures", "isolation", "bundle_fixtures", "training_fixtures", "redis_server", "pg_server"
 ]
+
+
+# Under CI the property tests draw the same examples on every run, so a red CI is reproducible and a
+# green one is not luck; elsewhere they explore new examples each run (and fail where CI would not yet).
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")

@@ -167,6 +167,8 @@ CONFIG_MUTATIONS = {
 }
 # What a refusal of each mutated field must say (it names the field, not some later check it tripped).
 FIELD_REASONS = {field: rf"adapter_config\.json: {field}\b" for field in CONFIG_MUTATIONS}
+# A well-formed rank other than the weights' (r=1) is refused by the rank check, which names `r` too.
+FIELD_REASONS["r"] = r"adapter_config\.json: r\b|adapter_config\.json says r=-?\d+ for this module"
 TENSOR_FIELDS = ["dtype", "shape", "data_offsets", "<entry>", "<new key>", "<shift>"]
 
 
