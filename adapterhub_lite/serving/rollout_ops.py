@@ -10,10 +10,11 @@ import asyncio
 from typing import Any
 
 from adapterhub_lite import keys
-from adapterhub_lite.errors import AdapterHubError, ErrorKind, ServingError
+from adapterhub_lite.errors import AdapterHubError
 from adapterhub_lite.serving.rollout import Rollout
 from adapterhub_lite.serving.rollout_eval import Example, evaluate
 from adapterhub_lite.serving.rollout_store import RolloutStore
+from adapterhub_lite.serving.view import usable_ref
 
 CLI_ACTOR = "cli"
 
@@ -26,20 +27,7 @@ def admin_actor(admin_key: str) -> str:
 def check_candidate(store: RolloutStore, registry: Any, tenant: str, ref: str) -> str:
     """The candidate's full reference, if the registry knows it, it is not yanked, and the tenant may
     read it (as `tenant promote` checks)."""
-    t = store.tenants.get(tenant)
-    published = registry.resolve(ref)
-    full = published.ref
-    if getattr(published, "yanked", False):
-        raise ServingError(
-            f"{full} is yanked and cannot be rolled out", hint="pick another version", kind=ErrorKind.INVALID
-        )
-    if not registry.can_read(t.namespace, full):
-        raise ServingError(
-            f"tenant {tenant!r} (namespace {t.namespace!r}) may not use {full}",
-            hint=f"share it first: `adapterhub share {full} {t.namespace}`, or make it public",
-            kind=ErrorKind.FORBIDDEN,
-        )
-    return full
+    return usable_ref(store.tenants, registry, tenant, ref, "rolled out")
 
 
 def start(

@@ -138,12 +138,20 @@ def promote(store: TenantStore, registry: Any, tenant: str, alias: str, ref: str
     Checks that the registry knows `ref` and lets the tenant read it. Returns (new full ref, previous
     ref or None). Rolling back is promoting the previous reference again.
     """
+    full = usable_ref(store, registry, tenant, ref, "promoted")
+    previous = store.set_alias(tenant, alias, full)
+    return full, previous
+
+
+def usable_ref(store: TenantStore, registry: Any, tenant: str, ref: str, what: str) -> str:
+    """The full reference of `ref` if the registry knows it, it is not yanked and `tenant` may read it:
+    what a promote and a rollout's candidate both need. `what` says what is refused ("promoted")."""
     t = store.get(tenant)
     published = registry.resolve(ref)
     full = published.ref
     if getattr(published, "yanked", False):
         raise ServingError(
-            f"{full} is yanked and cannot be promoted", hint="promote another version", kind=ErrorKind.INVALID
+            f"{full} is yanked and cannot be {what}", hint="pick another version", kind=ErrorKind.INVALID
         )
     if not registry.can_read(t.namespace, full):
         raise ServingError(
@@ -151,5 +159,4 @@ def promote(store: TenantStore, registry: Any, tenant: str, alias: str, ref: str
             hint=f"share it first: `adapterhub share {full} {t.namespace}`, or make it public",
             kind=ErrorKind.FORBIDDEN,
         )
-    previous = store.set_alias(tenant, alias, full)
-    return full, previous
+    return full
