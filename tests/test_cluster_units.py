@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -57,22 +58,29 @@ def test_replica_caches_beyond_the_replica_count_and_old_random_ones_are_pruned(
     assert prune_replica_caches(str(tmp_path / "absent"), replicas=1) == []
 
 
-def test_a_private_temp_folder_is_removed_when_its_owner_is_gone(tmp_path):
+def test_a_private_temp_folder_is_removed_when_its_owner_is_gone():
+    import shutil
+    import tempfile
+
     from adapterhub_lite.serving import scratch
+
+    # A root of its own, short enough to be used as given (a long one falls back to the system's).
+    root = Path(tempfile.mkdtemp(prefix="t-", dir=scratch.SHORT_ROOT))
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        mine = scratch.make("vllm", os.getpid(), root=tmp_path)
-        theirs = scratch.make("vllm", child.pid, root=tmp_path)
+        mine = scratch.make("vllm", os.getpid(), root=root)
+        theirs = scratch.make("vllm", child.pid, root=root)
         assert oct(mine.stat().st_mode & 0o777) == "0o700"
-        assert scratch.prune("vllm", root=tmp_path) == []  # both owners alive
+        assert scratch.prune("vllm", root=root) == []  # both owners alive
     finally:
         child.kill()
         child.wait()
-    assert scratch.prune("vllm", root=tmp_path) == [theirs]
+    assert scratch.prune("vllm", root=root) == [theirs]
     assert mine.is_dir() and not theirs.exists()
     scratch.remove(mine)
-    assert list(tmp_path.iterdir()) == []
+    assert list(root.iterdir()) == []
+    shutil.rmtree(root)
 
 
 def test_the_ray_token_is_private_and_made_once(tmp_path, monkeypatch):
@@ -183,3 +191,24 @@ def test_the_ingress_refuses_bad_or_oversized_bodies_before_routing(headers, chu
     ingress = IngressServer.__new__(IngressServer)  # no Ray: the body checks come before any routing
     response = asyncio.run(ingress.__call__(_ingress_request(headers, chunks)))
     assert response.status_code == status
+
+
+def test_a_long_tmpdir_falls_back_to_a_root_short_enough_for_socket_paths(tmp_path):
+    """vLLM's ZeroMQ sockets live in the scratch folder; under a deep $TMPDIR their paths passed 107
+    bytes and vLLM refused to start (the first tutorial's test did, under pytest's tmp_path)."""
+    from adapterhub_lite.serving import scratch
+
+    deep = tmp_path / ("d" * 60)
+    deep.mkdir()
+    folder = scratch.make("vllm", os.getpid(), deep)
+    try:
+        assert len(str(folder / "082aab1c-b95c-4867-967f-2d2493547e6d")) <= 107
+        assert folder.parent == scratch.SHORT_ROOT
+    finally:
+        scratch.remove(folder)
+    assert not folder.exists()
+    short = tmp_path.parent.parent if len(str(tmp_path)) > scratch.MAX_ROOT_CHARS else tmp_path
+    if len(str(short)) <= scratch.MAX_ROOT_CHARS:  # a short root is used as given
+        kept = scratch.make("vllm", os.getpid(), short)
+        assert kept.parent == short
+        scratch.remove(kept)

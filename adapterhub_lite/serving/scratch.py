@@ -19,6 +19,19 @@ import psutil
 
 OWNER_FILE = ".owner"
 PREFIX = "ahl-"
+# vLLM puts ZeroMQ sockets straight into the folder (`<folder>/<uuid4>`), and a Unix socket path holds at
+# most 107 bytes: `<root>/ahl-vllm-XXXXXXXX/` + 36 leaves 52 for the root. A longer $TMPDIR (a test's
+# tmp_path, a deep home) falls back to the system's short one.
+MAX_ROOT_CHARS = 48
+SHORT_ROOT = Path("/tmp")
+
+
+def _root(root: str | Path | None) -> Path:
+    """Where the folders go: `root` (default $TMPDIR), or /tmp when that is too long for socket paths."""
+    base = Path(root or tempfile.gettempdir())
+    if len(str(base)) > MAX_ROOT_CHARS and SHORT_ROOT.is_dir():
+        return SHORT_ROOT
+    return base
 
 
 def _start_time(pid: int) -> float | None:
@@ -45,7 +58,7 @@ def _owner_alive(folder: Path) -> bool:
 def prune(kind: str, root: str | Path | None = None) -> list[Path]:
     """Remove the `kind` folders in `root` (default $TMPDIR) whose owner process is gone; returns them."""
     removed = []
-    for folder in Path(root or tempfile.gettempdir()).glob(f"{PREFIX}{kind}-*"):
+    for folder in _root(root).glob(f"{PREFIX}{kind}-*"):
         if folder.is_dir() and not folder.is_symlink() and not _owner_alive(folder):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
@@ -55,7 +68,7 @@ def prune(kind: str, root: str | Path | None = None) -> list[Path]:
 def make(kind: str, pid: int, root: str | Path | None = None) -> Path:
     """A new private folder for a `kind` process owned by process `pid` (stale ones pruned first)."""
     prune(kind, root)
-    folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{kind}-", dir=root))  # mode 0700
+    folder = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{kind}-", dir=_root(root)))  # mode 0700
     started = _start_time(pid)
     (folder / OWNER_FILE).write_text(json.dumps({"pid": pid, "started": started or 0.0}))
     return folder
