@@ -43,31 +43,26 @@ def _run_catching_thread_failures(phase: str) -> Iterator[None]:
         raise ThreadFailure(f"{len(caught)} thread(s) failed\n" + "\n".join(parts))
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_setup(item):
-    gen = _run_catching_thread_failures("setup")
+def _guarded(phase: str):
+    """The body of each phase's wrapper: the phase runs with thread failures caught and raised after."""
+    gen = _run_catching_thread_failures(phase)
     next(gen)
     try:
         return (yield)
     finally:
         next(gen, None)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_setup(item):
+    return (yield from _guarded("setup"))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_call(item):
-    gen = _run_catching_thread_failures("call")
-    next(gen)
-    try:
-        return (yield)
-    finally:
-        next(gen, None)
+    return (yield from _guarded("call"))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_teardown(item, nextitem):
-    gen = _run_catching_thread_failures("teardown")
-    next(gen)
-    try:
-        return (yield)
-    finally:
-        next(gen, None)
+    return (yield from _guarded("teardown"))
