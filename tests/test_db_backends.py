@@ -478,21 +478,9 @@ def test_a_tenant_already_in_memory_gets_503_while_the_database_is_down(own_post
         store=store,
         metrics=ServingMetrics(CollectorRegistry()),
     )
-    request = json.dumps({"model": "base", "prompt": "x", "max_tokens": 1}).encode()
-    scope = {"type": "http", "method": "POST", "path": "/v1/completions",
-             "headers": [(b"authorization", f"Bearer {key}".encode())]}
+    from gateway_client import asker
 
-    async def ask() -> tuple[int, dict]:
-        sent = []
-
-        async def receive():
-            return {"type": "http.request", "body": request, "more_body": False}
-
-        async def send(message):
-            sent.append(message)
-
-        await mw(scope, receive, send)
-        return sent[0]["status"], dict(sent[0]["headers"])
+    ask = asker(mw, key)
 
     async def run() -> list[tuple[str, int, dict]]:
         seen = [("up", *await ask())]

@@ -196,21 +196,9 @@ def _middleware_on(url: str, failure: str, store_path):
     config = ServingConfig(admin_key="admin", warmup=False, served_name="base", rate_limit_url=url,
                            rate_limit_failure=failure)
     mw = TenancyMiddleware(vllm, config=config, store=store, metrics=ServingMetrics(CollectorRegistry()))
-    request = json.dumps({"model": "base", "prompt": "x", "max_tokens": 1}).encode()
-    scope = {"type": "http", "method": "POST", "path": "/v1/completions",
-             "headers": [(b"authorization", f"Bearer {key}".encode())]}
+    from gateway_client import asker
 
-    async def ask() -> tuple[int, dict]:
-        sent = []
-
-        async def receive():
-            return {"type": "http.request", "body": request, "more_body": False}
-
-        async def send(message):
-            sent.append(message)
-
-        await mw(scope, receive, send)
-        return sent[0]["status"], dict(sent[0]["headers"])
+    ask = asker(mw, key)
 
     return ask, mw
 
