@@ -114,11 +114,8 @@ class UsageLedger:
 
     @classmethod
     def from_env(cls, store: UsageStore) -> UsageLedger:
-        return cls(
-            store,
-            flush_seconds=settings().usage_flush_seconds,
-            queue_max=settings().usage_queue,
-        )
+        env = settings()
+        return cls(store, flush_seconds=env.usage_flush_seconds, queue_max=env.usage_queue)
 
     # -- the request path (event loop): nothing here waits --------------------------------------------
 
