@@ -1,22 +1,10 @@
 """The serving settings, read from environment variables so that any `vllm serve` command line gets them.
 
-`adapterhub serve` sets these for you. With your own vLLM command line, set them yourself:
+`adapterhub serve` sets these for you. With your own vLLM command line, set them yourself (every
+`ADAPTERHUB_*` variable, its default and meaning: `adapterhub_lite/settings.py`, the docs' settings
+reference); at least `ADAPTERHUB_ADMIN_KEY`, `ADAPTERHUB_TENANTS_DB`, `ADAPTERHUB_REGISTRY` and
+`ADAPTERHUB_BASE_DIR`, then:
 
-    ADAPTERHUB_ADMIN_KEY=...              admin key for load/unload and /adapterhub/* routes (required)
-    ADAPTERHUB_TENANTS_DB=~/.adapterhub/tenants.db   the tenant store (`adapterhub tenant ...` writes it)
-    ADAPTERHUB_REGISTRY=~/.adapterhub/registry       where adapters are pulled from
-    ADAPTERHUB_BASE_DIR=/path/to/base                the served base (its fingerprint must match bundles')
-    ADAPTERHUB_CACHE_DIR=~/.adapterhub/serve-cache   verified bundles, bounded LRU on disk
-    ADAPTERHUB_CACHE_MAX_MB=2048                     disk cache bound
-    ADAPTERHUB_MAX_LORA_RANK=16                      = vLLM's --max-lora-rank
-    ADAPTERHUB_MAX_LOADED=8                          adapters kept loaded in vLLM (the hot set)
-    ADAPTERHUB_IDLE_SECONDS=600                      unload an adapter unused this long
-    ADAPTERHUB_TRUSTED_KEYS=key1.pem:key2.pem        when set, bundles must be signed by one of these
-    ADAPTERHUB_WARMUP=1                              0: /health is ready without the LoRA warm-up
-    ADAPTERHUB_HEAP_TRIM=1                           0: vLLM's worker keeps freed heap pages (see plugin.py)
-    ADAPTERHUB_RATE_LIMIT_URL=redis://host:6379/0    per-tenant limits shared by every replica (unset:
-                                                     in-process, per API-server process)
-    ADAPTERHUB_RATE_LIMIT_FAILURE=open               Redis unreachable: `open` admits, `closed` answers 503
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_PLUGINS=adapterhub
     python -m vllm.entrypoints.launchers.api_server.entry --model $ADAPTERHUB_BASE_DIR --enable-lora \
         --max-lora-rank 16 --max-loras 32 --max-cpu-loras 64 \
@@ -24,7 +12,7 @@
 
 (`adapterhub serve --print-command` prints the exact command; adapterhub_lite/vllm_compat/launch.py says
 why this module.) These dataclass defaults are the one home of the serving defaults: `ServeOptions` and
-the `serve` command's flags read them.
+the `serve` command's flags read them, and they are the settings module's own.
 """
 
 from __future__ import annotations
@@ -33,7 +21,7 @@ import os
 from dataclasses import dataclass, field
 
 from adapterhub_lite.registry.config import ENV_REGISTRY
-from adapterhub_lite.settings import env_name, settings, state_dir
+from adapterhub_lite.settings import Settings, env_name, settings, state_dir
 
 ENV_ADMIN_KEY = env_name("admin_key")
 ENV_TENANTS_DB = env_name("tenants_db")
@@ -49,6 +37,9 @@ ENV_WARMUP = env_name("warmup")
 ENV_HEAP_TRIM = env_name("heap_trim")
 ENV_RATE_LIMIT_URL = env_name("rate_limit_url")
 ENV_RATE_LIMIT_FAILURE = env_name("rate_limit_failure")
+
+# The settings' defaults, so a config made in code and one read from the environment agree.
+_DEFAULT = {name: f.default for name, f in Settings.model_fields.items()}
 
 DEFAULT_HOT_SET = 8  # hot set when neither ADAPTERHUB_MAX_LOADED nor --max-cpu-loras says
 
@@ -76,15 +67,15 @@ class ServingConfig:
     base_dir: str | None = None
     served_name: str | None = None
     cache_dir: str = str(state_dir() / "serve-cache")
-    cache_max_mb: int = 2048
+    cache_max_mb: int = _DEFAULT["cache_max_mb"]
     max_lora_rank: int | None = None
     max_loaded: int | None = None  # None: vLLM's --max-cpu-loras (the launcher knows it)
-    idle_seconds: int = 600
+    idle_seconds: int = _DEFAULT["idle_seconds"]
     trusted_keys: list[str] = field(default_factory=list)
-    warmup: bool = True
-    heap_trim: bool = True
+    warmup: bool = _DEFAULT["warmup"]
+    heap_trim: bool = _DEFAULT["heap_trim"]
     rate_limit_url: str | None = None  # redis://...: one bucket per tenant across replicas
-    rate_limit_failure: str = "open"  # what limits do while Redis is unreachable: open or closed
+    rate_limit_failure: str = _DEFAULT["rate_limit_failure"]  # Redis unreachable: open or closed
 
     def hot_set_size(self) -> int:
         """Adapters kept loaded in vLLM at most."""
