@@ -103,6 +103,9 @@ class Settings(BaseSettings):
         None, gt=0, description="adapters kept loaded in vLLM, the hot set (default: `--max-cpu-loras`)"
     )
     idle_seconds: int = Field(600, gt=0, description="unload an adapter unused this long")
+    drain_seconds: int = Field(
+        20, ge=0, description="at a stop, requests in flight get this long to finish (0: cut at once)"
+    )
     warmup: bool = Field(True, description="off: `/health` says ready without the LoRA warm-up")
     heap_trim: bool = Field(True, description="off: vLLM's worker keeps freed heap pages after LoRA changes")
     kv_zeroing: bool = Field(

@@ -2,8 +2,9 @@
 
 Every test starts with no library `ADAPTERHUB_*` variable set and its own empty `HOME`, so nothing
 reads or writes the real `~/.adapterhub` and a variable one test sets cannot change the next one's
-behaviour; torch's thread count is put back after each test. Session fixtures are built before this
-runs (pytest sets up wider scopes first), with the environment the suite was started in.
+behaviour; torch's thread count is put back and usage-ledger writers are closed after each test.
+Session fixtures are built before this runs (pytest sets up wider scopes first), with the environment
+the suite was started in.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def _isolated_environment(tmp_path_factory, monkeypatch) -> Iterator[None]:
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch is not None else None
     yield
+    ledger = sys.modules.get("adapterhub_lite.serving.ledger")
+    if ledger is not None:  # a usage-ledger writer a test started must not outlive it (or its database)
+        ledger.close_all(timeout=10)
     torch = sys.modules.get("torch")
     if torch is not None and threads is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)

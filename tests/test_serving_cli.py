@@ -140,13 +140,15 @@ def test_serve_starts_answers_and_stops_cleanly_under_load(tmp_path, stop_signal
             if t.ident is not None:
                 t.join(timeout=60)
     assert code == 0, proc.stdout.read()
-    # Answered under load before the stop, and never an HTTP error (a 500) during it. What happens to a
-    # request in flight is not a promise of `serve` today: runs saw it cut (RemoteProtocolError,
-    # ReadError) and once left without an answer until the client's 60 s timeout (ReadTimeout, Ctrl-C);
-    # docs/explanation/claims.md lists it as open.
+    # Answered under load before the stop, never an HTTP error (a 500) during it, and a request in flight
+    # at the stop is answered, not cut: vLLM drains (--shutdown-timeout, ADAPTERHUB_DRAIN_SECONDS), so
+    # it gets its completion, or a 503 with Retry-After when it reached the engine after the stop began.
     assert statuses.count(200) >= 3, statuses
     assert all(s in (200, 503) for s in statuses if isinstance(s, int)), statuses
-    assert any(sent < signalled <= answered for sent, answered, _ in spans), "nothing in flight at the stop"
+    in_flight = [status for sent, answered, status in spans if sent < signalled <= answered]
+    assert in_flight, "nothing in flight at the stop"
+    assert all(s in (200, 503) for s in in_flight), spans
+    assert 200 in in_flight, f"no request in flight at the stop was finished: {spans}"
     assert all(t.ident is None or not t.is_alive() for t in threads), "a request hung past the stop"
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=2)

@@ -41,6 +41,8 @@ class StandIn:
     """Answers every request as a completion and records the bodies that reached it."""
 
     bodies: list[dict] = field(default_factory=list)
+    failure: str | None = None  # "500", "502": answer that; "raise": let an exception escape, as vLLM's
+    # engine can when it dies under a request
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "lifespan":
@@ -56,6 +58,14 @@ class StandIn:
             if not message.get("more_body"):
                 break
         self.bodies.append(json.loads(body))
+        if self.failure == "raise":
+            raise RuntimeError("EngineDeadError: the engine core died")
+        if self.failure is not None:
+            error = json.dumps({"error": {"message": "EngineDeadError: engine core died", "code": 500}})
+            await send({"type": "http.response.start", "status": int(self.failure), "headers": []})
+            await send({"type": "http.response.body", "body": error.encode()[:10], "more_body": True})
+            await send({"type": "http.response.body", "body": error.encode()[10:]})
+            return
         answer = json.dumps(
             {
                 "object": "text_completion",
@@ -468,3 +478,18 @@ def test_fuzzed_openai_requests_with_a_tenant_key_never_get_a_5xx(served, path):
     check()
     assert any(status == 200 for status, _ in seen) and any(400 <= s < 500 for s, _ in seen)
     _served_ok(served)
+
+
+@pytest.mark.parametrize("failure", ["500", "502", "raise"])
+def test_a_server_error_from_vllm_reaches_the_client_as_a_503_with_retry_after(front, failure):
+    """A stop under load aborts requests inside vLLM (a 500 from its engine, or an exception escaping);
+    the client is told to retry (503, Retry-After), never shown a 500 or vLLM's internals."""
+    front.vllm.failure = failure
+    try:
+        res = front.post("acme", {"model": BASE, "prompt": "hi", "max_tokens": 2})
+    finally:
+        front.vllm.failure = None
+    message = _error(res, 503)
+    assert res.headers["retry-after"] == "2"
+    assert "retry" in message and "Engine" not in message, message
+    front.ok()

@@ -1,13 +1,24 @@
-"""Pass a rewritten request on to vLLM and count what comes back (status, tokens) without changing it."""
+"""Pass a rewritten request on to vLLM and count what comes back (status, tokens).
+
+The answer goes back unchanged, with one exception: a server error from vLLM (its engine stopping or
+dead, a request aborted by a stop) reaches the client as a 503 with Retry-After, never a 500: the
+request did nothing wrong, and a client or load balancer should retry it, on this server or another.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
-from adapterhub_lite.serving.asgi import App, Message, Receive, Scope, Send, replay_body
+from adapterhub_lite.serving.asgi import App, Message, Receive, Scope, Send, replay_body, send_error
 from adapterhub_lite.serving.metrics import ServingMetrics
 from adapterhub_lite.serving.usage import UsageMeter, without_usage_event
+
+UNAVAILABLE_MESSAGE = "the model server is stopping or its engine failed; retry shortly"
+_RETRY_AFTER_S = b"2"
+_REPLACED = frozenset(range(500, 600)) - {503}  # vLLM's own 503 (a full queue) already says "retry"
+logger = logging.getLogger("adapterhub.serving")
 
 
 async def forward(
@@ -35,17 +46,48 @@ async def forward(
     inner_receive = replay_body(body, receive)  # a client going away still reaches vLLM
 
     usage = UsageMeter()
+    started = False
+    replaced = False  # vLLM's 5xx answer is being swallowed; a 503 goes out at its end
 
     async def inner_send(message: Message) -> None:
+        nonlocal started, replaced
+        if message["type"] == "http.response.start" and message.get("status", 200) in _REPLACED:
+            replaced = True
+            return
+        if replaced:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                await unavailable()
+            return
+        started = started or message["type"] == "http.response.start"
         usage.observe(message)
         if hide_usage and usage.streaming and message["type"] == "http.response.body":
             message = {**message, "body": without_usage_event(message.get("body", b""))}
         await send(message)
 
+    async def unavailable() -> None:
+        nonlocal started
+        started = True
+        usage.observe({"type": "http.response.start", "status": 503, "headers": []})
+        await send_error(
+            send,
+            503,
+            UNAVAILABLE_MESSAGE,
+            "ServiceUnavailableError",
+            None,
+            [(b"retry-after", _RETRY_AFTER_S)],
+        )
+
     try:
-        await app(inner_scope, inner_receive, inner_send)
+        try:
+            await app(inner_scope, inner_receive, inner_send)
+        except Exception as exc:
+            # vLLM let an error escape (its engine died under the request): above us only a 500 waits
+            if started:
+                raise
+            logger.warning("adapterhub: vLLM failed a request (%s); answered 503", type(exc).__name__)
+            await unavailable()
     finally:
-        status = usage.status or 500
+        status = usage.status or 503
         adapter_label = metrics.adapter(adapter_label)
         metrics.requests.labels(tenant_label, adapter_label, str(status)).inc()
         if status >= 400:

@@ -96,6 +96,7 @@ class ServeOptions:
     extra_args: list[str] = field(default_factory=list)
     log_path: str | None = None
     startup_timeout: float = 600.0  # a busy 2-core host has taken minutes
+    drain_seconds: int | None = None  # None: ADAPTERHUB_DRAIN_SECONDS
     verbose: bool = False  # copy vLLM's output to stderr as well as to the log
 
     def __init__(
@@ -126,6 +127,10 @@ class ServeOptions:
                 object.__setattr__(self, "max_loras", min(loras, self.max_cpu_loras or loras))
             if self.max_cpu_loras is None:
                 object.__setattr__(self, "max_cpu_loras", max(cpu_loras, self.max_loras))
+
+    def drain(self) -> int:
+        """Seconds a stop gives the requests in flight (vLLM's `--shutdown-timeout`)."""
+        return settings().drain_seconds if self.drain_seconds is None else self.drain_seconds
 
     def __getattr__(self, name: str) -> Any:
         if name in _CONFIG_FIELDS and "config" in self.__dict__:
@@ -178,6 +183,7 @@ def build_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
         host=opts.host,
         port=opts.port or 0,
         max_model_len=opts.max_model_len,
+        drain_seconds=opts.drain(),
     )
     env = launch.plugin_env(opts.plugin)
     if on_cpu():
@@ -314,7 +320,8 @@ class VLLMServer:
             self.scratch = None
             return None
         shm = self._shm | processes.shm_segments(processes.group_pids(proc.pid))
-        code = processes.stop_in_order(proc, timeout=timeout)
+        # vLLM drains first: the requests in flight get `drain` s, then the engine shuts down in order
+        code = processes.stop_in_order(proc, timeout=timeout + self.opts.drain())
         self.shm_left = sorted(p for p in shm if Path(p).exists())
         for path in self.shm_left:  # the group is gone: whatever it left is nobody's
             Path(path).unlink(missing_ok=True)

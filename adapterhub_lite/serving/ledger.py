@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -200,7 +201,7 @@ class UsageLedger:
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(target=self._run, name="adapterhub-usage-ledger", daemon=True)
                 self._thread.start()
-                atexit.register(self.close)
+                _RUNNING.add(self)
 
     def _run(self) -> None:
         while True:
@@ -276,6 +277,17 @@ class UsageLedger:
             thread.join(timeout)
         else:
             self._drain(stopping=True)
+
+
+_RUNNING: weakref.WeakSet[UsageLedger] = weakref.WeakSet()  # writers whose thread runs in this process
+
+
+@atexit.register
+def close_all(timeout: float = 30.0) -> None:
+    """Close every ledger writer of this process (each writes what it queued): at interpreter exit."""
+    for ledger in list(_RUNNING):
+        ledger.close(timeout)
+        _RUNNING.discard(ledger)
 
 
 def open_ledger(db: Any) -> UsageLedger | None:

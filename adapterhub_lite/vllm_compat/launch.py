@@ -43,8 +43,10 @@ def server_flags(
     port: int,
     max_model_len: int,
     uvicorn_log_level: str = "warning",
+    drain_seconds: int = 0,
 ) -> list[str]:
-    """The flags naming the model and where to listen."""
+    """The flags naming the model and where to listen, and how long a stop lets requests in flight
+    finish (vLLM's "drain" mode; 0 is its "abort" mode)."""
     return [
         "--model",
         model,
@@ -58,6 +60,8 @@ def server_flags(
         str(max_model_len),
         "--uvicorn-log-level",
         uvicorn_log_level,
+        "--shutdown-timeout",
+        str(drain_seconds),
     ]
 
 
