@@ -84,6 +84,7 @@ def test_resume_with_other_settings_is_refused_before_the_model_is_loaded(tmp_pa
     assert "was made with other settings: method: 'qlora' -> 'lora'" in err
 
 
+@pytest.mark.slow  # two CLI processes that each load the base model
 def test_eval_shows_no_loader_bars(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join((EXAMPLE / "data.jsonl").read_text().splitlines(keepends=True)[:4]))
