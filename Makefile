@@ -8,7 +8,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # The contributors' loop: everything but the tests that train or serve for real (under a minute).
 test-fast: $(STAMP)

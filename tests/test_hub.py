@@ -516,3 +516,34 @@ def test_an_index_from_before_checked_bases_is_upgraded(tmp_path, bundles):
     con = sqlite3.connect(index)
     assert con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
     con.close()
+
+
+def _folder_bytes(root: Path) -> int:
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+def test_serving_copies_stay_within_their_bound_and_are_let_go_after_each_response(tmp_path, bundles):
+    """The hub's serving copies are the one bundle cache (registry/cache.py): bounded, least recently used
+    first, and a copy is leased only while a response reads it."""
+    with running_hub(tmp_path / "registry") as h:
+        hub = h.app.state.hub
+        h.client("acme", "publish").publish(bundles["1.0.0"])
+        one = _folder_bytes(h.state_dir / "bundles")
+        assert one > 0, "a publish keeps its verified upload as the serving copy"
+        hub.cache.max_bytes = one + one // 2  # room for one copy, not two
+        h.client("acme", "publish").publish(bundles["1.1.0"])
+        h.client("globex", "publish").publish(bundles["globex"])
+        reader = h.client("globex", "read")
+        acme = h.client("acme", "read")
+        for client, ref in [(acme, "acme/geo@1.0.0"), (reader, "globex/bot@1.0.0"), (acme, "acme/geo@1.1.0")]:
+            out = client.pull(ref, tmp_path / "pulled" / ref.replace("/", "_"))
+            assert verify_bundle(out).digest == client.resolve(ref).digest
+            assert hub.cache.leased() == set(), "a response let go of its copy once sent"
+            assert _folder_bytes(h.state_dir / "bundles") <= hub.cache.max_bytes
+        assert (
+            h.get(
+                "/api/v1/manifest", params={"ref": "acme/geo@1.0.0"}, token=h.token("acme", "read")
+            ).status_code
+            == 200
+        )
+        assert hub.cache.leased() == set()

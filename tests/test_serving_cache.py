@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from adapterhub_lite.errors import ErrorKind, ServingError
-from adapterhub_lite.serving.cache import BundleCache
+from adapterhub_lite.errors import ErrorKind, RegistryError
+from adapterhub_lite.registry.cache import BundleCache
 
 
 def _filler(size: int):
@@ -73,11 +73,11 @@ def test_leases_are_bounded_and_pins_never_push_the_cache_over_its_bound(tmp_pat
     cache = BundleCache(tmp_path / "c", max_bytes=2500, max_leases=2)
     a = cache.put_leased("sha256:a", _filler(1000), size=1000)
     b = cache.put_leased("sha256:b", _filler(1000), size=1000)
-    with pytest.raises(ServingError, match="being handed to vLLM") as full:
+    with pytest.raises(RegistryError, match="being handed out") as full:
         cache.acquire("sha256:a")
     assert full.value.kind is ErrorKind.UNAVAILABLE and full.value.retry_after
     # Both entries leased: a third bundle has no room; a clear, retryable refusal, not an overflow.
-    with pytest.raises(ServingError, match="no room in the bundle cache") as no_room:
+    with pytest.raises(RegistryError, match="no room in the bundle cache") as no_room:
         cache.put("sha256:c", _filler(1000), size=1000, label="acme/c@1.0.0")
     assert no_room.value.kind is ErrorKind.UNAVAILABLE and no_room.value.retry_after
     assert cache.total_bytes() <= 2500 and cache.get("sha256:c") is None
@@ -114,7 +114,7 @@ def test_no_handed_out_folder_vanishes_under_churn(tmp_path):
             digest = rng.choice(digests)
             try:
                 lease = cache.acquire(digest) or cache.put_leased(digest, _filler(1000), size=1000)
-            except ServingError as exc:
+            except RegistryError as exc:
                 assert exc.kind is ErrorKind.UNAVAILABLE
                 refused[0] += 1
                 continue
@@ -184,7 +184,7 @@ def test_bundle_cache_bound_counts_downloads_in_progress(tmp_path):
     release.set()
     t.join()
     assert cache.total_bytes() <= 3000
-    with pytest.raises(ServingError, match="more than the whole bundle cache") as big:
+    with pytest.raises(RegistryError, match="more than the whole bundle cache") as big:
         cache.put("sha256:huge", _filler(10), size=3001, label="acme/huge@1.0.0")
     assert big.value.kind is ErrorKind.UNAVAILABLE
     assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".incoming")]

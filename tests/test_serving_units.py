@@ -9,7 +9,7 @@ import time
 import pytest
 
 from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError, ServingError
-from adapterhub_lite.serving.cache import BundleCache
+from adapterhub_lite.registry.cache import BundleCache
 from adapterhub_lite.serving.eviction import Evictor
 from adapterhub_lite.serving.ratelimit import RateLimiter
 from adapterhub_lite.serving.tenancy import TenantStore, hash_key

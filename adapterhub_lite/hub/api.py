@@ -12,6 +12,7 @@ import hashlib
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Request
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -120,7 +121,8 @@ async def files(request: Request, ref: RefQ) -> Response:
     """The files of a version with their sizes and sha256 (manifest and signatures included)."""
     hub = _hub(request)
     p = await _readable(request, ref)
-    d = await run_in_threadpool(hub.cache.get, hub.registry, p.ref, p.digest)
+    lease = await run_in_threadpool(hub.bundle, p)
+    d = lease.path
 
     def listing() -> list[dict[str, Any]]:
         out = []
@@ -134,7 +136,10 @@ async def files(request: Request, ref: RefQ) -> Response:
                 out.append({"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()})
         return out
 
-    return JSONResponse({"ref": p.ref, "digest": p.digest, "files": await run_in_threadpool(listing)})
+    try:
+        return JSONResponse({"ref": p.ref, "digest": p.digest, "files": await run_in_threadpool(listing)})
+    finally:
+        hub.cache.release(lease)
 
 
 @router.get(
@@ -155,10 +160,16 @@ async def file(
     p = await _readable(request, ref)
     if file not in _SERVED_FILES:
         raise not_found(f"{ref}:{file}")
-    d = await run_in_threadpool(hub.cache.get, hub.registry, p.ref, p.digest)
-    if not (d / file).is_file():
+    lease = await run_in_threadpool(hub.bundle, p)
+    if not (lease.path / file).is_file():
+        hub.cache.release(lease)
         raise not_found(f"{ref}:{file}")
-    return _BlobResponse(d / file, media_type="application/octet-stream", filename=file)
+    return _BlobResponse(  # the copy stays leased until the last byte is sent
+        lease.path / file,
+        media_type="application/octet-stream",
+        filename=file,
+        background=BackgroundTask(hub.cache.release, lease),
+    )
 
 
 @router.get(
@@ -169,8 +180,11 @@ async def file(
 async def manifest(request: Request, ref: RefQ) -> Response:
     hub = _hub(request)
     p = await _readable(request, ref)
-    d = await run_in_threadpool(hub.cache.get, hub.registry, p.ref, p.digest)
-    return Response((d / MANIFEST_FILE).read_bytes(), media_type="application/json")
+    lease = await run_in_threadpool(hub.bundle, p)
+    try:
+        return Response((lease.path / MANIFEST_FILE).read_bytes(), media_type="application/json")
+    finally:
+        hub.cache.release(lease)
 
 
 @router.get(wire.SEARCH.path, response_model=list[wire.VersionRow])

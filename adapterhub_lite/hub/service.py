@@ -6,6 +6,8 @@ upload temp files, and the serving copies of bundles.
 
 from __future__ import annotations
 
+import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,13 +18,18 @@ from adapterhub_lite import keys
 from adapterhub_lite.bundles.manifest import MANIFEST_FILE, Manifest, parse_manifest
 from adapterhub_lite.bundles.naming import Ref
 from adapterhub_lite.bundles.naming import parse_ref as _parse_ref
-from adapterhub_lite.errors import ErrorKind
+from adapterhub_lite.errors import AdapterHubError, ErrorKind
 from adapterhub_lite.hub.access import Caller
-from adapterhub_lite.hub.cache import DEFAULT_MAX_BYTES, BundleCache
 from adapterhub_lite.hub.catalog import Catalog
 from adapterhub_lite.hub.tokens import TOKENS_FILE, HubError, TokenStore
 from adapterhub_lite.hub.upload import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_UPLOAD, UploadLimits, Uploads
+from adapterhub_lite.registry.cache import BundleCache, Lease
 from adapterhub_lite.registry.wire import MAX_RESULTS
+
+logger = logging.getLogger("adapterhub.hub")
+# A serving copy stays leased (never evicted) while a response reads it; a response that never reports
+# back (a client gone, a bug) lets go of it after this long.
+_SERVE_LEASE_S = 3600.0
 
 
 def state_dir_for(registry_location: str | Path) -> Path:
@@ -40,7 +47,7 @@ class HubConfig:
     upload_deadline_s: float = UploadLimits.deadline_s
     uploads_per_token: int = UploadLimits.per_token
     uploads_total: int = UploadLimits.total
-    cache_bytes: int = DEFAULT_MAX_BYTES
+    cache_bytes: int = 20 * 1024**3  # the serving copies' bound (least recently used go first)
     concurrent_publishes: int = 2
     # vLLM's own validator on every publish (None: when vLLM is importable, as `verify` does).
     vllm_check: bool | None = None
@@ -66,7 +73,8 @@ class Hub:
         self.uploads = Uploads(
             config.state_dir / "uploads", config.max_upload, config.idle_timeout_s, config.vllm_check, limits
         )
-        self.cache = BundleCache(config.state_dir / "bundles", config.cache_bytes)
+        # The serving copies: pulls are plain file reads; a publish leaves its verified upload here.
+        self.cache = BundleCache(config.state_dir / "bundles", config.cache_bytes, bound_hint="retry shortly")
         self.publish_slots = anyio.Semaphore(config.concurrent_publishes)
         self.catalog = Catalog(lambda: self.versions(None), changed=_change_probe(registry))
 
@@ -101,6 +109,17 @@ class Hub:
             rows = caller.visible(self.registry, self.catalog.search(q, base=base, tag=tag))
         return rows[offset : offset + min(limit, MAX_RESULTS)], len(rows)
 
+    def bundle(self, p: Any) -> Lease:
+        """The serving copy of version `p` (pulled and verified from the registry on first request),
+        leased: release it (`self.cache.release`) once the response that reads it is sent."""
+        return self.cache.fetch(
+            p.digest,
+            lambda tmp: Path(self.registry.pull(p.ref, tmp / "bundle", vllm_check=False)),
+            size=int(getattr(p, "size", 0) or 0),
+            label=p.ref,
+            seconds=_SERVE_LEASE_S,
+        )
+
     def manifest_of(self, ref: str, bundle_dir: Path) -> Manifest:
         return parse_manifest((bundle_dir / MANIFEST_FILE).read_bytes(), f"{ref}:{MANIFEST_FILE}")
 
@@ -115,7 +134,12 @@ class Hub:
             caller.require_write(self.registry, namespace)
 
         published, bundle = self.uploads.publish(self.registry, staged, authorize, self.config.bases)
-        self.cache.adopt(bundle, published.digest)
+        try:  # the verified upload becomes the serving copy, moved in (not copied)
+            self.cache.put(published.digest, lambda _tmp: bundle, label=published.ref)
+        except (OSError, AdapterHubError) as exc:  # published all the same: the copy is pulled when asked
+            logger.warning("hub: the serving copy of %s was not kept: %s", published.ref, exc)
+        finally:
+            shutil.rmtree(bundle, ignore_errors=True)  # left only when the digest was already there
         self.catalog.refresh()
         return published, bundle
 

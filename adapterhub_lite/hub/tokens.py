@@ -75,7 +75,11 @@ def _bad_token() -> HubError:
 def _info(r: Row, revoked: bool | None = None) -> TokenInfo:
     m = r._mapping
     return TokenInfo(
-        m["id"], m["namespace"], m["scope"], m["created"], bool(m["revoked"]) if revoked is None else revoked,
+        m["id"],
+        m["namespace"],
+        m["scope"],
+        m["created"],
+        bool(m["revoked"]) if revoked is None else revoked,
         m["note"],
     )
 

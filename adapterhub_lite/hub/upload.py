@@ -39,6 +39,8 @@ class Staged:
 
     folder: Path
     precomputed: Precomputed
+
+
 DEFAULT_IDLE_TIMEOUT_S = 60.0
 
 

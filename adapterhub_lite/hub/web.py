@@ -92,14 +92,20 @@ def _adapter_context(request: Request, ns: str, name: str) -> dict[str, Any]:
         p = hub.registry.resolve(package)
     except AdapterHubError:
         p = versions[-1]  # every version yanked: show the newest, flagged
-    d = hub.cache.get(hub.registry, p.ref, p.digest)
-    m = hub.manifest_of(p.ref, d)
+    lease = hub.bundle(p)
+    try:
+        d = lease.path
+        m = hub.manifest_of(p.ref, d)
+        signatures = (d / SIGNATURES_FILE).read_bytes() if (d / SIGNATURES_FILE).is_file() else None
+        card = (d / CARD_FILE).read_text(encoding="utf-8", errors="replace")
+    finally:
+        hub.cache.release(lease)
     signers: list[str] = []
-    if (d / SIGNATURES_FILE).is_file():
+    if signatures is not None:
         trusted = {key_id(k) for k in getattr(hub.registry, "trusted_keys", [])}
         signers = [
             s + (" (trusted by this hub)" if s in trusted else "")
-            for s in check_signatures((d / SIGNATURES_FILE).read_bytes(), p.digest, [])
+            for s in check_signatures(signatures, p.digest, [])
         ]
     history = loss_history(m.training)
     adapter_m = (m.training or {}).get("metrics") or {}
@@ -117,7 +123,7 @@ def _adapter_context(request: Request, ns: str, name: str) -> dict[str, Any]:
         metrics=_metrics(m.training),
         plot=loss_svg(history, evals),
         has_history=bool(history),
-        card=card_html((d / CARD_FILE).read_text(encoding="utf-8", errors="replace")),
+        card=card_html(card),
         hub_url=hub.config.public_url or _own_address(request),
     )
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_lite.errors import AdapterHubError, ErrorKind, ServingError
-from adapterhub_lite.serving.cache import BundleCache, Lease
+from adapterhub_lite.registry.cache import BundleCache, Lease
 from adapterhub_lite.serving.config import ServingConfig
 from adapterhub_lite.serving.tenancy import is_full_ref
 from adapterhub_lite.vllm_compat.server import lora_request, resolver_base
@@ -60,7 +60,11 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
     ) -> None:
         self.config = config
         self.max_refs = max_refs
-        self.cache = BundleCache(config.cache_dir, config.cache_max_mb * 1024 * 1024)
+        self.cache = BundleCache(
+            config.cache_dir,
+            config.cache_max_mb * 1024 * 1024,
+            bound_hint="raise --cache-max-mb (ADAPTERHUB_CACHE_MAX_MB)",
+        )
         self._registry = registry
         self._fingerprint: str | None = None
         self._base_dir: Path | None = None
@@ -182,15 +186,13 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
             digest = published.digest
             lease: Lease | None = None
             try:
-                lease = self.cache.acquire(digest, seconds)
-                if lease is None:
-                    lease = self.cache.put_leased(
-                        digest,
-                        lambda tmp: Path(self.registry.pull(ref, tmp / "bundle")),
-                        size=int(getattr(published, "size", 0) or 0),
-                        label=ref,
-                        seconds=seconds,
-                    )
+                lease = self.cache.fetch(
+                    digest,
+                    lambda tmp: Path(self.registry.pull(ref, tmp / "bundle")),
+                    size=int(getattr(published, "size", 0) or 0),
+                    label=ref,
+                    seconds=seconds,
+                )
                 path = lease.path
                 # Verified after download and again on a load more than _REVERIFY_AFTER_S after the
                 # last check: the disk cache is not trusted either.

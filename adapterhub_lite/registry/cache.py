@@ -1,4 +1,5 @@
-"""A bounded LRU cache of verified bundles on local disk.
+"""A bounded LRU cache of bundles on local disk: the one used by the serving resolver (the folders it
+hands to vLLM) and by the hub (the copies it serves pulls from).
 
 Entries are keyed by content digest, so two references to the same bytes share one copy. An entry is
 written to a temporary folder inside the cache (`.incoming-*`) and renamed into place, so a crash never
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapterhub_lite.errors import ErrorKind, ServingError
+from adapterhub_lite.errors import ErrorKind, RegistryError
 
 INCOMING_PREFIX = ".incoming-"
 # Longest a lease pins an entry: far above the time vLLM's engine takes to read a folder it was handed
@@ -70,12 +71,14 @@ class BundleCache:
         lease_seconds: float = LEASE_SECONDS,
         max_leases: int = MAX_LEASES,
         clock: Callable[[], float] = time.monotonic,
+        bound_hint: str = "raise the bundle cache's bound",
     ) -> None:
         self.root = Path(root).expanduser()  # created on first put: vLLM loads the plugin in every process
         self.max_bytes = max_bytes
         self.lease_seconds = lease_seconds
         self.max_leases = max_leases
         self._clock = clock
+        self.bound_hint = bound_hint  # how the user raises max_bytes (a flag or setting of theirs)
         self._lock = threading.Lock()  # eviction, renames into place, taking a lease
         # Its own lock, so a release never waits behind an eviction's deletes (the event loop releases).
         self._lease_lock = threading.Lock()
@@ -105,7 +108,7 @@ class BundleCache:
     def acquire(self, digest: str, seconds: float | None = None) -> Lease | None:
         """The entry for `digest` under a lease (marked as just used); None if absent.
 
-        Raises ServingError (unavailable) when `max_leases` are held.
+        Raises RegistryError (unavailable) when `max_leases` are held.
         """
         with self._lock:  # no eviction runs between the check and the lease
             path = self.get(digest)
@@ -134,8 +137,8 @@ class BundleCache:
         self.leased()  # drop expired leases before counting
         with self._lease_lock:
             if len(self._leases) >= self.max_leases:
-                raise ServingError(
-                    f"the bundle cache has {self.max_leases} adapters being handed to vLLM already",
+                raise RegistryError(
+                    f"the bundle cache has {self.max_leases} bundles being handed out already",
                     hint="retry shortly",
                     kind=ErrorKind.UNAVAILABLE,
                     retry_after=5,
@@ -157,7 +160,7 @@ class BundleCache:
         """Create the entry for `digest`: `fill(tmp_dir)` writes the bundle and returns its folder.
 
         `size` (the bundle's bytes, if known) is reserved before the download starts. Raises
-        ServingError (unavailable) when the bundle is larger than the bound, or when pinned entries and
+        RegistryError (unavailable) when the bundle is larger than the bound, or when pinned entries and
         other downloads leave no room for it now. If `fill` raises, nothing is left behind.
         """
         return self._put(digest, fill, pinned, size, label, lease=False, seconds=None).path
@@ -186,10 +189,10 @@ class BundleCache:
     ) -> Lease:
         name = label or digest
         if size > self.max_bytes:
-            raise ServingError(
+            raise RegistryError(
                 f"{name} is {size / 1e6:.1f} MB, more than the whole bundle cache "
                 f"({self.max_bytes / 1e6:.1f} MB)",
-                hint="raise --cache-max-mb (ADAPTERHUB_CACHE_MAX_MB)",
+                hint=self.bound_hint,
                 kind=ErrorKind.UNAVAILABLE,
             )
         final = self.path_for(digest)
@@ -201,10 +204,10 @@ class BundleCache:
             with self._lock:
                 self._reserved[tmp] = size
                 if self._evict_locked(keep) > self.max_bytes:
-                    raise ServingError(
+                    raise RegistryError(
                         f"no room in the bundle cache for {name} ({size / 1e6:.1f} MB) right now: "
                         "the adapters in use and downloads in progress fill it",
-                        hint="retry shortly, or raise --cache-max-mb (ADAPTERHUB_CACHE_MAX_MB)",
+                        hint=f"retry shortly, or {self.bound_hint}",
                         kind=ErrorKind.UNAVAILABLE,
                         retry_after=5,
                     )
@@ -220,6 +223,20 @@ class BundleCache:
             shutil.rmtree(tmp, ignore_errors=True)
         self.evict(pinned=keep | {final.name})
         return Lease(final, token)
+
+    def fetch(
+        self,
+        digest: str,
+        fill: Callable[[Path], Path],
+        size: int = 0,
+        label: str = "",
+        seconds: float | None = None,
+    ) -> Lease:
+        """The entry for `digest` under a lease: the cached one, else made by `fill` (see `put`)."""
+        lease = self.acquire(digest, seconds)
+        if lease is None:
+            lease = self.put_leased(digest, fill, size=size, label=label, seconds=seconds)
+        return lease
 
     def entries(self) -> list[Path]:
         """Cached entries, least recently used first (entries removed meanwhile are left out)."""
