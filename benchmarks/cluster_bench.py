@@ -42,8 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 from adapterhub_lite.base import EMBEDDED_BASE_DIR  # noqa: E402
 from adapterhub_lite.cluster.launch import Cluster, ClusterOptions, quiet_ray_env  # noqa: E402
-from adapterhub_lite.serving import ServeOptions, TenantStore  # noqa: E402
-from adapterhub_lite.serving.launcher import free_port  # noqa: E402
+from adapterhub_lite.serving.supervisor import ServeOptions  # noqa: E402
+from adapterhub_lite.serving.supervisor.launcher import free_port  # noqa: E402
+from adapterhub_lite.tenants import TenantStore  # noqa: E402
 
 PROMPT = [5, 120, 240, 360, 480, 600]
 LABELS = {"affinity": "2, affinity", "round_robin": "2, Ray default", "one_replica": "1 replica"}

@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from soak_bench import _role, _rss_mib, complete, setup, slope_per_1k  # noqa: E402
 
-from adapterhub_lite.serving import ServeOptions, VLLMServer  # noqa: E402
-from adapterhub_lite.serving.processes import group_pids  # noqa: E402
+from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer  # noqa: E402
+from adapterhub_lite.serving.supervisor.processes import group_pids  # noqa: E402
 from adapterhub_lite.vllm_compat.memory import rss_parts  # noqa: E402
 
 

@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from serving_bench import fixtures  # noqa: E402
 from serving_load import run_phase  # noqa: E402
 
-from adapterhub_lite.serving import ServeOptions, VLLMServer  # noqa: E402
-from adapterhub_lite.serving.ledger import ENV_LEDGER, UsageLedger  # noqa: E402
-from adapterhub_lite.serving.usage_store import UsageEvent, UsageStore  # noqa: E402
+from adapterhub_lite.serving.gateway.ledger import ENV_LEDGER, UsageLedger  # noqa: E402
+from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer  # noqa: E402
+from adapterhub_lite.tenants.usage_store import UsageEvent, UsageStore  # noqa: E402
 
 GOAL = 0.97
 ADAPTERS = 16

@@ -29,11 +29,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from pg_server import PG_BIN, PostgresServer  # noqa: E402
 
-from adapterhub_lite.serving.tenancy import TenantStore  # noqa: E402
+from adapterhub_lite.tenants.store import TenantStore  # noqa: E402
 
 WATCHER = """
 import sys, time
-from adapterhub_lite.serving.tenancy import TenantStore
+from adapterhub_lite.tenants.store import TenantStore
 store = TenantStore.open(sys.argv[1])
 seen, last = store.data_version(), None
 print("ready", flush=True)

@@ -97,8 +97,8 @@ def routing_cost_us(store, n: int = 20000) -> dict:
     an active rollout: the noise-free part of the throughput comparison."""
     import asyncio
 
-    from adapterhub_lite.serving.rollout_router import RolloutRouter
-    from adapterhub_lite.serving.view import Target
+    from adapterhub_lite.serving.gateway.rollout_router import RolloutRouter
+    from adapterhub_lite.tenants.view import Target
 
     router = RolloutRouter(store)
     start = {
@@ -135,8 +135,9 @@ def main() -> None:
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
     from adapterhub_lite.bundles import pack_bundle
     from adapterhub_lite.registry import open_registry
-    from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
-    from adapterhub_lite.serving.rollout_store import RolloutStore
+    from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer
+    from adapterhub_lite.tenants import TenantStore
+    from adapterhub_lite.tenants.rollout_store import RolloutStore
 
     load_avg = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="rollout-bench-"))

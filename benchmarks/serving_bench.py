@@ -59,7 +59,8 @@ from serving_load import (  # noqa: E402
 )
 
 from adapterhub_lite.kernels import cpu_lora_ops  # noqa: E402
-from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer  # noqa: E402
+from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer  # noqa: E402
+from adapterhub_lite.tenants import TenantStore  # noqa: E402
 from adapterhub_lite.vllm_compat.launch import PLUGIN_NAME  # noqa: E402
 from adapterhub_lite.vllm_compat.lora_ops import TRACE_SWITCH  # noqa: E402
 
@@ -359,7 +360,7 @@ def hot_swaps(
 ) -> dict:
     """Promote tenant 0's alias to a version never loaded, then to and fro; promote -> first token."""
     from adapterhub_lite.registry import open_registry
-    from adapterhub_lite.serving.view import promote
+    from adapterhub_lite.tenants.view import promote
 
     reg = open_registry(work / "registry")
     swaps = []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from adapterhub_lite.serving import TenantStore
+from adapterhub_lite.tenants import TenantStore
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB_IDS = 1000  # prompt token ids are drawn below this: inside any tokenizer the base may have

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import serving_load as sb  # noqa: E402
 
 from adapterhub_lite.kernels import cpu_lora_ops  # noqa: E402
-from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer  # noqa: E402
+from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer  # noqa: E402
+from adapterhub_lite.tenants import TenantStore  # noqa: E402
 
 # A sample whose innermost frames wait (a lock, a queue, a socket, the shared-memory step broadcast) is idle.
 IDLE_KEYS = (

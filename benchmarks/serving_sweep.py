@@ -30,7 +30,11 @@ from serving_bench import fixtures  # noqa: E402
 from serving_load import run_phase  # noqa: E402
 
 from adapterhub_lite.kernels import cpu_lora_ops  # noqa: E402
-from adapterhub_lite.serving import ServeOptions, VLLMServer, processes  # noqa: E402
+from adapterhub_lite.serving.supervisor import (  # noqa: E402
+    ServeOptions,
+    VLLMServer,
+    processes,  # noqa: E402
+)
 
 
 def parse_args() -> argparse.Namespace:

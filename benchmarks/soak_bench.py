@@ -44,8 +44,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapterhub_lite.serving import ServeOptions, ServingConfig, TenantStore, VLLMServer  # noqa: E402
-from adapterhub_lite.serving.processes import group_pids  # noqa: E402
+from adapterhub_lite.serving.config import ServingConfig  # noqa: E402
+from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer  # noqa: E402
+from adapterhub_lite.serving.supervisor.processes import group_pids  # noqa: E402
+from adapterhub_lite.tenants import TenantStore  # noqa: E402
 from adapterhub_lite.vllm_compat.memory import rss_parts  # noqa: E402
 
 PROMPT = [5, 120, 240, 360, 480, 600]

@@ -58,8 +58,8 @@ def up(
 ) -> None:
     """Start N replicas and the ingress; Ctrl-C or SIGTERM stops them all."""
     from adapterhub_lite.cluster.launch import Cluster, ClusterOptions, run_until_stopped
-    from adapterhub_lite.serving.launcher import ServeOptions
-    from adapterhub_lite.serving.supervise import describe_phases
+    from adapterhub_lite.serving.supervisor.launcher import ServeOptions
+    from adapterhub_lite.serving.supervisor.supervise import describe_phases
 
     given = {
         "max_loras": max_loras,

@@ -1,5 +1,6 @@
 """`adapterhub tenant rollout ...` and `adapterhub tenant history`: canary rollouts of an alias and the
-audit trail. The logic lives in adapterhub_lite/serving/rollout*.py; these commands only call it.
+audit trail. The logic lives in adapterhub_lite/tenants/rollout*.py and serving/rollout_ops.py; these
+commands only call it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def _stamp(at: float) -> str:
 
 def _steps(canary: int | None, steps: str | None) -> str:
     from adapterhub_lite.errors import ErrorKind, ServingError
-    from adapterhub_lite.serving.rollout import parse_steps
+    from adapterhub_lite.tenants.rollout import parse_steps
 
     if steps is None:
         first = canary if canary is not None else 10
@@ -70,8 +71,8 @@ def register_rollout(tenant_app: typer.Typer) -> None:
     ) -> None:
         from adapterhub_lite.errors import ErrorKind, ServingError
         from adapterhub_lite.serving.rollout_ops import CLI_ACTOR
-        from adapterhub_lite.serving.rollout_store import RolloutStore, rollout_dict
-        from adapterhub_lite.serving.tenancy import TenantStore
+        from adapterhub_lite.tenants.rollout_store import RolloutStore, rollout_dict
+        from adapterhub_lite.tenants.store import TenantStore
 
         if len(args) == 3 and args[0] in ACTIONS:
             action, tenant, alias = args
@@ -125,8 +126,8 @@ def register_rollout(tenant_app: typer.Typer) -> None:
     ) -> None:
         """Every alias move, rollout step, gate result and rollback: when, by whom, why (oldest first)."""
         from adapterhub_lite.display import safe
-        from adapterhub_lite.serving.rollout_store import RolloutStore
-        from adapterhub_lite.serving.tenancy import TenantStore
+        from adapterhub_lite.tenants.rollout_store import RolloutStore
+        from adapterhub_lite.tenants.store import TenantStore
 
         tenants = TenantStore.open(db)
         tenants.get(tenant)
@@ -147,7 +148,7 @@ def _start(store, tenant, alias, ref, steps, margin, eval_file, skip_eval, serve
     from adapterhub_lite.serving import rollout_ops
     from adapterhub_lite.serving.config import ENV_ADMIN_KEY, ServingConfig
     from adapterhub_lite.serving.rollout_eval import load_examples
-    from adapterhub_lite.serving.rollout_store import rollout_dict
+    from adapterhub_lite.tenants.rollout_store import rollout_dict
 
     if (eval_file is None) == (not skip_eval):
         raise ServingError(

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from adapterhub_lite.serving.config import ENV_ADMIN_KEY, ENV_RATE_LIMIT_URL, ServingConfig
-from adapterhub_lite.serving.launcher import ServeOptions
+from adapterhub_lite.serving.supervisor.launcher import ServeOptions
 from cli.common import DEFAULT_RATE_LIMIT_FAILURE, RateLimitFailure, run_cli
 
 # Defaults live in ServeOptions / ServingConfig; the flags only read them.
@@ -78,8 +78,8 @@ def register(app: typer.Typer) -> None:
         verbose: Annotated[bool, typer.Option("--verbose", help="show vLLM's own output too")] = False,
     ) -> None:
         """Serve the base model and every tenant's adapters, from one vLLM server (Ctrl-C stops)."""
-        from adapterhub_lite.serving.launcher import VLLMServer
-        from adapterhub_lite.serving.supervise import describe_phases, run_until_stopped
+        from adapterhub_lite.serving.supervisor.launcher import VLLMServer
+        from adapterhub_lite.serving.supervisor.supervise import describe_phases, run_until_stopped
 
         config = ServingConfig(
             admin_key=admin_key,
@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
             verbose=verbose,
         )
         if print_command:
-            from adapterhub_lite.serving.launcher import printable_command
+            from adapterhub_lite.serving.supervisor.launcher import printable_command
 
             for line in printable_command(opts):
                 typer.echo(line)

@@ -30,7 +30,7 @@ _ONE_REGISTRY = (
 
 
 def _store(db: str | None):
-    from adapterhub_lite.serving.tenancy import TenantStore
+    from adapterhub_lite.tenants.store import TenantStore
 
     return TenantStore.open(db)
 
@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
     def promote_cmd(tenant: str, alias: str, ref: str, db: DbOpt = None, registry: RegOpt = None) -> None:
         """Point ALIAS at REF live (hot swap); rolling back is promoting the previous version again."""
         from adapterhub_lite.errors import ErrorKind, RegistryError
-        from adapterhub_lite.serving.view import promote
+        from adapterhub_lite.tenants.view import promote
 
         try:
             full, previous = promote(_store(db), _registry(registry), tenant, alias, ref)

@@ -22,7 +22,7 @@ DEFAULT_RANGE_S = 30 * 86400.0
 
 
 def _window(since: str | None, until: str | None) -> tuple[float, float]:
-    from adapterhub_lite.serving.usage_store import parse_time
+    from adapterhub_lite.tenants.usage_store import parse_time
 
     end = parse_time(until) if until else time.time()
     start = parse_time(since) if since else end - DEFAULT_RANGE_S
@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json")] = False,
     ) -> None:
         """Print requests, errors and tokens per tenant, adapter (immutable reference) or UTC day."""
-        from adapterhub_lite.serving.usage_store import UsageStore
+        from adapterhub_lite.tenants.usage_store import UsageStore
 
         start, end = _window(since, until)
         rows = UsageStore.open(db).report(start, end, by)
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from adapterhub_lite.display import safe
-        from adapterhub_lite.serving.usage_store import day_of
+        from adapterhub_lite.tenants.usage_store import day_of
 
         title = f"usage by {by}, {day_of(start)} .. {day_of(end)} (UTC)"
         table = Table(title=title)
@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         """Write every ledger row in the range (requests, and days already rolled up) to a file."""
         from adapterhub_lite.display import safe
         from adapterhub_lite.errors import ErrorKind, ServingError
-        from adapterhub_lite.serving.usage_store import FORMATS, UsageStore, export
+        from adapterhub_lite.tenants.usage_store import FORMATS, UsageStore, export
 
         if fmt not in FORMATS:
             raise ServingError(f"unknown format {fmt[:20]!r}", hint="use csv, jsonl or parquet",
@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
     @run_cli
     def roll_up(db: DbOpt = None) -> None:
         """Roll rows past the retention up per day now (servers do it hourly by themselves)."""
-        from adapterhub_lite.serving.usage_store import UsageStore
+        from adapterhub_lite.tenants.usage_store import UsageStore
 
         store = UsageStore.open(db)
         rolled, dropped = store.roll_up()

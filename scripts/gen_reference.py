@@ -12,7 +12,7 @@ the site in memory, so nothing generated is committed and every build reflects t
 |   | the pydantic settings classes of `adapterhub_lite/settings.py` when that module exists |
 | reference/hub-api.md | the hub's OpenAPI document when its app has one, else its Starlette route table |
 | reference/bundle-format.md | the JSON Schema of the pydantic model `bundles.manifest.Manifest` |
-| reference/metrics.md | the Prometheus metrics `adapterhub_lite.serving.metrics.ServingMetrics` registers |
+| reference/metrics.md | the Prometheus metrics `serving.gateway.metrics.ServingMetrics` registers |
 | reference/example-adapters.md | `adapters/README.md`, each adapter's card (`README.md`) and recipe |
 | how-to/run-benchmarks.md | `benchmarks/README.md` |
 
@@ -286,7 +286,7 @@ def metrics_page() -> str:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics import MetricWrapperBase
 
-    from adapterhub_lite.serving import metrics as mod
+    from adapterhub_lite.serving.gateway import metrics as mod
 
     reg = CollectorRegistry()
     instance = mod.ServingMetrics(reg)

@@ -34,7 +34,7 @@ def _isolated_environment(tmp_path_factory, monkeypatch) -> Iterator[None]:
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch is not None else None
     yield
-    ledger = sys.modules.get("adapterhub_lite.serving.ledger")
+    ledger = sys.modules.get("adapterhub_lite.serving.gateway.ledger")
     if ledger is not None:  # a usage-ledger writer a test started must not outlive it (or its database)
         ledger.close_all(timeout=10)
     torch = sys.modules.get("torch")

@@ -65,8 +65,9 @@ def cluster(tmp_path_factory, redis_server, postgres):
     from adapterhub_lite.bundles import pack_bundle
     from adapterhub_lite.cluster.launch import Cluster, ClusterOptions
     from adapterhub_lite.registry import open_registry
-    from adapterhub_lite.serving import ServeOptions, TenantStore
-    from adapterhub_lite.serving.launcher import free_port
+    from adapterhub_lite.serving.supervisor import ServeOptions
+    from adapterhub_lite.serving.supervisor.launcher import free_port
+    from adapterhub_lite.tenants import TenantStore
 
     root = tmp_path_factory.mktemp("cluster")
     tenants_url, registry_url = postgres.new_database(), postgres.new_database()
@@ -455,7 +456,7 @@ def _alive(pid: int) -> bool:
 def test_a_killed_replica_actor_leaves_no_vllm_behind(cluster):
     """kill -9 of a replica's actor process (its `__del__` never runs): its vLLM process group (API
     server, engine core, workers) stops itself, in order, and Ray's replacement serves."""
-    from adapterhub_lite.serving.processes import group_pids, shm_segments
+    from adapterhub_lite.serving.supervisor.processes import group_pids, shm_segments
 
     running, key, expected = cluster["cluster"], cluster["keys"]["acme"], cluster["expected"]
     victim = _both_replicas(running)[0]

@@ -90,7 +90,7 @@ def _tenant_with_adapter(home: Path, work: Path) -> str:
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
     from adapterhub_lite.bundles import pack_bundle
     from adapterhub_lite.registry import open_registry
-    from adapterhub_lite.serving.tenancy import TenantStore
+    from adapterhub_lite.tenants.store import TenantStore
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(EMBEDDED_BASE_DIR, dtype=torch.float32)

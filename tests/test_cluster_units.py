@@ -16,7 +16,7 @@ import pytest
 
 from adapterhub_lite.cluster.launch import Cluster, ClusterOptions
 from adapterhub_lite.cluster.replica import core_slice
-from adapterhub_lite.serving.launcher import ServeOptions
+from adapterhub_lite.serving.supervisor.launcher import ServeOptions
 
 
 def test_each_replica_gets_cores_of_its_own_while_there_are_enough():
@@ -62,7 +62,7 @@ def test_a_private_temp_folder_is_removed_when_its_owner_is_gone():
     import shutil
     import tempfile
 
-    from adapterhub_lite.serving import scratch
+    from adapterhub_lite.serving.supervisor import scratch
 
     # A root of its own, short enough to be used as given (a long one falls back to the system's).
     root = Path(tempfile.mkdtemp(prefix="t-", dir=scratch.SHORT_ROOT))
@@ -147,7 +147,7 @@ def test_the_cli_default_for_rate_limit_failure_is_the_servings():
 
 
 def test_a_vllm_log_per_port_and_no_more_than_the_bound(tmp_path):
-    from adapterhub_lite.serving.launcher import MAX_LOGS, default_log_path
+    from adapterhub_lite.serving.supervisor.launcher import MAX_LOGS, default_log_path
 
     for port in range(MAX_LOGS + 5):
         default_log_path(port, tmp_path).write_text("x")
@@ -196,7 +196,7 @@ def test_the_ingress_refuses_bad_or_oversized_bodies_before_routing(headers, chu
 def test_a_long_tmpdir_falls_back_to_a_root_short_enough_for_socket_paths(tmp_path):
     """vLLM's ZeroMQ sockets live in the scratch folder; under a deep $TMPDIR their paths passed 107
     bytes and vLLM refused to start (the first tutorial's test did, under pytest's tmp_path)."""
-    from adapterhub_lite.serving import scratch
+    from adapterhub_lite.serving.supervisor import scratch
 
     deep = tmp_path / ("d" * 60)
     deep.mkdir()

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from adapterhub_lite.serving import launcher
 from adapterhub_lite.serving.config import CPU_LORA_SLOTS, GPU_LORA_SLOTS
-from adapterhub_lite.serving.launcher import ServeOptions
+from adapterhub_lite.serving.supervisor import launcher
+from adapterhub_lite.serving.supervisor.launcher import ServeOptions
 
 
 @pytest.mark.parametrize("cpu,slots", [(True, CPU_LORA_SLOTS), (False, GPU_LORA_SLOTS)])

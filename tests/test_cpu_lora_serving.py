@@ -77,7 +77,7 @@ def adapters(tmp_path_factory):
 @pytest.fixture(scope="module", params=[(SLOTS, SLOTS), (SLOTS // 3, SLOTS // 2)], ids=["slot-each", "churn"])
 def served(adapters, request, tmp_path_factory):
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
-    from adapterhub_lite.serving import ServeOptions, VLLMServer
+    from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer
     from adapterhub_lite.vllm_compat.launch import PLUGIN_NAME
 
     dirs, prompts, expected = adapters

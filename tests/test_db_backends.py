@@ -16,8 +16,8 @@ import sqlalchemy as sa
 
 from adapterhub_lite.errors import ErrorKind, RegistryError, ServingError, http_status
 from adapterhub_lite.registry import open_registry
-from adapterhub_lite.serving.tenancy import TenantStore, hash_key
-from adapterhub_lite.serving.view import CachedRegistry
+from adapterhub_lite.tenants.store import TenantStore, hash_key
+from adapterhub_lite.tenants.view import CachedRegistry
 
 # The tenant store's schema before schema versions (adapterhub-lite <= afda683), to prove upgrades.
 LEGACY_TENANTS = """
@@ -183,7 +183,7 @@ def test_alias_moves_are_seen_by_another_store(store, db_location):
 PROMOTE_WATCHER = textwrap.dedent(
     """
     import sys, time
-    from adapterhub_lite.serving.tenancy import TenantStore
+    from adapterhub_lite.tenants.store import TenantStore
     store = TenantStore.open(sys.argv[1])
     seen = store.data_version()
     print("ready", flush=True)
@@ -458,8 +458,8 @@ def test_a_tenant_already_in_memory_gets_503_while_the_database_is_down(own_post
     from prometheus_client import CollectorRegistry
 
     from adapterhub_lite.serving.config import ServingConfig
-    from adapterhub_lite.serving.metrics import ServingMetrics
-    from adapterhub_lite.serving.middleware import TenancyMiddleware
+    from adapterhub_lite.serving.gateway.metrics import ServingMetrics
+    from adapterhub_lite.serving.gateway.middleware import TenancyMiddleware
 
     store = TenantStore.open(own_postgres.new_database())
     _, key = store.add_tenant("acme", base_access=True)

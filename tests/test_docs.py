@@ -101,7 +101,7 @@ def test_bundle_reference_is_the_manifest_schema():
 def test_metrics_reference_has_every_metric():
     from prometheus_client import CollectorRegistry
 
-    from adapterhub_lite.serving.metrics import ServingMetrics
+    from adapterhub_lite.serving.gateway.metrics import ServingMetrics
 
     reg = CollectorRegistry()
     ServingMetrics(reg)

@@ -22,7 +22,8 @@ from adapterhub_lite.registry import open_registry
 from cli.common import EXIT_CODES
 from cli.main import app
 
-SERVING = Path(errors.__file__).parent / "serving"
+PACKAGE = Path(errors.__file__).parent
+SERVING = [PACKAGE / "serving", PACKAGE / "tenants"]  # serving and the tenant store it answers from
 _ERROR_CLASSES = {
     name
     for name, obj in vars(errors).items()
@@ -43,10 +44,10 @@ def _raise_sites(path: Path) -> list[tuple[int, str, bool]]:
 
 
 def _files() -> list:
-    return sorted(SERVING.rglob("*.py"))
+    return sorted(p for root in SERVING for p in root.rglob("*.py"))
 
 
-@pytest.mark.parametrize("path", _files(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", _files(), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_serving_error_names_its_kind(path):
     missing = [f"{path.name}:{line} {cls}" for line, cls, has_kind in _raise_sites(path) if not has_kind]
     assert not missing, "pass kind=ErrorKind.<what happened> (bad input is INVALID):\n" + "\n".join(missing)
@@ -54,11 +55,11 @@ def test_every_serving_error_names_its_kind(path):
 
 def test_the_walk_sees_the_raise_sites():
     """Guard on the walk: it finds the serving errors this file is about."""
-    found = {(p.name, cls) for p in SERVING.rglob("*.py") for _, cls, _ in _raise_sites(p)}
+    found = {(p.name, cls) for p in _files() for _, cls, _ in _raise_sites(p)}
     assert {
         ("view.py", "ServingError"),
         ("launcher.py", "ServingError"),
-        ("tenancy.py", "ServingError"),
+        ("store.py", "ServingError"),
     } <= found
 
 
@@ -105,7 +106,7 @@ def test_a_bad_setting_is_invalid(monkeypatch):
 
 def test_an_unknown_served_base_is_invalid(tmp_path):
     from adapterhub_lite.serving.config import ServingConfig
-    from adapterhub_lite.serving.resolver import AdapterResolver
+    from adapterhub_lite.serving.plugin.resolver import AdapterResolver
 
     resolver = AdapterResolver(ServingConfig(base_dir=None), registry=open_registry(tmp_path / "r"))
     with pytest.raises(ServingError, match="base model directory is unknown") as e:

@@ -373,7 +373,7 @@ def test_serving_resolver_refuses_non_finite_weights(tmp_path):
     from adapterhub_lite.bundles import parse_manifest
     from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving.config import ServingConfig
-    from adapterhub_lite.serving.resolver import AdapterResolver
+    from adapterhub_lite.serving.plugin.resolver import AdapterResolver
 
     model = AutoModelForCausalLM.from_pretrained(EMBEDDED_BASE_DIR, dtype=torch.float32)
     get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).save_pretrained(
@@ -433,8 +433,8 @@ def test_scan_file_checks_a_bare_adapter_directory(lora_dir, tmp_path):
 
 
 def test_admin_load_check_of_a_raw_directory(lora_dir, tiny_base, tmp_path):
-    """The admin's /v1/load_lora_adapter runs the serving checks on a directory (serving/admin_load.py)."""
-    from adapterhub_lite.serving.admin_load import check_adapter_dir, lora_path_of
+    """The admin's /v1/load_lora_adapter runs the serving checks on a directory (gateway/admin_load.py)."""
+    from adapterhub_lite.serving.gateway.admin_load import check_adapter_dir, lora_path_of
 
     def refused(path, match: str, base: Path = tiny_base, **kw) -> None:
         with pytest.raises(BundleError) as exc:

@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     from adapterhub_lite.bundles import pack_bundle
-    from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
+    from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer
+    from adapterhub_lite.tenants import TenantStore
 
     root = tmp_path_factory.mktemp("hub-serving")
     base = _base_dir()

@@ -98,7 +98,7 @@ _HEX = "ab" * 32
 def validators(tmp_path) -> dict:
     """Each identifier validator of the code base with a value it accepts."""
     from adapterhub_lite.bundles.manifest import BaseRef, FileEntry
-    from adapterhub_lite.serving.tenancy import TenantStore, is_full_ref
+    from adapterhub_lite.tenants.store import TenantStore, is_full_ref
 
     store = TenantStore.open(tmp_path / "t.db")
     store.add_tenant("acme")
@@ -219,7 +219,7 @@ def test_the_walk_finds_the_identifier_patterns():
     files = {rel for rel, *_ in _regex_literals()}
     assert {
         "adapterhub_lite/bundles/naming.py",
-        "adapterhub_lite/serving/tenancy.py",
+        "adapterhub_lite/tenants/store.py",
         "adapterhub_lite/bundles/pack.py",
         "adapterhub_lite/bundles/manifest.py",
         "adapterhub_lite/training/recipe.py",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from adapterhub_lite.serving.metrics import OTHER, ServingMetrics
+from adapterhub_lite.serving.gateway.metrics import OTHER, ServingMetrics
 
 
 def _series(registry: CollectorRegistry, name: str) -> dict[tuple, float]:

@@ -1,4 +1,4 @@
-"""A launched server stops itself when its launcher is killed outright (serving/parent_watch.py).
+"""A launched server stops itself when its launcher is killed outright (serving/plugin/parent_watch.py).
 
 Real processes, no vLLM: a launcher process starts a child the way `VLLMServer` starts vLLM (its own
 session, `ADAPTERHUB_PARENT_PID` set), the child starts a grandchild in its group (vLLM's engine core),
@@ -17,9 +17,9 @@ import textwrap
 import time
 from pathlib import Path
 
-from adapterhub_lite.serving import parent_watch
-from adapterhub_lite.serving.parent_watch import ENV_PARENT_PID
-from adapterhub_lite.serving.processes import group_pids
+from adapterhub_lite.serving.plugin import parent_watch
+from adapterhub_lite.serving.plugin.parent_watch import ENV_PARENT_PID
+from adapterhub_lite.serving.supervisor.processes import group_pids
 
 # The children load the module by its path: it needs only the standard library, and importing the
 # `adapterhub_lite.serving` package costs seconds on a loaded machine (this file is in the fast suite).

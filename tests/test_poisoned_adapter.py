@@ -2,7 +2,7 @@
 
 Against a real vLLM CPU server (with the plugin's grouped CPU LoRA ops):
 
-- the admin's `/v1/load_lora_adapter` checks a raw directory as a bundle is checked (serving/admin_load.py):
+- the admin's `/v1/load_lora_adapter` checks a raw directory as a bundle is checked (gateway/admin_load.py):
   NaN weights, a shape the served base does not have, pickles and hub ids are refused with one line;
 - an adapter that passes those checks but whose activations overflow (finite weights of 1e30: flagged, not
   refused) is requested in the same batches as two tenants' adapters, short prompts and long prefills
@@ -84,7 +84,8 @@ def lanes(adapters):
     from adapterhub_lite.bundles import check_bundle, pack_bundle
     from adapterhub_lite.errors import BundleError
     from adapterhub_lite.registry import open_registry
-    from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
+    from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer
+    from adapterhub_lite.tenants import TenantStore
 
     root, base, dirs = adapters["root"], adapters["base"], adapters["dirs"]
     overflow = _rewrite(dirs["acme"], root / "overflow", lambda name, t: t * OVERFLOW)

@@ -64,7 +64,8 @@ def test_prometheus_reads_per_tenant_tokens_back(tmp_path):
 
     from adapterhub_lite.bundles import pack_bundle
     from adapterhub_lite.registry import open_registry
-    from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
+    from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer
+    from adapterhub_lite.tenants import TenantStore
 
     binary = _prometheus_binary()
     base = _base_dir()

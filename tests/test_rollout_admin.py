@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from adapterhub_lite.serving.tenancy import TenantStore
+from adapterhub_lite.tenants.store import TenantStore
 
 V1, V2 = "acme/bot@1.0.0", "acme/bot@2.0.0"
 
@@ -19,8 +19,8 @@ def mw(tmp_path):
     from prometheus_client import CollectorRegistry
 
     from adapterhub_lite.serving.config import ServingConfig
-    from adapterhub_lite.serving.metrics import ServingMetrics
-    from adapterhub_lite.serving.middleware import TenancyMiddleware
+    from adapterhub_lite.serving.gateway.metrics import ServingMetrics
+    from adapterhub_lite.serving.gateway.middleware import TenancyMiddleware
 
     store = TenantStore.open(tmp_path / "t.db")
     _, key = store.add_tenant("acme")

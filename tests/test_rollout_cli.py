@@ -16,7 +16,7 @@ runner = CliRunner()
 def setup(tiny_base, lora_dir, tmp_path_factory):
     from adapterhub_lite.bundles import pack_bundle
     from adapterhub_lite.registry import open_registry
-    from adapterhub_lite.serving.tenancy import TenantStore
+    from adapterhub_lite.tenants.store import TenantStore
 
     root = tmp_path_factory.mktemp("rollout-cli")
     reg = open_registry(root / "registry")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-from adapterhub_lite.serving.rollout import ANSWERED_BY_HEADER, GateSettings
-from adapterhub_lite.serving.rollout_router import RolloutRouter
-from adapterhub_lite.serving.tenancy import TenantStore
-from adapterhub_lite.serving.view import Target
+from adapterhub_lite.serving.gateway.rollout_router import RolloutRouter
+from adapterhub_lite.tenants.rollout import ANSWERED_BY_HEADER, GateSettings
+from adapterhub_lite.tenants.store import TenantStore
+from adapterhub_lite.tenants.view import Target
 
 V1, V2 = "acme/bot@1.0.0", "acme/bot@2.0.0"
 

@@ -6,9 +6,9 @@ import pytest
 import sqlalchemy as sa
 
 from adapterhub_lite.errors import ErrorKind, ServingError
-from adapterhub_lite.serving.rollout import State
-from adapterhub_lite.serving.rollout_store import SCHEMA_KEY, RolloutStore
-from adapterhub_lite.serving.tenancy import TenantStore
+from adapterhub_lite.tenants.rollout import State
+from adapterhub_lite.tenants.rollout_store import SCHEMA_KEY, RolloutStore
+from adapterhub_lite.tenants.store import TenantStore
 
 V1, V2, V3 = "acme/bot@1.0.0", "acme/bot@2.0.0", "acme/bot@3.0.0"
 

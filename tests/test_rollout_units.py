@@ -8,7 +8,7 @@ import random
 import pytest
 
 from adapterhub_lite.errors import ErrorKind, ServingError
-from adapterhub_lite.serving.rollout import (
+from adapterhub_lite.tenants.rollout import (
     GateSettings,
     LiveGate,
     Rollout,

@@ -34,7 +34,8 @@ PROMPTS = ["the river", "a small town", "on monday", "she said", "north of the",
 def world(tmp_path_factory):
     from adapterhub_lite.bundles import pack_bundle
     from adapterhub_lite.registry import open_registry
-    from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
+    from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer
+    from adapterhub_lite.tenants import TenantStore
 
     root = tmp_path_factory.mktemp("rollout")
     base = _base_dir()
@@ -252,7 +253,7 @@ def test_failing_candidate_is_rolled_back_and_gets_no_further_request(world, mon
 
 
 def test_restarted_server_resumes_the_rollout(world, monkeypatch):
-    from adapterhub_lite.serving import VLLMServer
+    from adapterhub_lite.serving.supervisor import VLLMServer
 
     w = world
     r = _cli(

@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 def _vllm_pids(port: int) -> list[int]:
     """The process group of the vLLM server listening on `port` (found by its command line)."""
-    from adapterhub_lite.serving.processes import group_pids
+    from adapterhub_lite.serving.supervisor.processes import group_pids
     from adapterhub_lite.vllm_compat.launch import API_SERVER_MODULE
 
     for entry in Path("/proc").iterdir():
@@ -43,9 +43,9 @@ def _vllm_pids(port: int) -> list[int]:
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_serve_starts_answers_and_stops_cleanly_under_load(tmp_path, stop_signal):
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
-    from adapterhub_lite.serving.launcher import free_port
-    from adapterhub_lite.serving.processes import shm_segments
-    from adapterhub_lite.serving.tenancy import TenantStore
+    from adapterhub_lite.serving.supervisor.launcher import free_port
+    from adapterhub_lite.serving.supervisor.processes import shm_segments
+    from adapterhub_lite.tenants.store import TenantStore
 
     if not (EMBEDDED_BASE_DIR / "config.json").is_file():
         missing("the embedded base is not built (make base)")

@@ -89,7 +89,8 @@ def _offline(base: Path, adapter_out: Path) -> dict[str, tuple[list[int], list[f
 def qwen2_server(tmp_path_factory):
     from adapterhub_lite.bundles import pack_bundle
     from adapterhub_lite.registry import open_registry
-    from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
+    from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer
+    from adapterhub_lite.tenants import TenantStore
 
     root = tmp_path_factory.mktemp("qwen2-serving")
     base = _qwen2_base(root / "qwen2-tiny")

@@ -26,12 +26,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from adapterhub_lite.serving import asgi
 from adapterhub_lite.serving.config import ServingConfig
-from adapterhub_lite.serving.metrics import ServingMetrics
-from adapterhub_lite.serving.middleware import TenancyMiddleware
-from adapterhub_lite.serving.openai_request import MAX_JSON_DEPTH, MAX_N, MAX_TOKENS
-from adapterhub_lite.serving.tenancy import TenantStore
+from adapterhub_lite.serving.gateway import asgi
+from adapterhub_lite.serving.gateway.metrics import ServingMetrics
+from adapterhub_lite.serving.gateway.middleware import TenancyMiddleware
+from adapterhub_lite.serving.gateway.openai_request import MAX_JSON_DEPTH, MAX_N, MAX_TOKENS
+from adapterhub_lite.tenants.store import TenantStore
 
 BASE = "base"
 
@@ -356,7 +356,7 @@ def served(tmp_path_factory) -> Iterator[dict]:
     same middleware path (auth, body, typed fields, rate limits, forwarding) as an adapter request."""
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
     from adapterhub_lite.registry import open_registry
-    from adapterhub_lite.serving import ServeOptions, VLLMServer
+    from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer
 
     root = tmp_path_factory.mktemp("served-front")
     open_registry(root / "registry")

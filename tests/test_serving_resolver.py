@@ -57,7 +57,7 @@ def setup(tmp_path_factory):
 
 def _resolver(setup, **kw):
     from adapterhub_lite.serving.config import ServingConfig
-    from adapterhub_lite.serving.resolver import AdapterResolver
+    from adapterhub_lite.serving.plugin.resolver import AdapterResolver
 
     cfg = ServingConfig(
         registry=str(setup["root"] / "registry"),
@@ -96,8 +96,8 @@ def test_resolver_refuses_rank_over_server_limit(setup):
 
 
 def test_view_follows_registry_sharing(setup):
-    from adapterhub_lite.serving.tenancy import TenantStore
-    from adapterhub_lite.serving.view import CachedRegistry, promote, resolve_model
+    from adapterhub_lite.tenants.store import TenantStore
+    from adapterhub_lite.tenants.view import CachedRegistry, promote, resolve_model
 
     reg, refs = setup["reg"], setup["refs"]
     store = TenantStore.open(setup["root"] / "tenants.db")
@@ -123,7 +123,7 @@ def test_view_follows_registry_sharing(setup):
 def test_resolver_state_stays_bounded_under_reference_churn(setup):
     """Locks, verification times and digests are kept for at most `max_refs` references."""
     from adapterhub_lite.serving.config import ServingConfig
-    from adapterhub_lite.serving.resolver import AdapterResolver
+    from adapterhub_lite.serving.plugin.resolver import AdapterResolver
 
     cfg = ServingConfig(
         registry=str(setup["root"] / "registry"),

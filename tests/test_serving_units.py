@@ -10,9 +10,9 @@ import pytest
 
 from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError, ServingError
 from adapterhub_lite.registry.cache import BundleCache
-from adapterhub_lite.serving.eviction import Evictor
-from adapterhub_lite.serving.ratelimit import RateLimiter
-from adapterhub_lite.serving.tenancy import TenantStore, hash_key
+from adapterhub_lite.serving.gateway.eviction import Evictor
+from adapterhub_lite.serving.gateway.ratelimit import RateLimiter
+from adapterhub_lite.tenants.store import TenantStore, hash_key
 from cli.common import EXIT_CODES
 
 
@@ -148,7 +148,7 @@ def test_tenant_cli_shows_key_once_and_errors_cleanly(tmp_path):
 
 
 def test_usage_meter_counts_streams_and_hides_only_the_usage_event():
-    from adapterhub_lite.serving.usage import UsageMeter, ask_for_stream_usage, without_usage_event
+    from adapterhub_lite.serving.gateway.usage import UsageMeter, ask_for_stream_usage, without_usage_event
 
     usage_event = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":6,"completion_tokens":2}}\n\n'
     chunk = b'data: {"id":"c","choices":[{"index":0,"text":"a"}]}\n\n'
@@ -305,7 +305,7 @@ def test_root_cause_of_a_failed_vllm_start_is_one_line():
 def test_log_pump_bounds_the_log_and_times_phases(tmp_path):
     import io
 
-    from adapterhub_lite.serving.logpump import LogPump
+    from adapterhub_lite.serving.supervisor.logpump import LogPump
 
     lines = [b"noise %d\n" % i for i in range(2000)]
     lines.insert(10, b"(APIServer pid=1) INFO non-default args: {}\n")
@@ -323,7 +323,7 @@ def test_serve_options_hold_one_serving_config():
     import dataclasses
 
     from adapterhub_lite.serving.config import ServingConfig
-    from adapterhub_lite.serving.launcher import ServeOptions
+    from adapterhub_lite.serving.supervisor.launcher import ServeOptions
 
     opts = ServeOptions(base_dir="/m", registry="/r", max_cpu_loras=6, max_lora_rank=32, port=1)
     assert opts.config.registry == "/r" and opts.registry == "/r" and opts.base_dir == "/m"
@@ -368,8 +368,8 @@ def test_middleware_answers_by_error_kind(tmp_path, error, status, retry):
     from prometheus_client import CollectorRegistry
 
     from adapterhub_lite.serving.config import ServingConfig
-    from adapterhub_lite.serving.metrics import ServingMetrics
-    from adapterhub_lite.serving.middleware import TenancyMiddleware
+    from adapterhub_lite.serving.gateway.metrics import ServingMetrics
+    from adapterhub_lite.serving.gateway.middleware import TenancyMiddleware
 
     class Failing:
         registry = None
@@ -427,7 +427,7 @@ def test_warm_up_adapter_fits_the_base(tmp_path):
     from safetensors import safe_open
 
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
-    from adapterhub_lite.serving.warmup import write_warmup_adapter
+    from adapterhub_lite.serving.gateway.warmup import write_warmup_adapter
 
     out = write_warmup_adapter(EMBEDDED_BASE_DIR, tmp_path / "w")
     config = json.loads((out / "adapter_config.json").read_text())  # vLLM loads it: test_serving_vllm

@@ -75,7 +75,8 @@ def world(tmp_path_factory):
     """Registry with published bundles, tenants with aliases, and one running vLLM server."""
     from adapterhub_lite.bundles import pack_bundle
     from adapterhub_lite.registry import open_registry
-    from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
+    from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer
+    from adapterhub_lite.tenants import TenantStore
 
     root = tmp_path_factory.mktemp("serving")
     base = _base_dir()
@@ -168,7 +169,7 @@ def world(tmp_path_factory):
         poller.join()
     shm: set[str] = set()
     try:
-        from adapterhub_lite.serving.processes import group_pids, shm_segments
+        from adapterhub_lite.serving.supervisor.processes import group_pids, shm_segments
 
         shm = shm_segments(group_pids(server.process.pid))
         yield {

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from adapterhub_lite.errors import ErrorKind, ServingError, http_status
-from adapterhub_lite.serving.ratelimit import RateLimiter
-from adapterhub_lite.serving.shared_ratelimit import SharedRateLimiter, redact
+from adapterhub_lite.serving.gateway.ratelimit import RateLimiter
+from adapterhub_lite.serving.gateway.shared_ratelimit import SharedRateLimiter, redact
 
 
 def _run(coro):
@@ -55,7 +55,7 @@ def test_another_process_shares_the_bucket(redis_server):
     rpm = 4
     code = (
         "import asyncio, sys\n"
-        "from adapterhub_lite.serving.shared_ratelimit import SharedRateLimiter\n"
+        "from adapterhub_lite.serving.gateway.shared_ratelimit import SharedRateLimiter\n"
         "async def go():\n"
         f"    lim = SharedRateLimiter({redis_server.url!r})\n"
         f"    ok = sum([await lim.admit('globex-proc', {rpm}, None) is None for _ in range(3)])\n"
@@ -181,9 +181,9 @@ def _middleware_on(url: str, failure: str, store_path):
     from prometheus_client import CollectorRegistry
 
     from adapterhub_lite.serving.config import ServingConfig
-    from adapterhub_lite.serving.metrics import ServingMetrics
-    from adapterhub_lite.serving.middleware import TenancyMiddleware
-    from adapterhub_lite.serving.tenancy import TenantStore
+    from adapterhub_lite.serving.gateway.metrics import ServingMetrics
+    from adapterhub_lite.serving.gateway.middleware import TenancyMiddleware
+    from adapterhub_lite.tenants.store import TenantStore
 
     store = TenantStore.open(store_path)
     _, key = store.add_tenant("acme", base_access=True, requests_per_minute=1000)

@@ -23,8 +23,8 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from adapterhub_lite.errors import ErrorKind, ServingError
-from adapterhub_lite.serving.ledger import UsageLedger
-from adapterhub_lite.serving.usage_store import UsageEvent, UsageStore, day_of, usage_events
+from adapterhub_lite.serving.gateway.ledger import UsageLedger
+from adapterhub_lite.tenants.usage_store import UsageEvent, UsageStore, day_of, usage_events
 
 REPO = Path(__file__).resolve().parents[1]
 DAY = 86400.0
@@ -114,7 +114,7 @@ def test_roll_up_keeps_totals_and_bounds_the_ledger(tmp_path, monkeypatch):
 
 
 def test_ledger_has_its_own_schema_version_beside_the_tenant_stores(tmp_path):
-    from adapterhub_lite.serving.tenancy import TenantStore
+    from adapterhub_lite.tenants.store import TenantStore
 
     db = tmp_path / "t.db"
     TenantStore.open(db).add_tenant("acme")
@@ -174,8 +174,8 @@ def test_a_full_queue_drops_and_counts_and_never_blocks(tmp_path):
 
 _WRITER = """
 import sys, time
-from adapterhub_lite.serving.ledger import UsageLedger
-from adapterhub_lite.serving.usage_store import UsageEvent, UsageStore
+from adapterhub_lite.serving.gateway.ledger import UsageLedger
+from adapterhub_lite.tenants.usage_store import UsageEvent, UsageStore
 location, tag, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 ledger = UsageLedger(UsageStore(location), flush_seconds=0.02, queue_max=100000)
 for i in range(n):
@@ -216,8 +216,8 @@ def test_two_writers_on_one_ledger_lose_and_double_nothing(db_location):
 
 _CRASHER = """
 import sys, time
-from adapterhub_lite.serving.ledger import UsageLedger
-from adapterhub_lite.serving.usage_store import UsageEvent, UsageStore
+from adapterhub_lite.serving.gateway.ledger import UsageLedger
+from adapterhub_lite.tenants.usage_store import UsageEvent, UsageStore
 ledger = UsageLedger(UsageStore(sys.argv[1]), flush_seconds=0.2)
 def rec(i):
     ledger.record(UsageEvent(event_id=f"e{i}", at=time.time(), tenant="acme", alias="bot", ref="",
@@ -256,9 +256,9 @@ def _middleware(tmp_path, monkeypatch):
     from prometheus_client import CollectorRegistry
 
     from adapterhub_lite.serving.config import ServingConfig
-    from adapterhub_lite.serving.metrics import ServingMetrics
-    from adapterhub_lite.serving.middleware import TenancyMiddleware
-    from adapterhub_lite.serving.tenancy import TenantStore
+    from adapterhub_lite.serving.gateway.metrics import ServingMetrics
+    from adapterhub_lite.serving.gateway.middleware import TenancyMiddleware
+    from adapterhub_lite.tenants.store import TenantStore
 
     monkeypatch.setenv("ADAPTERHUB_USAGE_FLUSH_SECONDS", "3600")  # rows reach the database at close()
     store = TenantStore.open(tmp_path / "t.db")
@@ -486,7 +486,8 @@ def test_ledger_equals_what_each_openai_client_was_told_across_a_restart(tmp_pat
 
     from adapterhub_lite.bundles import pack_bundle
     from adapterhub_lite.registry import open_registry
-    from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
+    from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer
+    from adapterhub_lite.tenants import TenantStore
 
     base = _base_dir()
     adapter = make_adapter(base, tmp_path / "adapter", seed=3)

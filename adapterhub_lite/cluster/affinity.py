@@ -13,9 +13,9 @@ import json
 from typing import Any
 
 from adapterhub_lite import keys
-from adapterhub_lite.serving.tenancy import TenantStore
-from adapterhub_lite.serving.tenant_cache import TenantCache
-from adapterhub_lite.serving.view import CachedRegistry, resolve_model
+from adapterhub_lite.serving.gateway.tenant_cache import TenantCache
+from adapterhub_lite.tenants.store import TenantStore
+from adapterhub_lite.tenants.view import CachedRegistry, resolve_model
 
 INFERENCE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 MAX_BODY_BYTES = 8 * 1024 * 1024

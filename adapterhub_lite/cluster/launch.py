@@ -42,8 +42,8 @@ from adapterhub_lite.cluster.state import (
     write_run,
 )
 from adapterhub_lite.errors import AdapterHubError, ServingError
-from adapterhub_lite.serving import scratch
-from adapterhub_lite.serving.launcher import ServeOptions
+from adapterhub_lite.serving.supervisor import scratch
+from adapterhub_lite.serving.supervisor.launcher import ServeOptions
 from adapterhub_lite.vllm_compat.launch import root_cause
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class ClusterOptions:
 def make_keyer(tenants_db: str | None, registry: str | None, served_name: str) -> AffinityKeyer:
     """The ingress's keyer (a module-level function, so Ray can ship it to the ingress's process)."""
     from adapterhub_lite.registry import open_registry
-    from adapterhub_lite.serving.tenancy import TenantStore
+    from adapterhub_lite.tenants.store import TenantStore
 
     def open_the_registry() -> Any:
         return open_registry(registry)  # a path or a database URL (a Path would mangle postgresql://)
@@ -263,7 +263,7 @@ class Cluster:
         """Check what can be checked before anything starts: the serving options (base, ranks, slots)
         and the ingress port. Returns the served model name."""
         from adapterhub_lite.base import resolve_base_dir
-        from adapterhub_lite.serving.launcher import build_command
+        from adapterhub_lite.serving.supervisor.launcher import build_command
 
         base = resolve_base_dir(self.opts.serve.base_dir)
         self.opts.serve.base_dir = str(base)

@@ -21,7 +21,7 @@ import httpx
 
 from adapterhub_lite.atomic import write_json
 from adapterhub_lite.cluster.ray_compat import keep_replica_grpc_on_loopback
-from adapterhub_lite.serving.launcher import ServeOptions, VLLMServer
+from adapterhub_lite.serving.supervisor.launcher import ServeOptions, VLLMServer
 
 OMP_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"  # vLLM's CPU build: the cores its OpenMP threads run on
 REPLICA_HEADER = "x-adapterhub-replica"  # which replica answered: for operators and the affinity tests

@@ -9,7 +9,7 @@
     cluster.log                    Ray's own output (banners, shutdown chatter); replaced at the next start
     replica-<rank>.log             each replica's vLLM log; replaced at the next start
 $TMPDIR/ahl-ray-XXXXXXXX/          Ray's temp folder (sessions, sockets, logs): removed at stop
-$TMPDIR/ahl-vllm-XXXXXXXX/         each vLLM's TMPDIR (serving/scratch.py): removed at stop
+$TMPDIR/ahl-vllm-XXXXXXXX/         each vLLM's TMPDIR (serving/supervisor/scratch.py): removed at stop
 <cache_dir>/replica-<rank>/        each replica's bundle cache: reused by the replica of that rank
 """
 

@@ -28,7 +28,7 @@ REQUESTS = [
 
 def _create_tenants(db: Path, log: Log):
     """Make the tenants anew (their keys are shown once); returns (store, {tenant: key})."""
-    from adapterhub_lite.serving.tenancy import TenantStore
+    from adapterhub_lite.tenants.store import TenantStore
 
     for stale in (db, db.with_suffix(".db-wal"), db.with_suffix(".db-shm")):
         stale.unlink(missing_ok=True)
@@ -44,7 +44,7 @@ def _create_tenants(db: Path, log: Log):
 
 
 def _serve_options(workdir: Path, db: Path, pubkey: Path):
-    from adapterhub_lite.serving.launcher import ServeOptions
+    from adapterhub_lite.serving.supervisor.launcher import ServeOptions
 
     cache = workdir / "cache"
     shutil.rmtree(cache, ignore_errors=True)  # show real pulls from the registry
@@ -140,7 +140,7 @@ def run_demo(workdir: Path = Path(".adapterhub-demo"), *, method: str = "qlora",
     import httpx
     import openai
 
-    from adapterhub_lite.serving.launcher import VLLMServer
+    from adapterhub_lite.serving.supervisor.launcher import VLLMServer
 
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)

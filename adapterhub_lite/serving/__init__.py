@@ -1,10 +1,13 @@
-"""Serving: the vLLM plugin (resolver), tenancy middleware, eviction, metrics and the launcher.
+"""Serving: one package per process a module runs in.
 
-Importing this package does not import vLLM; `resolver` and `plugin` do, and run inside vLLM.
+- `supervisor/`: the CLI's side: start vLLM with the plugin and the gateway, time its start-up, stop it
+  in order (`VLLMServer`, `ServeOptions`).
+- `plugin/`: inside every vLLM process, through the `vllm.general_plugins` entry point: the resolver
+  that fetches and verifies bundles into the disk cache, and the watch on the parent process.
+- `gateway/`: inside vLLM's API server, as ASGI middleware: keys, tenant views, rate limits, the hot
+  set, rollouts, the usage ledger, metrics and the admin routes.
+
+Beside them: `config` (the settings all three read from the environment) and the rollout operations an
+operator's command runs against a live server (`rollout_ops`, `rollout_eval`). The tenant store (keys,
+aliases, rollouts, usage) is `adapterhub_lite.tenants`. Importing this package imports nothing else.
 """
-
-from adapterhub_lite.serving.config import ServingConfig
-from adapterhub_lite.serving.launcher import ServeOptions, VLLMServer
-from adapterhub_lite.serving.tenancy import Tenant, TenantStore
-
-__all__ = ["ServeOptions", "ServingConfig", "Tenant", "TenantStore", "VLLMServer"]

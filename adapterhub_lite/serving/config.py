@@ -8,7 +8,7 @@ reference); at least `ADAPTERHUB_ADMIN_KEY`, `ADAPTERHUB_TENANTS_DB`, `ADAPTERHU
     VLLM_ALLOW_RUNTIME_LORA_UPDATING=True VLLM_PLUGINS=adapterhub
     python -m vllm.entrypoints.launchers.api_server.entry --model $ADAPTERHUB_BASE_DIR --enable-lora \
         --max-lora-rank 16 --max-loras 32 --max-cpu-loras 64 \
-        --middleware adapterhub_lite.serving.middleware.TenancyMiddleware
+        --middleware adapterhub_lite.serving.gateway.middleware.TenancyMiddleware
 
 (`adapterhub serve --print-command` prints the exact command; adapterhub_lite/vllm_compat/launch.py says
 why this module.) These dataclass defaults are the one home of the serving defaults: `ServeOptions` and

@@ -11,10 +11,10 @@ from typing import Any
 
 from adapterhub_lite import keys
 from adapterhub_lite.errors import AdapterHubError
-from adapterhub_lite.serving.rollout import Rollout
 from adapterhub_lite.serving.rollout_eval import Example, evaluate
-from adapterhub_lite.serving.rollout_store import RolloutStore
-from adapterhub_lite.serving.view import usable_ref
+from adapterhub_lite.tenants.rollout import Rollout
+from adapterhub_lite.tenants.rollout_store import RolloutStore
+from adapterhub_lite.tenants.view import usable_ref
 
 CLI_ACTOR = "cli"
 

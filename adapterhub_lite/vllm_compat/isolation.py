@@ -16,7 +16,8 @@ a vLLM release this seam supports, each logging a line when it is not made:
 * `neutralise_non_finite_loras`: an adapter whose weights (or scaling) hold NaN/Inf is made inert (zeroed)
   when vLLM's worker loads it, with an error line naming it. It is not raised as an error because the
   worker also loads adapters inside a model step, where an exception ends the engine for every tenant;
-  requests that can be refused are refused earlier (the resolver's verification, `serving/admin_load.py`).
+  requests that can be refused are refused earlier (the resolver's verification,
+  `serving/gateway/admin_load.py`).
 
 Both run in every vLLM process (the plugin's `register`); `ADAPTERHUB_KV_ZEROING=0` leaves the first off
 (it exists to measure the leak, see tests/test_poisoned_adapter.py).

@@ -30,8 +30,8 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from adapterhub_lite.errors import AdapterHubError
-from adapterhub_lite.serving.usage_store import UsageEvent, UsageStore
 from adapterhub_lite.settings import Settings, env_name, settings
+from adapterhub_lite.tenants.usage_store import UsageEvent, UsageStore
 
 logger = logging.getLogger("adapterhub.serving")
 

@@ -26,16 +26,16 @@ import httpx
 
 from adapterhub_lite import keys
 from adapterhub_lite.errors import ErrorKind, ServingError
-from adapterhub_lite.serving import processes, scratch
 from adapterhub_lite.serving.config import ServingConfig, default_lora_slots
-from adapterhub_lite.serving.logpump import LogPump
-from adapterhub_lite.serving.parent_watch import ENV_PARENT_PID
+from adapterhub_lite.serving.plugin.parent_watch import ENV_PARENT_PID
+from adapterhub_lite.serving.supervisor import processes, scratch
+from adapterhub_lite.serving.supervisor.logpump import LogPump
 from adapterhub_lite.settings import settings
 from adapterhub_lite.vllm_compat import launch
 
 logger = logging.getLogger("adapterhub.serving")
 
-MIDDLEWARE = "adapterhub_lite.serving.middleware.TenancyMiddleware"
+MIDDLEWARE = "adapterhub_lite.serving.gateway.middleware.TenancyMiddleware"
 LOG_DIR = Path(".adapterhub", "logs")  # under the home folder: vLLM's logs, one per port
 MAX_LOGS = 16  # the most recently written port logs kept in LOG_DIR (each one bounded by LogPump)
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(ServingConfig)}

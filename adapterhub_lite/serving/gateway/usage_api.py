@@ -17,11 +17,11 @@ from urllib.parse import parse_qsl
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from adapterhub_lite.errors import AdapterHubError
-from adapterhub_lite.serving.asgi import Scope, Send, send_error, send_json, send_project_error
-from adapterhub_lite.serving.usage_store import API_MAX_ROWS, day_of, parse_time, render
+from adapterhub_lite.serving.gateway.asgi import Scope, Send, send_error, send_json, send_project_error
+from adapterhub_lite.tenants.usage_store import API_MAX_ROWS, day_of, parse_time, render
 
 if TYPE_CHECKING:
-    from adapterhub_lite.serving.usage_store import UsageStore
+    from adapterhub_lite.tenants.usage_store import UsageStore
 
 DEFAULT_RANGE_S = 30 * 86400.0
 _MAX_QUERY_BYTES = 1024

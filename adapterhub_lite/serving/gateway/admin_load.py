@@ -21,8 +21,8 @@ from pathlib import Path
 
 from adapterhub_lite.display import safe
 from adapterhub_lite.errors import AdapterHubError, BundleError, ErrorKind
-from adapterhub_lite.serving.admin_state import AdminState
-from adapterhub_lite.serving.asgi import (
+from adapterhub_lite.serving.gateway.admin_state import AdminState
+from adapterhub_lite.serving.gateway.asgi import (
     BodyRefused,
     Receive,
     Scope,

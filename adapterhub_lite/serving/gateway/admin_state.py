@@ -9,14 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from adapterhub_lite.serving.asgi import App
     from adapterhub_lite.serving.config import ServingConfig
-    from adapterhub_lite.serving.eviction import Evictor
-    from adapterhub_lite.serving.ledger import UsageLedger
-    from adapterhub_lite.serving.metrics import ServingMetrics
-    from adapterhub_lite.serving.resolver import AdapterResolver
-    from adapterhub_lite.serving.rollout_router import RolloutRouter
-    from adapterhub_lite.serving.view import CachedRegistry
+    from adapterhub_lite.serving.gateway.asgi import App
+    from adapterhub_lite.serving.gateway.eviction import Evictor
+    from adapterhub_lite.serving.gateway.ledger import UsageLedger
+    from adapterhub_lite.serving.gateway.metrics import ServingMetrics
+    from adapterhub_lite.serving.gateway.rollout_router import RolloutRouter
+    from adapterhub_lite.serving.plugin.resolver import AdapterResolver
+    from adapterhub_lite.tenants.view import CachedRegistry
 
 
 class AdminState(Protocol):

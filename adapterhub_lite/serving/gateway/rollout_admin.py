@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapterhub_lite.errors import AdapterHubError
 from adapterhub_lite.serving import rollout_ops
-from adapterhub_lite.serving.admin_state import AdminState
-from adapterhub_lite.serving.asgi import (
+from adapterhub_lite.serving.gateway.admin_state import AdminState
+from adapterhub_lite.serving.gateway.asgi import (
     Receive,
     Scope,
     Send,
@@ -35,7 +35,7 @@ from adapterhub_lite.serving.asgi import (
     send_project_error,
 )
 from adapterhub_lite.serving.rollout_eval import MAX_EXAMPLES, Example
-from adapterhub_lite.serving.rollout_store import RolloutStore, rollout_dict
+from adapterhub_lite.tenants.rollout_store import RolloutStore, rollout_dict
 
 logger = logging.getLogger("adapterhub.rollout")
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"

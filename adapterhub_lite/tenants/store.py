@@ -29,8 +29,7 @@ from adapterhub_lite import keys
 from adapterhub_lite.bundles.naming import check_name
 from adapterhub_lite.db import ChangeFeed, Database, meta_table, migrate
 from adapterhub_lite.errors import ErrorKind, ServingError
-from adapterhub_lite.serving.config import ENV_TENANTS_DB
-from adapterhub_lite.settings import settings, state_dir
+from adapterhub_lite.settings import env_name, settings, state_dir
 
 KEY_PREFIX = "ahk_"
 CHANNEL = "adapterhub_tenants"
@@ -171,7 +170,7 @@ class TenantStore:
             except OSError as e:
                 raise ServingError(
                     f"cannot create the folder of the tenant store {self.path}: {e.strerror or e}",
-                    hint=f"check the path and its permissions, or set {ENV_TENANTS_DB}",
+                    hint=f"check the path and its permissions, or set {env_name('tenants_db')}",
                     kind=ErrorKind.INTERNAL,
                 ) from None
         migrate(self.db, metadata, SCHEMA_VERSION, {2: _upgrade_to_2}, legacy=_legacy_version)
@@ -325,7 +324,7 @@ class TenantStore:
     def set_alias(self, tenant: str, alias: str, ref: str) -> str | None:
         """Point `alias` at the full reference `ref`; returns the previous reference (None if new).
 
-        The caller checks that the tenant may read `ref` (see `serving.view.promote`); this only stores.
+        The caller checks that the tenant may read `ref` (see `tenants.view.promote`); this only stores.
         """
         self.get(tenant)
         if not isinstance(alias, str) or not _ALIAS_RE.fullmatch(alias):

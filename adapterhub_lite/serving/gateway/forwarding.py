@@ -11,9 +11,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from adapterhub_lite.serving.asgi import App, Message, Receive, Scope, Send, replay_body, send_error
-from adapterhub_lite.serving.metrics import ServingMetrics
-from adapterhub_lite.serving.usage import UsageMeter, without_usage_event
+from adapterhub_lite.serving.gateway.asgi import App, Message, Receive, Scope, Send, replay_body, send_error
+from adapterhub_lite.serving.gateway.metrics import ServingMetrics
+from adapterhub_lite.serving.gateway.usage import UsageMeter, without_usage_event
 
 UNAVAILABLE_MESSAGE = "the model server is stopping or its engine failed; retry shortly"
 _RETRY_AFTER_S = b"2"

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from adapterhub_lite.atomic import write_json
-from adapterhub_lite.serving.asgi import App, Message
 from adapterhub_lite.serving.config import ServingConfig
-from adapterhub_lite.serving.forwarding import scope_for
+from adapterhub_lite.serving.gateway.asgi import App, Message
+from adapterhub_lite.serving.gateway.forwarding import scope_for
 from adapterhub_lite.vllm_compat.server import Engine
 
 logger = logging.getLogger("adapterhub.serving")

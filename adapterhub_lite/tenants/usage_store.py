@@ -181,7 +181,7 @@ class UsageStore:
     def open(cls, location: str | None = None) -> UsageStore:
         """The ledger in the tenant store at `location`, `$ADAPTERHUB_TENANTS_DB` or the default."""
         from adapterhub_lite.db import sqlite_path
-        from adapterhub_lite.serving.tenancy import default_db_path
+        from adapterhub_lite.tenants.store import default_db_path
 
         location = location or default_db_path()
         try:

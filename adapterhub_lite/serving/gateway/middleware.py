@@ -43,10 +43,11 @@ from typing import TYPE_CHECKING, Any
 from adapterhub_lite import keys
 from adapterhub_lite.display import safe
 from adapterhub_lite.errors import AdapterHubError, ErrorKind
-from adapterhub_lite.serving import warmup
-from adapterhub_lite.serving.admin import ADMIN_PREFIX, admin_route
-from adapterhub_lite.serving.admin_load import LOAD_LORA_PATH, admin_load_lora
-from adapterhub_lite.serving.asgi import (
+from adapterhub_lite.serving.config import ServingConfig
+from adapterhub_lite.serving.gateway import warmup
+from adapterhub_lite.serving.gateway.admin import ADMIN_PREFIX, admin_route
+from adapterhub_lite.serving.gateway.admin_load import LOAD_LORA_PATH, admin_load_lora
+from adapterhub_lite.serving.gateway.asgi import (
     App,
     BodyRefused,
     Message,
@@ -59,22 +60,21 @@ from adapterhub_lite.serving.asgi import (
     send_json,
     send_project_error,
 )
-from adapterhub_lite.serving.config import ServingConfig
-from adapterhub_lite.serving.eviction import Evictor
-from adapterhub_lite.serving.forwarding import forward
-from adapterhub_lite.serving.ledger import UsageLedger, open_ledger
-from adapterhub_lite.serving.metrics import ServingMetrics, default_metrics
-from adapterhub_lite.serving.openai_request import RequestRefused, parse_request
-from adapterhub_lite.serving.ratelimit import open_limiter
-from adapterhub_lite.serving.rollout_router import RolloutRouter
-from adapterhub_lite.serving.tenancy import Tenant, TenantStore
-from adapterhub_lite.serving.tenant_cache import TenantCache
-from adapterhub_lite.serving.usage import ask_for_stream_usage
-from adapterhub_lite.serving.view import CachedRegistry, Target, resolve_model
+from adapterhub_lite.serving.gateway.eviction import Evictor
+from adapterhub_lite.serving.gateway.forwarding import forward
+from adapterhub_lite.serving.gateway.ledger import UsageLedger, open_ledger
+from adapterhub_lite.serving.gateway.metrics import ServingMetrics, default_metrics
+from adapterhub_lite.serving.gateway.openai_request import RequestRefused, parse_request
+from adapterhub_lite.serving.gateway.ratelimit import open_limiter
+from adapterhub_lite.serving.gateway.rollout_router import RolloutRouter
+from adapterhub_lite.serving.gateway.tenant_cache import TenantCache
+from adapterhub_lite.serving.gateway.usage import ask_for_stream_usage
+from adapterhub_lite.tenants.store import Tenant, TenantStore
+from adapterhub_lite.tenants.view import CachedRegistry, Target, resolve_model
 from adapterhub_lite.vllm_compat.server import Engine
 
 if TYPE_CHECKING:
-    from adapterhub_lite.serving.resolver import AdapterResolver
+    from adapterhub_lite.serving.plugin.resolver import AdapterResolver
 
 logger = logging.getLogger("adapterhub.serving")
 
@@ -104,7 +104,7 @@ class TenancyMiddleware:
         self._admin_key = self.config.admin_key.encode() if self.config.admin_key else None
         self.store = store or TenantStore.open(self.config.tenants_db)
         if resolver is None:
-            from adapterhub_lite.serving.resolver import get_resolver  # imports vLLM
+            from adapterhub_lite.serving.plugin.resolver import get_resolver  # imports vLLM
 
             resolver = get_resolver()
         self.resolver = resolver

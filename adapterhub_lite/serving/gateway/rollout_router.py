@@ -21,8 +21,8 @@ import os
 import random
 
 from adapterhub_lite.errors import AdapterHubError
-from adapterhub_lite.serving.asgi import Message, Send
-from adapterhub_lite.serving.rollout import (
+from adapterhub_lite.serving.gateway.asgi import Message, Send
+from adapterhub_lite.tenants.rollout import (
     ANSWERED_BY_HEADER,
     ROUTING,
     GateSettings,
@@ -32,9 +32,9 @@ from adapterhub_lite.serving.rollout import (
     choose,
     output_ok,
 )
-from adapterhub_lite.serving.rollout_store import RolloutStore
-from adapterhub_lite.serving.tenancy import TenantStore
-from adapterhub_lite.serving.view import Target
+from adapterhub_lite.tenants.rollout_store import RolloutStore
+from adapterhub_lite.tenants.store import TenantStore
+from adapterhub_lite.tenants.view import Target
 
 logger = logging.getLogger("adapterhub.rollout")
 MAX_INSPECT_BYTES = 256 * 1024  # a non-streaming answer up to this size is checked for empty/non-finite

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from adapterhub_lite.serving.shared_ratelimit import SharedRateLimiter
+    from adapterhub_lite.serving.gateway.shared_ratelimit import SharedRateLimiter
 
 
 @dataclass
@@ -85,6 +85,6 @@ def open_limiter(url: str | None, failure: str = "open") -> InProcessLimiter | S
     """In-process token buckets without a URL; one Redis bucket per tenant for the fleet with one."""
     if not url:
         return InProcessLimiter()
-    from adapterhub_lite.serving.shared_ratelimit import SharedRateLimiter
+    from adapterhub_lite.serving.gateway.shared_ratelimit import SharedRateLimiter
 
     return SharedRateLimiter(url, failure=failure)  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ import signal
 import threading
 from collections.abc import Callable
 
-from adapterhub_lite.serving.launcher import VLLMServer
+from adapterhub_lite.serving.supervisor.launcher import VLLMServer
 
 
 def run_until_stopped(

@@ -36,8 +36,8 @@ def _log_to_stderr() -> None:
 def register() -> None:
     """Register the resolver and the CPU LoRA ops (idempotent: vLLM may call this more than once)."""
     from adapterhub_lite.serving.config import ServingConfig
-    from adapterhub_lite.serving.parent_watch import watch_parent
-    from adapterhub_lite.serving.resolver import get_resolver
+    from adapterhub_lite.serving.plugin.parent_watch import watch_parent
+    from adapterhub_lite.serving.plugin.resolver import get_resolver
     from adapterhub_lite.training.allocator import return_large_blocks_to_os
     from adapterhub_lite.vllm_compat import isolation
     from adapterhub_lite.vllm_compat.lora_handoff import report_lora_reads

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from adapterhub_lite.errors import AdapterHubError
-from adapterhub_lite.serving.admin_state import AdminState
-from adapterhub_lite.serving.asgi import (
+from adapterhub_lite.serving.gateway.admin_state import AdminState
+from adapterhub_lite.serving.gateway.asgi import (
     BodyRefused,
     Receive,
     Scope,
@@ -16,8 +16,8 @@ from adapterhub_lite.serving.asgi import (
     send_json,
     send_project_error,
 )
-from adapterhub_lite.serving.rollout_admin import rollout_route
-from adapterhub_lite.serving.usage_api import usage_route
+from adapterhub_lite.serving.gateway.rollout_admin import rollout_route
+from adapterhub_lite.serving.gateway.usage_api import usage_route
 from adapterhub_lite.vllm_compat.server import Engine
 
 ADMIN_PREFIX = "/adapterhub/v1/"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapterhub_lite.errors import AdapterHubError, ErrorKind, ServingError
-from adapterhub_lite.serving.tenancy import Tenant, TenantStore, is_full_ref
+from adapterhub_lite.tenants.store import Tenant, TenantStore, is_full_ref
 
 _TTL_SECONDS = 5.0  # how long a registry answer (can_read, newest version) is reused
 _MAX_MEMO = 10_000

@@ -8,7 +8,7 @@ ingress, so both see a promote at the same moment and resolve it the same way.
 
 from __future__ import annotations
 
-from adapterhub_lite.serving.tenancy import Tenant, TenantStore, hash_key
+from adapterhub_lite.tenants.store import Tenant, TenantStore, hash_key
 
 _MAX_TENANTS = 10_000
 

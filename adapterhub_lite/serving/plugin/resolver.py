@@ -30,7 +30,7 @@ from typing import Any
 from adapterhub_lite.errors import AdapterHubError, ErrorKind, ServingError
 from adapterhub_lite.registry.cache import BundleCache, Lease
 from adapterhub_lite.serving.config import ServingConfig
-from adapterhub_lite.serving.tenancy import is_full_ref
+from adapterhub_lite.tenants.store import is_full_ref
 from adapterhub_lite.vllm_compat.server import lora_request, resolver_base
 
 logger = logging.getLogger("adapterhub.serving")

@@ -27,8 +27,8 @@ from sqlalchemy.engine import Connection
 
 from adapterhub_lite.db import migrate
 from adapterhub_lite.errors import ErrorKind, ServingError
-from adapterhub_lite.serving.rollout import ACTIVE, Rollout, State, parse_steps
-from adapterhub_lite.serving.tenancy import CHANNEL, TenantStore, alias_history, aliases, is_full_ref
+from adapterhub_lite.tenants.rollout import ACTIVE, Rollout, State, parse_steps
+from adapterhub_lite.tenants.store import CHANNEL, TenantStore, alias_history, aliases, is_full_ref
 
 SCHEMA_KEY = "rollout_schema_version"
 SCHEMA_VERSION = 1
