@@ -22,6 +22,7 @@ LAYERS: dict[str, float] = {
     "adapterhub_lite.quiet": 1,
     "adapterhub_lite.settings": 1,
     "adapterhub_lite.keys": 1,
+    "adapterhub_lite.stop_signals": 1,
     "adapterhub_lite.db": 2,
     "adapterhub_lite.base": 2,
     "adapterhub_lite.data": 2,

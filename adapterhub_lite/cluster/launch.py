@@ -18,7 +18,6 @@ import re
 import shutil
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from adapterhub_lite.cluster.state import (
 from adapterhub_lite.errors import AdapterHubError, ServingError
 from adapterhub_lite.serving.supervisor import scratch
 from adapterhub_lite.serving.supervisor.launcher import ServeOptions
+from adapterhub_lite.stop_signals import StopSignals
 from adapterhub_lite.vllm_compat.launch import root_cause
 
 log = logging.getLogger(__name__)
@@ -407,38 +407,26 @@ def run_until_stopped(
     """Start the cluster, call `on_ready` (with a printer that reaches the terminal while Ray's output
     goes to its log), block until SIGINT or SIGTERM, then stop it (the CLI's foreground mode).
 
-    Both handlers are set explicitly: a background job of a non-interactive shell starts with SIGINT
-    ignored, and a signal during the start stops what already started."""
-    stop = threading.Event()
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def interrupt_start(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    for sig in previous:
-        signal.signal(sig, interrupt_start)
-    try:
+    A signal during the start stops what already started (`StopSignals`)."""
+    with StopSignals() as signals:
         try:
-            cluster.start(say)
-        except KeyboardInterrupt:
+            try:
+                cluster.start(say)
+            except KeyboardInterrupt:
+                cluster.stop(say)
+                say("interrupted while starting: stopped what had started")
+                return
+            signals.started()
+            if on_ready is not None:
+                on_ready(cluster.terminal(say))
+            while not signals.stop.wait(poll_seconds):
+                pass
+            stopping = time.monotonic()
             cluster.stop(say)
-            say("interrupted while starting: stopped what had started")
-            return
-        for sig in previous:
-            signal.signal(sig, lambda *_: stop.set())
-        if on_ready is not None:
-            on_ready(cluster.terminal(say))
-        while not stop.wait(poll_seconds):
-            pass
-        stopping = time.monotonic()
-        cluster.stop(say)
-        say(f"stopped in {time.monotonic() - stopping:.1f} s")  # Ray's output is back in its place
-    except BaseException:
-        cluster.stop()
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            say(f"stopped in {time.monotonic() - stopping:.1f} s")  # Ray's output is back in its place
+        except BaseException:
+            cluster.stop()
+            raise
 
 
 def stop_running(port: int, timeout: float = 180.0) -> None:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from collections.abc import Callable
 
 from adapterhub_lite.serving.supervisor.launcher import VLLMServer
+from adapterhub_lite.stop_signals import StopSignals
 
 
 def run_until_stopped(
@@ -17,39 +16,28 @@ def run_until_stopped(
 
     Returns vLLM's exit code when it exited by itself (None after a requested stop).
     """
-    stop = threading.Event()
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def interrupt_start(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    for sig in previous:
-        signal.signal(sig, interrupt_start)
-    try:
+    with StopSignals() as signals:
         try:
-            server.start()
-        except KeyboardInterrupt:
-            say("stopping vLLM ...")
+            try:
+                server.start()
+            except KeyboardInterrupt:
+                say("stopping vLLM ...")
+                server.stop()
+                return None
+            signals.started()
+            if on_ready is not None:
+                on_ready()
+            while not signals.stop.wait(0.5):
+                if server.process is None or server.process.poll() is not None:
+                    code = server.process.returncode if server.process is not None else None
+                    server.stop()
+                    return code
+            say("stopping vLLM (it shuts its engine down in order) ...")
             server.stop()
             return None
-        for sig in previous:
-            signal.signal(sig, lambda *_: stop.set())
-        if on_ready is not None:
-            on_ready()
-        while not stop.wait(0.5):
-            if server.process is None or server.process.poll() is not None:
-                code = server.process.returncode if server.process is not None else None
-                server.stop()
-                return code
-        say("stopping vLLM (it shuts its engine down in order) ...")
-        server.stop()
-        return None
-    except BaseException:
-        server.stop()
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        except BaseException:
+            server.stop()
+            raise
 
 
 def describe_phases(phases: dict[str, float]) -> str:
