@@ -156,6 +156,12 @@ def test_token_store_keeps_tokens_of_a_store_made_before_the_database_layer(tmp_
     store = TokenStore(path)
     assert store.check(f"ahub_abc123_{secret}").namespace == "acme"
     assert [t.id for t in TokenStore(path).list()] == ["abc123"]
+    # migrated by the one schema mechanism (db/schema.py), under the tokens' own version key
+    con = sqlite3.connect(path)
+    tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    version = con.execute("SELECT value FROM meta WHERE key = 'hub_tokens_schema_version'").fetchone()
+    con.close()
+    assert "tokens" not in tables and version == ("2",)
 
 
 def test_private_adapters_are_404_exactly_like_missing_ones(hub):

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import Connection, Row
 
 from adapterhub_lite import keys
 from adapterhub_lite.bundles.naming import check_name
-from adapterhub_lite.db import Database
+from adapterhub_lite.db import Database, migrate
 from adapterhub_lite.errors import AdapterHubError, ErrorKind
 from adapterhub_lite.settings import env_name
 
@@ -28,8 +28,11 @@ PREFIX = "ahub_"
 SCOPES = ("read", "publish", "admin")
 _MAX_TOKEN_CHARS = 200
 
-# Its own table name and no `meta` row: a tokens table may share a PostgreSQL database with a registry
-# index, whose `meta` table holds the index's schema version.
+# Its own table name and its own version key in `meta` (db/schema.py): a tokens table may share a
+# PostgreSQL database with a registry index or a tenant store, each with a version of its own.
+SCHEMA_KEY = "hub_tokens_schema_version"
+# 1: the `tokens` table of SQLite stores made before the database layer; 2: `hub_tokens`.
+SCHEMA_VERSION = 2
 _metadata = sa.MetaData()
 _tokens = sa.Table(
     "hub_tokens",
@@ -43,6 +46,24 @@ _tokens = sa.Table(
     sa.Column("note", sa.Text, nullable=False, server_default=""),
 )
 _t = _tokens.c
+
+
+def _legacy_version(con: Connection) -> int:
+    """Stores made before the version key: `hub_tokens` is version 2, SQLite's old `tokens` version 1."""
+    inspector = sa.inspect(con)
+    if inspector.has_table("hub_tokens"):
+        return 2
+    return 1 if con.dialect.name == "sqlite" and inspector.has_table("tokens") else 0
+
+
+def _upgrade_to_2(con: Connection) -> None:
+    """The same columns under the table's own name (it may share a database with other stores)."""
+    _tokens.create(con)
+    con.exec_driver_sql(
+        "INSERT INTO hub_tokens (id, namespace, scope, hash, created, revoked, note)"
+        " SELECT id, namespace, scope, hash, created, revoked, note FROM tokens"
+    )
+    con.exec_driver_sql("DROP TABLE tokens")
 
 
 class HubError(AdapterHubError):
@@ -91,17 +112,8 @@ class TokenStore:
         self.db = Database(location, error=HubError, what="hub token store")
         if self.db.path is not None:
             self.db.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.db.write() as con:
-            if self.db.dialect == "postgresql":  # two hubs starting at once: the second waits
-                con.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('adapterhub-hub-tokens'))"))
-            _metadata.create_all(con, checkfirst=True)
-            if self.db.dialect == "sqlite" and sa.inspect(con).has_table("tokens"):
-                # A store made before the database layer: same columns under the old table name.
-                con.exec_driver_sql(
-                    "INSERT OR IGNORE INTO hub_tokens (id, namespace, scope, hash, created, revoked, note)"
-                    " SELECT id, namespace, scope, hash, created, revoked, note FROM tokens"
-                )
-                con.exec_driver_sql("DROP TABLE tokens")
+        upgrades = {2: _upgrade_to_2}
+        migrate(self.db, _metadata, SCHEMA_VERSION, upgrades, legacy=_legacy_version, key=SCHEMA_KEY)
         if self.db.path is not None:
             self.db.path.chmod(0o600)  # hashes only, but nobody else's business
 
