@@ -33,7 +33,7 @@ LAYERS: dict[str, float] = {
     "adapterhub_lite.evaluation": 4,
     "adapterhub_lite.training": 5,
     "adapterhub_lite.registry": 5,
-    "adapterhub_lite.tenants": 5,
+    "adapterhub_lite.tenants": 5.5,  # answers from the registry (views check refs against it)
     # serving, by the process a module runs in: its config and the operator's rollout operations (6), the
     # plugin inside every vLLM process (6.1), the gateway inside vLLM's API server (6.2), the CLI's
     # supervisor that starts them (6.3)

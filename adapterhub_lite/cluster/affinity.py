@@ -10,9 +10,9 @@ tenant's view simply has no affinity and the replica refuses it.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from adapterhub_lite import keys
+from adapterhub_lite.registry.contract import RegistryAPI
 from adapterhub_lite.serving.gateway.tenant_cache import TenantCache
 from adapterhub_lite.tenants.store import TenantStore
 from adapterhub_lite.tenants.view import CachedRegistry, resolve_model
@@ -36,7 +36,7 @@ def requested_model(body: bytes) -> str | None:
 class AffinityKeyer:
     """Maps (API key, model) to the reference vLLM will see; re-reads tenants when the store changes."""
 
-    def __init__(self, store: TenantStore, registry: Any, base_names: set[str]) -> None:
+    def __init__(self, store: TenantStore, registry: RegistryAPI, base_names: set[str]) -> None:
         self.tenants = TenantCache(store)
         self.view = CachedRegistry(registry)
         self.base_names = set(base_names)

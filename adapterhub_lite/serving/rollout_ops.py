@@ -11,6 +11,7 @@ from typing import Any
 
 from adapterhub_lite import keys
 from adapterhub_lite.errors import AdapterHubError
+from adapterhub_lite.registry.contract import RegistryAPI
 from adapterhub_lite.serving.rollout_eval import Example, evaluate
 from adapterhub_lite.tenants.rollout import Rollout
 from adapterhub_lite.tenants.rollout_store import RolloutStore
@@ -24,7 +25,7 @@ def admin_actor(admin_key: str) -> str:
     return "admin:" + keys.digest(admin_key)[:8]
 
 
-def check_candidate(store: RolloutStore, registry: Any, tenant: str, ref: str) -> str:
+def check_candidate(store: RolloutStore, registry: RegistryAPI, tenant: str, ref: str) -> str:
     """The candidate's full reference, if the registry knows it, it is not yanked, and the tenant may
     read it (as `tenant promote` checks)."""
     return usable_ref(store.tenants, registry, tenant, ref, "rolled out")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapterhub_lite.errors import AdapterHubError, ErrorKind, ServingError
+from adapterhub_lite.registry.contract import RegistryAPI
 from adapterhub_lite.tenants.store import Tenant, TenantStore, is_full_ref
 
 _TTL_SECONDS = 5.0  # how long a registry answer (can_read, newest version) is reused
@@ -45,7 +46,7 @@ class CachedRegistry:
     server asks the registry a few times a minute; a share withdrawn is seen within `_TTL_SECONDS`.
     A registry that cannot answer raises its error (UNAVAILABLE, INTERNAL): nothing is remembered."""
 
-    def __init__(self, registry: Any) -> None:
+    def __init__(self, registry: RegistryAPI) -> None:
         # A zero-argument callable is called on first use, so a server that only serves the base model
         # never opens the registry.
         self._registry = registry
@@ -132,7 +133,9 @@ def resolve_model(
     return None
 
 
-def promote(store: TenantStore, registry: Any, tenant: str, alias: str, ref: str) -> tuple[str, str | None]:
+def promote(
+    store: TenantStore, registry: RegistryAPI, tenant: str, alias: str, ref: str
+) -> tuple[str, str | None]:
     """Point a tenant's alias at `ref` (pinned to its newest version if none is given): the hot swap.
 
     Checks that the registry knows `ref` and lets the tenant read it. Returns (new full ref, previous
@@ -143,7 +146,7 @@ def promote(store: TenantStore, registry: Any, tenant: str, alias: str, ref: str
     return full, previous
 
 
-def usable_ref(store: TenantStore, registry: Any, tenant: str, ref: str, what: str) -> str:
+def usable_ref(store: TenantStore, registry: RegistryAPI, tenant: str, ref: str, what: str) -> str:
     """The full reference of `ref` if the registry knows it, it is not yanked and `tenant` may read it:
     what a promote and a rollout's candidate both need. `what` says what is refused ("promoted")."""
     t = store.get(tenant)

@@ -29,6 +29,7 @@ from typing import Any
 
 from adapterhub_lite.errors import AdapterHubError, ErrorKind, ServingError
 from adapterhub_lite.registry.cache import BundleCache, Lease
+from adapterhub_lite.registry.contract import RegistryAPI
 from adapterhub_lite.serving.config import ServingConfig
 from adapterhub_lite.tenants.store import is_full_ref
 from adapterhub_lite.vllm_compat.server import lora_request, resolver_base
@@ -56,7 +57,7 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
     """Resolves `namespace/name@version` through the registry into a bounded, verified disk cache."""
 
     def __init__(
-        self, config: ServingConfig, registry: Any | None = None, max_refs: int = MAX_TRACKED_REFS
+        self, config: ServingConfig, registry: RegistryAPI | None = None, max_refs: int = MAX_TRACKED_REFS
     ) -> None:
         self.config = config
         self.max_refs = max_refs
