@@ -103,6 +103,9 @@ class Settings(BaseSettings):
         None, gt=0, description="adapters kept loaded in vLLM, the hot set (default: `--max-cpu-loras`)"
     )
     idle_seconds: int = Field(600, gt=0, description="unload an adapter unused this long")
+    prefetch_seconds: float = Field(
+        1.0, ge=0, description="how often the gateway looks for moved aliases to prefetch (0: never)"
+    )
     drain_seconds: int = Field(
         20, ge=0, description="at a stop, requests in flight get this long to finish (0: cut at once)"
     )

@@ -32,6 +32,7 @@ ENV_CACHE_MAX_MB = env_name("cache_max_mb")
 ENV_MAX_LORA_RANK = env_name("max_lora_rank")
 ENV_MAX_LOADED = env_name("max_loaded")
 ENV_IDLE_SECONDS = env_name("idle_seconds")
+ENV_PREFETCH_SECONDS = env_name("prefetch_seconds")
 ENV_TRUSTED_KEYS = env_name("trusted_keys")
 ENV_WARMUP = env_name("warmup")
 ENV_HEAP_TRIM = env_name("heap_trim")
@@ -71,6 +72,7 @@ class ServingConfig:
     max_lora_rank: int | None = None
     max_loaded: int | None = None  # None: vLLM's --max-cpu-loras (the launcher knows it)
     idle_seconds: int = _DEFAULT["idle_seconds"]
+    prefetch_seconds: float = _DEFAULT["prefetch_seconds"]  # 0: moved aliases are not prefetched
     trusted_keys: list[str] = field(default_factory=list)
     warmup: bool = _DEFAULT["warmup"]
     heap_trim: bool = _DEFAULT["heap_trim"]
@@ -96,6 +98,7 @@ class ServingConfig:
             max_lora_rank=env.max_lora_rank,
             max_loaded=env.max_loaded,
             idle_seconds=env.idle_seconds,
+            prefetch_seconds=env.prefetch_seconds,
             trusted_keys=[k for k in (env.trusted_keys or "").split(os.pathsep) if k],
             warmup=env.warmup,
             heap_trim=env.heap_trim,
@@ -116,6 +119,7 @@ class ServingConfig:
             ENV_MAX_LORA_RANK: None if self.max_lora_rank is None else str(self.max_lora_rank),
             ENV_MAX_LOADED: None if self.max_loaded is None else str(self.max_loaded),
             ENV_IDLE_SECONDS: str(self.idle_seconds),
+            ENV_PREFETCH_SECONDS: str(self.prefetch_seconds),
             ENV_TRUSTED_KEYS: os.pathsep.join(self.trusted_keys) if self.trusted_keys else None,
             ENV_WARMUP: "1" if self.warmup else "0",
             ENV_HEAP_TRIM: "1" if self.heap_trim else "0",

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from adapterhub_lite.serving.gateway.eviction import Evictor
     from adapterhub_lite.serving.gateway.ledger import UsageLedger
     from adapterhub_lite.serving.gateway.metrics import ServingMetrics
+    from adapterhub_lite.serving.gateway.prefetch import Prefetcher
     from adapterhub_lite.serving.gateway.rollout_router import RolloutRouter
     from adapterhub_lite.serving.plugin.resolver import AdapterResolver
     from adapterhub_lite.tenants.view import CachedRegistry
@@ -29,6 +30,7 @@ class AdminState(Protocol):
     resolver: AdapterResolver
     rollouts: RolloutRouter
     ledger: UsageLedger | None
+    prefetcher: Prefetcher
     ready: bool
 
     @property

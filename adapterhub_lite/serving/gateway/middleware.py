@@ -65,6 +65,7 @@ from adapterhub_lite.serving.gateway.forwarding import forward
 from adapterhub_lite.serving.gateway.ledger import UsageLedger, open_ledger
 from adapterhub_lite.serving.gateway.metrics import ServingMetrics, default_metrics
 from adapterhub_lite.serving.gateway.openai_request import RequestRefused, parse_request
+from adapterhub_lite.serving.gateway.prefetch import Prefetcher
 from adapterhub_lite.serving.gateway.ratelimit import open_limiter
 from adapterhub_lite.serving.gateway.rollout_router import RolloutRouter
 from adapterhub_lite.serving.gateway.tenant_cache import TenantCache
@@ -118,6 +119,8 @@ class TenancyMiddleware:
         self._registry: CachedRegistry | None = None
         self._background: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
+        self.prefetcher = Prefetcher(lambda ref: self.resolver.fetch(ref))  # moved aliases (prefetch.py)
+        self._watcher: asyncio.Task | None = None
         self._outage_logged = -_OUTAGE_LOG_EVERY_S
 
     # -- state -------------------------------------------------------------------------------------
@@ -162,6 +165,7 @@ class TenancyMiddleware:
                 await self.app(scope, receive, send)
             return
         self._ensure_sweeper(scope)
+        self._ensure_watcher()
         if self.ledger is not None and path in INFERENCE_PATHS:
             send = self.ledger.watch(scope, send)  # every answered inference request: one ledger row
         key = bearer(scope)
@@ -403,6 +407,34 @@ class TenancyMiddleware:
 
             self._sweeper = asyncio.get_running_loop().create_task(loop())
 
+    def _ensure_watcher(self) -> None:
+        # Moved aliases are prefetched even when no request comes (prefetch.py); started at startup.
+        if self.config.prefetch_seconds <= 0 or (self._watcher is not None and not self._watcher.done()):
+            return
+        period = self.config.prefetch_seconds
+
+        async def watch() -> None:
+            fetching = asyncio.get_running_loop().create_task(self.prefetcher.run())
+            try:
+                seen = None
+                while True:
+                    try:
+                        version = self.refresh()
+                        if version != seen:
+                            seen = version
+                            self.prefetcher.saw(self.tenants.all_aliases())
+                    except AdapterHubError as exc:  # the store is down: requests say so; look again later
+                        self._log_outage(exc)
+                    if fetching.done():  # a bug in a fetch: say it, keep prefetching
+                        if not fetching.cancelled() and fetching.exception() is not None:
+                            logger.error("adapterhub: prefetch failed: %r", fetching.exception())
+                        fetching = asyncio.get_running_loop().create_task(self.prefetcher.run())
+                    await asyncio.sleep(period)
+            finally:
+                fetching.cancel()
+
+        self._watcher = asyncio.get_running_loop().create_task(watch())
+
     async def sweep(self, engine: Engine | None) -> list[str]:
         """Unload idle adapters (and any over the hot set); returns their names."""
         if engine is None:
@@ -419,6 +451,8 @@ class TenancyMiddleware:
             if message["type"] == "lifespan.shutdown.complete" and self.ledger is not None:
                 await asyncio.to_thread(self.ledger.close)  # a clean stop writes every queued row
             await send(message)
+            if message["type"] == "lifespan.startup.complete":
+                self._ensure_watcher()
             if message["type"] == "lifespan.startup.complete" and not self.ready:
                 task = asyncio.get_running_loop().create_task(self._warm_up(scope.get("app")))
                 self._background.add(task)

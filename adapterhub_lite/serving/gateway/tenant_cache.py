@@ -43,6 +43,10 @@ class TenantCache:
                 self._by_hash[digest] = tenant
         return tenant
 
+    def all_aliases(self) -> dict[str, dict[str, str]]:
+        """Every tenant's aliases (tenant -> alias -> full reference) as of the last refresh."""
+        return self._aliases
+
     def aliases(self, tenant: str) -> dict[str, str]:
         """The tenant's aliases (alias -> full reference) as of the last refresh."""
         return self._aliases.get(tenant, {})
