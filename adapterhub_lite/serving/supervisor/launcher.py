@@ -240,6 +240,7 @@ class VLLMServer:
         self._pump: LogPump | None = None
         self._shm: set[str] = set()
         self.shm_left: list[str] = []  # segments vLLM left in /dev/shm at the last stop (removed)
+        self.killed: list[str] = []  # processes SIGKILLed at the last stop: they did not end by themselves
 
     @property
     def url(self) -> str:
@@ -321,7 +322,11 @@ class VLLMServer:
             return None
         shm = self._shm | processes.shm_segments(processes.group_pids(proc.pid))
         # vLLM drains first: the requests in flight get `drain` s, then the engine shuts down in order
-        code = processes.stop_in_order(proc, timeout=timeout + self.opts.drain())
+        stopped = processes.stop_in_order(proc, timeout=timeout + self.opts.drain())
+        code, self.killed = stopped.code, stopped.killed
+        if self.killed:
+            logger.warning("adapterhub: vLLM processes that did not stop by themselves were killed: %s",
+                           ", ".join(self.killed))
         self.shm_left = sorted(p for p in shm if Path(p).exists())
         for path in self.shm_left:  # the group is gone: whatever it left is nobody's
             Path(path).unlink(missing_ok=True)

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SHM_DIR = Path("/dev/shm")
@@ -66,10 +67,18 @@ def shm_segments(pids: list[int]) -> set[str]:
     return found
 
 
-def stop_in_order(proc: subprocess.Popen, timeout: float = 60.0, linger: float = 20.0) -> int | None:
+@dataclass
+class Stopped:
+    """How a process group ended: the leader's exit code, and the processes that needed SIGKILL."""
+
+    code: int | None
+    killed: list[str] = field(default_factory=list)  # "pid name" of each process still there at the end
+
+
+def stop_in_order(proc: subprocess.Popen, timeout: float = 60.0, linger: float = 20.0) -> Stopped:
     """SIGTERM to the group leader (vLLM's API server shuts its engine down itself), wait up to
     `timeout` s for it, then up to `linger` s for the rest of its group to exit by itself (the resource
-    tracker cleans /dev/shm last); SIGKILL only to what is still there. Returns the leader's exit code."""
+    tracker cleans /dev/shm last); SIGKILL only to what is still there, which the result names."""
     pgid = proc.pid
     if proc.poll() is None:
         try:
@@ -80,12 +89,20 @@ def stop_in_order(proc: subprocess.Popen, timeout: float = 60.0, linger: float =
     deadline = time.monotonic() + (linger if proc.poll() is not None else 0)
     while group_pids(pgid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if group_pids(pgid):
+    killed = [f"{pid} {_name(pid)}" for pid in group_pids(pgid)]
+    if killed:
         try:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     try:
-        return proc.wait(timeout=10)
+        return Stopped(proc.wait(timeout=10), killed)
     except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
-        return None
+        return Stopped(None, killed)
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"

@@ -32,8 +32,12 @@ def run_until_stopped(
                     code = server.process.returncode if server.process is not None else None
                     server.stop()
                     return code
-            say("stopping vLLM (it shuts its engine down in order) ...")
+            say("stopping vLLM (requests in flight finish, then it shuts its engine down in order) ...")
             server.stop()
+            if server.killed:
+                say(f"killed what did not stop by itself: {', '.join(server.killed)}")
+            else:
+                say("vLLM stopped")
             return None
         except BaseException:
             server.stop()
