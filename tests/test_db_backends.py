@@ -203,7 +203,8 @@ PROMOTE_WATCHER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_promote_is_seen_by_another_process(store, db_location, backend):
-    """The other process is a second server's store: it sees the move on its next probe."""
+    """The other process is a second server's store: it sees the move on its next probe (how soon is
+    measured in benchmarks/promote_bench.py, not asserted against the clock here)."""
     store.add_tenant("acme")
     store.set_alias("acme", "bot", "acme/bot@1.0.0")
     watcher = subprocess.Popen(
@@ -212,13 +213,12 @@ def test_promote_is_seen_by_another_process(store, db_location, backend):
         text=True,
     )
     try:
-        assert watcher.stdout.readline().strip() == "ready"
-        time.sleep(0.2)
+        assert watcher.stdout.readline().strip() == "ready"  # its probe's starting point is taken
         t0 = time.time()
         store.set_alias("acme", "bot", "acme/bot@2.0.0")
-        seen_at = float(watcher.stdout.readline())
-        # Generous bound for a loaded 2-core machine; the measured figure is in benchmarks/promote_bench.py.
-        assert 0 <= seen_at - t0 < 2.0, (backend, seen_at - t0)
+        line = watcher.stdout.readline()  # the watcher gives up after 30 s, printing nothing
+        assert line, f"the other process never saw the promote ({backend})"
+        assert float(line) >= t0, (backend, float(line) - t0)  # after the move, on the same clock
     finally:
         watcher.kill()
         watcher.wait()
