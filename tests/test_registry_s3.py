@@ -22,6 +22,7 @@ from adapterhub_lite.bundles import pack_bundle, verify_bundle
 from adapterhub_lite.registry import faults, open_registry
 
 BUCKET = "adapterhub-blobs"
+pytestmark = pytest.mark.slow  # starts a server, as the PostgreSQL cases do
 
 
 @pytest.fixture(scope="module")
