@@ -153,7 +153,14 @@ def test_each_adapter_sticks_to_one_replica_and_is_served_right(cluster):
     url, key, expected = cluster["cluster"].url, cluster["keys"]["acme"], cluster["expected"]
     for alias in ("a", "b", "c"):  # first use: each adapter lands somewhere and the router learns where
         assert _complete(url, key, alias)[2] == 200
-    time.sleep(3)  # replicas report what they hold to the router every few seconds
+    # Replicas report what they hold to the router every few seconds: wait until each alias was answered
+    # twice in a row by one replica (the router has learned), then require it for three more rounds.
+    last: dict[str, list[str | None]] = {alias: [] for alias in ("a", "b", "c")}
+    deadline = time.monotonic() + 60
+    while not all(len(r) >= 2 and r[-1] == r[-2] for r in last.values()):
+        assert time.monotonic() < deadline, f"the router never settled in 60 s: {last}"
+        for alias in ("a", "b", "c"):
+            last[alias].append(_complete(url, key, alias)[1])
     seen: dict[str, set[str]] = {}
     for _ in range(3):
         for alias in ("a", "b", "c"):
