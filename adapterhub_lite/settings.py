@@ -110,6 +110,11 @@ class Settings(BaseSettings):
         20, ge=0, description="at a stop, requests in flight get this long to finish (0: cut at once)"
     )
     warmup: bool = Field(True, description="off: `/health` says ready without the LoRA warm-up")
+    warmup_hold: str | None = Field(
+        None,
+        description="a test hook: the warm-up ends only once this file exists, so the 503 while warming up "
+        "can be asked for at leisure",
+    )
     heap_trim: bool = Field(True, description="off: vLLM's worker keeps freed heap pages after LoRA changes")
     kv_zeroing: bool = Field(
         True, description="off: new KV-cache blocks are not zeroed (one request's NaN may reach another's)"
@@ -120,6 +125,12 @@ class Settings(BaseSettings):
     )
     rate_limit_failure: Literal["open", "closed"] = Field(
         "open", description="Redis unreachable: `open` admits requests, `closed` answers 503"
+    )
+    db_silence_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="PostgreSQL silent this long (a probe unanswered: a partition, a frozen server) counts "
+        "as down: requests get 503 until it answers again",
     )
     metrics_max_adapters: int = Field(
         1000, ge=1, description="adapters with Prometheus series of their own; later ones count as `other`"

@@ -60,7 +60,16 @@ def _adapters(base: Path, out: Path, seeds: dict[str, int]) -> tuple[dict[str, P
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, redis_server, postgres):
+def cluster_pg():
+    """The cluster's own PostgreSQL: the outage test stops it (the session's server is never stopped)."""
+    from pg_server import running_postgres
+
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, redis_server, cluster_pg):
     from adapterhub_lite.base import EMBEDDED_BASE_DIR
     from adapterhub_lite.bundles import pack_bundle
     from adapterhub_lite.cluster.launch import Cluster, ClusterOptions
@@ -70,7 +79,7 @@ def cluster(tmp_path_factory, redis_server, postgres):
     from adapterhub_lite.tenants import TenantStore
 
     root = tmp_path_factory.mktemp("cluster")
-    tenants_url, registry_url = postgres.new_database(), postgres.new_database()
+    tenants_url, registry_url = cluster_pg.new_database(), cluster_pg.new_database()
     dirs, expected = _adapters(EMBEDDED_BASE_DIR, root / "adapters", {"a": 11, "b": 12, "c": 13, "a2": 14})
     reg = open_registry(registry_url, blobs=str(root / "blobs"))
     refs = {}
@@ -145,7 +154,14 @@ def test_each_adapter_sticks_to_one_replica_and_is_served_right(cluster):
     url, key, expected = cluster["cluster"].url, cluster["keys"]["acme"], cluster["expected"]
     for alias in ("a", "b", "c"):  # first use: each adapter lands somewhere and the router learns where
         assert _complete(url, key, alias)[2] == 200
-    time.sleep(3)  # replicas report what they hold to the router every few seconds
+    # Replicas report what they hold to the router every few seconds: wait until each alias was answered
+    # twice in a row by one replica (the router has learned), then require it for three more rounds.
+    last: dict[str, list[str | None]] = {alias: [] for alias in ("a", "b", "c")}
+    deadline = time.monotonic() + 60
+    while not all(len(r) >= 2 and r[-1] == r[-2] for r in last.values()):
+        assert time.monotonic() < deadline, f"the router never settled in 60 s: {last}"
+        for alias in ("a", "b", "c"):
+            last[alias].append(_complete(url, key, alias)[1])
     seen: dict[str, set[str]] = {}
     for _ in range(3):
         for alias in ("a", "b", "c"):
@@ -247,15 +263,21 @@ def _request(url: str, key: str, model: str) -> dict:
     }
 
 
-def test_a_database_outage_under_load_answers_503_then_recovers(cluster, postgres):
-    """PostgreSQL (tenant store and registry) stopped under load: every replica keeps answering, with
-    a clean 503 + Retry-After and no hang; started again: they serve again, none of them restarted."""
+def test_a_database_outage_under_load_answers_503_then_recovers(cluster, cluster_pg):
+    """PostgreSQL (tenant store and registry, the cluster's own server) stopped under load: every
+    request sent once the stop has returned and the change feeds have noticed (two polls) answers a
+    clean 503 + Retry-After, never a 200 from memory, and none hangs; started again: every target
+    serves again, none of them restarted."""
+    from adapterhub_lite.db.changes import POLL_S
+
     running, key, expected = cluster["cluster"], cluster["keys"]["acme"], cluster["expected"]
     replicas = _both_replicas(running)
     before = {r["replica"]: r["vllm_pid"] for r in replicas}
     targets = [running.url] + [r["url"] for r in replicas]  # through the ingress, and each replica
+    notice_s = 2 * POLL_S  # each process's feed: woken by the server's goodbye, at worst its next probe
     phase = ["up"]
-    seen: list[tuple[str, dict]] = []
+    stopped_at = [float("inf")]
+    seen: list[tuple[str, float, dict]] = []  # (phase, sent after the stop returned, answer)
     stop = threading.Event()
 
     def load(offset: int) -> None:
@@ -266,20 +288,32 @@ def test_a_database_outage_under_load_answers_503_then_recovers(cluster, postgre
                 answer = _request(targets[n % len(targets)], key, "abc"[n % 3])
             except httpx.HTTPError as exc:  # a hang past the client's timeout, or a dropped connection
                 answer = {"status": type(exc).__name__, "seconds": time.monotonic() - start}
-            seen.append((phase[0], answer))
+            seen.append((phase[0], start - stopped_at[0], answer))
             n += 1
+
+    def wait_for(what: str, condition, limit: float) -> None:
+        deadline = time.monotonic() + limit
+        while not condition():
+            got = [a["status"] for *_, a in seen]
+            assert time.monotonic() < deadline, f"{what}: not within {limit} s: {got}"
+            time.sleep(0.05)
+
+    def settled() -> list[dict]:
+        return [a for p, sent, a in seen if p == "down" and sent >= notice_s]
 
     workers = [threading.Thread(target=load, args=(i,)) for i in range(2)]
     for w in workers:
         w.start()
     stopped = False
     try:
-        time.sleep(4)
-        postgres.stop()
-        stopped, phase[0] = True, "down"
-        time.sleep(10)
+        # Under load: every target answered at least once before the stop.
+        wait_for("load", lambda: sum(a["status"] == 200 for *_, a in seen) >= len(targets), 300)
+        cluster_pg.stop()
+        stopped, phase[0], stopped_at[0] = True, "down", time.monotonic()
+        # Down long enough for every target to be asked a few times once the feeds have noticed.
+        wait_for("answers while down", lambda: len(settled()) >= 4 * len(targets), 120)
         phase[0] = "restarting"
-        postgres.start()
+        cluster_pg.start()
         stopped = False
         restarted = time.monotonic()
         phase[0] = "up again"
@@ -296,11 +330,12 @@ def test_a_database_outage_under_load_answers_503_then_recovers(cluster, postgre
         for w in workers:
             w.join(timeout=300)
         if stopped:
-            postgres.start()
-    statuses = [a["status"] for _, a in seen]
+            cluster_pg.start()
+    statuses = [a["status"] for *_, a in seen]
     assert set(statuses) <= {200, 503}, statuses  # never a 500, never a 404 for an adapter that exists
-    assert any(p == "down" and a["status"] == 503 for p, a in seen), "the outage was never seen"
-    for _, answer in seen:
+    down = settled()
+    assert down and all(a["status"] == 503 for a in down), [a["status"] for a in down]  # not from memory
+    for _, _, answer in seen:
         # Bounded: a stopped server refuses at once; 30 s covers a slow answer on two loaded cores.
         assert answer["seconds"] < 30, answer
         if answer["status"] == 200:
@@ -309,10 +344,11 @@ def test_a_database_outage_under_load_answers_503_then_recovers(cluster, postgre
             assert answer["retry_after"] and int(answer["retry_after"]) >= 1, answer
             error = json.loads(answer["body"])["error"]  # a JSON error, never a traceback ...
             assert "Traceback" not in answer["body"] and error["message"]
-            assert str(postgres.port) not in answer["body"]  # ... nor where the database is
+            assert str(cluster_pg.port) not in answer["body"]  # ... nor where the database is
     assert {r["replica"]: r["vllm_pid"] for r in running.replicas()} == before
     assert all(_alive(pid) for pid in before.values())
-    print(f"recovered {recovered_in:.1f} s after PostgreSQL restarted; {statuses.count(503)} 503s")
+    print(f"recovered {recovered_in:.1f} s after PostgreSQL restarted; {statuses.count(503)} 503s, "
+          f"{len(down)} asked once the feeds had noticed")
 
 
 def _ask(url: str, key: str, alias: str) -> dict:

@@ -203,7 +203,8 @@ PROMOTE_WATCHER = textwrap.dedent(
 
 @pytest.mark.slow
 def test_promote_is_seen_by_another_process(store, db_location, backend):
-    """The other process is a second server's store: it sees the move on its next probe."""
+    """The other process is a second server's store: it sees the move on its next probe (how soon is
+    measured in benchmarks/promote_bench.py, not asserted against the clock here)."""
     store.add_tenant("acme")
     store.set_alias("acme", "bot", "acme/bot@1.0.0")
     watcher = subprocess.Popen(
@@ -212,13 +213,12 @@ def test_promote_is_seen_by_another_process(store, db_location, backend):
         text=True,
     )
     try:
-        assert watcher.stdout.readline().strip() == "ready"
-        time.sleep(0.2)
+        assert watcher.stdout.readline().strip() == "ready"  # its probe's starting point is taken
         t0 = time.time()
         store.set_alias("acme", "bot", "acme/bot@2.0.0")
-        seen_at = float(watcher.stdout.readline())
-        # Generous bound for a loaded 2-core machine; the measured figure is in benchmarks/promote_bench.py.
-        assert 0 <= seen_at - t0 < 2.0, (backend, seen_at - t0)
+        line = watcher.stdout.readline()  # the watcher gives up after 30 s, printing nothing
+        assert line, f"the other process never saw the promote ({backend})"
+        assert float(line) >= t0, (backend, float(line) - t0)  # after the move, on the same clock
     finally:
         watcher.kill()
         watcher.wait()
@@ -445,14 +445,10 @@ def test_a_registry_made_by_the_previous_release_opens_unchanged(tmp_path, bundl
     ]
 
 
-@pytest.mark.slow
-def test_a_tenant_already_in_memory_gets_503_while_the_database_is_down(own_postgres, tmp_path):
-    """The tenancy layer on a real PostgreSQL store: a tenant served (so in memory) gets 503 with
-    Retry-After once the server is stopped and the change feed has noticed (within its poll interval),
-    and never a 200 again while it stays down; after the restart it is served again. The ASGI app
-    behind the middleware stands in for vLLM (only the tenancy layer's answer is under test here;
-    tests/test_cluster.py runs the same outage through real vLLM replicas)."""
-    import asyncio
+def _gateway(store: TenantStore):
+    """The tenancy middleware on `store`, in front of an ASGI app that stands in for vLLM's API server
+    (only the tenancy layer's answer is under test; tests/test_cluster.py runs an outage through real
+    vLLM replicas); returns the middleware and a list whose one item counts the requests let through."""
     import json
 
     from prometheus_client import CollectorRegistry
@@ -461,11 +457,9 @@ def test_a_tenant_already_in_memory_gets_503_while_the_database_is_down(own_post
     from adapterhub_lite.serving.gateway.metrics import ServingMetrics
     from adapterhub_lite.serving.gateway.middleware import TenancyMiddleware
 
-    store = TenantStore.open(own_postgres.new_database())
-    _, key = store.add_tenant("acme", base_access=True)
     reached = [0]
 
-    async def vllm(scope, receive, send):  # stands in for vLLM's API server
+    async def vllm(scope, receive, send):
         reached[0] += 1
         body = json.dumps({"choices": [{"text": "ok"}], "usage": {"prompt_tokens": 1}})
         await send({"type": "http.response.start", "status": 200,
@@ -478,25 +472,36 @@ def test_a_tenant_already_in_memory_gets_503_while_the_database_is_down(own_post
         store=store,
         metrics=ServingMetrics(CollectorRegistry()),
     )
+    return mw, reached
+
+
+@pytest.mark.slow
+def test_a_tenant_already_in_memory_gets_503_while_the_database_is_down(own_postgres, tmp_path):
+    """The tenancy layer on a real PostgreSQL server of this test's own: a tenant served (so in memory)
+    gets only 503s with Retry-After while the server is down, from the moment its stop has returned
+    (plus the change feed's notice: the server's goodbye wakes it at once, its next probe at worst one
+    poll later), and is served again after the restart."""
+    import asyncio
+
     from gateway_client import asker
 
-    ask = asker(mw, key)
+    from adapterhub_lite.db.changes import POLL_S
 
-    async def run() -> list[tuple[str, int, dict]]:
-        seen = [("up", *await ask())]
+    store = TenantStore.open(own_postgres.new_database())
+    _, key = store.add_tenant("acme", base_access=True)
+    mw, reached = _gateway(store)
+    ask = asker(mw, key)
+    notice_s = 2 * POLL_S  # the goodbye missed, the next probe finds it; doubled for a loaded machine
+
+    async def run() -> tuple[list[tuple[float, int, dict]], float]:
+        assert (await ask())[0] == 200  # the tenant is in memory now
         own_postgres.stop()
         try:
             stopped = time.monotonic()
-            while True:  # the change feed notices within its poll interval
-                status, headers = await ask()
-                seen.append(("noticing", status, headers))
-                if status == 503:
-                    break
-                assert time.monotonic() - stopped < 15, "still served 15 s into the outage"
-                await asyncio.sleep(0.05)
-            noticed = time.monotonic()
-            while time.monotonic() - noticed < 3:  # down: never a 200 again
-                seen.append(("down", *await ask()))
+            down: list[tuple[float, int, dict]] = []
+            while time.monotonic() - stopped < notice_s + 3:  # down for three seconds past the notice
+                sent = time.monotonic() - stopped
+                down.append((sent, *await ask()))
                 await asyncio.sleep(0.05)
         finally:
             own_postgres.start()
@@ -504,14 +509,85 @@ def test_a_tenant_already_in_memory_gets_503_while_the_database_is_down(own_post
         while (answer := await ask())[0] != 200:
             assert time.monotonic() - restarted < 30, f"not served 30 s after the restart: {answer}"
             await asyncio.sleep(0.2)
-        seen.append(("up again", *answer))
         if mw._sweeper is not None:
             mw._sweeper.cancel()
-        return seen
+        return down, time.monotonic() - restarted
 
-    seen = asyncio.run(run())
-    assert seen[0][1] == 200 and seen[-1][1] == 200 and reached[0] >= 2  # the 200s came from "vLLM"
-    down = [(status, headers) for phase, status, headers in seen if phase == "down"]
-    assert len(down) >= 10 and all(status == 503 for status, _ in down), [s for s, _ in down]
-    assert all(int(headers[b"retry-after"]) >= 1 for _, headers in down)
-    assert {status for phase, status, _ in seen if phase == "noticing"} <= {200, 503}
+    down, recovered = asyncio.run(run())
+    assert reached[0] >= 2  # the 200s came from "vLLM"
+    assert {status for _, status, _ in down} <= {200, 503}
+    settled = [(sent, status, headers) for sent, status, headers in down if sent >= notice_s]
+    assert len(settled) >= 10 and all(status == 503 for _, status, _ in settled), [
+        (round(sent, 2), status) for sent, status, _ in down
+    ]
+    assert all(int(headers[b"retry-after"]) >= 1 for _, _, headers in settled)
+    print(f"{len(down)} asked while down, {sum(s == 200 for _, s, _ in down)} answered 200 within "
+          f"{notice_s} s of the stop; served again {recovered:.1f} s after the restart")
+
+
+@pytest.mark.slow
+def test_a_silent_partition_answers_503_within_the_silence_bound_then_recovers(own_postgres, monkeypatch):
+    """PostgreSQL behind a proxy that goes silent (tests/tcp_proxy.py: connections stay open, nothing is
+    forwarded, no TCP timeout fires): a tenant in memory is still answered at once (no request waits on
+    the database), is answered 503 once the change feed's probe has gone unanswered for
+    `ADAPTERHUB_DB_SILENCE_SECONDS` (1 s here), only 503 while the partition lasts, and is served
+    again once the proxy forwards."""
+    import asyncio
+
+    from gateway_client import asker
+    from tcp_proxy import SilentProxy
+
+    from adapterhub_lite.db.changes import POLL_S
+    from adapterhub_lite.db.engine import PG_CONNECT_ARGS
+
+    silence = 1.0
+    monkeypatch.setenv("ADAPTERHUB_DB_SILENCE_SECONDS", str(silence))
+    url = own_postgres.new_database()
+    with SilentProxy(own_postgres.port) as proxy:
+        store = TenantStore.open(url.replace(f":{own_postgres.port}/", f":{proxy.port}/"))
+        _, key = store.add_tenant("acme", base_access=True)
+        mw, reached = _gateway(store)
+        ask = asker(mw, key)
+        # The probe goes out at most one poll after the partition starts and is given up `silence` s
+        # later; one more second for a loaded machine.
+        bound = POLL_S + silence + 1.0
+
+        async def timed() -> tuple[int, float]:
+            sent = time.monotonic()
+            status, _ = await ask()
+            return status, time.monotonic() - sent
+
+        async def run() -> tuple[list[tuple[float, int, float]], float]:
+            assert (await ask())[0] == 200  # the tenant is in memory now
+            proxy.blackhole()
+            try:
+                cut = time.monotonic()
+                seen: list[tuple[float, int, float]] = []
+                while time.monotonic() - cut < bound + 3:
+                    sent = time.monotonic() - cut
+                    seen.append((sent, *await timed()))
+                    await asyncio.sleep(0.05)
+            finally:
+                proxy.forward()
+            healed = time.monotonic()
+            while (answer := await ask())[0] != 200:
+                # The listener retries every 5 s at most (its back-off's cap), each try held at most
+                # `connect_timeout`; five seconds more for a loaded machine.
+                limit = 5 + PG_CONNECT_ARGS["connect_timeout"] + 5
+                assert time.monotonic() - healed < limit, f"not served {limit} s after it healed: {answer}"
+                await asyncio.sleep(0.2)
+            if mw._sweeper is not None:
+                mw._sweeper.cancel()
+            return seen, time.monotonic() - healed
+
+        seen, recovered = asyncio.run(run())
+    statuses = [(round(sent, 2), status) for sent, status, _ in seen]
+    assert {status for _, status, _ in seen} <= {200, 503}, statuses
+    assert max(took for _, _, took in seen) < 0.5, statuses  # never waits on the silent database
+    settled = [status for sent, status, _ in seen if sent >= bound]
+    assert len(settled) >= 10 and set(settled) == {503}, statuses
+    first_503 = min(sent for sent, status, _ in seen if status == 503)
+    assert first_503 >= silence, statuses  # given its `silence` seconds: not a fluke of something else
+    assert reached[0] >= 2
+    print(f"first 503 {first_503:.2f} s into the partition (bound {bound} s); served again "
+          f"{recovered:.1f} s after it healed")

@@ -145,8 +145,13 @@ def world(tmp_path_factory):
         max_model_len=256,
         log_path=str(root / "vllm.log"),
     )
+    from adapterhub_lite.settings import env_name
+
     server = VLLMServer(opts)
-    # /health asked for throughout the start, so the 503 while warming up is seen, not inferred.
+    # /health asked for throughout the start, so the 503 while warming up is seen, not inferred: the
+    # warm-up is held (ADAPTERHUB_WARMUP_HOLD, a test hook) until the poller has seen that 503.
+    release = root / "warm-up-release"
+    server.env[env_name("warmup_hold")] = str(release)
     health: list[tuple[int, str]] = []
     started = threading.Event()
 
@@ -156,6 +161,9 @@ def world(tmp_path_factory):
                 # A long timeout: an answer that comes slowly while the engine warms up is still counted.
                 r = httpx.get(server.url + "/health", timeout=30.0)
                 health.append((r.status_code, r.text))
+                if not release.exists():  # released on the 503; on a 200 too, to fail the test, not hang
+                    health.append((0, "released" if r.status_code == 503 else "released after a 200"))
+                    release.touch()
             except httpx.HTTPError:
                 pass  # not listening yet
             time.sleep(0.05)
@@ -691,16 +699,17 @@ def test_hot_set_bound_holds_while_tenants_churn_adapters(world):
 
 
 def test_health_is_503_while_warming_up_then_200(world):
-    """Requested while the server started: /health answered 503 "warming up" (with Retry-After) once
-    the API server listened and before the warm-up was done, and 200 only after; never back to 503."""
-    statuses = [status for status, _ in world["health"]]
-    # Whether a poll lands inside the warm-up depends on the machine's load (on an idle one the first
-    # answered poll came after it): what is required is the order, never a 200 before a 503.
-    assert statuses, "the server never answered /health while it started"
-    first_ok = statuses.index(200) if 200 in statuses else len(statuses)
-    assert all(s == 503 for s in statuses[:first_ok]), statuses
-    assert all(s == 200 for s in statuses[first_ok:]), statuses
-    assert all("warming up" in text for status, text in world["health"] if status == 503)
+    """Requested while the server started: /health answered 503 "warming up" while
+    the warm-up was held (the fixture's ADAPTERHUB_WARMUP_HOLD), and 200 only after the poller released
+    it; never back to 503."""
+    health = world["health"]
+    assert (0, "released") in health, f"never a 503 while warming up: {health}"
+    released = health.index((0, "released"))
+    before, after = [s for s, _ in health[:released]], [s for s, _ in health[released + 1 :]]
+    assert before and all(s == 503 for s in before), before  # not listening, then 503 while warming
+    assert all("warming up" in text for status, text in health[:released])
+    first_ok = after.index(200) if 200 in after else len(after)  # start() may return before a poll
+    assert all(s == 503 for s in after[:first_ok]) and all(s == 200 for s in after[first_ok:]), after
     assert httpx.get(world["url"] + "/health", timeout=10).status_code == 200
 
 

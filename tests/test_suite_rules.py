@@ -39,8 +39,10 @@ def test_starts_a_thread():
     threading.Thread(target=late, name="late-worker").start()
     started.wait(10)
 
-def test_next():
-    time.sleep(1.0)
+def test_next():  # the late thread fails while this one runs: waited for, not slept through
+    for t in threading.enumerate():
+        if t.name == "late-worker":
+            t.join(30)
 """
 
 THREAD_PASSES = """

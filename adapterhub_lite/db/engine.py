@@ -32,7 +32,7 @@ _PG_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 # its unacknowledged bytes are `tcp_user_timeout` ms old, and an idle connection to it is found dead
 # by keepalives; a query stuck on a lock or a slow server ends at `statement_timeout`. (A server
 # process that is frozen while its host still acknowledges packets is bounded by none of these: the
-# serving replica's health check is what notices that.)
+# change feed's probe deadline, `ADAPTERHUB_DB_SILENCE_SECONDS` in `changes.py`, turns that into 503s.)
 PG_CONNECT_ARGS: dict[str, object] = {
     "connect_timeout": 5,
     "application_name": "adapterhub-lite",

@@ -187,7 +187,9 @@ class BlobStore:
 
     @staticmethod
     def _age(info: dict) -> float:
-        stamp = info.get("mtime", info.get("created"))
+        # Local and memory filesystems say `mtime`/`created`; S3 (s3fs) says `LastModified`. Without a
+        # stamp the file counts as old: `repair` may remove it.
+        stamp = next((info[k] for k in ("mtime", "created", "LastModified") if info.get(k) is not None), None)
         if isinstance(stamp, datetime):
             stamp = stamp.timestamp()
         return time.time() - float(stamp) if stamp is not None else float("inf")

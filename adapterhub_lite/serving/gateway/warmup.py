@@ -4,6 +4,8 @@ The first batch that holds an adapter makes vLLM's CPU build compile its LoRA ke
 C++ compile of many seconds), so without this the first tenant request pays for it. The middleware
 answers `/health` with 503 until the warm-up is done; the warm-up adapter has zero weights (rank 1
 on one projection of the served base), is loaded under a name no tenant can use and unloaded after.
+`ADAPTERHUB_WARMUP_HOLD` (a test hook) holds the end of the warm-up until a file exists, so that the
+503 can be requested for certain.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from adapterhub_lite.atomic import write_json
 from adapterhub_lite.serving.config import ServingConfig
 from adapterhub_lite.serving.gateway.asgi import App, Message
 from adapterhub_lite.serving.gateway.forwarding import scope_for
+from adapterhub_lite.settings import settings
 from adapterhub_lite.vllm_compat.server import Engine
 
 logger = logging.getLogger("adapterhub.serving")
@@ -109,7 +112,17 @@ async def warm_up(inner: App, app: Any, config: ServingConfig) -> None:
     except Exception:
         logger.exception("adapterhub: warm-up failed; serving without it")
     finally:
+        await _held()
         logger.info("adapterhub: warm-up done in %.1f s; ready", time.monotonic() - started)
+
+
+async def _held() -> None:
+    """Wait while the test hook `ADAPTERHUB_WARMUP_HOLD` names a file that does not exist yet."""
+    hold = settings().warmup_hold
+    if hold:
+        logger.info("adapterhub: warm-up held until %s exists", hold)
+        while not await asyncio.to_thread(Path(hold).exists):
+            await asyncio.sleep(0.05)
 
 
 async def _call(inner: App, app: Any, path: str, body: bytes) -> tuple[int, str]:
