@@ -69,7 +69,8 @@ def served(tmp_path, tiny_base, lora_dir) -> Iterator[Served]:
         else:
             while (await receive()).get("more_body"):
                 pass
-            body, kind = json.dumps({"choices": [{"text": "ok"}], "usage": USAGE}).encode(), b"application/json"
+            body = json.dumps({"choices": [{"text": "ok"}], "usage": USAGE}).encode()
+            kind = b"application/json"
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", kind)]})
         await send({"type": "http.response.body", "body": body})
 
@@ -120,6 +121,14 @@ def test_rates_are_the_difference_of_two_scrapes(served):
     assert round(adapters[served.ref].tokens_per_s * dt, 6) == 3 * 13 and adapters[served.ref].requests == 4
     assert after.status["cache"] and after.status["capacity"] >= 1
     server.close()
+    # The dashboard's latency and cache series (docs/grafana/adapterhub.json) hold what happened.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    page = httpx.get(served.url + "/metrics", headers={"authorization": f"Bearer {ADMIN}"}).text
+    samples = {(s.name, s.labels.get("tenant")): s.value
+               for f in text_string_to_metric_families(page) for s in f.samples}
+    assert samples[("adapterhub_request_duration_seconds_count", "acme")] == 5  # every forwarded answer
+    assert samples[("adapterhub_cache_bytes", None)] == after.status["cache_bytes"] > 0  # nothing changed
 
 
 def _top(*args: str):

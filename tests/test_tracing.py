@@ -219,7 +219,8 @@ def test_the_endpoint_reaches_the_middleware_and_vllm(tiny_base):
 
     assert traces_url("http://collector:4318") == "http://collector:4318/v1/traces"
     assert traces_url("http://collector:4318/v1/traces/") == "http://collector:4318/v1/traces"
-    opts = ServeOptions(base_dir=str(tiny_base), otlp_endpoint="http://127.0.0.1:4318", otlp_sample_ratio=0.25)
+    opts = ServeOptions(base_dir=str(tiny_base), otlp_endpoint="http://127.0.0.1:4318",
+                        otlp_sample_ratio=0.25)
     cmd, env = build_command(opts)
     assert env["ADAPTERHUB_OTLP_ENDPOINT"] == "http://127.0.0.1:4318"
     assert env["ADAPTERHUB_OTLP_SAMPLE_RATIO"] == "0.25"

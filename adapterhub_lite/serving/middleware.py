@@ -109,6 +109,8 @@ class TenancyMiddleware:
             resolver = get_resolver()
         self.resolver = resolver
         self.metrics = metrics or default_metrics()
+        if (cache := getattr(self.resolver, "cache", None)) is not None:  # stand-ins in tests have none
+            self.metrics.track_cache(cache)
         self.limiter = open_limiter(self.config.rate_limit_url, self.config.rate_limit_failure)
         self.evictor = Evictor(self.config.hot_set_size(), self.config.idle_seconds)
         self.ready = not self.config.warmup
