@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,25 +229,32 @@ def _num(value: Any) -> float:
 
 def watch(server: Server, interval: float, once: bool, console: Any, limit: int = 20) -> Frame | None:
     """Read the server every `interval` seconds and show each frame on `console` (a rich Console), live
-    until Ctrl-C; with `once`, print one frame and return it."""
+    until Ctrl-C; with `once`, print one frame and return it. Where the console is not a terminal (a pipe,
+    a file) each frame is printed after the last, as `top -b` does."""
     from rich.live import Live
 
-    try:
+    def frames() -> Iterator[Frame]:
         before = server.scrape()
-        time.sleep(interval)
-        after = server.scrape()
-        view = frame(before, after)
-        if once:
+        while True:
+            time.sleep(interval)
+            after = server.scrape()
+            yield frame(before, after)
+            before = after
+
+    try:
+        views = frames()
+        view = next(views)
+        if once or not console.is_terminal:
             console.print(render(view, server.url, limit))
-            return view
+            if once:
+                return view
+            for view in views:
+                console.print(render(view, server.url, limit))
         with Live(render(view, server.url, limit), console=console, auto_refresh=False) as live:
-            while True:
-                before = after
-                time.sleep(interval)
-                after = server.scrape()
-                view = frame(before, after)
+            for view in views:
                 live.update(render(view, server.url, limit), refresh=True)
     except KeyboardInterrupt:
-        return None
+        pass
     finally:
         server.close()
+    return None
