@@ -11,7 +11,8 @@ For every HTTP request it
   never loaded; other failures answer by their kind (a locked registry 503 with Retry-After);
 - makes room in the hot set before vLLM loads a new adapter (eviction.py), then rewrites `model` to
   the full reference and passes the request on (forwarding.py);
-- holds `/health` at 503 until a warm-up request has gone through a LoRA slot (warmup.py).
+- holds `/health` at 503 until a warm-up request has gone through a LoRA slot (warmup.py);
+- with an OTLP endpoint set, traces each request, a span per step above (tracing.py).
 
 Why middleware and not a `vllm.endpoint_plugins` plugin: an endpoint plugin can only add routes, while
 tenancy has to see, refuse or rewrite every request before vLLM's own routes do; `--middleware` is the
@@ -82,6 +83,7 @@ PUBLIC_PATHS = {"/health", "/ping", "/version"}
 HEALTH_PATHS = {"/health", "/ping"}
 INFERENCE_PATHS = {"/v1/completions", "/v1/chat/completions"}
 MODELS_PATH = "/v1/models"
+UNTRACED = PUBLIC_PATHS | {"/metrics"}  # health checks and scrapes would bury the requests' traces
 _AUTH_HEADERS = [(b"www-authenticate", b"Bearer")]
 _OUTAGE_LOG_EVERY_S = 10.0
 
@@ -150,7 +152,7 @@ class TenancyMiddleware:
     # -- ASGI --------------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.tracing is None or scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if self.tracing is None or scope["type"] != "http" or scope["path"] in UNTRACED:
             await self._handle(scope, receive, send)
             return
         async with self.tracing.request(scope, send) as traced_send:  # spans: tracing.py
