@@ -145,6 +145,16 @@ class Settings(BaseSettings):
     )
     usage_retention_days: int = Field(35, ge=1, description="raw ledger rows kept, then rolled up per day")
     usage_daily_days: int = Field(800, ge=1, description="daily ledger roll-ups kept")
+    # -- traces ----------------------------------------------------------------------------------
+    otlp_endpoint: str | None = Field(
+        None,
+        description="an OTLP/HTTP collector (`http://host:4318`): the gateway's request spans go to its "
+        "`/v1/traces`, and vLLM's own too (unset: tracing off)",
+    )
+    otlp_sample_ratio: float = Field(
+        1.0, ge=0.0, le=1.0, description="the share of new traces recorded (a caller's `traceparent` decides "
+        "for its own)"
+    )
     # -- diagnostics -----------------------------------------------------------------------------
     lora_trace: bool = Field(False, description="log each adapter that enters a vLLM slot, with counts")
     memory_probe: str | None = Field(

@@ -6,6 +6,10 @@ being the bottleneck.
     benchmarks/serving_bench.py): two servers run side by side, one with `ADAPTERHUB_USAGE_LEDGER=0`,
     and the phases alternate on/off, off/on round after round (medians), so load that drifts on a shared
     machine does not favour either. Key `ledger_over_off_throughput` (goal >= 0.97).
+    The same rounds run a third server with tracing on (serving/tracing.py: every trace sampled, the
+    gateway's spans and vLLM's own exported over OTLP/HTTP to a receiver in this script on loopback, which
+    decodes and counts them) and the ledger off, against the same "off" server (ledger and tracing off):
+    key `tracing_over_off_throughput` (goal >= 0.97).
 (b) The ledger's write rate: rows per second its writer puts into SQLite (the tenant store's file, WAL,
     synchronous=FULL) and into PostgreSQL (a throwaway server, tests/pg_server.py), one batch per flush
     window, against the request rate measured in (a): `headroom` = write rate / request rate.
@@ -25,8 +29,10 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,12 +77,50 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+class SpanSink:
+    """An OTLP/HTTP receiver on loopback: decodes each `POST /v1/traces` and counts spans by name."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        self.counts: dict[str, int] = {}
+        lock = threading.Lock()
+        counts = self.counts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                request = ExportTraceServiceRequest.FromString(
+                    self.rfile.read(int(self.headers.get("content-length", 0))))
+                with lock:
+                    for rs in request.resource_spans:
+                        for ss in rs.scope_spans:
+                            for span in ss.spans:
+                                counts[span.name] = counts.get(span.name, 0) + 1
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def throughput(args: argparse.Namespace, work: Path) -> dict:
     _, _, _, _, _, keys = fixtures(args, work, ADAPTERS + 1)
     max_cpu_loras = max(args.max_cpu_loras, args.max_loras)
 
+    sink = SpanSink()
+
     def options(name: str) -> ServeOptions:
         return ServeOptions(
+            otlp_endpoint=sink.url if name == "tracing" else None,
             base_dir=str(work / "base"), served_name="base", max_loras=args.max_loras, max_lora_rank=16,
             max_cpu_loras=max_cpu_loras, max_model_len=256, registry=str(work / "registry"),
             tenants_db=str(work / "tenants.db"), cache_dir=str(work / f"cache-{name}"),
@@ -84,9 +128,10 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
         )
 
     jobs = [(k, "bot") for k in keys[:ADAPTERS]]
-    runs: dict[str, list[dict]] = {"on": [], "off": []}
-    servers = {"on": VLLMServer(options("on")), "off": VLLMServer(options("off"))}
+    runs: dict[str, list[dict]] = {"on": [], "off": [], "tracing": []}
+    servers = {name: VLLMServer(options(name)) for name in runs}
     servers["off"].env[ENV_LEDGER] = "0"
+    servers["tracing"].env[ENV_LEDGER] = "0"  # tracing's cost alone
     store = UsageStore(work / "tenants.db")
     try:
         for s in servers.values():
@@ -95,7 +140,8 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
         for s in servers.values():
             run_phase(s.url, jobs, warm, seed=1)  # every adapter pulled, verified and loaded once
         for rep in range(args.repeats):
-            order = ["on", "off"] if rep % 2 == 0 else ["off", "on"]
+            order = [["on", "off", "tracing"], ["tracing", "off", "on"], ["off", "tracing", "on"],
+                     ["on", "tracing", "off"]][rep % 4]
             for name in order:
                 s = servers[name]
                 rows_before = store.counts()[0]
@@ -104,18 +150,22 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
                 # the exact check is the total at the end (ledger_rows_written)
                 r["ledger_rows_during"] = store.counts()[0] - rows_before
                 runs[name].append(r)
-                print(f"round {rep} ledger {name:>3}: {r['tokens_per_s']:8.1f} tok/s  "
+                print(f"round {rep} {name:>7}: {r['tokens_per_s']:8.1f} tok/s  "
                       f"TTFT p50 {r['ttft_p50_ms']:.0f} ms  rows +{r['ledger_rows_during']}", flush=True)
     finally:
         for s in servers.values():
-            s.stop()
+            s.stop()  # a clean stop flushes the tracing server's last spans
+        sink.close()
     rows_total = store.counts()[0]
 
     def med(name: str, key: str) -> float:
         return round(statistics.median(r[key] for r in runs[name]), 2)
 
-    pairs = zip(runs["on"], runs["off"], strict=True)
-    ratios = [on["tokens_per_s"] / off["tokens_per_s"] for on, off in pairs]
+    ratios = [on["tokens_per_s"] / off["tokens_per_s"]
+              for on, off in zip(runs["on"], runs["off"], strict=True)]
+    traced = [t["tokens_per_s"] / off["tokens_per_s"]
+              for t, off in zip(runs["tracing"], runs["off"], strict=True)]
+    traced_requests = ADAPTERS + sum(r["requests"] for r in runs["tracing"])
     return {
         "tokens_per_s_on": med("on", "tokens_per_s"),
         "tokens_per_s_off": med("off", "tokens_per_s"),
@@ -124,6 +174,14 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
         "requests_per_s_on": round(statistics.median(r["requests"] / r["wall_s"] for r in runs["on"]), 2),
         "ratio_per_round": [round(x, 3) for x in ratios],
         "ledger_over_off_throughput": round(statistics.median(ratios), 3),
+        "tokens_per_s_tracing": med("tracing", "tokens_per_s"),
+        "ttft_p50_ms_tracing": med("tracing", "ttft_p50_ms"),
+        "tracing_ratio_per_round": [round(x, 3) for x in traced],
+        "tracing_over_off_throughput": round(statistics.median(traced), 3),
+        # what the receiver got from the tracing server: one gateway root span per request it was sent
+        # (warm-ups included) and vLLM's own llm_request spans
+        "spans_received": dict(sorted(sink.counts.items())),
+        "requests_sent_to_tracing_server": traced_requests,
         # every request of the ledger-on server (warm-ups included) became a row; the off server wrote none
         "ledger_rows_written": rows_total,
         "requests_sent_to_ledger_on_server": ADAPTERS + sum(r["requests"] for r in runs["on"]),
@@ -201,19 +259,21 @@ def main() -> None:
             "shared": os.environ.get("ADAPTERHUB_BENCH_QUIET") != "1",
         },
         "config": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")},
-        "targets": {"ledger_over_off_throughput": f">= {GOAL}"},
-        "verdict": {"ledger_over_off_throughput": tp["ledger_over_off_throughput"] >= GOAL},
+        "targets": {"ledger_over_off_throughput": f">= {GOAL}", "tracing_over_off_throughput": f">= {GOAL}"},
+        "verdict": {"ledger_over_off_throughput": tp["ledger_over_off_throughput"] >= GOAL,
+                    "tracing_over_off_throughput": tp["tracing_over_off_throughput"] >= GOAL},
         "ledger_over_off_throughput": tp["ledger_over_off_throughput"],
+        "tracing_over_off_throughput": tp["tracing_over_off_throughput"],
         "throughput_16_adapters": tp,
         "ledger_write_rate": writes,
-        "not_measured": "tracing_over_off_throughput: OpenTelemetry tracing (issue 24 item 3) is not built",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from provenance import provenance  # benchmarks/ is sys.path[0] for a script run as a file
 
     out.write_text(json.dumps({**report, "provenance": provenance()}, indent=2) + "\n")
-    print(json.dumps({k: report[k] for k in ("ledger_over_off_throughput", "verdict")}, indent=2))
+    keys = ("ledger_over_off_throughput", "tracing_over_off_throughput", "verdict")
+    print(json.dumps({k: report[k] for k in keys}, indent=2))
     print(json.dumps(writes, indent=2))
     print(f"wrote {out}")
 

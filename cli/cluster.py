@@ -51,6 +51,13 @@ def up(
     admin_key: Annotated[
         str | None, typer.Option(envvar="ADAPTERHUB_ADMIN_KEY", help="admin key for every replica")
     ] = None,
+    otlp_endpoint: Annotated[
+        str | None,
+        typer.Option(
+            envvar="ADAPTERHUB_OTLP_ENDPOINT",
+            help="OTLP/HTTP collector (http://HOST:4318): every replica's request traces (default: off)",
+        ),
+    ] = None,
     cores_per_replica: Annotated[
         int | None,
         typer.Option(help="pin each replica's vLLM to this many cores of its own (default: all cores)"),
@@ -74,6 +81,7 @@ def up(
         admin_key=admin_key,
         rate_limit_url=rate_limit_url,
         rate_limit_failure=rate_limit_failure.value,
+        otlp_endpoint=otlp_endpoint,
         **{k: v for k, v in given.items() if v is not None},
     )
     opts = ClusterOptions(

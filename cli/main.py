@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "cluster": "cluster",
     "tenant": "tenant",
     "usage": "usage",
+    "top": "top",
 }
 
 

@@ -6,7 +6,13 @@ from typing import Annotated
 
 import typer
 
-from adapterhub_lite.serving.config import ENV_ADMIN_KEY, ENV_RATE_LIMIT_URL, ServingConfig
+from adapterhub_lite.serving.config import (
+    ENV_ADMIN_KEY,
+    ENV_OTLP_ENDPOINT,
+    ENV_OTLP_SAMPLE_RATIO,
+    ENV_RATE_LIMIT_URL,
+    ServingConfig,
+)
 from adapterhub_lite.serving.supervisor.launcher import ServeOptions
 from cli.common import DEFAULT_RATE_LIMIT_FAILURE, RateLimitFailure, run_cli
 
@@ -69,6 +75,19 @@ def register(app: typer.Typer) -> None:
                 help="while Redis is unreachable: 'open' admits, 'closed' answers 503",
             ),
         ] = DEFAULT_RATE_LIMIT_FAILURE,
+        otlp_endpoint: Annotated[
+            str | None,
+            typer.Option(
+                envvar=ENV_OTLP_ENDPOINT,
+                help="OTLP/HTTP collector (http://HOST:4318): request traces, vLLM's too (default: off)",
+            ),
+        ] = None,
+        otlp_sample_ratio: Annotated[
+            float,
+            typer.Option(
+                envvar=ENV_OTLP_SAMPLE_RATIO, min=0.0, max=1.0, help="share of new traces recorded"
+            ),
+        ] = _C.otlp_sample_ratio,
         log: Annotated[
             str | None, typer.Option(help="vLLM's log file (default: ~/.adapterhub/logs/vllm-PORT.log)")
         ] = None,
@@ -92,6 +111,8 @@ def register(app: typer.Typer) -> None:
             trusted_keys=list(trusted_key or []),
             rate_limit_url=rate_limit_url,
             rate_limit_failure=rate_limit_failure.value,
+            otlp_endpoint=otlp_endpoint,
+            otlp_sample_ratio=otlp_sample_ratio,
         )
         if cache_dir:
             config.cache_dir = cache_dir

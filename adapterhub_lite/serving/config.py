@@ -38,6 +38,8 @@ ENV_WARMUP = env_name("warmup")
 ENV_HEAP_TRIM = env_name("heap_trim")
 ENV_RATE_LIMIT_URL = env_name("rate_limit_url")
 ENV_RATE_LIMIT_FAILURE = env_name("rate_limit_failure")
+ENV_OTLP_ENDPOINT = env_name("otlp_endpoint")
+ENV_OTLP_SAMPLE_RATIO = env_name("otlp_sample_ratio")
 
 # The settings' defaults, so a config made in code and one read from the environment agree.
 _DEFAULT = {name: f.default for name, f in Settings.model_fields.items()}
@@ -78,6 +80,8 @@ class ServingConfig:
     heap_trim: bool = _DEFAULT["heap_trim"]
     rate_limit_url: str | None = None  # redis://...: one bucket per tenant across replicas
     rate_limit_failure: str = _DEFAULT["rate_limit_failure"]  # Redis unreachable: open or closed
+    otlp_endpoint: str | None = None  # an OTLP/HTTP collector: traces on (serving/tracing.py)
+    otlp_sample_ratio: float = _DEFAULT["otlp_sample_ratio"]
 
     def hot_set_size(self) -> int:
         """Adapters kept loaded in vLLM at most."""
@@ -104,6 +108,8 @@ class ServingConfig:
             heap_trim=env.heap_trim,
             rate_limit_url=env.rate_limit_url,
             rate_limit_failure=env.rate_limit_failure,
+            otlp_endpoint=env.otlp_endpoint,
+            otlp_sample_ratio=env.otlp_sample_ratio,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -125,5 +131,10 @@ class ServingConfig:
             ENV_HEAP_TRIM: "1" if self.heap_trim else "0",
             ENV_RATE_LIMIT_URL: self.rate_limit_url,
             ENV_RATE_LIMIT_FAILURE: self.rate_limit_failure if self.rate_limit_url else None,
+            ENV_OTLP_ENDPOINT: self.otlp_endpoint,
+            # The default is left unwritten, so a ratio in the launching environment reaches vLLM's processes.
+            ENV_OTLP_SAMPLE_RATIO: None
+            if self.otlp_sample_ratio == _DEFAULT["otlp_sample_ratio"]
+            else str(self.otlp_sample_ratio),
         }
         return {k: v for k, v in pairs.items() if v is not None}

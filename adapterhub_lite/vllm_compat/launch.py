@@ -26,6 +26,7 @@ PLUGIN_NAME = "adapterhub"
 ENV_PLUGINS = "VLLM_PLUGINS"  # allow-list of general plugins ("" = none)
 ENV_RUNTIME_LORA = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"  # load/unload routes and resolvers
 ENV_CPU_KVCACHE_SPACE = "VLLM_CPU_KVCACHE_SPACE"  # GiB reserved for the KV cache on the CPU
+ENV_OTEL_TRACES_PROTOCOL = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"  # OpenTelemetry's, read by vLLM
 
 MAX_LORA_RANKS = VLLM_MAX_LORA_RANKS  # the values --max-lora-rank accepts
 
@@ -84,6 +85,13 @@ def lora_flags(max_loras: int, max_lora_rank: int, max_cpu_loras: int, modules: 
 def middleware_flags(import_path: str) -> list[str]:
     """The flag that installs an ASGI middleware in front of vLLM's routes."""
     return ["--middleware", import_path]
+
+
+def tracing_flags(endpoint: str) -> tuple[dict[str, str], list[str]]:
+    """The environment and flags that make vLLM export its own spans (`llm_request`, the child of the
+    `traceparent` the gateway sends on) to the OTLP/HTTP `endpoint` (the full `/v1/traces` URL): vLLM
+    speaks gRPC unless told the protocol (vllm/tracing/otel.py)."""
+    return {ENV_OTEL_TRACES_PROTOCOL: "http/protobuf"}, ["--otlp-traces-endpoint", endpoint]
 
 
 def plugin_env(enabled: bool) -> dict[str, str]:

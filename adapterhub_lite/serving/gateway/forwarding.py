@@ -8,6 +8,7 @@ request did nothing wrong, and a client or load balancer should retry it, on thi
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +47,7 @@ async def forward(
     inner_receive = replay_body(body, receive)  # a client going away still reaches vLLM
 
     usage = UsageMeter()
+    began = time.monotonic()
     started = False
     replaced = False  # vLLM's 5xx answer is being swallowed; a 503 goes out at its end
 
@@ -90,6 +92,7 @@ async def forward(
         status = usage.status or 503
         adapter_label = metrics.adapter(adapter_label)
         metrics.requests.labels(tenant_label, adapter_label, str(status)).inc()
+        metrics.request_seconds.labels(tenant_label).observe(time.monotonic() - began)
         if status >= 400:
             metrics.errors.labels(tenant_label, adapter_label, f"http_{status}").inc()
         prompt, completion = usage.tokens()

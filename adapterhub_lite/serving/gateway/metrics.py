@@ -12,12 +12,15 @@ usage ledger keeps every reference exactly).
 from __future__ import annotations
 
 import threading
+from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from adapterhub_lite.settings import settings
 
 OTHER = "other"
+# Seconds from handing a request to vLLM to its last byte: a cached short answer to a long stream.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class ServingMetrics:
@@ -70,6 +73,27 @@ class ServingMetrics:
         self.loaded_adapters = Gauge(
             "adapterhub_loaded_adapters", "Adapters currently loaded in vLLM.", registry=registry
         )
+        self.request_seconds = Histogram(
+            "adapterhub_request_duration_seconds",
+            "Seconds from forwarding a request to vLLM to its last byte, per tenant.",
+            ["tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.cache_bytes = Gauge(
+            "adapterhub_cache_bytes", "Bytes of verified bundles in the disk cache.", registry=registry
+        )
+
+    def track_cache(self, cache: Any) -> None:
+        """`adapterhub_cache_bytes` reads the size of `cache` (a BundleCache) at each scrape."""
+
+        def size() -> float:
+            try:
+                return float(cache.total_bytes())
+            except OSError:  # an entry removed while it was being measured: the next scrape tells
+                return 0.0
+
+        self.cache_bytes.set_function(size)
 
     def adapter(self, ref: str) -> str:
         """The `adapter` label of `ref`: itself while the bound allows a new series, else `other`."""

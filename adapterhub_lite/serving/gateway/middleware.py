@@ -11,7 +11,8 @@ For every HTTP request it
   never loaded; other failures answer by their kind (a locked registry 503 with Retry-After);
 - makes room in the hot set before vLLM loads a new adapter (eviction.py), then rewrites `model` to
   the full reference and passes the request on (forwarding.py);
-- holds `/health` at 503 until a warm-up request has gone through a LoRA slot (warmup.py).
+- holds `/health` at 503 until a warm-up request has gone through a LoRA slot (warmup.py);
+- with an OTLP endpoint set, traces each request, a span per step above (tracing.py).
 
 Why middleware and not a `vllm.endpoint_plugins` plugin: an endpoint plugin can only add routes, while
 tenancy has to see, refuse or rewrite every request before vLLM's own routes do; `--middleware` is the
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from adapterhub_lite import keys
 from adapterhub_lite.display import safe
 from adapterhub_lite.errors import AdapterHubError, ErrorKind
+from adapterhub_lite.serving import tracing
 from adapterhub_lite.serving.config import ServingConfig
 from adapterhub_lite.serving.gateway import warmup
 from adapterhub_lite.serving.gateway.admin import ADMIN_PREFIX, admin_route
@@ -83,6 +85,7 @@ PUBLIC_PATHS = {"/health", "/ping", "/version"}
 HEALTH_PATHS = {"/health", "/ping"}
 INFERENCE_PATHS = {"/v1/completions", "/v1/chat/completions"}
 MODELS_PATH = "/v1/models"
+UNTRACED = PUBLIC_PATHS | {"/metrics"}  # health checks and scrapes would bury the requests' traces
 _AUTH_HEADERS = [(b"www-authenticate", b"Bearer")]
 _OUTAGE_LOG_EVERY_S = 10.0
 
@@ -110,12 +113,15 @@ class TenancyMiddleware:
             resolver = get_resolver()
         self.resolver = resolver
         self.metrics = metrics or default_metrics()
+        if (cache := getattr(self.resolver, "cache", None)) is not None:  # stand-ins in tests have none
+            self.metrics.track_cache(cache)
         self.limiter = open_limiter(self.config.rate_limit_url, self.config.rate_limit_failure)
         self.evictor = Evictor(self.config.hot_set_size(), self.config.idle_seconds)
         self.ready = not self.config.warmup
         self.tenants = TenantCache(self.store)
         self.ledger = open_ledger(self.store.db)  # the usage ledger (ledger.py); None when turned off
         self.rollouts = RolloutRouter(self.store)  # rollout: canary split + live gate (rollout_router.py)
+        self.tracing = tracing.open_tracing(self.config.otlp_endpoint, self.config.otlp_sample_ratio)
         self._registry: CachedRegistry | None = None
         self._background: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
@@ -150,6 +156,13 @@ class TenancyMiddleware:
     # -- ASGI --------------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.tracing is None or scope["type"] != "http" or scope["path"] in UNTRACED:
+            await self._handle(scope, receive, send)
+            return
+        async with self.tracing.request(scope, send) as traced_send:  # spans: tracing.py
+            await self._handle(scope, receive, traced_send)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self.app(scope, receive, self._lifespan_send(scope, send))
             return
@@ -168,6 +181,7 @@ class TenancyMiddleware:
         self._ensure_watcher()
         if self.ledger is not None and path in INFERENCE_PATHS:
             send = self.ledger.watch(scope, send)  # every answered inference request: one ledger row
+        tracing.phase("authenticate")
         key = bearer(scope)
         if key is None:
             self.metrics.rejected.labels("", "no_key").inc()
@@ -180,6 +194,7 @@ class TenancyMiddleware:
             )
             return
         if self._admin_key is not None and keys.same(key.encode("latin-1"), self._admin_key):
+            tracing.note_request(tenant="admin")
             if path.startswith(ADMIN_PREFIX):
                 await admin_route(self, scope, receive, send)
             elif path in INFERENCE_PATHS and scope["method"] == "POST":
@@ -203,6 +218,7 @@ class TenancyMiddleware:
                 send, 401, "invalid or revoked API key", "AuthenticationError", headers=_AUTH_HEADERS
             )
             return
+        tracing.note_request(tenant=tenant.name)
         if path == MODELS_PATH and scope["method"] == "GET":
             await self._list_models(scope, send, tenant)
         elif path in INFERENCE_PATHS and scope["method"] == "POST":
@@ -255,6 +271,7 @@ class TenancyMiddleware:
     async def _inference(self, scope: Scope, receive: Receive, send: Send, tenant: Tenant | None) -> None:
         label = tenant.name if tenant else "admin"
         UsageLedger.attribute(scope, tenant=label)
+        tracing.phase("read_body")
         try:  # the caller is authenticated by now: only then is the body read (bounded in size and time)
             body = await read_body(receive, scope)
             # Parsing megabytes takes a while: off the event loop, so other tenants' streams keep flowing.
@@ -274,6 +291,7 @@ class TenancyMiddleware:
         model = fields.model
 
         engine = Engine.from_scope(scope)
+        tracing.phase("resolve")
         try:
             if tenant is None:
                 target = self._admin_target(engine, model)
@@ -295,7 +313,9 @@ class TenancyMiddleware:
             return
 
         UsageLedger.attribute(scope, alias=model, ref=target.name if target.managed else "")
+        tracing.note_request(alias=model, ref=target.name)
         if tenant is not None:
+            tracing.phase("rate_limit")
             try:
                 rpm, tpm = tenant.requests_per_minute, tenant.tokens_per_minute
                 wait = await self.limiter.admit(tenant.name, rpm, tpm)
@@ -320,6 +340,7 @@ class TenancyMiddleware:
         send = self.rollouts.observe(send, target, rollout)
         if rollout is not None:  # the ledger names the version that answers, not the one first resolved
             UsageLedger.attribute(scope, ref=target.name if target.managed else "")
+            tracing.note_request(ref=target.name)
         if target.managed:
             self.evictor.begin(target.name)
         try:
@@ -327,6 +348,8 @@ class TenancyMiddleware:
                 return
             payload["model"] = target.name
             hide_usage = ask_for_stream_usage(payload)
+            tracing.phase("forward")
+            tracing.propagate(scope)  # vLLM's own spans continue this trace
             prompt, completion = await forward(
                 self.app,
                 scope,
@@ -339,6 +362,7 @@ class TenancyMiddleware:
                 hide_usage=hide_usage,
                 on_done=self.ledger.forwarded(scope) if self.ledger is not None else None,
             )
+            tracing.tokens(prompt, completion)
             if tenant is not None:
                 await self.limiter.charge_tokens(tenant.name, tenant.tokens_per_minute, prompt + completion)
         finally:
@@ -359,13 +383,19 @@ class TenancyMiddleware:
         """Verify the bundle (unless vLLM holds it) and make room for it in the hot set; on failure
         answer the client by the error's kind and return False."""
         if engine is not None and engine.is_loaded(target.name):
+            tracing.note_request(hot_set="hit")
             return True
+        tracing.note_request(hot_set="miss")
         if engine is not None:
             self.resolver.loaded_refs = lambda: [*engine.loaded(), *self.evictor.in_flight]
         try:
+            tracing.phase("fetch")
             await asyncio.to_thread(self.resolver.fetch, target.name)
+            tracing.phase("load")
             if engine is not None:
-                for name in await self.evictor.make_room(engine, target.name):
+                evicted = await self.evictor.make_room(engine, target.name)
+                tracing.note(evicted=len(evicted))
+                for name in evicted:
                     self.metrics.adapter_evictions.labels(self.metrics.adapter(name)).inc()
                 self.metrics.loaded_adapters.set(len(engine.loaded()))
         except AdapterHubError as exc:
@@ -450,6 +480,8 @@ class TenancyMiddleware:
         async def lifespan_send(message: Message) -> None:
             if message["type"] == "lifespan.shutdown.complete" and self.ledger is not None:
                 await asyncio.to_thread(self.ledger.close)  # a clean stop writes every queued row
+            if message["type"] == "lifespan.shutdown.complete" and self.tracing is not None:
+                await asyncio.to_thread(self.tracing.shutdown)  # exports every span ended so far
             await send(message)
             if message["type"] == "lifespan.startup.complete":
                 self._ensure_watcher()

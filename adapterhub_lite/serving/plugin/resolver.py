@@ -30,6 +30,7 @@ from typing import Any
 from adapterhub_lite.errors import AdapterHubError, ErrorKind, ServingError
 from adapterhub_lite.registry.cache import BundleCache, Lease
 from adapterhub_lite.registry.contract import RegistryAPI
+from adapterhub_lite.serving import tracing
 from adapterhub_lite.serving.config import ServingConfig
 from adapterhub_lite.tenants.store import is_full_ref
 from adapterhub_lite.vllm_compat.server import lora_request, resolver_base
@@ -182,22 +183,27 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
             )
         from adapterhub_lite.bundles import verify_bundle
 
+        started = time.perf_counter()
         with self._holding(ref):
             published = self.registry.resolve(ref)
             digest = published.digest
             lease: Lease | None = None
             try:
-                lease = self.cache.fetch(
-                    digest,
-                    lambda tmp: Path(self.registry.pull(ref, tmp / "bundle")),
-                    size=int(getattr(published, "size", 0) or 0),
-                    label=ref,
-                    seconds=seconds,
-                )
+                lease = self.cache.acquire(digest, seconds)
+                tracing.note(cache="miss" if lease is None else "hit")
+                if lease is None:
+                    lease = self.cache.put_leased(
+                        digest,
+                        lambda tmp: Path(self.registry.pull(ref, tmp / "bundle")),
+                        size=int(getattr(published, "size", 0) or 0),
+                        label=ref,
+                        seconds=seconds,
+                    )
                 path = lease.path
                 # Verified after download and again on a load more than _REVERIFY_AFTER_S after the
                 # last check: the disk cache is not trusted either.
                 if time.monotonic() - self._verified_at.get(ref, -1e9) > _REVERIFY_AFTER_S:
+                    verifying = time.perf_counter()
                     verify_bundle(
                         path,
                         base_dir=self.base_dir(),  # every targeted module exists in the base, shapes agree
@@ -207,6 +213,7 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
                         trusted_keys=self.config.trusted_keys or None,
                     )
                     self._remember(ref, time.monotonic())
+                    tracing.note(verify_ms=tracing.elapsed_ms(verifying))
             except AdapterHubError as exc:
                 self._remember(ref, None)
                 # A refusal for room or leases (unavailable, before a lease) created nothing to drop.
@@ -222,6 +229,7 @@ class AdapterResolver(resolver_base()):  # type: ignore[misc]
                     self.cache.release(lease)
                 raise
             self._remember_digest(ref, digest)
+            tracing.note(fetch_ms=tracing.elapsed_ms(started))
             return lease
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:

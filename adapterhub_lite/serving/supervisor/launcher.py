@@ -196,6 +196,12 @@ def build_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
         cmd += launch.middleware_flags(MIDDLEWARE)
         cfg = dataclasses.replace(opts.serving_config(), base_dir=str(base), served_name=served)
         env.update(cfg.to_env())
+        if cfg.otlp_endpoint:  # vLLM's own spans join the gateway's traces (serving/tracing.py)
+            from adapterhub_lite.serving.tracing import traces_url
+
+            trace_env, trace_flags = launch.tracing_flags(traces_url(cfg.otlp_endpoint))
+            env.update(trace_env)
+            cmd += trace_flags
     cmd += opts.extra_args
     return cmd, env
 
