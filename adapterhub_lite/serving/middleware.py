@@ -162,6 +162,7 @@ class TenancyMiddleware:
                 await self.app(scope, receive, send)
             return
         self._ensure_sweeper(scope)
+        self.rollouts.ensure_scheduler(scope, self.config.admin_key)  # steps on a schedule
         if self.ledger is not None and path in INFERENCE_PATHS:
             send = self.ledger.watch(scope, send)  # every answered inference request: one ledger row
         key = bearer(scope)
