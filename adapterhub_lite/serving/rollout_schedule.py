@@ -20,14 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 from adapterhub_lite.errors import AdapterHubError, ErrorKind
 from adapterhub_lite.serving import rollout_ops
 from adapterhub_lite.serving.rollout import ROUTING, Rollout, State
-
-if TYPE_CHECKING:
-    from adapterhub_lite.serving.rollout_router import RolloutRouter
 
 logger = logging.getLogger("adapterhub.rollout")
 TICK_S = 1.0  # how late a due step or a slow candidate may be noticed; one cheap probe per tick
@@ -44,7 +41,8 @@ def server_url(scope: dict) -> str:
 class Scheduler:
     """One replica's rollout scheduler (see the module docstring)."""
 
-    def __init__(self, router: RolloutRouter, scope: dict, admin_key: str | None) -> None:
+    def __init__(self, router: Any, scope: dict, admin_key: str | None) -> None:
+        """`router`: the replica's RolloutRouter (which imports this module, so not named here)."""
         self.router = router
         self.url = server_url(scope)
         self.admin_key = admin_key or ""
