@@ -166,13 +166,15 @@ def _advance(store, tenant, alias, server, reason):
 
     r, _ = store.latest(tenant, alias)
     admin_key = _admin_key()
-    if r.active and store.eval_set(r.id) is not None and not admin_key:
+    gated = r.active and store.eval_set(r.id) is not None
+    if gated and not admin_key:
         raise ServingError(
             f"advancing reruns the evaluation gate, which calls the server with the admin key: set "
             f"{ENV_ADMIN_KEY}",
             kind=ErrorKind.INVALID,
         )
-    typer.echo(f"rollout {r.id} of {tenant}/{alias}: evaluating before the next step...")
+    if gated:
+        typer.echo(f"rollout {r.id} of {tenant}/{alias}: evaluating before the next step...")
     return asyncio.run(
         rollout_ops.advance(
             store,

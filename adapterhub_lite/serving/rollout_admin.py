@@ -36,6 +36,7 @@ from adapterhub_lite.serving.asgi import (
     send_json,
     send_project_error,
 )
+from adapterhub_lite.serving.rollout import parse_interval
 from adapterhub_lite.serving.rollout_eval import MAX_EXAMPLES, Example
 from adapterhub_lite.serving.rollout_schedule import server_url
 from adapterhub_lite.serving.rollout_store import RolloutStore, rollout_dict
@@ -148,6 +149,7 @@ async def _start(
             "BadRequestError",
         )
         return
+    parse_interval(req.interval)  # a bad interval is refused before anything is checked or stored
     registry = mw.registry.registry
     full = await asyncio.to_thread(rollout_ops.check_candidate, store, registry, tenant, req.candidate)
     r = await asyncio.to_thread(
