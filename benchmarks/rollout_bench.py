@@ -14,9 +14,11 @@
   version. Goal <= 2 s.
 
     .venv/bin/python benchmarks/rollout_bench.py [--clients 4] [--phase-s 10] [--phases 3]
+    .venv/bin/python benchmarks/rollout_bench.py --plot-only     # redraw the PNG from the JSON
 
-Writes benchmarks/results/rollout.json. Run it holding the heavy lock on a shared machine; timings on a
-loaded machine are noisy: the JSON records the machine's load average at the start.
+Writes benchmarks/results/rollout.json and, when matplotlib is installed, rollout.png beside it (the
+phases' throughput and each figure against its goal). Run it holding the heavy lock on a shared
+machine; timings on a loaded machine are noisy: the JSON records the machine's load average at the start.
 """
 
 from __future__ import annotations
@@ -46,14 +48,16 @@ class Load:
     """`clients` threads sending one short completion of `model` each, back to back."""
 
     def __init__(self, url: str, key: str, clients: int, model: str = "bot") -> None:
-        self.url, self.key, self.clients, self.model = url, key, clients, model
+        """`model` may name several aliases separated by commas: client i asks the (i mod n)-th."""
+        self.url, self.key, self.clients, self.models = url, key, clients, model.split(",")
         self.records: list[tuple[float, float, int, str | None]] = []  # (start, end, status, ref)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
-    def _run(self) -> None:
-        body = {"model": self.model, "prompt": "the river", "max_tokens": 4, "temperature": 0}
+    def _run(self, i: int) -> None:
+        body = {"model": self.models[i % len(self.models)], "prompt": "the river", "max_tokens": 4}
+        body["temperature"] = 0
         with httpx.Client(headers={"Authorization": f"Bearer {self.key}"}, timeout=120) as c:
             while not self._stop.is_set():
                 t0 = time.monotonic()
@@ -63,7 +67,9 @@ class Load:
                     self.records.append(rec)
 
     def __enter__(self) -> Load:
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(self.clients)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(self.clients)
+        ]
         for t in self._threads:
             t.start()
         return self
@@ -128,7 +134,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--phase-s", type=float, default=10.0)
     ap.add_argument("--phases", type=int, default=3)
+    ap.add_argument("--plot-only", action="store_true", help="redraw rollout.png from rollout.json")
     args = ap.parse_args()
+    out = ROOT / "benchmarks" / "results" / "rollout.json"
+    if args.plot_only:
+        plot(json.loads(out.read_text()), out.with_suffix(".png"))
+        return
 
     from serving_load import build_adapters
 
@@ -154,6 +165,7 @@ def main() -> None:
     _, key = store.add_tenant("acme")
     store.set_alias("acme", "bot", V1)
     store.set_alias("acme", "plain", V1)
+    store.set_alias("acme", "plain2", V2)  # with "plain": both versions in the batch, no rollout
     rollouts = RolloutStore(store)
     opts = ServeOptions(
         base_dir=str(base),
@@ -175,20 +187,33 @@ def main() -> None:
         r = rollouts.start("acme", "bot", V2, steps="50,100", actor="bench")
         rollouts.record_eval("acme", "bot", r.id, True, {"reason": "bench: skipped"}, actor="bench")
         result["hook_cost_us"] = routing_cost_us(store)
-        for model in ("plain", "bot", "bot", "bot"):  # warm: both versions loaded
+        for model in ("plain", "plain2", "bot", "bot", "bot"):  # warm: both versions loaded
             httpx.post(
                 url + "/v1/completions",
                 json={"model": model, "prompt": "x", "max_tokens": 1},
                 headers={"Authorization": f"Bearer {key}"},
                 timeout=120,
             )
-        plain, rolled = [], []
+        for model in ("plain", "bot", "plain,plain2"):  # one untimed phase each: the server warms up
+            _throughput(url, key, args.clients, model, 2.0)
+        plain, rolled, mixed = [], [], []
         for _ in range(args.phases):
             plain.append(_throughput(url, key, args.clients, "plain", args.phase_s))
             rolled.append(_throughput(url, key, args.clients, "bot", args.phase_s))
+            mixed.append(_throughput(url, key, args.clients, "plain,plain2", args.phase_s))
         result["plain_alias_rps"] = plain
         result["rollout_rps"] = rolled
+        # Half the clients on each version through two plain aliases: the same mix of two adapters in
+        # vLLM's batches as a 50% rollout, without the rollout's routing; rollout over this isolates the
+        # router's cost from the engine's cost of batching two adapters.
+        result["two_plain_aliases_rps"] = mixed
         result["rollout_over_plain_alias_throughput"] = statistics.median(rolled) / statistics.median(plain)
+        result["rollout_over_two_plain_aliases_throughput"] = statistics.median(rolled) / statistics.median(
+            mixed
+        )
+        result["two_plain_aliases_over_plain_alias_throughput"] = statistics.median(
+            mixed
+        ) / statistics.median(plain)
         # What the hook can cost at most, per request, against the measured request time:
         per_request_us = 1e6 * args.clients / statistics.median(plain)
         extra = result["hook_cost_us"]["under_rollout"] - result["hook_cost_us"]["plain_alias"]
@@ -251,9 +276,63 @@ def main() -> None:
         },
         "results": result,
     }
-    out = ROOT / "benchmarks" / "results" / "rollout.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+    plot(report, out.with_suffix(".png"))
+
+
+def plot(report: dict, path: Path) -> None:
+    """The phases' throughput (plain alias against the alias under rollout) and the three figures
+    against their goals; says so and draws nothing when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = report["results"]
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 4))
+    phases = range(1, len(res["plain_alias_rps"]) + 1)
+    a1.plot(phases, res["plain_alias_rps"], "o-", label="plain alias")
+    a1.plot(phases, res["rollout_rps"], "s-", label="alias under a 50% rollout")
+    if "two_plain_aliases_rps" in res:
+        a1.plot(phases, res["two_plain_aliases_rps"], "^-", label="two plain aliases, one per version")
+    a1.set_xlabel("phase (alternated in this order)")
+    a1.set_ylabel("requests/s")
+    a1.set_title(f"throughput, {report['clients']} clients, {report['phase_s']:g} s phases")
+    a1.set_ylim(bottom=0)
+    a1.legend(fontsize=8)
+    ratios = {
+        "rollout /\nplain alias": res["rollout_over_plain_alias_throughput"],
+        "hook-bound\n(in-process cost)": res["hook_bound_throughput_ratio"],
+    }
+    if "rollout_over_two_plain_aliases_throughput" in res:
+        ratios["rollout /\ntwo plain aliases"] = res["rollout_over_two_plain_aliases_throughput"]
+    a2.bar(list(ratios), list(ratios.values()), color=["tab:blue", "tab:gray", "tab:orange"][: len(ratios)])
+    a2.axhline(0.95, color="tab:green", ls="--", label="goal >= 0.95")
+    a2.set_ylim(0, 1.1)
+    a2.set_title("throughput ratios (medians of phases)")
+    a2.legend(fontsize=8)
+    times = {
+        "rollback\n(first bad answer\nto every replica)": res["rollback_seconds"],
+        "promote\nunder load": res["promote_under_load_seconds"],
+    }
+    a3.bar(list(times), list(times.values()), color=["tab:red", "tab:blue"])
+    a3.axhline(2.0, color="tab:green", ls="--", label="goal <= 2 s")
+    a3.set_ylabel("seconds")
+    a3.set_title("time to take effect under load")
+    a3.legend(fontsize=8)
+    fig.suptitle(
+        f"rollout_bench, {report['machine']['cpus']} CPUs, load average at start "
+        f"{report['machine']['load_avg_at_start'][0]:.1f} (shared machine: compare within this run)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    print(f"plot: {path.relative_to(ROOT)}")
 
 
 def _corrupt_blob(reg, weights: Path) -> None:

@@ -15,8 +15,8 @@ from cli.common import print_json, run_cli
 ACTIONS = ("advance", "pause", "resume", "abort", "status")
 USAGE = (
     "usage: adapterhub tenant rollout TENANT ALIAS REF [--canary N] [--steps 10,50,100] "
-    "(--eval-file FILE | --skip-eval), or: adapterhub tenant rollout advance|pause|resume|abort|status "
-    "TENANT ALIAS"
+    "[--interval 5m] (--eval-file FILE | --skip-eval), or: "
+    "adapterhub tenant rollout advance|pause|resume|abort|status TENANT ALIAS"
 )
 
 
@@ -52,6 +52,10 @@ def register_rollout(tenant_app: typer.Typer) -> None:
         args: Annotated[list[str], typer.Argument(help="TENANT ALIAS REF, or ACTION TENANT ALIAS")],
         canary: Annotated[int | None, typer.Option(help="the candidate's first share, percent")] = None,
         steps: Annotated[str | None, typer.Option(help="shares in percent, e.g. 10,50,100")] = None,
+        interval: Annotated[
+            str | None,
+            typer.Option(help="advance on a schedule: a step's length (30s, 5m, 1h); else by command"),
+        ] = None,
         margin: Annotated[float, typer.Option(help="exact match the candidate may lose (0..1)")] = 0.0,
         eval_file: Annotated[
             str | None, typer.Option("--eval-file", help="held-out prompt/completion JSONL for the gate")
@@ -88,16 +92,22 @@ def register_rollout(tenant_app: typer.Typer) -> None:
             if as_json:
                 print_json({**rollout_dict(r), "eval": result})
                 return
+            every = f", a step every {r.interval_s:g} s" if r.interval_s else ""
             typer.echo(
                 f"rollout {r.id} of {tenant}/{alias}: {r.state.value}, {r.percent}% to {r.candidate} "
-                f"(current {r.current}; steps {','.join(map(str, r.steps))}, at step {r.step + 1})"
+                f"(current {r.current}; steps {','.join(map(str, r.steps))}{every}, at step {r.step + 1})"
             )
             if result:
                 typer.echo(f"  {result.get('reason', '')}")
             return
-        if action != "start":
+        if action == "advance":
+            r = _advance(store, tenant, alias, server, reason)
+        elif action != "start":
             r = getattr(store, action)(tenant, alias, CLI_ACTOR, reason)
+        if action != "start":
             typer.echo(f"rollout {r.id} of {tenant}/{alias}: {r.state.value}, {r.percent}% to {r.candidate}")
+            if r.state.value == "rolled-back":
+                raise typer.Exit(code=1)
             return
         _start(
             store,
@@ -112,6 +122,7 @@ def register_rollout(tenant_app: typer.Typer) -> None:
             reason,
             registry,
             as_json,
+            interval,
         )
 
     @tenant_app.command("history")
@@ -140,14 +151,66 @@ def register_rollout(tenant_app: typer.Typer) -> None:
             typer.echo(safe(line + (f": {e.reason}" if e.reason else "")))
 
 
-def _start(store, tenant, alias, ref, steps, margin, eval_file, skip_eval, server, reason, registry, as_json):
+def _admin_key() -> str | None:
+    from adapterhub_lite.serving.config import ServingConfig
+
+    return ServingConfig.from_env().admin_key
+
+
+def _advance(store, tenant, alias, server, reason):
+    """Rerun the evaluation gate on the rollout's held-out set, then advance (or roll back)."""
+    import asyncio
+
+    from adapterhub_lite.errors import ErrorKind, ServingError
+    from adapterhub_lite.serving import rollout_ops
+    from adapterhub_lite.serving.config import ENV_ADMIN_KEY
+
+    r, _ = store.latest(tenant, alias)
+    admin_key = _admin_key()
+    gated = r.active and store.eval_set(r.id) is not None
+    if gated and not admin_key:
+        raise ServingError(
+            f"advancing reruns the evaluation gate, which calls the server with the admin key: set "
+            f"{ENV_ADMIN_KEY}",
+            kind=ErrorKind.INVALID,
+        )
+    if gated:
+        typer.echo(f"rollout {r.id} of {tenant}/{alias}: evaluating before the next step...")
+    return asyncio.run(
+        rollout_ops.advance(
+            store,
+            r,
+            server_url=server,
+            admin_key=admin_key or "",
+            actor=rollout_ops.CLI_ACTOR,
+            reason=reason or "advanced by operator",
+        )
+    )
+
+
+def _start(
+    store,
+    tenant,
+    alias,
+    ref,
+    steps,
+    margin,
+    eval_file,
+    skip_eval,
+    server,
+    reason,
+    registry,
+    as_json,
+    interval,
+):
     import asyncio
 
     from adapterhub_lite.errors import ErrorKind, ServingError
     from adapterhub_lite.registry import open_registry
     from adapterhub_lite.serving import rollout_ops
-    from adapterhub_lite.serving.config import ENV_ADMIN_KEY, ServingConfig
+    from adapterhub_lite.serving.config import ENV_ADMIN_KEY
     from adapterhub_lite.serving.rollout_eval import load_examples
+    from adapterhub_lite.tenants.rollout import parse_interval
     from adapterhub_lite.tenants.rollout_store import rollout_dict
 
     if (eval_file is None) == (not skip_eval):
@@ -157,7 +220,8 @@ def _start(store, tenant, alias, ref, steps, margin, eval_file, skip_eval, serve
             kind=ErrorKind.INVALID,
         )
     examples = load_examples(eval_file) if eval_file else None
-    admin_key = ServingConfig.from_env().admin_key
+    interval_s = parse_interval(interval)
+    admin_key = _admin_key()
     if examples is not None and not admin_key:
         raise ServingError(
             f"the evaluation gate calls the server with the admin key: set {ENV_ADMIN_KEY}",
@@ -165,9 +229,19 @@ def _start(store, tenant, alias, ref, steps, margin, eval_file, skip_eval, serve
         )
     full = rollout_ops.check_candidate(store, open_registry(registry), tenant, ref)
     r = rollout_ops.start(
-        store, tenant, alias, full, steps=steps, margin=margin, actor=rollout_ops.CLI_ACTOR, reason=reason
+        store,
+        tenant,
+        alias,
+        full,
+        steps=steps,
+        margin=margin,
+        actor=rollout_ops.CLI_ACTOR,
+        reason=reason,
+        interval=interval_s,
+        examples=examples,
     )
-    typer.echo(f"rollout {r.id} of {tenant}/{alias}: {r.current} -> {full}, steps {steps}; evaluating...")
+    every = f", a step every {interval_s:g} s" if interval_s else ""
+    typer.echo(f"rollout {r.id} of {tenant}/{alias}: {r.current} -> {full}, steps {steps}{every}; evaluating")
     r = asyncio.run(
         rollout_ops.run_gate(
             store,

@@ -57,6 +57,20 @@ def test_demo_runs_the_whole_path(tmp_path):
     swap = summary["hot_swap"]
     assert swap["after"] >= 0.75 and swap["after"] > swap["before"]
     assert swap["rollback"] == swap["before"]
+    # A rollout of the better version advances on its own (the server's scheduler) to promotion; one of
+    # the worse version is refused by the evaluation gate before any traffic.
+    ro = summary["rollouts"]
+    assert ro["good"]["state"] == "promoted" and ro["good"]["alias"] == "acme/geo@1.1.0"
+    assert ro["refused"]["state"] == "rolled-back" and not ro["refused"]["eval"]["passed"]
+    assert ro["refused"]["eval"]["candidate"] < ro["refused"]["eval"]["current"]
+    assert [t["action"] for t in ro["trail"]] == [
+        "started",
+        "eval-passed",
+        "promoted",
+        "started",
+        "eval-refused",
+    ]
+    assert ro["trail"][2]["actor"] == "schedule"
     assert any(ln.lstrip().startswith("adapterhub_requests_total") for ln in lines)
 
     # A second run reuses the trained adapters and the published bundles.

@@ -100,6 +100,7 @@ def test_admin_routes_refuse_bad_requests_with_clear_errors(mw):
         ("GET", "rollouts/acme/nope", b"", 404),
         ("POST", "rollouts/acme/bot", {"candidate": V2}, 400),  # neither eval nor skip_eval
         ("POST", "rollouts/acme/bot", {"candidate": V2, "margin": 2, "skip_eval": True}, 400),
+        ("POST", "rollouts/acme/bot", {"candidate": V2, "interval": "soon", "skip_eval": True}, 422),
         ("GET", "rollouts/acme/bot/../../x", b"", 404),
         ("GET", "history/" + "a" * 100, b"", 404),
     ]:

@@ -98,6 +98,8 @@ def test_rollout_bad_input_is_one_line_errors(setup):
         ),
         (("rollout", "acme", "bot", "acme/bot@1.0.0", "--eval-file", "/nonexistent.jsonl"), 65),
         (("rollout", "abort", "acme", "nope"), 66),
+        (("rollout", "acme", "bot", "acme/bot@1.0.0", "--interval", "5 minutes", "--skip-eval"), 65),
+        (("rollout", "acme", "bot", "acme/bot@1.0.0", "--interval", "0.5s", "--skip-eval"), 65),
     ]:
         r = _run(*args, *db, *reg)
         assert r.exit_code == code, (args, r.output)

@@ -115,8 +115,50 @@ def test_schema_is_versioned_under_its_own_key(stores):
     tenants, _ = stores
     with tenants.db.read() as con:
         rows = dict(con.execute(sa.text("SELECT key, value FROM meta")).all())
-    assert rows[SCHEMA_KEY] == "1" and rows["schema_version"] == "2"
+    assert rows[SCHEMA_KEY] == "2" and rows["schema_version"] == "2"
     RolloutStore(tenants)  # reopening is a no-op
+
+
+def test_a_version_1_rollout_table_is_upgraded_in_place(tmp_path):
+    """A store made before steps had a schedule: its rollout (and its state) survive the upgrade."""
+    db = tmp_path / "old.db"
+    tenants = TenantStore.open(db)
+    tenants.add_tenant("acme")
+    tenants.set_alias("acme", "bot", V1)
+    store = RolloutStore(tenants)
+    r = store.start("acme", "bot", V2, steps="10,100")
+    store.record_eval("acme", "bot", r.id, True, {}, actor="cli")
+    with tenants.db.write() as con:  # back to version 1: its table had none of the new columns
+        for column in ("interval_s", "step_started", "eval_set"):
+            con.execute(sa.text(f"ALTER TABLE rollouts DROP COLUMN {column}"))
+        con.execute(sa.text("UPDATE meta SET value = '1' WHERE key = :k"), {"k": SCHEMA_KEY})
+    tenants.close()
+    tenants = TenantStore.open(db)
+    store = RolloutStore(tenants)
+    (again,) = store.active_all().values()
+    assert (again.id, again.percent, again.interval_s) == (r.id, 10, None)
+    assert again.step_started == again.updated and store.eval_set(r.id) is None
+    assert store.advance("acme", "bot", rollout_id=r.id, at_step=0).percent == 100
+    tenants.close()
+
+
+def test_advance_from_a_step_is_a_compare_and_set(stores):
+    _, store = stores
+    r = store.start(
+        "acme", "bot", V2, steps="10,50,100", interval_s="5m", eval_set=[{"prompt": "a", "completion": "b"}]
+    )
+    assert r.interval_s == 300.0 and store.eval_set(r.id) == [{"prompt": "a", "completion": "b"}]
+    r = store.record_eval("acme", "bot", r.id, True, {}, actor="cli")
+    assert store.advance("acme", "bot", "schedule", rollout_id=r.id, at_step=0).step == 1
+    with pytest.raises(ServingError) as e:  # a second replica acting on the same view: refused
+        store.advance("acme", "bot", "schedule", rollout_id=r.id, at_step=0)
+    assert e.value.kind is ErrorKind.CONFLICT and "moved on from step 1" in e.value.message
+    with pytest.raises(ServingError) as e:  # nor may a stale failing gate roll back a later step
+        store.roll_back("acme", "bot", r.id, "stale", at_step=0)
+    assert e.value.kind is ErrorKind.CONFLICT
+    latest, _ = store.latest("acme", "bot")
+    assert (latest.state, latest.step) == (State.CANARY, 1)
+    assert [e.action for e in store.history("acme", "bot")].count("step") == 1
 
 
 def _wait(cond, timeout: float = 10.0) -> None:

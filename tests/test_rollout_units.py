@@ -161,3 +161,65 @@ def test_live_gate_is_bounded_and_its_counts_stay_exact():
     bad, n = gate.rates(now=1.0)[CAND]
     assert n == LiveGate.MAX_EVENTS and bad == LiveGate.MAX_EVENTS // 2
     assert gate.rates(now=12.0)[CAND] == (0, 0)
+
+
+# -- steps on a schedule and the p95-latency gate ------------------------------------------------------
+
+
+def test_parse_interval():
+    from adapterhub_lite.tenants.rollout import parse_interval
+
+    assert parse_interval("90") == 90.0 and parse_interval("30s") == 30.0
+    assert parse_interval("5m") == 300.0 and parse_interval("1h") == 3600.0
+    assert parse_interval(None) is None and parse_interval(2) == 2.0
+    for bad in ("5 minutes", "-1", "0.5s", "8d", "1e3", "9999999h"):
+        with pytest.raises(ServingError) as e:
+            parse_interval(bad)
+        assert e.value.kind is ErrorKind.INVALID and "\n" not in e.value.message
+
+
+def test_a_step_is_due_once_its_interval_has_passed_while_canary():
+    from dataclasses import replace
+
+    r = replace(_rollout(), interval_s=60.0, step_started=1000.0)
+    assert not r.due(now=1059.9) and r.due(now=1060.0)
+    assert not replace(r, interval_s=None).due(now=1e9)  # by command only
+    assert not replace(r, state=State.PAUSED).due(now=1e9)
+    nxt = r.advance(now=2000.0)
+    assert nxt.step_started == 2000.0 and not nxt.due(now=2059.0)  # each step gets its own interval
+    assert r.pause(now=1500.0).resume(now=3000.0).step_started == 3000.0
+
+
+def test_p95_is_the_nearest_rank():
+    from adapterhub_lite.tenants.rollout import p95
+
+    # ceil(0.95 * n)-th smallest: n=20 -> 19th, n=10 -> 10th (the largest), n=100 -> 95th.
+    assert p95([float(i) for i in range(1, 21)]) == 19.0
+    assert p95([float(i) for i in range(1, 11)]) == 10.0
+    assert p95([float(i) for i in range(100, 0, -1)]) == 95.0
+    assert p95([0.5]) == 0.5
+
+
+def test_latency_gate_arithmetic():
+    s = GateSettings(window_s=10, latency_min_sample=20, p95_margin=1.5, p95_slack_s=0.05)
+    gate = LiveGate(_rollout(), s)
+    # current: p95 of nineteen 0.1 s answers and one 2 s cold load = the 19th smallest = 0.1 s
+    for i in range(20):
+        gate.record(CUR, True, now=1.0, latency_s=2.0 if i == 0 else 0.1)
+    # allowed: 1.5 x 0.1 + 0.05 = 0.2 s. Candidate: eighteen at 0.19, then 0.3 and a 5 s cold load:
+    # p95 = 19th smallest = 0.3 > 0.2: fails.
+    for lat in [0.19] * 18 + [0.3]:
+        gate.record(CAND, True, now=1.0, latency_s=lat)
+    assert gate.latency_verdict(now=1.0) is None  # 19 < the latency sample
+    gate.record(CAND, True, now=1.0, latency_s=5.0)
+    why = gate.latency_verdict(now=1.0)
+    assert why and "0.300 s over 20 requests" in why and "0.100 s over 20" in why and "= 0.200 s" in why
+    assert gate.any_verdict(now=1.0) == why and gate.verdict(now=1.0) is None  # no failures counted
+
+    ok = LiveGate(_rollout(), s)
+    for i in range(20):
+        ok.record(CUR, True, now=1.0, latency_s=2.0 if i == 0 else 0.1)
+        ok.record(CAND, True, now=1.0, latency_s=5.0 if i == 0 else 0.19)  # p95 0.19 <= 0.2
+    assert ok.latency_verdict(now=1.0) is None
+    assert ok.figures(now=1.0)["candidate"] == {"failed": 0, "requests": 20, "p95_s": 0.19}
+    assert ok.latency_verdict(now=12.0) is None and ok.latencies(now=12.0)[CAND] == (None, 0)

@@ -279,3 +279,52 @@ def test_restarted_server_resumes_the_rollout(world, monkeypatch):
     assert _admin(w, "GET", "rollouts").json()["rollouts"][0]["percent"] == 50
     assert _admin(w, "POST", "rollouts/acme/bot/abort", {"reason": "done testing"}).status_code == 200
     assert {_ask(w, user=u)[1] for u in before} == {V2}
+
+
+def _until_ended(w) -> list[str | None]:
+    """Send tenant requests (each caller its own `user`) until the alias's rollout ends; the refs."""
+    refs: list[str | None] = []
+
+    def ended() -> bool:
+        refs.append(_ask(w, user=f"sched-{len(refs)}")[1])
+        return len(refs) % 5 == 0 and _admin(w, "GET", "rollouts/acme/bot").json()["state"] != "canary"
+
+    _wait(ended)
+    return refs
+
+
+def test_steps_advance_on_a_schedule_to_promotion_with_no_operator(world, monkeypatch):
+    w = world  # the alias is on 2.0.0; 1.0.0 has the same weights, so it passes the evaluation gate
+    r = _cli(w, monkeypatch, "rollout", "acme", "bot", V1, "--steps", "50", "--interval", "1s",
+             "--eval-file", w["eval"], "--server", w["server"].url, "--registry", w["registry"])  # fmt: skip
+    assert r.exit_code == 0 and "a step every 1 s" in r.output, r.output
+    refs = _until_ended(w)
+    assert set(refs) <= {V1, V2}
+    state = _admin(w, "GET", "rollouts/acme/bot").json()
+    assert state["state"] == "promoted" and w["store"].aliases("acme")["bot"] == V1
+    last = _admin(w, "GET", "history/acme/bot").json()["events"][-1]
+    assert (last["action"], last["actor"]) == ("promoted", "schedule")
+    assert last["detail"]["eval"]["passed"] and last["detail"]["eval"]["candidate"] == 1.0
+    assert last["detail"]["gates"]["candidate"]["requests"] >= 10  # the minimum sample, on this replica
+
+
+def test_a_step_reruns_the_evaluation_gate_and_a_worse_candidate_is_rolled_back(world):
+    """The start's gate is recorded as passed directly (as if the held-out set had been easier then), so
+    what judges 3.0.0 is the gate the scheduler reruns before advancing the step."""
+    w = world
+    from adapterhub_lite.tenants.rollout_store import RolloutStore
+
+    store = RolloutStore(w["store"])
+    held_out = [json.loads(x) for x in open(w["eval"]).read().splitlines()]
+    r = store.start("acme", "bot", V3, steps="50,100", interval_s=1, eval_set=held_out)
+    store.record_eval("acme", "bot", r.id, True, {"reason": "recorded by the test"}, actor="test")
+    refs = _until_ended(w)
+    state = _admin(w, "GET", "rollouts/acme/bot").json()
+    assert state["state"] == "rolled-back" and state["step"] == 0
+    assert w["store"].aliases("acme")["bot"] == V1
+    last = _admin(w, "GET", "history/acme/bot").json()["events"][-1]
+    assert (last["action"], last["actor"]) == ("rolled-back", "schedule")
+    assert last["reason"].startswith("step 1: evaluation gate refused")
+    assert last["detail"]["eval"]["candidate"] < last["detail"]["eval"]["current"] == 1.0
+    assert V3 in refs and set(refs) <= {V1, V3}
+    assert {_ask(w, user=f"sched-{i}")[1] for i in range(len(refs))} == {V1}  # none reach 3.0.0 now

@@ -103,7 +103,7 @@ def _denials(server, client: dict, keys: dict[str, str], questions: dict, log: L
 
 
 def _hot_swap(store, acme, capitals: list, log: Log) -> dict:
-    """Promote acme's 'geo' from 1.0.0 to 1.1.0 live, then roll back and forward again."""
+    """Promote acme's 'geo' from 1.0.0 to 1.1.0 live, then roll back (the rollout moves it forward)."""
     log("  hot swap: promote acme's 'geo' from 1.0.0 to 1.1.0, no restart")
     before, _ = accuracy(acme, "geo", capitals)
     t0 = time.perf_counter()
@@ -115,8 +115,68 @@ def _hot_swap(store, acme, capitals: list, log: Log) -> dict:
     store.set_alias("acme", "geo", "acme/geo@1.0.0")
     rolled, _ = accuracy(acme, "geo", capitals)
     log(f"  rollback (same command): exact match {rolled:.0%}")
-    store.set_alias("acme", "geo", "acme/geo@1.1.0")
     return {"before": before, "after": after, "rollback": rolled, "promote_to_first_token_s": swap_s}
+
+
+def _rollouts(store, server, acme, capitals: list, log: Log) -> dict:
+    """A gated rollout of acme's 'geo' to 1.1.0 that advances on its own to 100%, then one back to the
+    worse 1.0.0 that the evaluation gate refuses before any traffic."""
+    import asyncio
+
+    from adapterhub_lite.serving import rollout_ops
+    from adapterhub_lite.serving.rollout_eval import Example
+    from adapterhub_lite.tenants.rollout_store import RolloutStore
+
+    rollouts = RolloutStore(store)
+    held_out = [Example(prompt=p, completion=want) for _, p, want in capitals]
+
+    def start(ref: str):
+        r = rollout_ops.start(
+            rollouts, "acme", "geo", ref, steps="50", margin=0.0, actor="demo", interval=1, examples=held_out
+        )
+        return asyncio.run(
+            rollout_ops.run_gate(
+                rollouts,
+                r,
+                server_url=server.url,
+                admin_key=server.admin_key,
+                examples=held_out,
+                actor="demo",
+            )
+        )
+
+    log("  rollout: acme's 'geo' to 1.1.0, 50% then 100%, a step every second once its gates pass")
+    r = start("acme/geo@1.1.0")
+    log(f"    {rollouts.latest('acme', 'geo')[1]['reason']}")
+    t0, sent = time.perf_counter(), 0
+    # Callers keep asking (each with its own `user`, so each sticks to one version); the server's
+    # scheduler advances the step once it has seen enough answers of both versions, and promotes.
+    while r.active and time.perf_counter() - t0 < 120:
+        acme.completions.create(
+            model="geo",
+            prompt=capitals[sent % len(capitals)][1],
+            max_tokens=4,
+            temperature=0,
+            user=f"u{sent}",
+        )
+        sent += 1
+        if sent % 5 == 0:
+            r, _ = rollouts.latest("acme", "geo")
+    good = {"state": r.state.value, "requests": sent, "seconds": round(time.perf_counter() - t0, 1)}
+    good["alias"] = store.aliases("acme")["geo"]
+    log(f"    {good['state']} after {sent} requests in {good['seconds']} s; geo -> {good['alias']}")
+
+    log("  rollout: acme's 'geo' back to the worse 1.0.0")
+    bad = start("acme/geo@1.0.0")
+    _, result = rollouts.latest("acme", "geo")
+    log(f"    {result['reason']}; {bad.state.value}, geo stays {store.aliases('acme')['geo']}")
+    trail = [(e.action, e.actor) for e in rollouts.history("acme", "geo") if e.rollout is not None]
+    log(f"  audit trail of 'geo': {', '.join(a for a, _ in trail)}")
+    return {
+        "good": good,
+        "refused": {"state": bad.state.value, "eval": result},
+        "trail": [{"action": a, "actor": who} for a, who in trail],
+    }
 
 
 def _log_summary(summary: dict, metrics: list[str], path: Path, log: Log) -> None:
@@ -128,6 +188,11 @@ def _log_summary(summary: dict, metrics: list[str], path: Path, log: Log) -> Non
     log(
         f"  hot swap geo 1.0.0 -> 1.1.0: {swap['before']:.0%} -> {swap['after']:.0%}; "
         f"rollback {swap['rollback']:.0%}"
+    )
+    ro = summary["rollouts"]
+    log(
+        f"  rollout geo -> 1.1.0: {ro['good']['state']}; rollout geo -> 1.0.0: {ro['refused']['state']} "
+        f"by the evaluation gate"
     )
     log("  server metrics (adapterhub_*):")
     for ln in metrics[:20]:
@@ -175,6 +240,7 @@ def run_demo(workdir: Path = Path(".adapterhub-demo"), *, method: str = "qlora",
         summary["globex_models"] = [m.id for m in client["globex"].models.list().data]
         log(f"  globex's /v1/models: {summary['globex_models']}")
         summary["hot_swap"] = _hot_swap(store, client["acme"], questions["capitals"], log)
+        summary["rollouts"] = _rollouts(store, server, client["acme"], questions["capitals"], log)
 
         metrics = httpx.get(
             server.url + "/metrics", headers={"Authorization": f"Bearer {server.admin_key}"}

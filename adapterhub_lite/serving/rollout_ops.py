@@ -1,7 +1,9 @@
-"""Starting a rollout, as the CLI and the admin API both do it: check the candidate, record the
-rollout (pending-eval, no traffic), run the evaluation gate, and record its verdict.
+"""Starting and advancing a rollout, as the CLI, the admin API and the scheduler all do it: check the
+candidate, record the rollout (pending-eval, no traffic), run the evaluation gate, and record its
+verdict; before each advance, rerun the gate on the stored held-out set.
 
-A rollout whose gate fails (or whose gate cannot run) never routes a request to the candidate.
+A rollout whose gate fails (or whose gate cannot run) never routes a request to the candidate, and
+an advance whose gate fails rolls the rollout back instead.
 """
 
 from __future__ import annotations
@@ -41,9 +43,33 @@ def start(
     margin: float,
     actor: str,
     reason: str | None = None,
+    interval: str | float | None = None,
+    examples: list[Example] | None = None,
 ) -> Rollout:
-    """Record the rollout in `pending-eval` (validates everything before the gate spends time)."""
-    return store.start(tenant, alias, candidate, steps=steps, margin=margin, actor=actor, reason=reason)
+    """Record the rollout in `pending-eval` (validates everything before the gate spends time); the
+    held-out set is kept with it so that every advance reruns the gate."""
+    return store.start(
+        tenant,
+        alias,
+        candidate,
+        steps=steps,
+        margin=margin,
+        actor=actor,
+        reason=reason,
+        interval_s=interval,
+        eval_set=[e.model_dump() for e in examples] if examples is not None else None,
+    )
+
+
+async def _gate(server_url: str, admin_key: str, r: Rollout, examples: list[Example]) -> tuple[bool, dict]:
+    try:
+        return await evaluate(server_url, admin_key, r.current, r.candidate, examples, r.margin)
+    except AdapterHubError as exc:
+        return False, {
+            "metric": "exact_match",
+            "passed": False,
+            "reason": f"evaluation gate could not run: {exc.message}",
+        }
 
 
 async def run_gate(
@@ -65,19 +91,51 @@ async def run_gate(
         }
         passed = True
     else:
-        try:
-            passed, result = await evaluate(
-                server_url, admin_key, rollout.current, rollout.candidate, examples, rollout.margin
-            )
-        except AdapterHubError as exc:
-            passed, result = (
-                False,
-                {
-                    "metric": "exact_match",
-                    "passed": False,
-                    "reason": f"evaluation gate could not run: {exc.message}",
-                },
-            )
+        passed, result = await _gate(server_url, admin_key, rollout, examples)
     return await asyncio.to_thread(
         store.record_eval, rollout.tenant, rollout.alias, rollout.id, passed, result, actor
+    )
+
+
+async def advance(
+    store: RolloutStore,
+    rollout: Rollout,
+    *,
+    server_url: str,
+    admin_key: str,
+    actor: str,
+    reason: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> Rollout:
+    """Advance `rollout` from the step it is in, after rerunning the evaluation gate on its stored
+    held-out set: a failure rolls it back (recording the gate's result), a pass takes the next step
+    (or promotes). Both are compare-and-set on the step: CONFLICT if the rollout moved meanwhile
+    (another replica's scheduler, an operator), and then nothing is written."""
+    stored = await asyncio.to_thread(store.eval_set, rollout.id)
+    if stored is None:
+        result: dict[str, Any] = {"passed": True, "reason": "no held-out set (evaluation gate skipped)"}
+    else:
+        examples = [Example.model_validate(e) for e in stored]
+        passed, result = await _gate(server_url, admin_key, rollout, examples)
+        if not passed:
+            return await asyncio.to_thread(
+                store.roll_back,
+                rollout.tenant,
+                rollout.alias,
+                rollout.id,
+                f"step {rollout.step + 1}: {result['reason']}",
+                actor,
+                {**(detail or {}), "eval": result},
+                rollout.step,
+            )
+    return await asyncio.to_thread(
+        lambda: store.advance(
+            rollout.tenant,
+            rollout.alias,
+            actor,
+            reason,
+            rollout_id=rollout.id,
+            at_step=rollout.step,
+            detail={**(detail or {}), "eval": result},
+        )
     )

@@ -8,11 +8,14 @@ A rollout moves a tenant's alias from its current immutable reference to a candi
          |                  pause   v   | resume
          |                        paused
          +--eval failed--> rolled-back  <--live gate failed-- canary / paused
+         |                 rolled-back  <--step's eval failed-- canary (a scheduled or commanded advance)
          +--abort-->       aborted      <--abort--            canary / paused
 
 `promoted`, `rolled-back` and `aborted` are final; only `canary` and `paused` route any traffic to
 the candidate (a paused rollout keeps its step's split but does not advance). Advancing from the last
 step promotes: the alias itself moves to the candidate, in the same transaction that ends the rollout.
+A rollout with an `interval_s` advances on its own (rollout_schedule.py) once its step has lasted that
+long, its live gates pass with the minimum sample and its evaluation gate passes again.
 
 The split: a request with a stable caller key (the OpenAI `user` field, else the
 `X-AdapterHub-Caller` header) goes to the candidate when sha256(rollout id, caller) falls in the
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 import random
 import re
 import time
@@ -37,6 +41,9 @@ CALLER_HEADER = b"x-adapterhub-caller"
 ANSWERED_BY_HEADER = b"x-adapterhub-adapter"
 MAX_CALLER_CHARS = 256  # a caller key longer than this is hashed as its prefix (bounded work per request)
 DEFAULT_STEPS = (10, 50, 100)
+MIN_INTERVAL_S = 1.0
+MAX_INTERVAL_S = 7 * 86400.0
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class State(enum.StrEnum):
@@ -84,6 +91,30 @@ def parse_steps(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
     return steps
 
 
+def parse_interval(text: str | float | None) -> float | None:
+    """A step's length in seconds: "90", "30s", "5m", "1h" (None: steps advance only by command)."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, int | float):
+        seconds = float(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]{1,7}(?:\.[0-9]{1,3})?)\s*([smh]?)\s*", text)
+        if m is None:
+            raise ServingError(
+                f"invalid interval {text!r}",
+                hint="give a step's length as seconds, or with a unit: 30s, 5m, 1h",
+                kind=ErrorKind.INVALID,
+            )
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if not (MIN_INTERVAL_S <= seconds <= MAX_INTERVAL_S):
+        raise ServingError(
+            f"invalid interval {text!r}: a step lasts {MIN_INTERVAL_S:g} s to 7 days",
+            hint="e.g. --interval 5m",
+            kind=ErrorKind.INVALID,
+        )
+    return seconds
+
+
 @dataclass(frozen=True)
 class Rollout:
     """One rollout of `tenant`'s `alias` from `current` to `candidate`."""
@@ -99,6 +130,8 @@ class Rollout:
     margin: float  # how much worse (exact match, absolute) the candidate may be on the eval set
     created: float
     updated: float
+    interval_s: float | None = None  # a step's length when steps advance on a schedule, else None
+    step_started: float = 0.0  # when the current step began (or resumed)
 
     @property
     def percent(self) -> int:
@@ -108,6 +141,12 @@ class Rollout:
     @property
     def active(self) -> bool:
         return self.state in ACTIVE
+
+    def due(self, now: float | None = None) -> bool:
+        """Whether the schedule wants the next step now (the gates still decide whether it happens)."""
+        if self.state is not State.CANARY or self.interval_s is None:
+            return False
+        return (now if now is not None else time.time()) - self.step_started >= self.interval_s
 
     # -- transitions: each returns the rollout after it, or raises CONFLICT ------------------------
 
@@ -120,7 +159,8 @@ class Rollout:
 
     def eval_passed(self, now: float | None = None) -> Rollout:
         self._need("start traffic on", State.PENDING_EVAL)
-        return replace(self, state=State.CANARY, step=0, updated=now or time.time())
+        now = now or time.time()
+        return replace(self, state=State.CANARY, step=0, updated=now, step_started=now)
 
     def eval_failed(self, now: float | None = None) -> Rollout:
         self._need("refuse", State.PENDING_EVAL)
@@ -129,9 +169,10 @@ class Rollout:
     def advance(self, now: float | None = None) -> Rollout:
         """The next step, or `promoted` after the last one."""
         self._need("advance", State.CANARY)
+        now = now or time.time()
         if self.step + 1 < len(self.steps):
-            return replace(self, step=self.step + 1, updated=now or time.time())
-        return replace(self, state=State.PROMOTED, updated=now or time.time())
+            return replace(self, step=self.step + 1, updated=now, step_started=now)
+        return replace(self, state=State.PROMOTED, updated=now)
 
     def pause(self, now: float | None = None) -> Rollout:
         self._need("pause", State.CANARY)
@@ -139,7 +180,8 @@ class Rollout:
 
     def resume(self, now: float | None = None) -> Rollout:
         self._need("resume", State.PAUSED)
-        return replace(self, state=State.CANARY, updated=now or time.time())
+        now = now or time.time()  # a resumed step is watched for a whole interval again
+        return replace(self, state=State.CANARY, updated=now, step_started=now)
 
     def abort(self, now: float | None = None) -> Rollout:
         self._need("abort", *ACTIVE)
@@ -183,17 +225,35 @@ def caller_key(payload: dict, headers: list[tuple[bytes, bytes]]) -> str | None:
 
 @dataclass(frozen=True)
 class GateSettings:
-    """When the live gate fails a candidate: over the last `window_s` seconds, once the candidate has
-    answered at least `min_sample` requests, its failure rate exceeds the current version's by more
-    than `max_increase` (absolute)."""
+    """When the live gates fail a candidate, over the last `window_s` seconds:
+    - failures, once the candidate has answered `min_sample` requests: its failure rate (5xx, empty
+      or non-finite answers) exceeds the current version's by more than `max_increase` (absolute);
+    - latency, once both versions have answered `latency_min_sample` requests: the candidate's p95
+      exceeds `p95_margin` times the current version's p95 plus `p95_slack_s` (the slack keeps
+      millisecond jitter of a fast version from failing its twin). The sample is larger because a
+      version's first request also loads its adapter: by nearest rank, the p95 of 20 answers is the
+      second slowest, so that one cold load alone cannot fail a candidate.
+    A scheduled advance also needs `min_sample` candidate answers in the step's window."""
 
     window_s: float = 60.0
     min_sample: int = 10
     max_increase: float = 0.05
+    latency_min_sample: int = 20
+    p95_margin: float = 1.5
+    p95_slack_s: float = 0.05
+
+
+def p95(values: list[float]) -> float:
+    """The 95th percentile by nearest rank: the smallest value with at least 95% of them at or below."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
 
 
 class LiveGate:
-    """Outcomes of one rollout's two versions over a sliding time window (bounded)."""
+    """Outcomes and latencies of one rollout step's two versions over a sliding time window (bounded).
+
+    `verdict` (failures) costs O(1) and runs on every answer; `latency_verdict` sorts the window and
+    runs on the scheduler's tick and before each advance, not per request."""
 
     MAX_EVENTS = 10_000  # per version: a window under heavy load keeps its newest outcomes
 
@@ -201,19 +261,19 @@ class LiveGate:
         self.rollout = rollout
         self.settings = settings or GateSettings()
         refs = (rollout.current, rollout.candidate)
-        self._events: dict[str, deque[tuple[float, bool]]] = {ref: deque() for ref in refs}
+        self._events: dict[str, deque[tuple[float, bool, float]]] = {ref: deque() for ref in refs}
         self._failed = dict.fromkeys(refs, 0)  # running counts: each request costs O(1), not O(window)
 
     def _drop_oldest(self, ref: str) -> None:
-        _, ok = self._events[ref].popleft()
+        _, ok, _ = self._events[ref].popleft()
         self._failed[ref] -= not ok
 
-    def record(self, ref: str, ok: bool, now: float | None = None) -> None:
+    def record(self, ref: str, ok: bool, now: float | None = None, latency_s: float = 0.0) -> None:
         events = self._events.get(ref)
         if events is not None:
             if len(events) >= self.MAX_EVENTS:
                 self._drop_oldest(ref)
-            events.append((now if now is not None else time.monotonic(), ok))
+            events.append((now if now is not None else time.monotonic(), ok, latency_s))
             self._failed[ref] += not ok
 
     def rates(self, now: float | None = None) -> dict[str, tuple[int, int]]:
@@ -226,8 +286,12 @@ class LiveGate:
             out[ref] = (self._failed[ref], len(events))
         return out
 
+    def sampled(self, now: float | None = None) -> bool:
+        """Whether the candidate has answered the minimum sample inside the window."""
+        return self.rates(now)[self.rollout.candidate][1] >= self.settings.min_sample
+
     def verdict(self, now: float | None = None) -> str | None:
-        """Why the candidate fails the gate, or None (passing, or too few requests to tell)."""
+        """Why the candidate fails the failure gate, or None (passing, or too few requests to tell)."""
         rates = self.rates(now)
         bad, n = rates[self.rollout.candidate]
         if n < self.settings.min_sample:
@@ -242,6 +306,42 @@ class LiveGate:
                 f"{self.settings.window_s:g} s (allowed: +{self.settings.max_increase:.1%})"
             )
         return None
+
+    def latencies(self, now: float | None = None) -> dict[str, tuple[float | None, int]]:
+        """ref -> (p95 latency in seconds or None when empty, requests) inside the window."""
+        self.rates(now)  # drops what left the window
+        return {
+            ref: (p95([e[2] for e in events]) if events else None, len(events))
+            for ref, events in self._events.items()
+        }
+
+    def latency_verdict(self, now: float | None = None) -> str | None:
+        """Why the candidate fails the p95-latency gate, or None (passing, or too few requests)."""
+        lat = self.latencies(now)
+        cand, n = lat[self.rollout.candidate]
+        cur, cur_n = lat[self.rollout.current]
+        s = self.settings
+        if cand is None or cur is None or min(n, cur_n) < s.latency_min_sample:
+            return None
+        allowed = cur * s.p95_margin + s.p95_slack_s
+        if cand > allowed:
+            return (
+                f"live gate: candidate p95 latency {cand:.3f} s over {n} requests against {cur:.3f} s "
+                f"over {cur_n} for the current version in the last {s.window_s:g} s (allowed: "
+                f"{s.p95_margin:g} x current + {s.p95_slack_s:g} s = {allowed:.3f} s)"
+            )
+        return None
+
+    def any_verdict(self, now: float | None = None) -> str | None:
+        return self.verdict(now) or self.latency_verdict(now)
+
+    def figures(self, now: float | None = None) -> dict:
+        """What the gates saw, for the audit trail."""
+        rates, lat = self.rates(now), self.latencies(now)
+        return {
+            role: {"failed": rates[ref][0], "requests": rates[ref][1], "p95_s": lat[ref][0]}
+            for role, ref in (("current", self.rollout.current), ("candidate", self.rollout.candidate))
+        }
 
 
 def output_ok(status: int, body: bytes | None) -> bool:

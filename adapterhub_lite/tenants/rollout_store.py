@@ -27,11 +27,11 @@ from sqlalchemy.engine import Connection
 
 from adapterhub_lite.db import migrate
 from adapterhub_lite.errors import ErrorKind, ServingError
-from adapterhub_lite.tenants.rollout import ACTIVE, Rollout, State, parse_steps
+from adapterhub_lite.tenants.rollout import ACTIVE, Rollout, State, parse_interval, parse_steps
 from adapterhub_lite.tenants.store import CHANNEL, TenantStore, alias_history, aliases, is_full_ref
 
 SCHEMA_KEY = "rollout_schema_version"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: steps on a schedule (interval_s, step_started) and the stored eval set
 MAX_REASON_CHARS = 500
 MAX_HISTORY_ROWS = 1000
 
@@ -52,6 +52,9 @@ rollouts = sa.Table(
     sa.Column("eval_result", sa.Text),  # JSON, once the evaluation gate ran
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("updated", sa.Float, nullable=False),
+    sa.Column("interval_s", sa.Float),  # a step's length when steps advance on a schedule
+    sa.Column("step_started", sa.Float),
+    sa.Column("eval_set", sa.Text),  # JSON [{"prompt", "completion"}]: rerun before every advance
 )
 sa.Index(
     "one_active_rollout_per_alias",
@@ -78,6 +81,14 @@ events = sa.Table(
 sa.Index("rollout_events_by_alias", events.c.tenant, events.c.alias, events.c.id)
 _r = rollouts.c
 _e = events.c
+
+
+def _upgrade_2(con: Connection) -> None:
+    for column in ("interval_s FLOAT", "step_started FLOAT", "eval_set TEXT"):
+        con.execute(sa.text(f"ALTER TABLE rollouts ADD COLUMN {column}"))
+
+
+UPGRADES = {2: _upgrade_2}
 
 
 @dataclass(frozen=True)
@@ -123,6 +134,8 @@ def rollout_dict(r: Rollout) -> dict[str, Any]:
         "margin": r.margin,
         "created": r.created,
         "updated": r.updated,
+        "interval_s": r.interval_s,
+        "next_step_at": r.step_started + r.interval_s if r.interval_s and r.state is State.CANARY else None,
     }
 
 
@@ -139,6 +152,8 @@ def _row(row: sa.Row) -> Rollout:
         margin=row.margin,
         created=row.created,
         updated=row.updated,
+        interval_s=row.interval_s,
+        step_started=row.step_started or row.updated,
     )
 
 
@@ -155,7 +170,7 @@ class RolloutStore:
     def __init__(self, tenants: TenantStore) -> None:
         self.tenants = tenants
         self.db = tenants.db
-        migrate(self.db, metadata, SCHEMA_VERSION, key=SCHEMA_KEY)
+        migrate(self.db, metadata, SCHEMA_VERSION, UPGRADES, key=SCHEMA_KEY)
 
     def data_version(self) -> int:
         """The tenant store's change probe (moves on any commit: a promote, a rollout step)."""
@@ -191,6 +206,12 @@ class RolloutStore:
                 kind=ErrorKind.NOT_FOUND,
             )
         return _row(row), json.loads(row.eval_result) if row.eval_result else None
+
+    def eval_set(self, rollout_id: int) -> list[dict[str, str]] | None:
+        """The held-out set the rollout was started with (rerun before each advance), or None."""
+        with self.db.read() as con:
+            text = con.execute(sa.select(_r.eval_set).where(_r.id == rollout_id)).scalar()
+        return json.loads(text) if text else None
 
     def history(self, tenant: str, alias: str | None = None, limit: int = MAX_HISTORY_ROWS) -> list[Event]:
         """The audit trail of one alias (or all of a tenant's), oldest first: rollout events, plus the
@@ -277,10 +298,15 @@ class RolloutStore:
         margin: float = 0.0,
         actor: str = "cli",
         reason: str | None = None,
+        interval_s: float | None = None,
+        eval_set: list[dict[str, str]] | None = None,
     ) -> Rollout:
         """Begin a rollout of `alias` towards the full reference `candidate`, in `pending-eval`: no
-        traffic reaches the candidate until `record_eval` passes it. CONFLICT if one is active."""
+        traffic reaches the candidate until `record_eval` passes it. CONFLICT if one is active.
+        With `interval_s`, each step advances on its own after that long (rollout_schedule.py);
+        `eval_set` is kept so that each advance reruns the evaluation gate."""
         steps_t = parse_steps(steps)
+        interval_s = parse_interval(interval_s)
         if not is_full_ref(candidate):
             raise ServingError(
                 f"a rollout needs a full reference namespace/name@version, not {candidate!r}",
@@ -317,11 +343,26 @@ class RolloutStore:
                         margin=margin,
                         created=now,
                         updated=now,
+                        interval_s=interval_s,
+                        step_started=now,
+                        eval_set=json.dumps(eval_set) if eval_set is not None else None,
                     )
                     .returning(_r.id)
                 ).scalar_one()
                 r = Rollout(
-                    rid, tenant, alias, current, candidate, steps_t, 0, State.PENDING_EVAL, margin, now, now
+                    rid,
+                    tenant,
+                    alias,
+                    current,
+                    candidate,
+                    steps_t,
+                    0,
+                    State.PENDING_EVAL,
+                    margin,
+                    now,
+                    now,
+                    interval_s,
+                    now,
                 )
                 self._audit(
                     con,
@@ -330,7 +371,7 @@ class RolloutStore:
                     actor,
                     reason,
                     candidate,
-                    {"current": current, "steps": list(steps_t), "margin": margin},
+                    {"current": current, "steps": list(steps_t), "margin": margin, "interval_s": interval_s},
                     now,
                 )
                 self.db.notify(con, CHANNEL)
@@ -352,11 +393,14 @@ class RolloutStore:
         reason: str | None,
         *,
         rollout_id: int | None = None,
+        at_step: int | None = None,
         detail: dict[str, Any] | None = None,
         eval_result: dict[str, Any] | None = None,
     ) -> Rollout:
         """Apply one state-machine step to the alias's active rollout (or `rollout_id`, if it is
-        still the active one), in one transaction with its audit row and change notification."""
+        still the active one; and with `at_step`, only if it is still in that step and routing: a
+        compare-and-set, so replicas acting on the same observation change it once), in one
+        transaction with its audit row and change notification."""
         now = time.time()
         with self.db.write() as con:
             q = sa.select(rollouts).where(_r.tenant == tenant, _r.alias == alias, _r.active == 1)
@@ -371,12 +415,19 @@ class RolloutStore:
                     kind=ErrorKind.CONFLICT if rollout_id is not None else ErrorKind.NOT_FOUND,
                 )
             before = _row(row)
+            if at_step is not None and (before.step != at_step or before.state is not State.CANARY):
+                raise ServingError(
+                    f"rollout {before.id} of {tenant}/{alias} has moved on from step {at_step + 1} "
+                    f"(it is {before.state.value}, step {before.step + 1})",
+                    kind=ErrorKind.CONFLICT,
+                )
             after = change(before)
             values: dict[str, Any] = {
                 "state": after.state.value,
                 "step": after.step,
                 "active": int(after.state in ACTIVE),
                 "updated": now,
+                "step_started": after.step_started,
             }
             if eval_result is not None:
                 values["eval_result"] = json.dumps(eval_result, sort_keys=True)
@@ -435,8 +486,19 @@ class RolloutStore:
             eval_result=result,
         )
 
-    def advance(self, tenant: str, alias: str, actor: str = "cli", reason: str | None = None) -> Rollout:
-        """The next step, or (after the last) promote: the alias moves to the candidate."""
+    def advance(
+        self,
+        tenant: str,
+        alias: str,
+        actor: str = "cli",
+        reason: str | None = None,
+        *,
+        rollout_id: int | None = None,
+        at_step: int | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> Rollout:
+        """The next step, or (after the last) promote: the alias moves to the candidate. With
+        `rollout_id` and `at_step`, only from that step (CONFLICT if another replica got there first)."""
         return self._transition(
             tenant,
             alias,
@@ -444,6 +506,9 @@ class RolloutStore:
             lambda b, a: "promoted" if a.state is State.PROMOTED else "step",
             actor,
             reason or "advanced by operator",
+            rollout_id=rollout_id,
+            at_step=at_step,
+            detail=detail,
         )
 
     def pause(self, tenant: str, alias: str, actor: str = "cli", reason: str | None = None) -> Rollout:
@@ -475,8 +540,10 @@ class RolloutStore:
         reason: str,
         actor: str = "gate",
         detail: dict[str, Any] | None = None,
+        at_step: int | None = None,
     ) -> Rollout:
-        """A failing gate ends rollout `rollout_id` (only if it is still the active one)."""
+        """A failing gate ends rollout `rollout_id` (only if it is still the active one, and with
+        `at_step` only if it is still in the step the gate judged)."""
         return self._transition(
             tenant,
             alias,
@@ -485,5 +552,6 @@ class RolloutStore:
             actor,
             reason,
             rollout_id=rollout_id,
+            at_step=at_step,
             detail=detail,
         )

@@ -179,6 +179,7 @@ class TenancyMiddleware:
             return
         self._ensure_sweeper(scope)
         self._ensure_watcher()
+        self.rollouts.ensure_scheduler(scope, self.config.admin_key)  # steps on a schedule
         if self.ledger is not None and path in INFERENCE_PATHS:
             send = self.ledger.watch(scope, send)  # every answered inference request: one ledger row
         tracing.phase("authenticate")

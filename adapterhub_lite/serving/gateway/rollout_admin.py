@@ -3,10 +3,12 @@
     GET  /adapterhub/v1/rollouts                              active rollouts, as this replica routes them
     GET  /adapterhub/v1/rollouts/{tenant}/{alias}             the alias's newest rollout and its eval result
     POST /adapterhub/v1/rollouts/{tenant}/{alias}             start one: {"candidate", "steps", "margin",
+                                                              "interval" ("5m", or null: by command),
                                                               "eval": [{"prompt","completion"}...] | null,
                                                               "skip_eval": bool, "reason"}; 202, the gate
                                                               runs in the background against this server
     POST /adapterhub/v1/rollouts/{tenant}/{alias}/{advance|pause|resume|abort}   {"reason"}
+                                                              (advance reruns the evaluation gate first)
     GET  /adapterhub/v1/history/{tenant}[/{alias}]            the audit trail
 
 So an operator under load can act with one HTTP request instead of starting a CLI.
@@ -34,7 +36,9 @@ from adapterhub_lite.serving.gateway.asgi import (
     send_json,
     send_project_error,
 )
+from adapterhub_lite.serving.gateway.rollout_schedule import server_url
 from adapterhub_lite.serving.rollout_eval import MAX_EXAMPLES, Example
+from adapterhub_lite.tenants.rollout import parse_interval
 from adapterhub_lite.tenants.rollout_store import RolloutStore, rollout_dict
 
 logger = logging.getLogger("adapterhub.rollout")
@@ -53,6 +57,7 @@ class _Start(BaseModel):
     model_config = ConfigDict(extra="forbid")
     candidate: str = Field(max_length=300)
     steps: str = Field(default="10,50,100", max_length=100)
+    interval: str | None = Field(default=None, max_length=20)
     margin: float = Field(default=0.0, ge=0.0, le=1.0)
     eval: list[Example] | None = Field(default=None, max_length=MAX_EXAMPLES)
     skip_eval: bool = False
@@ -103,6 +108,18 @@ async def rollout_route(mw: AdminState, scope: Scope, receive: Receive, send: Se
             first = e.errors()[0]["msg"] if isinstance(e, ValidationError) else "not JSON"
             await send_error(send, 400, f"invalid request body: {first}", "BadRequestError")
             return True
+        if action == "advance":
+            current, _ = await asyncio.to_thread(store.latest, tenant, alias)
+            r = await rollout_ops.advance(
+                store,
+                current,
+                server_url=server_url(scope),
+                admin_key=mw.config.admin_key or "",
+                actor=actor,
+                reason=req.reason or "advanced by operator",
+            )
+            await send_json(send, 200, rollout_dict(r))
+            return True
         if action is not None:
             fn = getattr(store, action)
             r = await asyncio.to_thread(fn, tenant, alias, actor, req.reason)
@@ -132,6 +149,7 @@ async def _start(
             "BadRequestError",
         )
         return
+    parse_interval(req.interval)  # a bad interval is refused before anything is checked or stored
     registry = mw.registry.registry
     full = await asyncio.to_thread(rollout_ops.check_candidate, store, registry, tenant, req.candidate)
     r = await asyncio.to_thread(
@@ -144,10 +162,10 @@ async def _start(
         margin=req.margin,
         actor=actor,
         reason=req.reason,
+        interval=req.interval,
+        examples=None if req.skip_eval else req.eval,
     )
-    host, port = scope.get("server") or ("127.0.0.1", 8000)
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "", None) else host
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    url = server_url(scope)
 
     async def gate() -> None:
         try:

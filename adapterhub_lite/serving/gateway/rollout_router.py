@@ -8,9 +8,10 @@ The active rollouts are held in memory and re-read only when the tenant store's 
 (the same probe that makes a promote visible on the next request), so a step, an abort or a rollback
 made on any replica or by the CLI reaches every replica as fast as a promote does.
 
-Outcomes (5xx, empty or non-finite answers) of both versions feed the rollout's live gate; when the
-candidate fails it, this replica stops routing to the candidate at once and writes the rollback to the
-store (off the event loop), which every other replica then sees.
+Outcomes (5xx, empty or non-finite answers) and latencies of both versions feed the rollout step's
+live gate; when the candidate fails the failure gate (checked on every answer) or the p95-latency gate
+(checked on the scheduler's tick, rollout_schedule.py), this replica stops routing to the candidate at
+once and writes the rollback to the store (off the event loop), which every other replica then sees.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import logging
 import os
 import random
+import time
 
 from adapterhub_lite.errors import AdapterHubError
 from adapterhub_lite.serving.gateway.asgi import Message, Send
@@ -52,6 +54,7 @@ class RolloutRouter:
         self._stopped: set[int] = set()  # rolled back here, the store write may still be under way
         self._rng = random.Random()
         self._tasks: set[asyncio.Task] = set()
+        self.scheduler = None  # rollout_schedule.Scheduler, once a request has started it
 
     def refresh(self) -> None:
         """Re-read the active rollouts if the store changed."""
@@ -84,12 +87,32 @@ class RolloutRouter:
             return target, None  # (an alias moved by hand during a rollout: its new ref, untouched)
         return Target(choose(r, caller_key(payload, headers), self._rng), True), r
 
+    def ensure_scheduler(self, scope: dict, admin_key: str | None) -> None:
+        """Start this replica's rollout scheduler (steps on a schedule) on the running loop, once."""
+        if self.scheduler is None:
+            from adapterhub_lite.serving.gateway.rollout_schedule import Scheduler
+
+            self.scheduler = Scheduler(self, scope, admin_key)
+        self.scheduler.ensure_running()
+
+    def gate(self, rollout: Rollout) -> LiveGate | None:
+        """The live gate of the rollout's current step on this replica (None before any answer)."""
+        gate = self._gates.get(rollout.id)
+        return gate if gate is not None and gate.rollout.step == rollout.step else None
+
+    def _gate_for(self, rollout: Rollout) -> LiveGate:
+        gate = self._gates.get(rollout.id)
+        if gate is None or gate.rollout.step < rollout.step:  # each step is judged on its own answers
+            gate = self._gates[rollout.id] = LiveGate(rollout, self.settings)
+        return gate
+
     def observe(self, send: Send, target: Target, rollout: Rollout | None) -> Send:
         """`send` that names the answering version in a header and, under a rollout, feeds the gate."""
         if not target.managed:
             return send
         status = 0
         body: bytearray | None = bytearray()
+        began = time.monotonic()
 
         async def observed(message: Message) -> None:
             nonlocal status, body
@@ -108,26 +131,33 @@ class RolloutRouter:
                     else:
                         body += chunk
                 if not message.get("more_body", False):
-                    self._outcome(rollout, target.name, status, bytes(body) if body is not None else None)
+                    self._outcome(
+                        rollout,
+                        target.name,
+                        status,
+                        bytes(body) if body is not None else None,
+                        time.monotonic() - began,
+                    )
             await send(message)
 
         return observed
 
-    def _outcome(self, rollout: Rollout, ref: str, status: int, body: bytes | None) -> None:
+    def _outcome(self, rollout: Rollout, ref: str, status: int, body: bytes | None, latency_s: float) -> None:
         if 400 <= status < 500:
             return  # the caller's fault (limits, bad input): says nothing about either version
-        gate = self._gates.get(rollout.id)
-        if gate is None:
-            gate = self._gates[rollout.id] = LiveGate(rollout, self.settings)
-        gate.record(ref, output_ok(status, body))
+        gate = self._gate_for(rollout)
+        gate.record(ref, output_ok(status, body), latency_s=latency_s)
         if rollout.id in self._stopped:
             return
         why = gate.verdict()
-        if why is None:
-            return
+        if why is not None:
+            self.stop(gate.rollout, why, gate)
+
+    def stop(self, rollout: Rollout, why: str, gate: LiveGate) -> None:
+        """The candidate failed a live gate: stop routing to it here now, and store the rollback."""
         self._stopped.add(rollout.id)  # this replica stops routing to the candidate now
         failed, total = gate.rates()[rollout.candidate]
-        detail = {"failed": failed, "requests": total, "replica": os.getpid()}
+        detail = {"failed": failed, "requests": total, "replica": os.getpid(), "gates": gate.figures()}
         logger.warning("adapterhub: rolling back %s/%s: %s", rollout.tenant, rollout.alias, why)
         task = asyncio.get_running_loop().create_task(self._roll_back(rollout, why, detail))
         self._tasks.add(task)
