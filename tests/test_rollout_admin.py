@@ -4,10 +4,10 @@ routes' effect on live traffic is tested against a real vLLM server in test_roll
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
+from gateway_client import call
 
 from adapterhub_lite.tenants.store import TenantStore
 
@@ -45,27 +45,7 @@ def mw(tmp_path):
 
 def _call(mw, method: str, path: str, body: bytes | dict = b"", key: str = "admin-secret"):
     raw = json.dumps(body).encode() if isinstance(body, dict) else body
-    sent = []
-    scope = {
-        "type": "http",
-        "method": method,
-        "path": "/adapterhub/v1/" + path,
-        "headers": [(b"authorization", f"Bearer {key}".encode())],
-        "server": ("127.0.0.1", 1),
-    }
-
-    async def receive():
-        return {"type": "http.request", "body": raw, "more_body": False}
-
-    async def send(message):
-        sent.append(message)
-
-    async def run():
-        await mw(scope, receive, send)
-        if mw._sweeper is not None:
-            mw._sweeper.cancel()
-
-    asyncio.run(run())
+    sent = call(mw, "/adapterhub/v1/" + path, key=key, body=raw, method=method, server=("127.0.0.1", 1))
     return sent[0]["status"], json.loads(sent[1]["body"])
 
 

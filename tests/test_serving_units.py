@@ -7,6 +7,7 @@ import sqlite3
 import time
 
 import pytest
+from gateway_client import call
 
 from adapterhub_lite.errors import BundleError, ErrorKind, RegistryError, ServingError
 from adapterhub_lite.registry.cache import BundleCache
@@ -362,7 +363,6 @@ def test_vllm_version_check_names_what_it_found():
 def test_middleware_answers_by_error_kind(tmp_path, error, status, retry):
     """A locked registry is 503 with Retry-After (never 404), a full disk 5xx (never 422). The resolver
     is replaced by one that raises: what the registry raises is the registry's tests' business."""
-    import asyncio
     import json
 
     from prometheus_client import CollectorRegistry
@@ -392,27 +392,8 @@ def test_middleware_answers_by_error_kind(tmp_path, error, status, retry):
         resolver=Failing(),
         metrics=ServingMetrics(CollectorRegistry()),
     )
-    sent = []
     body = json.dumps({"model": "bot", "prompt": "x"}).encode()
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/completions",
-        "headers": [(b"authorization", f"Bearer {key}".encode())],
-    }
-
-    async def receive():
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message):
-        sent.append(message)
-
-    async def run():
-        await mw(scope, receive, send)
-        if mw._sweeper is not None:
-            mw._sweeper.cancel()
-
-    asyncio.run(run())
+    sent = call(mw, "/v1/completions", key=key, body=body)
     start = sent[0]
     headers = dict(start["headers"])
     assert start["status"] == status

@@ -10,7 +10,6 @@ the spans of a request sent by the real `openai` client.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from gateway_client import call
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "SECRET-PROMPT-7c1e"
@@ -82,26 +82,8 @@ def gateway(tmp_path, tiny_base, lora_dir):
 
 def _call(mw, key: str | None, model: str = "bot", traceparent: str | None = None) -> int:
     body = json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 9}).encode()
-    headers = [(b"authorization", f"Bearer {key}".encode())] if key else []
-    if traceparent:
-        headers.append((b"traceparent", traceparent.encode()))
-    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers,
-             "query_string": b""}
-    sent = []
-
-    async def receive():
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    async def send(message):
-        sent.append(message)
-
-    async def run():
-        await mw(scope, receive, send)
-        if mw._sweeper is not None:
-            mw._sweeper.cancel()
-
-    asyncio.run(run())
-    return sent[0]["status"]
+    headers = [(b"traceparent", traceparent.encode())] if traceparent else []
+    return call(mw, "/v1/completions", key=key, body=body, headers=headers)[0]["status"]
 
 
 def _traces(mw, exporter) -> list[tuple]:

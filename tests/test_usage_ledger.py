@@ -8,7 +8,6 @@ model). The exactness test at the end starts a real vLLM server twice and uses t
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import sqlite3
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from gateway_client import call, status_and_body
 from typer.testing import CliRunner
 
 from adapterhub_lite.errors import ErrorKind, ServingError
@@ -288,24 +288,8 @@ def _middleware(tmp_path, monkeypatch):
 
 def _call(mw, path: str, key: str | None, body: dict | None = None, method: str = "POST",
           query: bytes = b"") -> tuple[int, bytes]:
-    sent = []
     raw = json.dumps(body).encode() if body is not None else b""
-    headers = [(b"authorization", f"Bearer {key}".encode())] if key else []
-    scope = {"type": "http", "method": method, "path": path, "headers": headers, "query_string": query}
-
-    async def receive():
-        return {"type": "http.request", "body": raw, "more_body": False}
-
-    async def send(message):
-        sent.append(message)
-
-    async def run():
-        await mw(scope, receive, send)
-        if mw._sweeper is not None:
-            mw._sweeper.cancel()
-
-    asyncio.run(run())
-    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+    return status_and_body(call(mw, path, key=key, body=raw, method=method, query=query))
 
 
 def test_gateway_records_answers_and_refusals_with_their_tokens(tmp_path, monkeypatch):
