@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     # -- serving ---------------------------------------------------------------------------------
     served_name: str | None = Field(None, description="the base model's name as vLLM serves it")
     cache_max_mb: int = Field(2048, gt=0, description="the disk cache's bound, in MiB")
+    compile_cache_dir: str | None = Field(
+        None, description="where torch keeps what it compiles for vLLM (default: `.compile` in the cache)"
+    )
     max_lora_rank: int | None = Field(None, gt=0, description="= vLLM's `--max-lora-rank`")
     max_loaded: int | None = Field(
         None, gt=0, description="adapters kept loaded in vLLM, the hot set (default: `--max-cpu-loras`)"

@@ -1,10 +1,10 @@
 """No test sees another's environment (a pytest plugin, loaded by conftest.py).
 
-Every test starts with no library `ADAPTERHUB_*` variable set and its own empty `HOME`, so nothing
-reads or writes the real `~/.adapterhub` and a variable one test sets cannot change the next one's
-behaviour; torch's thread count is put back and usage-ledger writers are closed after each test.
-Session fixtures are built before this runs (pytest sets up wider scopes first), with the environment
-the suite was started in.
+Every test starts with no library `ADAPTERHUB_*` variable set (but one: the compile cache all the
+suite's vLLM servers share) and its own empty `HOME`, so nothing reads or writes the real
+`~/.adapterhub` and a variable one test sets cannot change the next one's behaviour; torch's thread
+count is put back and usage-ledger writers are closed after each test. Session fixtures are built
+before this runs (pytest sets up wider scopes first), with the environment the suite was started in.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 # Knobs of the test suite itself (which base to serve, where PostgreSQL lives), not library settings.
 SUITE_VARIABLES = ("ADAPTERHUB_TEST_", "ADAPTERHUB_PG_BIN")
 _REAL_CACHE = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+_COMPILE_CACHE = os.path.join(_REAL_CACHE, "adapterhub-tests", "compile")
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +31,9 @@ def _isolated_environment(tmp_path_factory, monkeypatch) -> Iterator[None]:
     for name in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME"):  # these would lead out of HOME
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", _REAL_CACHE)
+    # What torch compiles for vLLM is shared by the suite's servers like the caches above: each server
+    # compiling its own would cost every start its warm-up compile (test_serving_cli checks the default).
+    monkeypatch.setenv("ADAPTERHUB_COMPILE_CACHE_DIR", _COMPILE_CACHE)
     monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch is not None else None

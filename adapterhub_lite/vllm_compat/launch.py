@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 from adapterhub_lite.vllm_compat import VLLM_MAX_LORA_RANKS
 
@@ -99,6 +100,15 @@ def plugin_env(enabled: bool) -> dict[str, str]:
     if not enabled:
         return {ENV_PLUGINS: ""}  # plain vLLM, even though the plugin is installed
     return {ENV_PLUGINS: PLUGIN_NAME, ENV_RUNTIME_LORA: "True"}
+
+
+def compile_cache_env(folder: Path) -> dict[str, str]:
+    """Where torch's inductor keeps what it compiles for vLLM (the sampler's logprob ranks, a C++ build
+    of many seconds): a folder that outlives one run, so a restart reuses it. Its default is under
+    TMPDIR, which is each run's own scratch folder (removed at stop), so every start compiled again.
+    One compile thread: inductor's pool of compile processes kept vLLM's worker from exiting at a stop
+    (it was force-killed after the grace period), and vLLM compiles only a few small kernels."""
+    return {"TORCHINDUCTOR_CACHE_DIR": str(folder), "TORCHINDUCTOR_COMPILE_THREADS": "1"}
 
 
 def cpu_defaults() -> tuple[dict[str, str], list[str]]:

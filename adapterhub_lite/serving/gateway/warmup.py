@@ -82,9 +82,11 @@ def load_body(path: Path) -> bytes:
 
 
 def completion_body() -> bytes:
-    # Token ids, not text: no tokenizer assumptions. Two tokens: prefill and one decode step.
+    # Token ids, not text: no tokenizer assumptions. Two tokens: prefill and one decode step. With
+    # logprobs: vLLM's sampler ranks them with a torch.compile'd kernel, built on first use (a C++
+    # compile of many seconds that stalls the engine for every tenant): here, before ready, instead.
     return json.dumps(
-        {"model": WARMUP_ADAPTER, "prompt": [1, 2, 3, 4], "max_tokens": 2, "temperature": 0}
+        {"model": WARMUP_ADAPTER, "prompt": [1, 2, 3, 4], "max_tokens": 2, "temperature": 0, "logprobs": 1}
     ).encode()
 
 

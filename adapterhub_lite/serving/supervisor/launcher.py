@@ -37,6 +37,7 @@ logger = logging.getLogger("adapterhub.serving")
 
 MIDDLEWARE = "adapterhub_lite.serving.gateway.middleware.TenancyMiddleware"
 LOG_DIR = Path(".adapterhub", "logs")  # under the home folder: vLLM's logs, one per port
+COMPILE_DIR = ".compile"  # in the cache folder: what torch compiles for vLLM, reused by the next start
 MAX_LOGS = 16  # the most recently written port logs kept in LOG_DIR (each one bounded by LogPump)
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(ServingConfig)}
 
@@ -186,6 +187,10 @@ def build_command(opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
         drain_seconds=opts.drain(),
     )
     env = launch.plugin_env(opts.plugin)
+    # beside the bundles (BundleCache skips dot folders), bounded by the few kernels vLLM compiles
+    cache_dir = Path(opts.serving_config().cache_dir).expanduser()
+    compiled = Path(settings().compile_cache_dir or cache_dir / COMPILE_DIR).expanduser()
+    env.update(launch.compile_cache_env(compiled))
     if on_cpu():
         cpu_env, cpu_args = launch.cpu_defaults()
         env.update(cpu_env)
