@@ -48,19 +48,9 @@ def register(app: typer.Typer) -> None:
         start, end = _window(since, until)
         rows = UsageStore.open(db).report(start, end, by)
         if as_json:
-            print_json(
-                [
-                    {
-                        "key": r.key,
-                        "requests": r.requests,
-                        "errors": r.errors,
-                        "prompt_tokens": r.prompt_tokens,
-                        "completion_tokens": r.completion_tokens,
-                        "total_tokens": r.total_tokens,
-                    }
-                    for r in rows
-                ]
-            )
+            print_json([{"key": r.key, "requests": r.requests, "errors": r.errors,
+                         "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                         "total_tokens": r.total_tokens} for r in rows])
             return
         from rich.console import Console
         from rich.table import Table
@@ -75,13 +65,8 @@ def register(app: typer.Typer) -> None:
         for name in ("requests", "errors", "prompt tokens", "completion tokens", "total tokens"):
             table.add_column(name, justify="right")
         for r in rows:
-            table.add_row(
-                safe(r.key) or empty,
-                *(
-                    str(v)
-                    for v in (r.requests, r.errors, r.prompt_tokens, r.completion_tokens, r.total_tokens)
-                ),
-            )
+            table.add_row(safe(r.key) or empty, *(str(v) for v in (
+                r.requests, r.errors, r.prompt_tokens, r.completion_tokens, r.total_tokens)))
         if not rows:
             table.caption = "no requests in this range"
         Console(highlight=False, soft_wrap=False).print(table, markup=False)
@@ -101,13 +86,11 @@ def register(app: typer.Typer) -> None:
         from adapterhub_lite.tenants.usage_store import FORMATS, UsageStore, export
 
         if fmt not in FORMATS:
-            raise ServingError(
-                f"unknown format {fmt[:20]!r}", hint="use csv, jsonl or parquet", kind=ErrorKind.INVALID
-            )
+            raise ServingError(f"unknown format {fmt[:20]!r}", hint="use csv, jsonl or parquet",
+                               kind=ErrorKind.INVALID)
         if not output.parent.is_dir():
-            raise ServingError(
-                f"no folder {safe(str(output.parent))}", hint="create it first", kind=ErrorKind.NOT_FOUND
-            )
+            raise ServingError(f"no folder {safe(str(output.parent))}", hint="create it first",
+                               kind=ErrorKind.NOT_FOUND)
         start, end = _window(since, until)
         n = export(UsageStore.open(db), output, fmt, start, end)
         typer.echo(f"{n} rows written to {safe(str(output))}")
@@ -121,7 +104,5 @@ def register(app: typer.Typer) -> None:
         store = UsageStore.open(db)
         rolled, dropped = store.roll_up()
         raw, daily = store.counts()
-        typer.echo(
-            f"rolled up {rolled} rows, deleted {dropped} expired daily rows; "
-            f"the ledger holds {raw} request rows and {daily} daily rows"
-        )
+        typer.echo(f"rolled up {rolled} rows, deleted {dropped} expired daily rows; "
+                   f"the ledger holds {raw} request rows and {daily} daily rows")
