@@ -207,7 +207,9 @@ class TenancyMiddleware:
             return
         try:
             self.refresh()
-            tenant = self.tenants.tenant(key)
+            tenant = self.tenants.cached(key)
+            if tenant is None:  # a database call: off the event loop, a slow database holds this request only
+                tenant = await asyncio.to_thread(self.tenants.tenant, key)
         except AdapterHubError as exc:  # the tenant store is unreachable (a stopped database): 503, not 500
             self.metrics.rejected.labels("", "store_unavailable").inc()
             self._log_outage(exc)

@@ -31,8 +31,12 @@ class TenantCache:
             self.version = version
         return self.version
 
+    def cached(self, key: str) -> Tenant | None:
+        """The tenant holding `key` if it is in memory (no database call); None otherwise."""
+        return self._by_hash.get(hash_key(key))
+
     def tenant(self, key: str) -> Tenant | None:
-        """The active tenant holding `key`, or None."""
+        """The active tenant holding `key`, or None (a database call when it is not in memory)."""
         digest = hash_key(key)
         tenant = self._by_hash.get(digest)
         if tenant is None:
