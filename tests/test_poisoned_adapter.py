@@ -304,7 +304,7 @@ def test_without_kv_zeroing_the_overflow_reaches_other_tenants(lanes):
     vLLM's block allocator is (a freed block goes back to its free list in a fixed order); what is
     asserted is only that at least one tenant completion changed in three rounds (the security page
     says it was every round)."""
-    from adapterhub_lite.serving import ServeOptions, VLLMServer
+    from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer
     from adapterhub_lite.settings import env_name
 
     root = lanes["root"]

@@ -295,7 +295,8 @@ def test_a_real_server_exports_a_trace_naming_the_adapter_and_vllm_continues_it(
 
     from adapterhub_lite.bundles import pack_bundle
     from adapterhub_lite.registry import open_registry
-    from adapterhub_lite.serving import ServeOptions, TenantStore, VLLMServer
+    from adapterhub_lite.serving.supervisor import ServeOptions, VLLMServer
+    from adapterhub_lite.tenants import TenantStore
 
     base = _base_dir()
     adapter = make_adapter(base, tmp_path / "adapter", seed=7)

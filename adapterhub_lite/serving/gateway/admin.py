@@ -44,7 +44,11 @@ async def admin_route(mw: AdminState, scope: Scope, receive: Receive, send: Send
                 "cache_bytes": mw.resolver.cache.total_bytes(),
                 "cache_max_bytes": mw.resolver.cache.max_bytes,
                 "handed_out": mw.resolver.handed_out(),  # folders given to vLLM, read not yet reported
-                "prefetch": {"pending": mw.prefetcher.pending(), "fetched": list(mw.prefetcher.fetched)},
+                "prefetch": {
+                    "pending": mw.prefetcher.pending(),
+                    "fetched": list(mw.prefetcher.fetched),
+                    "failed": [{"ref": ref, "error": why} for ref, why in mw.prefetcher.failed],
+                },
                 "tenants_version": mw.tenants_version,
                 "ready": mw.ready,
             },

@@ -36,6 +36,7 @@ class Prefetcher:
         self._queue: deque[str] = deque(maxlen=max_queued)
         self._wake = asyncio.Event()
         self.fetched: deque[str] = deque(maxlen=max_queued)  # the latest done, newest last (admin status)
+        self.failed: deque[tuple[str, str]] = deque(maxlen=max_queued)  # (ref, why), newest last
 
     def saw(self, aliases: Mapping[str, Mapping[str, str]]) -> list[str]:
         """Compare the store's aliases (tenant -> alias -> ref) with the last look; queue and return the
@@ -64,5 +65,6 @@ class Prefetcher:
                     await asyncio.to_thread(self._fetch, ref)
                 except AdapterHubError as exc:  # its first request will say the same to its caller
                     logger.warning("adapterhub: prefetch of %s failed: %s", safe(ref), safe(exc.message))
+                    self.failed.append((ref, exc.message))
                     continue
                 self.fetched.append(ref)
