@@ -120,7 +120,7 @@ def routing_cost_us(store, n: int = 20000) -> dict:
     async def run(model: str) -> float:
         t0 = time.perf_counter()
         for i in range(n):
-            target, r = router.route("acme", model, Target(V1, True), {"user": f"u{i}"}, [])
+            target, r = await router.route_fresh("acme", model, Target(V1, True), {"user": f"u{i}"}, [])
             send = router.observe(sink, target, r)
             await send(start)
             await send(body)

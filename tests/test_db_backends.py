@@ -530,7 +530,7 @@ def test_a_silent_partition_answers_503_within_the_silence_bound_then_recovers(o
     """PostgreSQL behind a proxy that goes silent (tests/tcp_proxy.py: connections stay open, nothing is
     forwarded, no TCP timeout fires): a tenant in memory is still answered at once (no request waits on
     the database), is answered 503 once the change feed's probe has gone unanswered for
-    `ADAPTERHUB_DB_SILENCE_SECONDS` (1 s here), only 503 while the partition lasts, and is served
+    `ADAPTERHUB_DB_SILENCE_SECONDS` (2 s here), only 503 while the partition lasts, and is served
     again once the proxy forwards."""
     import asyncio
 
@@ -540,7 +540,7 @@ def test_a_silent_partition_answers_503_within_the_silence_bound_then_recovers(o
     from adapterhub_lite.db.changes import POLL_S
     from adapterhub_lite.db.engine import PG_CONNECT_ARGS
 
-    silence = 1.0
+    silence = 2.0
     monkeypatch.setenv("ADAPTERHUB_DB_SILENCE_SECONDS", str(silence))
     url = own_postgres.new_database()
     with SilentProxy(own_postgres.port) as proxy:
@@ -549,8 +549,8 @@ def test_a_silent_partition_answers_503_within_the_silence_bound_then_recovers(o
         mw, reached = _gateway(store)
         ask = asker(mw, key)
         # The probe goes out at most one poll after the partition starts and is given up `silence` s
-        # later; one more second for a loaded machine.
-        bound = POLL_S + silence + 1.0
+        # later; two more seconds for a loaded machine (CI once missed a tighter bound under load).
+        bound = POLL_S + silence + 2.0
 
         async def timed() -> tuple[int, float]:
             sent = time.monotonic()
@@ -583,7 +583,8 @@ def test_a_silent_partition_answers_503_within_the_silence_bound_then_recovers(o
         seen, recovered = asyncio.run(run())
     statuses = [(round(sent, 2), status) for sent, status, _ in seen]
     assert {status for _, status, _ in seen} <= {200, 503}, statuses
-    assert max(took for _, _, took in seen) < 0.5, statuses  # never waits on the silent database
+    # never waits on the silent database: a request that did would take at least `silence` s
+    assert max(took for _, _, took in seen) < silence / 2, statuses
     settled = [status for sent, status, _ in seen if sent >= bound]
     assert len(settled) >= 10 and set(settled) == {503}, statuses
     first_503 = min(sent for sent, status, _ in seen if status == 503)

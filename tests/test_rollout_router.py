@@ -23,7 +23,7 @@ def test_a_failing_candidate_gets_no_request_after_the_gate_trips(tmp_path):
     router.rollouts.record_eval("acme", "bot", r.id, True, {}, actor="cli")
 
     async def answer(status: int, text: str) -> tuple[str, list]:
-        target, rollout = router.route("acme", "bot", Target(V1, True), {}, [])
+        target, rollout = await router.route_fresh("acme", "bot", Target(V1, True), {}, [])
         sent: list = []
 
         async def sink(message) -> None:
@@ -55,6 +55,7 @@ def test_a_failing_candidate_gets_no_request_after_the_gate_trips(tmp_path):
     assert (event.action, event.actor, event.detail["failed"]) == ("rolled-back", "gate", 5)
     # another gateway (a fresh router on the same store) routes nothing to the candidate either
     other = RolloutRouter(TenantStore.open(tmp_path / "t.db"))
+    other.refresh()
     assert {
         other.route("acme", "bot", Target(V1, True), {"user": f"u{i}"}, [])[0].name for i in range(50)
     } == {V1}

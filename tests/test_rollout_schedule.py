@@ -45,7 +45,7 @@ def _users(rollout_id: int, percent: int, n: int, candidate: bool) -> list[str]:
 
 async def _answer(router: RolloutRouter, user: str, delay_s: float = 0.0, ok: bool = True) -> str:
     """One request of the alias through the router: routed, answered after `delay_s`, observed."""
-    target, rollout = router.route("acme", "bot", Target(V1, True), {"user": user}, [])
+    target, rollout = await router.route_fresh("acme", "bot", Target(V1, True), {"user": user}, [])
 
     async def sink(message) -> None:
         pass

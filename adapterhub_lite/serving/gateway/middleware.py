@@ -339,7 +339,7 @@ class TenancyMiddleware:
 
         # rollout: resolve an alias under rollout once per request; name the answering ref in a header
         who = tenant.name if tenant else None
-        target, rollout = self.rollouts.route(who, model, target, payload, scope["headers"])
+        target, rollout = await self.rollouts.route_fresh(who, model, target, payload, scope["headers"])
         send = self.rollouts.observe(send, target, rollout)
         if rollout is not None:  # the ledger names the version that answers, not the one first resolved
             UsageLedger.attribute(scope, ref=target.name if target.managed else "")

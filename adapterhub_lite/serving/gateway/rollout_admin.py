@@ -68,7 +68,7 @@ async def rollout_route(mw: AdminState, scope: Scope, receive: Receive, send: Se
     """Answer the request if it is a rollout route; False if it is not one of ours."""
     method, sub = scope["method"], scope["path"][len("/adapterhub/v1/") :]
     if sub == "rollouts" and method == "GET":
-        mw.rollouts.refresh()  # on the loop, as every request does: the router's state has one writer
+        await mw.rollouts.refresh_async()  # the router's state is written on the loop only
         await send_json(send, 200, {"rollouts": [rollout_dict(r) for r in mw.rollouts.active()]})
         return True
     store = mw.rollouts.rollouts

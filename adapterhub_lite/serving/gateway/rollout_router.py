@@ -57,30 +57,51 @@ class RolloutRouter:
         self.scheduler = None  # rollout_schedule.Scheduler, once a request has started it
 
     def refresh(self) -> None:
-        """Re-read the active rollouts if the store changed."""
+        """Re-read the active rollouts if the store changed (blocking: tests and the CLI's side)."""
         version = self.rollouts.data_version()
         if version != self.version:
-            self._active = self.rollouts.active_all()
-            self.version = version
-            live = {r.id for r in self._active.values()}
-            for rid in [rid for rid in self._gates if rid not in live]:
-                del self._gates[rid]
-            self._stopped &= live
+            self._apply(version, self.rollouts.active_all())
+
+    async def refresh_async(self) -> None:
+        """As `refresh`, for the event loop: the change probe is in memory (or a local SQLite read), the
+        re-read runs in a worker thread, so a slow or partitioned database never holds the loop; the
+        router's state is still written on the loop only."""
+        version = self.rollouts.data_version()
+        if version != self.version:
+            active = await asyncio.to_thread(self.rollouts.active_all)
+            self._apply(version, active)
+
+    def _apply(self, version: int, active: dict[tuple[str, str], Rollout]) -> None:
+        self._active = active
+        self.version = version
+        live = {r.id for r in self._active.values()}
+        for rid in [rid for rid in self._gates if rid not in live]:
+            del self._gates[rid]
+        self._stopped &= live
 
     def active(self) -> list[Rollout]:
         return list(self._active.values())
 
-    def route(
+    async def route_fresh(
         self, tenant: str | None, model: str, target: Target, payload: dict, headers: list
     ) -> tuple[Target, Rollout | None]:
-        """The version of `model` that answers this request, and the rollout that chose it (or None)."""
+        """`route` on the store's current state (re-read off the loop if it moved): the request path."""
         if tenant is None or not target.managed:
             return target, None
         try:
-            self.refresh()
+            await self.refresh_async()
         except AdapterHubError:
             # The store just answered this request's key lookup; if it is gone now, keep the alias's
             # current version: never the candidate on stale state.
+            return target, None
+        return self.route(tenant, model, target, payload, headers)
+
+    def route(
+        self, tenant: str | None, model: str, target: Target, payload: dict, headers: list
+    ) -> tuple[Target, Rollout | None]:
+        """The version of `model` that answers this request, and the rollout that chose it (or None),
+        on the state of the last refresh."""
+        if tenant is None or not target.managed:
             return target, None
         r = self._active.get((tenant, model))
         if r is None or r.state not in ROUTING or target.name != r.current or r.id in self._stopped:

@@ -66,7 +66,7 @@ class Scheduler:
         it started (each a task: its evaluation gate takes a while)."""
         router = self.router
         try:
-            router.refresh()
+            await router.refresh_async()  # the re-read off the loop: a silent database holds no request
         except AdapterHubError:
             return []  # the store is away: no step moves on a view we cannot check
         started = []
