@@ -458,10 +458,6 @@ class TenancyMiddleware:
                             self.prefetcher.saw(self.tenants.all_aliases())
                     except AdapterHubError as exc:  # the store is down: requests say so; look again later
                         self._log_outage(exc)
-                    if fetching.done():  # a bug in a fetch: say it, keep prefetching
-                        if not fetching.cancelled() and fetching.exception() is not None:
-                            logger.error("adapterhub: prefetch failed: %r", fetching.exception())
-                        fetching = asyncio.get_running_loop().create_task(self.prefetcher.run())
                     await asyncio.sleep(period)
             finally:
                 fetching.cancel()

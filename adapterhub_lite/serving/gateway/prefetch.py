@@ -55,7 +55,8 @@ class Prefetcher:
         return list(self._queue)
 
     async def run(self) -> None:
-        """Fetch what is queued, one reference at a time, until cancelled."""
+        """Fetch what is queued, one reference at a time, until cancelled; a failed fetch, expected or
+        not, is recorded and logged, and the next one goes on."""
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -66,5 +67,9 @@ class Prefetcher:
                 except AdapterHubError as exc:  # its first request will say the same to its caller
                     logger.warning("adapterhub: prefetch of %s failed: %s", safe(ref), safe(exc.message))
                     self.failed.append((ref, exc.message))
+                    continue
+                except Exception as exc:  # a bug: say it, keep prefetching the rest
+                    logger.exception("adapterhub: prefetch of %s failed", safe(ref))
+                    self.failed.append((ref, type(exc).__name__))
                     continue
                 self.fetched.append(ref)
